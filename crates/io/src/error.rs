@@ -1,0 +1,54 @@
+//! One error type for the whole library stack, so every failure can name the file, tensor or key at fault.
+
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file exists but its content is not what was expected; `what` says what was.
+    #[error("{}: {what}", path.display())]
+    Invalid { path: PathBuf, what: String },
+    /// Bad user input not tied to one file (a config value, a flag).
+    #[error("{0}")]
+    Config(String),
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    pub fn invalid(path: impl AsRef<Path>, what: impl Into<String>) -> Self {
+        Error::Invalid {
+            path: path.as_ref().to_path_buf(),
+            what: what.into(),
+        }
+    }
+
+    pub fn io(path: impl AsRef<Path>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.as_ref().to_path_buf(),
+            source,
+        }
+    }
+
+    pub fn config(what: impl Into<String>) -> Self {
+        Error::Config(what.into())
+    }
+}
+
+/// Reads a whole file, naming it in the error.
+pub fn read_to_string(path: &Path) -> Result<String> {
+    std::fs::read_to_string(path).map_err(|e| Error::io(path, e))
+}
+
+/// Parses a JSON file, naming it (and serde's line/column) in the error.
+pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
+    let text = read_to_string(path)?;
+    serde_json::from_str(&text).map_err(|e| Error::invalid(path, format!("invalid JSON: {e}")))
+}
