@@ -1,1 +1,11 @@
+//! Transformer architectures for factune, built on one adaptable linear layer whose frozen weight never
+//! receives a gradient (see `kernels`).
 
+pub mod attention;
+pub mod kernels;
+pub mod linear;
+pub mod model;
+
+pub use attention::KvCache;
+pub use linear::{AdaptableLinear, Ctx, FrozenParts, LinearAdapter};
+pub use model::Model;

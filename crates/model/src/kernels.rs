@@ -1,0 +1,436 @@
+//! Fused CPU kernels as candle `CustomOp`s, each with its backward written beside its forward.
+//!
+//! Why they exist: candle's autograd computes a gradient for every operand of every op. For a frozen weight
+//! that is wasted work and memory (see PERF-NOTES: a frozen linear's backward costs as much as a trainable
+//! one's). The ops here hold their frozen operands inside the op, so autograd sees only the activation and
+//! the backward yields dX alone. On non-CPU devices each entry point falls back to plain candle ops (correct,
+//! without those savings).
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Storage, Tensor, D};
+use rayon::prelude::*;
+
+fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
+    let data = match s {
+        CpuStorage::F32(v) => v.as_slice(),
+        _ => candle_core::bail!("{op}: expects f32 input, got {:?}", s.dtype()),
+    };
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => candle_core::bail!("{op}: expects a contiguous input"),
+    }
+}
+
+fn last_dim(l: &Layout) -> Result<(usize, usize)> {
+    let dims = l.dims();
+    let n = *dims.last().ok_or_else(|| candle_core::Error::Msg("scalar input".into()))?;
+    Ok((l.shape().elem_count() / n.max(1), n))
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Frozen linear: y = x Wᵀ + b, x [.., in], W [out, in] frozen, b [out] frozen. Backward: dX = dY W only.
+
+struct FrozenLinear {
+    w: Tensor,
+    b: Option<Tensor>,
+}
+
+impl CustomOp1 for FrozenLinear {
+    fn name(&self) -> &'static str {
+        "frozen-linear"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (m, k) = last_dim(l)?;
+        let (n, k2) = self.w.dims2()?;
+        if k != k2 {
+            candle_core::bail!("frozen-linear: input has {k} features, weight expects {k2}");
+        }
+        if !l.is_contiguous() {
+            candle_core::bail!("frozen-linear: expects a contiguous input");
+        }
+        let x_l = Layout::contiguous_with_offset((1, m, k), l.start_offset());
+        let (ws, wl) = self.w.storage_and_layout();
+        let Storage::Cpu(ws) = &*ws else {
+            candle_core::bail!("frozen-linear: weight is not on the CPU")
+        };
+        if !wl.is_contiguous() {
+            candle_core::bail!("frozen-linear: weight must be contiguous");
+        }
+        // Wᵀ as a strided view: gemm reads it in place, no transposed copy.
+        let wt_l = Layout::new(Shape::from((1, k, n)), vec![n * k, 1, k], wl.start_offset());
+        let mut out = s.matmul(ws, (1, m, n, k), &x_l, &wt_l)?;
+        if let Some(b) = &self.b {
+            let (bs, bl) = b.storage_and_layout();
+            let Storage::Cpu(bs) = &*bs else {
+                candle_core::bail!("frozen-linear: bias is not on the CPU")
+            };
+            let bias = f32_slice(bs, bl, "frozen-linear bias")?;
+            if let CpuStorage::F32(y) = &mut out {
+                y.par_chunks_mut(n).for_each(|row| {
+                    for (v, b) in row.iter_mut().zip(bias) {
+                        *v += b;
+                    }
+                });
+            }
+        }
+        let mut dims = l.dims().to_vec();
+        *dims.last_mut().expect("rank >= 1") = n;
+        Ok((out, Shape::from(dims)))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let n = self.w.dim(0)?;
+        let g = grad.contiguous()?.reshape(((), n))?;
+        Ok(Some(g.matmul(&self.w)?.reshape(arg.shape())?))
+    }
+}
+
+/// `x Wᵀ + b` where W and b never receive a gradient.
+pub fn frozen_linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 && w.dtype() == x.dtype() {
+        let op = FrozenLinear {
+            w: w.clone(),
+            b: b.cloned(),
+        };
+        return x.contiguous()?.apply_op1(op);
+    }
+    let y = x.broadcast_matmul(&w.t()?)?;
+    match b {
+        Some(b) => y.broadcast_add(b),
+        None => Ok(y),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// RMSNorm: y = x · r · w, r = 1/√(mean(x²) + eps). Backward: dx = r (g − x r² mean(g x)), g = dy ⊙ w.
+
+struct RmsNorm {
+    w: Tensor,
+    eps: f32,
+}
+
+fn rms_fwd_rows(x: &[f32], w: &[f32], eps: f32, y: &mut [f32]) {
+    let n = w.len();
+    y.par_chunks_mut(n).zip(x.par_chunks(n)).for_each(|(yr, xr)| {
+        let ms = xr.iter().map(|v| v * v).sum::<f32>() / n as f32;
+        let r = 1.0 / (ms + eps).sqrt();
+        for ((yv, xv), wv) in yr.iter_mut().zip(xr).zip(w) {
+            *yv = xv * r * wv;
+        }
+    });
+}
+
+impl CustomOp1 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "rms-norm"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s, l, "rms-norm")?;
+        let w = self.w.to_vec1::<f32>()?;
+        let mut y = vec![0f32; x.len()];
+        rms_fwd_rows(x, &w, self.eps, &mut y);
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let op = RmsNormBwd {
+            w: self.w.clone(),
+            eps: self.eps,
+        };
+        Ok(Some(arg.apply_op2_no_bwd(&grad.contiguous()?, &op)?))
+    }
+}
+
+struct RmsNormBwd {
+    w: Tensor,
+    eps: f32,
+}
+
+impl CustomOp2 for RmsNormBwd {
+    fn name(&self) -> &'static str {
+        "rms-norm-bwd"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, "rms-norm-bwd")?;
+        let dy = f32_slice(s2, l2, "rms-norm-bwd")?;
+        let w = self.w.to_vec1::<f32>()?;
+        let n = w.len();
+        let mut dx = vec![0f32; x.len()];
+        dx.par_chunks_mut(n)
+            .zip(x.par_chunks(n).zip(dy.par_chunks(n)))
+            .for_each(|(dxr, (xr, dyr))| {
+                let ms = xr.iter().map(|v| v * v).sum::<f32>() / n as f32;
+                let r = 1.0 / (ms + self.eps).sqrt();
+                let gx = xr.iter().zip(dyr).zip(&w).map(|((x, d), w)| x * d * w).sum::<f32>() / n as f32;
+                let c = r * r * gx;
+                for i in 0..n {
+                    dxr[i] = r * (dyr[i] * w[i] - xr[i] * c);
+                }
+            });
+        Ok((CpuStorage::F32(dx), l1.shape().clone()))
+    }
+}
+
+/// RMSNorm over the last dim with a frozen scale `w`.
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
+        return x.contiguous()?.apply_op1(RmsNorm {
+            w: w.clone(),
+            eps: eps as f32,
+        });
+    }
+    rms_norm_reference(x, w, eps)
+}
+
+/// Unfused RMSNorm, used off-CPU and as the reference in tests.
+pub fn rms_norm_reference(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
+    x.broadcast_div(&(ms + eps)?.sqrt()?)?.broadcast_mul(w)
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// LayerNorm: y = x̂ w + b, x̂ = (x − μ) rstd. Backward: dx = rstd (g − mean(g) − x̂ mean(g x̂)), g = dy ⊙ w.
+
+struct LayerNorm {
+    w: Tensor,
+    b: Tensor,
+    eps: f32,
+}
+
+fn ln_stats(xr: &[f32], eps: f32) -> (f32, f32) {
+    let n = xr.len() as f32;
+    let mu = xr.iter().sum::<f32>() / n;
+    let var = xr.iter().map(|v| (v - mu) * (v - mu)).sum::<f32>() / n;
+    (mu, 1.0 / (var + eps).sqrt())
+}
+
+impl CustomOp1 for LayerNorm {
+    fn name(&self) -> &'static str {
+        "layer-norm"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s, l, "layer-norm")?;
+        let w = self.w.to_vec1::<f32>()?;
+        let b = self.b.to_vec1::<f32>()?;
+        let n = w.len();
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(n).zip(x.par_chunks(n)).for_each(|(yr, xr)| {
+            let (mu, rstd) = ln_stats(xr, self.eps);
+            for i in 0..n {
+                yr[i] = (xr[i] - mu) * rstd * w[i] + b[i];
+            }
+        });
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let op = LayerNormBwd {
+            w: self.w.clone(),
+            eps: self.eps,
+        };
+        Ok(Some(arg.apply_op2_no_bwd(&grad.contiguous()?, &op)?))
+    }
+}
+
+struct LayerNormBwd {
+    w: Tensor,
+    eps: f32,
+}
+
+impl CustomOp2 for LayerNormBwd {
+    fn name(&self) -> &'static str {
+        "layer-norm-bwd"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, "layer-norm-bwd")?;
+        let dy = f32_slice(s2, l2, "layer-norm-bwd")?;
+        let w = self.w.to_vec1::<f32>()?;
+        let n = w.len();
+        let mut dx = vec![0f32; x.len()];
+        dx.par_chunks_mut(n)
+            .zip(x.par_chunks(n).zip(dy.par_chunks(n)))
+            .for_each(|(dxr, (xr, dyr))| {
+                let (mu, rstd) = ln_stats(xr, self.eps);
+                let (mut mg, mut mgx) = (0f32, 0f32);
+                for i in 0..n {
+                    let g = dyr[i] * w[i];
+                    mg += g;
+                    mgx += g * (xr[i] - mu) * rstd;
+                }
+                mg /= n as f32;
+                mgx /= n as f32;
+                for i in 0..n {
+                    let xh = (xr[i] - mu) * rstd;
+                    dxr[i] = rstd * (dyr[i] * w[i] - mg - xh * mgx);
+                }
+            });
+        Ok((CpuStorage::F32(dx), l1.shape().clone()))
+    }
+}
+
+/// LayerNorm over the last dim with frozen scale `w` and shift `b`.
+pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
+        return x.contiguous()?.apply_op1(LayerNorm {
+            w: w.clone(),
+            b: b.clone(),
+            eps: eps as f32,
+        });
+    }
+    layer_norm_reference(x, w, b, eps)
+}
+
+pub fn layer_norm_reference(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+    let mu = x.mean_keepdim(D::Minus1)?;
+    let xc = x.broadcast_sub(&mu)?;
+    let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+    xc.broadcast_div(&(var + eps)?.sqrt()?)?.broadcast_mul(w)?.broadcast_add(b)
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Softmax over the last dim. Backward: dx = y (dy − Σ dy y).
+
+struct Softmax;
+
+impl CustomOp1 for Softmax {
+    fn name(&self) -> &'static str {
+        "softmax"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s, l, "softmax")?;
+        let (_, n) = last_dim(l)?;
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(n).zip(x.par_chunks(n)).for_each(|(yr, xr)| {
+            let m = xr.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+            let mut sum = 0f32;
+            for (yv, xv) in yr.iter_mut().zip(xr) {
+                *yv = (xv - m).exp();
+                sum += *yv;
+            }
+            let inv = 1.0 / sum;
+            yr.iter_mut().for_each(|v| *v *= inv);
+        });
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    fn bwd(&self, _arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(res.apply_op2_no_bwd(&grad.contiguous()?, &SoftmaxBwd)?))
+    }
+}
+
+struct SoftmaxBwd;
+
+impl CustomOp2 for SoftmaxBwd {
+    fn name(&self) -> &'static str {
+        "softmax-bwd"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let y = f32_slice(s1, l1, "softmax-bwd")?;
+        let dy = f32_slice(s2, l2, "softmax-bwd")?;
+        let (_, n) = last_dim(l1)?;
+        let mut dx = vec![0f32; y.len()];
+        dx.par_chunks_mut(n)
+            .zip(y.par_chunks(n).zip(dy.par_chunks(n)))
+            .for_each(|(dxr, (yr, dyr))| {
+                let dot = yr.iter().zip(dyr).map(|(a, b)| a * b).sum::<f32>();
+                for i in 0..n {
+                    dxr[i] = yr[i] * (dyr[i] - dot);
+                }
+            });
+        Ok((CpuStorage::F32(dx), l1.shape().clone()))
+    }
+}
+
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
+        return x.contiguous()?.apply_op1(Softmax);
+    }
+    softmax_reference(x)
+}
+
+pub fn softmax_reference(x: &Tensor) -> Result<Tensor> {
+    let m = x.max_keepdim(D::Minus1)?;
+    let e = x.broadcast_sub(&m)?.exp()?;
+    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn rand(shape: &[usize], seed: u64) -> Tensor {
+        // A fixed pseudo-random fill, so the test does not depend on candle's RNG.
+        let n: usize = shape.iter().product();
+        let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let v: Vec<f32> = (0..n)
+            .map(|_| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((s >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
+            })
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    }
+
+    /// Compares a fused op and its reference: outputs, and the gradient of a weighted sum w.r.t. the input.
+    fn check(fused: impl Fn(&Tensor) -> Result<Tensor>, reference: impl Fn(&Tensor) -> Result<Tensor>, shape: &[usize]) {
+        let x = Var::from_tensor(&rand(shape, 1)).unwrap();
+        let yf = fused(x.as_tensor()).unwrap();
+        let yr = reference(x.as_tensor()).unwrap();
+        assert!(max_diff(&yf, &yr) < 1e-5, "forward differs by {}", max_diff(&yf, &yr));
+        let probe = rand(yf.dims(), 2);
+        let gf = (yf * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        let gr = (yr * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        let (gf, gr) = (gf.get(&x).unwrap(), gr.get(&x).unwrap());
+        assert!(max_diff(gf, gr) < 1e-4, "backward differs by {}", max_diff(gf, gr));
+    }
+
+    #[test]
+    fn frozen_linear_matches_matmul_and_gives_no_weight_gradient() {
+        let w = rand(&[24, 16], 3);
+        let b = rand(&[24], 4);
+        check(
+            |x| frozen_linear(x, &w, Some(&b)),
+            |x| x.broadcast_matmul(&w.t()?)?.broadcast_add(&b),
+            &[2, 5, 16],
+        );
+        // The weight is not part of the graph: backward from the output reaches only x.
+        let x = Var::from_tensor(&rand(&[3, 16], 5)).unwrap();
+        let y = frozen_linear(x.as_tensor(), &w, Some(&b)).unwrap();
+        let grads = y.sum_all().unwrap().backward().unwrap();
+        assert!(grads.get(&w).is_none() && grads.get(&b).is_none());
+        assert!(grads.get_ids().all(|id| *id != w.id() && *id != b.id()));
+    }
+
+    #[test]
+    fn rms_norm_matches_reference() {
+        let w = rand(&[32], 6);
+        check(|x| rms_norm(x, &w, 1e-5), |x| rms_norm_reference(x, &w, 1e-5), &[3, 4, 32]);
+    }
+
+    #[test]
+    fn layer_norm_matches_reference() {
+        let (w, b) = (rand(&[32], 7), rand(&[32], 8));
+        check(
+            |x| layer_norm(x, &w, &b, 1e-5),
+            |x| layer_norm_reference(x, &w, &b, 1e-5),
+            &[3, 4, 32],
+        );
+    }
+
+    #[test]
+    fn softmax_matches_reference() {
+        check(softmax_last_dim, softmax_reference, &[2, 3, 7, 9]);
+    }
+}

@@ -1,0 +1,383 @@
+//! Decoder-only transformers as Hugging Face defines them, with checkpoint key paths visible in the loading
+//! code. Llama-family blocks (RMSNorm, RoPE, GQA, SwiGLU) and GPT-2 blocks (LayerNorm, learned positions,
+//! GELU-tanh, fused `c_attn`) share one block structure and one adaptable linear layer.
+
+use crate::attention::{causal_attention, KvCache, Rope};
+use crate::kernels;
+use crate::linear::{AdaptableLinear, Ctx};
+use candle_core::{DType, Device, Tensor};
+use factune_io::{Arch, Error, ModelConfig, Result, Weights};
+use std::path::{Path, PathBuf};
+
+pub enum Norm {
+    Rms { w: Tensor, eps: f64 },
+    Layer { w: Tensor, b: Tensor, eps: f64 },
+}
+
+impl Norm {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Norm::Rms { w, eps } => kernels::rms_norm(x, w, *eps),
+            Norm::Layer { w, b, eps } => kernels::layer_norm(x, w, b, *eps),
+        }
+    }
+
+    fn tensors(&self) -> Vec<&Tensor> {
+        match self {
+            Norm::Rms { w, .. } => vec![w],
+            Norm::Layer { w, b, .. } => vec![w, b],
+        }
+    }
+}
+
+pub enum Attn {
+    /// Llama family: separate projections.
+    Split {
+        q: AdaptableLinear,
+        k: AdaptableLinear,
+        v: AdaptableLinear,
+        o: AdaptableLinear,
+    },
+    /// GPT-2: one `c_attn` producing q, k, v side by side, then `c_proj`.
+    Fused { qkv: AdaptableLinear, o: AdaptableLinear },
+}
+
+pub enum Mlp {
+    SwiGlu {
+        gate: AdaptableLinear,
+        up: AdaptableLinear,
+        down: AdaptableLinear,
+    },
+    Gelu { fc: AdaptableLinear, proj: AdaptableLinear },
+}
+
+pub struct Block {
+    pub ln1: Norm,
+    pub attn: Attn,
+    pub ln2: Norm,
+    pub mlp: Mlp,
+}
+
+pub struct Model {
+    pub cfg: ModelConfig,
+    pub dir: PathBuf,
+    pub device: Device,
+    embed: Tensor,
+    pos_embed: Option<Tensor>,
+    rope: Option<Rope>,
+    pub blocks: Vec<Block>,
+    final_norm: Norm,
+    lm_head: Tensor,
+}
+
+struct Loader<'a> {
+    w: &'a Weights,
+    dev: &'a Device,
+    cfg: &'a ModelConfig,
+    prefix: &'a str,
+    next_index: usize,
+}
+
+impl Loader<'_> {
+    fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        self.w.get_shaped(&format!("{}{name}", self.prefix), shape, DType::F32, self.dev)
+    }
+
+    fn opt(&self, name: &str, shape: &[usize], present: bool) -> Result<Option<Tensor>> {
+        if present {
+            self.get(name, shape).map(Some)
+        } else {
+            Ok(None)
+        }
+    }
+
+    /// A linear layer stored PyTorch-style `[out, in]`.
+    fn linear(&mut self, path: &str, out: usize, inp: usize, bias: bool) -> Result<AdaptableLinear> {
+        let w = self.get(&format!("{path}.weight"), &[out, inp])?;
+        let b = self.opt(&format!("{path}.bias"), &[out], bias)?;
+        self.next_index += 1;
+        let key = format!("{}{path}.weight", self.prefix);
+        Ok(AdaptableLinear::new(path.to_string(), self.next_index - 1, w, b, key, false))
+    }
+
+    /// GPT-2's `Conv1D`, stored `[in, out]`; kept as `[out, in]` in memory so every linear is alike.
+    fn conv1d(&mut self, path: &str, out: usize, inp: usize) -> Result<AdaptableLinear> {
+        let w = self.get(&format!("{path}.weight"), &[inp, out])?.t()?.contiguous()?;
+        let b = self.get(&format!("{path}.bias"), &[out])?;
+        self.next_index += 1;
+        // PEFT names GPT-2 modules under `transformer.` whatever the checkpoint's own prefix.
+        let peft_path = format!("transformer.{path}");
+        let key = format!("{}{path}.weight", self.prefix);
+        Ok(AdaptableLinear::new(peft_path, self.next_index - 1, w, Some(b), key, true))
+    }
+
+    fn rms(&self, name: &str) -> Result<Norm> {
+        Ok(Norm::Rms {
+            w: self.get(&format!("{name}.weight"), &[self.cfg.hidden_size])?,
+            eps: self.cfg.norm_eps,
+        })
+    }
+
+    fn ln(&self, name: &str) -> Result<Norm> {
+        let h = self.cfg.hidden_size;
+        Ok(Norm::Layer {
+            w: self.get(&format!("{name}.weight"), &[h])?,
+            b: self.get(&format!("{name}.bias"), &[h])?,
+            eps: self.cfg.norm_eps,
+        })
+    }
+}
+
+impl Model {
+    /// Loads a Hugging Face model directory (`config.json` + safetensors).
+    pub fn load(dir: &Path, device: &Device) -> Result<Self> {
+        if !dir.is_dir() {
+            return Err(Error::invalid(dir, "model directory does not exist"));
+        }
+        let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
+        let weights = Weights::from_model_dir(dir)?;
+        Self::from_weights(cfg, &weights, dir, device)
+    }
+
+    pub fn from_weights(cfg: ModelConfig, weights: &Weights, dir: &Path, device: &Device) -> Result<Self> {
+        let c = cfg.clone();
+        let (h, i, v) = (c.hidden_size, c.intermediate_size, c.vocab_size);
+        let mut model = match c.arch {
+            Arch::Llama => {
+                let mut l = Loader {
+                    w: weights,
+                    dev: device,
+                    cfg: &c,
+                    prefix: "",
+                    next_index: 0,
+                };
+                let (qd, kvd) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
+                let embed = l.get("model.embed_tokens.weight", &[v, h])?;
+                let mut blocks = Vec::with_capacity(c.num_layers);
+                for n in 0..c.num_layers {
+                    let p = format!("model.layers.{n}");
+                    blocks.push(Block {
+                        ln1: l.rms(&format!("{p}.input_layernorm"))?,
+                        attn: Attn::Split {
+                            q: l.linear(&format!("{p}.self_attn.q_proj"), qd, h, c.qkv_bias)?,
+                            k: l.linear(&format!("{p}.self_attn.k_proj"), kvd, h, c.qkv_bias)?,
+                            v: l.linear(&format!("{p}.self_attn.v_proj"), kvd, h, c.qkv_bias)?,
+                            o: l.linear(&format!("{p}.self_attn.o_proj"), h, qd, c.o_bias)?,
+                        },
+                        ln2: l.rms(&format!("{p}.post_attention_layernorm"))?,
+                        mlp: Mlp::SwiGlu {
+                            gate: l.linear(&format!("{p}.mlp.gate_proj"), i, h, c.mlp_bias)?,
+                            up: l.linear(&format!("{p}.mlp.up_proj"), i, h, c.mlp_bias)?,
+                            down: l.linear(&format!("{p}.mlp.down_proj"), h, i, c.mlp_bias)?,
+                        },
+                    });
+                }
+                let lm_head = if c.tie_word_embeddings || !weights.contains("lm_head.weight") {
+                    if !c.tie_word_embeddings {
+                        return Err(Error::invalid(
+                            dir,
+                            "missing tensor `lm_head.weight` (config.json says tie_word_embeddings: false)",
+                        ));
+                    }
+                    embed.clone()
+                } else {
+                    l.get("lm_head.weight", &[v, h])?
+                };
+                let max_pos = c.max_position_embeddings;
+                let rope = Rope::new(c.head_dim, max_pos, c.rope_theta, c.rope_scaling.as_ref(), device)?;
+                Model {
+                    final_norm: l.rms("model.norm")?,
+                    cfg: cfg.clone(),
+                    dir: dir.to_path_buf(),
+                    device: device.clone(),
+                    embed,
+                    pos_embed: None,
+                    rope: Some(rope),
+                    blocks,
+                    lm_head,
+                }
+            }
+            Arch::Gpt2 => {
+                // Checkpoints saved from GPT2LMHeadModel carry `transformer.`; the original hub files do not.
+                let prefix = if weights.contains("transformer.wte.weight") { "transformer." } else { "" };
+                let mut l = Loader {
+                    w: weights,
+                    dev: device,
+                    cfg: &c,
+                    prefix,
+                    next_index: 0,
+                };
+                let embed = l.get("wte.weight", &[v, h])?;
+                let pos = l.get("wpe.weight", &[c.max_position_embeddings, h])?;
+                let mut blocks = Vec::with_capacity(c.num_layers);
+                for n in 0..c.num_layers {
+                    let p = format!("h.{n}");
+                    blocks.push(Block {
+                        ln1: l.ln(&format!("{p}.ln_1"))?,
+                        attn: Attn::Fused {
+                            qkv: l.conv1d(&format!("{p}.attn.c_attn"), 3 * h, h)?,
+                            o: l.conv1d(&format!("{p}.attn.c_proj"), h, h)?,
+                        },
+                        ln2: l.ln(&format!("{p}.ln_2"))?,
+                        mlp: Mlp::Gelu {
+                            fc: l.conv1d(&format!("{p}.mlp.c_fc"), i, h)?,
+                            proj: l.conv1d(&format!("{p}.mlp.c_proj"), h, i)?,
+                        },
+                    });
+                }
+                let lm_head = if !c.tie_word_embeddings && weights.contains("lm_head.weight") {
+                    weights.get_shaped("lm_head.weight", &[v, h], DType::F32, device)?
+                } else {
+                    embed.clone()
+                };
+                Model {
+                    final_norm: l.ln("ln_f")?,
+                    cfg: cfg.clone(),
+                    dir: dir.to_path_buf(),
+                    device: device.clone(),
+                    embed,
+                    pos_embed: Some(pos),
+                    rope: None,
+                    blocks,
+                    lm_head,
+                }
+            }
+        };
+        model.cfg = cfg;
+        Ok(model)
+    }
+
+    pub fn max_positions(&self) -> usize {
+        self.cfg.max_position_embeddings
+    }
+
+    /// Final hidden states `[B, T, H]` for token ids `[B, T]`, continuing after the cached positions.
+    pub fn forward_hidden(&self, ids: &Tensor, mut cache: Option<&mut KvCache>, ctx: &Ctx) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let offset = cache.as_ref().map_or(0, |c| c.len());
+        if offset + t > self.max_positions() {
+            return Err(Error::config(format!(
+                "sequence of {} tokens exceeds the model's context of {} positions (max_position_embeddings in {})",
+                offset + t,
+                self.max_positions(),
+                self.dir.join("config.json").display()
+            )));
+        }
+        let vocab = self.cfg.vocab_size as u32;
+        let max_id = ids.flatten_all()?.max(0)?.to_scalar::<u32>()?;
+        if max_id >= vocab {
+            return Err(Error::config(format!("token id {max_id} is outside the vocabulary of {vocab}")));
+        }
+        let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, self.cfg.hidden_size))?;
+        if let Some(pe) = &self.pos_embed {
+            x = x.broadcast_add(&pe.narrow(0, offset, t)?)?;
+        }
+        for (n, blk) in self.blocks.iter().enumerate() {
+            let h = blk.ln1.forward(&x)?;
+            let a = self.attention(&blk.attn, &h, cache.as_deref_mut().map(|c| (c, n)), offset, ctx)?;
+            x = (x + a)?;
+            let h = blk.ln2.forward(&x)?;
+            let m = match &blk.mlp {
+                Mlp::SwiGlu { gate, up, down } => {
+                    let g = gate.forward(&h, ctx)?.silu()?;
+                    down.forward(&(g * up.forward(&h, ctx)?)?, ctx)?
+                }
+                Mlp::Gelu { fc, proj } => proj.forward(&fc.forward(&h, ctx)?.gelu()?, ctx)?,
+            };
+            x = (x + m)?;
+        }
+        Ok(self.final_norm.forward(&x)?)
+    }
+
+    fn attention(
+        &self,
+        attn: &Attn,
+        h: &Tensor,
+        cache: Option<(&mut KvCache, usize)>,
+        offset: usize,
+        ctx: &Ctx,
+    ) -> candle_core::Result<Tensor> {
+        let (b, t, _) = h.dims3()?;
+        let (nh, nkv, d) = (self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim);
+        let heads = |x: Tensor, n: usize| x.reshape((b, t, n, d))?.transpose(1, 2)?.contiguous();
+        match attn {
+            Attn::Split { q, k, v, o } => {
+                let rope = self.rope.as_ref().expect("llama-family models have RoPE");
+                let qh = rope.apply(&heads(q.forward(h, ctx)?, nh)?, offset)?;
+                let kh = rope.apply(&heads(k.forward(h, ctx)?, nkv)?, offset)?;
+                let vh = heads(v.forward(h, ctx)?, nkv)?;
+                o.forward(&causal_attention(&qh, kh, vh, cache, offset)?, ctx)
+            }
+            Attn::Fused { qkv, o } => {
+                let hs = self.cfg.hidden_size;
+                let y = qkv.forward(h, ctx)?;
+                let qh = heads(y.narrow(2, 0, hs)?, nh)?;
+                let kh = heads(y.narrow(2, hs, hs)?, nh)?;
+                let vh = heads(y.narrow(2, 2 * hs, hs)?, nh)?;
+                o.forward(&causal_attention(&qh, kh, vh, cache, offset)?, ctx)
+            }
+        }
+    }
+
+    /// Logits `[.., vocab]` from hidden states.
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        Ok(kernels::frozen_linear(hidden, &self.lm_head, None)?)
+    }
+
+    pub fn forward(&self, ids: &Tensor, cache: Option<&mut KvCache>, ctx: &Ctx) -> Result<Tensor> {
+        self.logits(&self.forward_hidden(ids, cache, ctx)?)
+    }
+
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(self.cfg.num_layers)
+    }
+
+    pub fn linears(&self) -> Vec<&AdaptableLinear> {
+        let mut out = Vec::new();
+        for b in &self.blocks {
+            match &b.attn {
+                Attn::Split { q, k, v, o } => out.extend([q, k, v, o]),
+                Attn::Fused { qkv, o } => out.extend([qkv, o]),
+            }
+            match &b.mlp {
+                Mlp::SwiGlu { gate, up, down } => out.extend([gate, up, down]),
+                Mlp::Gelu { fc, proj } => out.extend([fc, proj]),
+            }
+        }
+        out
+    }
+
+    pub fn linears_mut(&mut self) -> Vec<&mut AdaptableLinear> {
+        let mut out = Vec::new();
+        for b in &mut self.blocks {
+            match &mut b.attn {
+                Attn::Split { q, k, v, o } => out.extend([q, k, v, o]),
+                Attn::Fused { qkv, o } => out.extend([qkv, o]),
+            }
+            match &mut b.mlp {
+                Mlp::SwiGlu { gate, up, down } => out.extend([gate, up, down]),
+                Mlp::Gelu { fc, proj } => out.extend([fc, proj]),
+            }
+        }
+        out
+    }
+
+    /// Frozen parameter count (tied embeddings counted once), as transformers' `num_parameters()`.
+    pub fn num_base_parameters(&self) -> usize {
+        let mut n = self.embed.elem_count();
+        if let Some(p) = &self.pos_embed {
+            n += p.elem_count();
+        }
+        // Tied weights are one tensor loaded once: compare identity, not values.
+        if self.lm_head.id() != self.embed.id() {
+            n += self.lm_head.elem_count();
+        }
+        for b in &self.blocks {
+            n += b.ln1.tensors().iter().chain(b.ln2.tensors().iter()).map(|t| t.elem_count()).sum::<usize>();
+        }
+        for l in self.linears() {
+            n += l.base.weight.elem_count() + l.base.bias.as_ref().map_or(0, |b| b.elem_count());
+        }
+        n + self.final_norm.tensors().iter().map(|t| t.elem_count()).sum::<usize>()
+    }
+}

@@ -1,0 +1,169 @@
+#!/usr/bin/env python3
+"""Reference fixtures for factune's numerical tests, produced by the real libraries.
+
+    python scripts/make_fixtures.py build  [--out tests/fixtures]
+        Builds tiny random-weight models in Hugging Face format (a Llama with GQA, untied embeddings, llama3
+        RoPE scaling and a sharded checkpoint; a Qwen2 with q/k/v bias, tied embeddings, stored in bf16; a
+        GPT-2 stored in f16), a PEFT LoRA adapter for each with non-zero B, and reference outputs for fixed
+        token ids: base and adapted logits, the causal-LM loss with masked prompt tokens, the gradients of every
+        LoRA A/B, and greedy generation tokens.
+
+    python scripts/make_fixtures.py verify --model DIR --adapter ADIR --expect FILE.safetensors
+        Loads an adapter written by factune with PeftModel.from_pretrained and checks that PEFT's logits for
+        the `input_ids` in FILE match the `logits` factune stored there.
+
+Pinned: torch==2.15.0 transformers==5.23.0 peft==0.21.2 safetensors (see scripts/requirements-fixtures.txt).
+"""
+import argparse
+import json
+import os
+import sys
+
+import torch
+from safetensors.torch import load_file, save_file
+
+
+def set_seed(seed):
+    torch.manual_seed(seed)
+
+
+def llama_config():
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5, tie_word_embeddings=False,
+        rope_theta=10000.0,
+        rope_scaling={"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 16},
+        bos_token_id=1, eos_token_id=2,
+    )
+
+
+def qwen2_config():
+    from transformers import Qwen2Config
+
+    return Qwen2Config(
+        vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=1, max_position_embeddings=64, rms_norm_eps=1e-6, tie_word_embeddings=True,
+        rope_theta=1000000.0, bos_token_id=1, eos_token_id=2, use_sliding_window=False,
+    )
+
+
+def gpt2_config():
+    from transformers import GPT2Config
+
+    return GPT2Config(
+        vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=64, bos_token_id=1, eos_token_id=2,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    )
+
+
+MODELS = {
+    # name: (config, storage dtype, LoRA settings, shard size)
+    "llama": (llama_config, torch.float32,
+              dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                      "up_proj", "down_proj"]), "100KB"),
+    "qwen2": (qwen2_config, torch.bfloat16,
+              dict(r=4, lora_alpha=8, use_rslora=True, target_modules=["q_proj", "v_proj"]), None),
+    "gpt2": (gpt2_config, torch.float16,
+             dict(r=4, lora_alpha=16, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True), None),
+}
+
+
+def input_ids():
+    g = torch.Generator().manual_seed(1234)
+    return torch.randint(3, 256, (2, 12), generator=g)
+
+
+def build(out):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    versions = {"torch": torch.__version__, "transformers": __import__("transformers").__version__,
+                "peft": __import__("peft").__version__}
+    for name, (cfg_fn, dtype, lora, shard) in MODELS.items():
+        set_seed(0)
+        cfg = cfg_fn()
+        model = AutoModelForCausalLM.from_config(cfg).eval()
+        # Random init is small; widen the weights so that errors in the architecture show in the logits.
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.dim() == 2:
+                    p.normal_(0.0, 0.08)
+                else:
+                    p.add_(torch.randn_like(p) * 0.05)
+        mdir = os.path.join(out, name)
+        model = model.to(dtype)
+        kwargs = {"max_shard_size": shard} if shard else {}
+        model.save_pretrained(mdir, **kwargs)
+        # Reference computations run in f32 on the stored weights, as factune computes.
+        model = AutoModelForCausalLM.from_pretrained(mdir, dtype=torch.float32).eval()
+
+        ids = input_ids()
+        labels = ids.clone()
+        labels[:, :3] = -100
+        with torch.no_grad():
+            base_logits = model(ids).logits
+
+        set_seed(1)
+        peft_cfg = LoraConfig(task_type="CAUSAL_LM", lora_dropout=0.0, init_lora_weights=False, **lora)
+        pm = get_peft_model(model, peft_cfg)
+        out_ = pm(input_ids=ids, labels=labels)
+        out_.loss.backward()
+        ref = {"input_ids": ids.to(torch.int64), "labels": labels.to(torch.int64),
+               "base_logits": base_logits.float(), "logits": out_.logits.detach().float(),
+               "loss": out_.loss.detach().reshape(1).float()}
+        for pname, p in pm.named_parameters():
+            if p.requires_grad:
+                key = pname.replace(".default", "") + ".grad"
+                ref[key] = p.grad.detach().float().contiguous()
+        pm.save_pretrained(os.path.join(out, f"{name}-lora"))
+
+        with torch.no_grad():
+            prompt = ids[:1, :5]
+            gen = pm.generate(input_ids=prompt, max_new_tokens=10, do_sample=False, eos_token_id=None,
+                              pad_token_id=0)
+        ref["greedy_prompt"] = prompt.to(torch.int64)
+        ref["greedy_tokens"] = gen[:, 5:].to(torch.int64).contiguous()
+        save_file({k: v.clone().contiguous() for k, v in ref.items()}, os.path.join(out, f"{name}-reference.safetensors"))
+        print(f"{name}: loss {out_.loss.item():.6f}, {sum(k.endswith('.grad') for k in ref)} LoRA gradients")
+    with open(os.path.join(out, "VERSIONS.json"), "w") as f:
+        json.dump(versions, f, indent=2)
+        f.write("\n")
+
+
+def verify(model_dir, adapter_dir, expect):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    exp = load_file(expect)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    pm = PeftModel.from_pretrained(base, adapter_dir).eval()
+    with torch.no_grad():
+        logits = pm(input_ids=exp["input_ids"].long()).logits.float()
+    diff = (logits - exp["logits"]).abs().max().item()
+    print(f"PEFT loaded {adapter_dir}: max |logits(PEFT) - logits(factune)| = {diff:.3e}")
+    if diff > 1e-4:
+        sys.exit(1)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build")
+    b.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures"))
+    v = sub.add_parser("verify")
+    v.add_argument("--model", required=True)
+    v.add_argument("--adapter", required=True)
+    v.add_argument("--expect", required=True)
+    a = ap.parse_args()
+    torch.use_deterministic_algorithms(True)
+    if a.cmd == "build":
+        build(a.out)
+    else:
+        verify(a.model, a.adapter, a.expect)
+
+
+if __name__ == "__main__":
+    main()
