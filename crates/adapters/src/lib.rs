@@ -1,1 +1,33 @@
+//! Parameter-efficient adapters for factune models, in PEFT's layout: one file per method family
+//! (config, init, forward, merge), a registry by `peft_type`, and the PEFT on-disk format.
 
+pub mod config;
+pub mod lora;
+pub mod peft;
+pub mod registry;
+pub mod targets;
+
+pub use config::{AdapterConfig, TargetModules};
+pub use peft::{attach, load, save, trainable, trainable_summary, LoadReport};
+
+use candle_core::{Device, Tensor};
+use rand::Rng;
+use rand_chacha::ChaCha8Rng;
+
+/// PyTorch's `kaiming_uniform_(a=√5)` as `nn.Linear` uses it: U(−1/√fan_in, 1/√fan_in).
+pub(crate) fn kaiming_uniform(shape: &[usize], fan_in: usize, rng: &mut ChaCha8Rng, dev: &Device) -> candle_core::Result<Tensor> {
+    let bound = 1.0 / (fan_in as f32).sqrt();
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = (0..n).map(|_| rng.random_range(-bound..bound)).collect();
+    Tensor::from_vec(v, shape, dev)
+}
+
+/// Inverted dropout with a seeded mask, so training runs are reproducible bit for bit.
+pub(crate) fn dropout(x: &Tensor, p: f64, seed: u64) -> candle_core::Result<Tensor> {
+    use rand::SeedableRng;
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let keep = 1.0 / (1.0 - p) as f32;
+    let mask: Vec<f32> =
+        (0..x.elem_count()).map(|_| if rng.random::<f64>() < p { 0.0 } else { keep }).collect();
+    x.mul(&Tensor::from_vec(mask, x.shape(), x.device())?)
+}

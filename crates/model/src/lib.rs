@@ -4,6 +4,7 @@
 pub mod attention;
 pub mod kernels;
 pub mod linear;
+pub mod loss;
 pub mod model;
 
 pub use attention::KvCache;

@@ -1,0 +1,175 @@
+//! `adapter_config.json` as PEFT writes it. Field names are PEFT's, so users keep their habits and files move
+//! between the two tools.
+
+use factune_io::{Error, Result};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// `target_modules`: a list of module-name suffixes, a regex (full match), or `all-linear`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum TargetModules {
+    List(Vec<String>),
+    Pattern(String),
+}
+
+impl Default for TargetModules {
+    fn default() -> Self {
+        TargetModules::List(vec!["q_proj".into(), "v_proj".into()])
+    }
+}
+
+fn default_r() -> usize {
+    8
+}
+fn default_alpha() -> f64 {
+    8.0
+}
+fn default_bias() -> String {
+    "none".into()
+}
+fn default_peft_type() -> String {
+    "LORA".into()
+}
+fn default_task() -> String {
+    "CAUSAL_LM".into()
+}
+fn default_true() -> Value {
+    Value::Bool(true)
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AdapterConfig {
+    #[serde(default = "default_peft_type")]
+    pub peft_type: String,
+    #[serde(default = "default_task")]
+    pub task_type: String,
+    #[serde(default = "default_r")]
+    pub r: usize,
+    #[serde(default = "default_alpha")]
+    pub lora_alpha: f64,
+    #[serde(default)]
+    pub lora_dropout: f64,
+    #[serde(default)]
+    pub target_modules: TargetModules,
+    #[serde(default = "default_bias")]
+    pub bias: String,
+    #[serde(default)]
+    pub use_rslora: bool,
+    #[serde(default)]
+    pub use_dora: bool,
+    /// `true` (Kaiming A, zero B), `false` (random B too: not a no-op), or a named init PEFT knows.
+    #[serde(default = "default_true")]
+    pub init_lora_weights: Value,
+    #[serde(default)]
+    pub fan_in_fan_out: bool,
+    #[serde(default)]
+    pub base_model_name_or_path: Option<String>,
+    #[serde(default)]
+    pub modules_to_save: Option<Vec<String>>,
+    #[serde(default)]
+    pub layers_to_transform: Option<Value>,
+    #[serde(default)]
+    pub layers_pattern: Option<Value>,
+    #[serde(default)]
+    pub rank_pattern: BTreeMap<String, usize>,
+    #[serde(default)]
+    pub alpha_pattern: BTreeMap<String, f64>,
+    #[serde(default = "default_true")]
+    pub inference_mode: Value,
+    #[serde(default)]
+    pub revision: Option<String>,
+}
+
+/// Keys PEFT writes that factune reads without acting on them when they hold their default (null, empty, false).
+const KNOWN_INERT: &[&str] = &[
+    "auto_mapping", "peft_version", "megatron_config", "megatron_core", "loftq_config", "lora_bias",
+    "eva_config", "corda_config", "layer_replication", "exclude_modules", "use_qalora", "qalora_group_size",
+    "trainable_token_indices", "target_parameters", "alora_invocation_tokens", "arrow_config",
+    "ensure_weight_tying", "kasa_config", "lora_ga_config", "monteclora_config", "use_bdlora", "velora_config",
+];
+
+fn is_default(v: &Value) -> bool {
+    match v {
+        Value::Null | Value::Bool(false) => true,
+        Value::Object(m) => m.is_empty(),
+        Value::Array(a) => a.is_empty(),
+        _ => false,
+    }
+}
+
+impl Default for AdapterConfig {
+    fn default() -> Self {
+        serde_json::from_value(Value::Object(Map::new())).expect("all fields have defaults")
+    }
+}
+
+impl AdapterConfig {
+    /// Effective scale `s` for rank `r`: `α/r`, or `α/√r` with rsLoRA.
+    pub fn scaling(&self, r: usize, alpha: f64) -> f64 {
+        if self.use_rslora {
+            alpha / (r as f64).sqrt()
+        } else {
+            alpha / r as f64
+        }
+    }
+
+    /// Reads an `adapter_config.json`: unknown keys are ignored with a warning, features factune does not
+    /// implement are errors (never silently dropped).
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let raw: Value = factune_io::error::read_json(path)?;
+        let Value::Object(map) = &raw else {
+            return Err(Error::invalid(path, "expected a JSON object"));
+        };
+        let cfg: AdapterConfig = serde_json::from_value(raw.clone())
+            .map_err(|e| Error::invalid(path, format!("invalid adapter config: {e}")))?;
+        let own: Vec<String> = match serde_json::to_value(AdapterConfig::default()) {
+            Ok(Value::Object(m)) => m.keys().cloned().collect(),
+            _ => vec![],
+        };
+        for (k, v) in map {
+            if own.contains(k) {
+                continue;
+            }
+            if KNOWN_INERT.contains(&k.as_str()) && is_default(v) {
+                continue;
+            }
+            if ["loftq_config", "eva_config", "corda_config", "layer_replication", "lora_bias"].contains(&k.as_str())
+            {
+                return Err(Error::invalid(path, format!("`{k}: {v}` is not supported by factune yet")));
+            }
+            tracing::warn!("{}: ignoring unknown key `{k}`", path.display());
+        }
+        cfg.check(path)?;
+        Ok(cfg)
+    }
+
+    pub fn check(&self, path: &Path) -> Result<()> {
+        if self.bias != "none" {
+            return Err(Error::invalid(path, format!("bias `{}` is not supported; use bias: none", self.bias)));
+        }
+        if self.use_dora {
+            return Err(Error::invalid(path, "use_dora: DoRA is not implemented yet"));
+        }
+        if self.layers_to_transform.as_ref().is_some_and(|v| !v.is_null()) {
+            return Err(Error::invalid(path, "layers_to_transform is not supported yet"));
+        }
+        if self.modules_to_save.as_ref().is_some_and(|v| !v.is_empty()) {
+            return Err(Error::invalid(path, "modules_to_save is not supported yet"));
+        }
+        if !(0.0..1.0).contains(&self.lora_dropout) {
+            return Err(Error::invalid(path, format!("lora_dropout must be in [0, 1), got {}", self.lora_dropout)));
+        }
+        if self.r == 0 {
+            return Err(Error::invalid(path, "r must be > 0"));
+        }
+        Ok(())
+    }
+
+    /// The JSON factune writes: only keys PEFT >= 0.10 accepts.
+    pub fn to_json(&self) -> Result<String> {
+        serde_json::to_string_pretty(self).map_err(|e| Error::config(format!("adapter config: {e}")))
+    }
+}

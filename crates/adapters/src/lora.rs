@@ -1,0 +1,113 @@
+//! LoRA (and rsLoRA, which only changes the scale): `y = x Wᵀ + s · dropout(x) Aᵀ Bᵀ`,
+//! `A: [r, in]`, `B: [out, r]`, `s = α/r` (`α/√r` with rsLoRA).
+
+use crate::config::AdapterConfig;
+use crate::registry::Method;
+use crate::{dropout, kaiming_uniform};
+use candle_core::{Tensor, Var};
+use factune_io::{Error, Result};
+use factune_model::{AdaptableLinear, Ctx, FrozenParts, LinearAdapter};
+use rand_chacha::ChaCha8Rng;
+use std::collections::HashMap;
+
+pub struct Lora {
+    pub a: Var,
+    pub b: Var,
+    pub scale: f64,
+    pub dropout: f64,
+}
+
+impl LinearAdapter for Lora {
+    fn method(&self) -> &'static str {
+        "LORA"
+    }
+
+    fn forward(&self, x: &Tensor, base_out: Tensor, _base: &FrozenParts, ctx: &Ctx) -> candle_core::Result<Tensor> {
+        let inp = *x.dims().last().expect("rank >= 1");
+        let x = if ctx.train && self.dropout > 0.0 {
+            dropout(x, self.dropout, ctx.dropout_seed)?
+        } else {
+            x.clone()
+        };
+        let h = x.reshape(((), inp))?.matmul(&self.a.t()?)?;
+        let d = h.matmul(&self.b.t()?)?.reshape(base_out.shape())?;
+        base_out + (d * self.scale)?
+    }
+
+    fn parameters(&self) -> Vec<(String, Var)> {
+        vec![("lora_A.weight".into(), self.a.clone()), ("lora_B.weight".into(), self.b.clone())]
+    }
+
+    fn delta_weight(&self, _base: &FrozenParts) -> candle_core::Result<Tensor> {
+        self.b.matmul(self.a.as_tensor())? * self.scale
+    }
+}
+
+pub struct LoraMethod;
+
+fn check_rank(layer: &AdaptableLinear, r: usize) -> Result<()> {
+    let (o, i) = (layer.out_features(), layer.in_features());
+    if r == 0 || r > o.min(i) {
+        return Err(Error::config(format!(
+            "rank r={r} is invalid for `{}` of shape [{o}, {i}]: it must be between 1 and {}",
+            layer.path,
+            o.min(i)
+        )));
+    }
+    Ok(())
+}
+
+impl Method for LoraMethod {
+    fn peft_type(&self) -> &'static str {
+        "LORA"
+    }
+
+    fn tensor_names(&self) -> &'static [&'static str] {
+        &["lora_A.weight", "lora_B.weight"]
+    }
+
+    fn init(&self, cfg: &AdapterConfig, layer: &AdaptableLinear, rank: usize, alpha: f64, rng: &mut ChaCha8Rng)
+        -> Result<Box<dyn LinearAdapter>> {
+        check_rank(layer, rank)?;
+        let (o, i) = (layer.out_features(), layer.in_features());
+        let dev = layer.base.weight.device();
+        let a = kaiming_uniform(&[rank, i], i, rng, dev)?;
+        let b = match &cfg.init_lora_weights {
+            serde_json::Value::Bool(true) => Tensor::zeros((o, rank), candle_core::DType::F32, dev)?,
+            serde_json::Value::Bool(false) => kaiming_uniform(&[o, rank], rank, rng, dev)?,
+            other => {
+                return Err(Error::config(format!(
+                    "init_lora_weights: {other} is not implemented yet (supported: true, false)"
+                )))
+            }
+        };
+        Ok(Box::new(Lora {
+            a: Var::from_tensor(&a)?,
+            b: Var::from_tensor(&b)?,
+            scale: cfg.scaling(rank, alpha),
+            dropout: cfg.lora_dropout,
+        }))
+    }
+
+    fn from_tensors(&self, cfg: &AdapterConfig, layer: &AdaptableLinear, alpha: f64, t: &HashMap<String, Tensor>)
+        -> Result<Box<dyn LinearAdapter>> {
+        let (a, b) = (&t["lora_A.weight"], &t["lora_B.weight"]);
+        let (o, i) = (layer.out_features(), layer.in_features());
+        let r = a.dims().first().copied().unwrap_or(0);
+        if a.dims() != [r, i] || b.dims() != [o, r] {
+            return Err(Error::config(format!(
+                "`{}`: lora_A {:?} / lora_B {:?} do not fit a layer of shape [{o}, {i}] (expected [r, {i}] and [{o}, r])",
+                layer.path,
+                a.dims(),
+                b.dims()
+            )));
+        }
+        check_rank(layer, r)?;
+        Ok(Box::new(Lora {
+            a: Var::from_tensor(a)?,
+            b: Var::from_tensor(b)?,
+            scale: cfg.scaling(r, alpha),
+            dropout: cfg.lora_dropout,
+        }))
+    }
+}

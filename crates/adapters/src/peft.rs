@@ -1,0 +1,224 @@
+//! Attaching adapters to a model, and the PEFT on-disk format: `adapter_config.json` +
+//! `adapter_model.safetensors` with keys `base_model.model.<module path>.<tensor name>`.
+
+use crate::config::AdapterConfig;
+use crate::registry::method;
+use crate::targets::{pattern_lookup, TargetMatcher};
+use candle_core::{DType, Tensor, Var};
+use factune_io::weights::to_safetensors_bytes;
+use factune_io::{atomic, Error, Result, Weights};
+use factune_model::Model;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::Path;
+
+pub const CONFIG_FILE: &str = "adapter_config.json";
+pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
+const KEY_PREFIX: &str = "base_model.model.";
+
+/// Wraps every targeted linear layer with a freshly initialised adapter. The RNG is seeded here, before any
+/// adapter is created, so the same seed gives the same adapter. Returns the wrapped module paths.
+pub fn attach(model: &mut Model, cfg: &AdapterConfig, seed: u64) -> Result<Vec<String>> {
+    cfg.check(Path::new("adapter config"))?;
+    let m = method(&cfg.peft_type)?;
+    let matcher = TargetMatcher::new(&cfg.target_modules)?;
+    let paths: Vec<String> = model.linears().iter().map(|l| l.path.clone()).collect();
+    matcher.check_all_used(&paths.iter().map(String::as_str).collect::<Vec<_>>())?;
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut wrapped = Vec::new();
+    for layer in model.linears_mut() {
+        if !matcher.matches(&layer.path) {
+            continue;
+        }
+        let r = pattern_lookup(&cfg.rank_pattern, &layer.path).copied().unwrap_or(cfg.r);
+        let alpha = pattern_lookup(&cfg.alpha_pattern, &layer.path).copied().unwrap_or(cfg.lora_alpha);
+        layer.adapter = Some(m.init(cfg, layer, r, alpha, &mut rng)?);
+        wrapped.push(layer.path.clone());
+    }
+    Ok(wrapped)
+}
+
+/// Trainable tensors under their PEFT keys, in module order.
+pub fn trainable(model: &Model) -> Vec<(String, Var)> {
+    let mut out = Vec::new();
+    for l in model.linears() {
+        if let Some(a) = &l.adapter {
+            for (name, v) in a.parameters() {
+                out.push((format!("{KEY_PREFIX}{}.{name}", l.path), v));
+            }
+        }
+    }
+    out
+}
+
+/// PEFT's `print_trainable_parameters` line.
+pub fn trainable_summary(model: &Model) -> String {
+    let t: usize = trainable(model).iter().map(|(_, v)| v.elem_count()).sum();
+    let all = model.num_base_parameters() + t;
+    format!(
+        "trainable params: {} || all params: {} || trainable%: {:.4}",
+        thousands(t),
+        thousands(all),
+        100.0 * t as f64 / all as f64
+    )
+}
+
+fn thousands(n: usize) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// The config as saved: the targets actually wrapped (sorted), GPT-2's `fan_in_fan_out`, the base path.
+pub fn saved_config(model: &Model, cfg: &AdapterConfig) -> AdapterConfig {
+    let mut names: BTreeSet<String> = BTreeSet::new();
+    let mut any_transposed = false;
+    for l in model.linears() {
+        if l.adapter.is_some() {
+            names.insert(l.path.rsplit('.').next().unwrap_or(&l.path).to_string());
+            any_transposed |= l.stored_transposed;
+        }
+    }
+    let mut out = cfg.clone();
+    out.target_modules = crate::config::TargetModules::List(names.into_iter().collect());
+    out.fan_in_fan_out = any_transposed;
+    out.base_model_name_or_path = Some(model.dir.display().to_string());
+    out.inference_mode = serde_json::Value::Bool(true);
+    out
+}
+
+/// Serialised adapter tensors; refuses NaN/Inf so a broken adapter never reaches disk.
+pub fn adapter_bytes(model: &Model) -> Result<Vec<u8>> {
+    let mut tensors = BTreeMap::new();
+    for (k, v) in trainable(model) {
+        let t = v.as_tensor().to_dtype(DType::F32)?;
+        let finite = t.flatten_all()?.to_vec1::<f32>()?.iter().all(|x| x.is_finite());
+        if !finite {
+            return Err(Error::config(format!("refusing to write the adapter: tensor `{k}` contains NaN or Inf")));
+        }
+        tensors.insert(k, t);
+    }
+    let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+    to_safetensors_bytes(&tensors, Some(meta))
+}
+
+/// Writes `adapter_config.json` and `adapter_model.safetensors` into `dir`, each atomically.
+pub fn save(model: &Model, cfg: &AdapterConfig, dir: &Path) -> Result<()> {
+    let bytes = adapter_bytes(model)?;
+    atomic::write_atomic(&dir.join(WEIGHTS_FILE), &bytes)?;
+    atomic::write_atomic(&dir.join(CONFIG_FILE), saved_config(model, cfg).to_json()?.as_bytes())
+}
+
+#[derive(Debug, Default)]
+pub struct LoadReport {
+    pub matched_modules: usize,
+    pub matched_tensors: usize,
+    /// Tensors in the file that map to no module of the model.
+    pub unmatched_tensors: Vec<String>,
+    /// Targeted modules for which the file lacks tensors.
+    pub missing_modules: Vec<String>,
+}
+
+impl std::fmt::Display for LoadReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} tensors matched into {} modules; {} unmatched tensors; {} targeted modules without tensors",
+            self.matched_tensors,
+            self.matched_modules,
+            self.unmatched_tensors.len(),
+            self.missing_modules.len()
+        )
+    }
+}
+
+/// Loads a PEFT-format adapter directory onto the model. Strict by default: a tensor that maps to no module,
+/// or a targeted module without its tensors, is an error unless `allow_partial`.
+pub fn load(model: &mut Model, dir: &Path, allow_partial: bool) -> Result<(AdapterConfig, LoadReport)> {
+    let cfg_path = dir.join(CONFIG_FILE);
+    let cfg = AdapterConfig::from_file(&cfg_path)?;
+    let m = method(&cfg.peft_type).map_err(|e| Error::invalid(&cfg_path, e.to_string()))?;
+    let wpath = dir.join(WEIGHTS_FILE);
+    if !wpath.exists() {
+        return Err(Error::invalid(&wpath, "missing adapter weights (adapter_model.bin is not supported: convert to safetensors)"));
+    }
+    let weights = Weights::from_files(std::slice::from_ref(&wpath))?;
+    // Group tensors by module path.
+    let mut by_module: HashMap<String, HashMap<String, String>> = HashMap::new();
+    let mut report = LoadReport::default();
+    for key in weights.names() {
+        let rest = key.strip_prefix(KEY_PREFIX).unwrap_or(key);
+        match m.tensor_names().iter().find(|n| rest.ends_with(&format!(".{n}"))) {
+            Some(n) => {
+                let module = &rest[..rest.len() - n.len() - 1];
+                by_module.entry(module.to_string()).or_default().insert(n.to_string(), key.to_string());
+            }
+            None => report.unmatched_tensors.push(key.to_string()),
+        }
+    }
+    let matcher = TargetMatcher::new(&cfg.target_modules)?;
+    let dev = model.device.clone();
+    let mut seen = BTreeSet::new();
+    for layer in model.linears_mut() {
+        let Some(names) = by_module.get(&layer.path) else {
+            if matcher.matches(&layer.path) {
+                report.missing_modules.push(layer.path.clone());
+            }
+            continue;
+        };
+        seen.insert(layer.path.clone());
+        if names.len() < m.tensor_names().len() {
+            report.missing_modules.push(layer.path.clone());
+            continue;
+        }
+        let mut tensors = HashMap::new();
+        for (n, key) in names {
+            tensors.insert(n.clone(), weights.get(key, DType::F32, &dev)?);
+        }
+        let alpha = pattern_lookup(&cfg.alpha_pattern, &layer.path).copied().unwrap_or(cfg.lora_alpha);
+        layer.adapter = Some(
+            m.from_tensors(&cfg, layer, alpha, &tensors).map_err(|e| Error::invalid(&wpath, e.to_string()))?,
+        );
+        report.matched_modules += 1;
+        report.matched_tensors += names.len();
+    }
+    for (module, names) in &by_module {
+        if !seen.contains(module) {
+            report.unmatched_tensors.extend(names.values().cloned());
+        }
+    }
+    report.unmatched_tensors.sort();
+    if report.matched_modules == 0 {
+        return Err(Error::invalid(&wpath, format!("no tensor of this adapter matches a module of the model ({report})")));
+    }
+    if !allow_partial && (!report.unmatched_tensors.is_empty() || !report.missing_modules.is_empty()) {
+        let mut what = report.to_string();
+        if let Some(t) = report.unmatched_tensors.first() {
+            what += &format!("; first unmatched tensor: `{t}`");
+        }
+        if let Some(mm) = report.missing_modules.first() {
+            what += &format!("; first module without tensors: `{mm}`");
+        }
+        return Err(Error::invalid(&wpath, format!("{what} (pass --allow-partial to load anyway)")));
+    }
+    Ok((cfg, report))
+}
+
+/// Removes every adapter from the model.
+pub fn detach(model: &mut Model) {
+    for l in model.linears_mut() {
+        l.adapter = None;
+    }
+}
+
+/// Helper for tests and tools: the adapter tensor under a PEFT key.
+pub fn tensor(model: &Model, key: &str) -> Option<Tensor> {
+    trainable(model).into_iter().find(|(k, _)| k == key).map(|(_, v)| v.as_tensor().clone())
+}
