@@ -6,6 +6,7 @@ pub mod kernels;
 pub mod linear;
 pub mod loss;
 pub mod model;
+pub mod save;
 
 pub use attention::KvCache;
 pub use linear::{AdaptableLinear, Ctx, FrozenParts, LinearAdapter};

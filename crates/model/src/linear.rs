@@ -29,6 +29,8 @@ pub trait LinearAdapter: Send + Sync {
 pub struct FrozenParts {
     pub weight: Tensor,
     pub bias: Option<Tensor>,
+    /// Full-parameter training (pre-training, `method = full`): W and b are `Var`s and get gradients.
+    pub trainable: bool,
 }
 
 pub struct AdaptableLinear {
@@ -48,7 +50,11 @@ impl AdaptableLinear {
         AdaptableLinear {
             path,
             index,
-            base: FrozenParts { weight, bias },
+            base: FrozenParts {
+                weight,
+                bias,
+                trainable: false,
+            },
             source_key,
             stored_transposed,
             adapter: None,
@@ -64,7 +70,15 @@ impl AdaptableLinear {
     }
 
     pub fn forward(&self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
-        let y = kernels::frozen_linear(x, &self.base.weight, self.base.bias.as_ref())?;
+        let y = if self.base.trainable {
+            let y = x.broadcast_matmul(&self.base.weight.t()?)?;
+            match &self.base.bias {
+                Some(b) => y.broadcast_add(b)?,
+                None => y,
+            }
+        } else {
+            kernels::frozen_linear(x, &self.base.weight, self.base.bias.as_ref())?
+        };
         match &self.adapter {
             Some(a) => {
                 let ctx = Ctx {

@@ -15,10 +15,12 @@ pub enum Norm {
 }
 
 impl Norm {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        match self {
-            Norm::Rms { w, eps } => kernels::rms_norm(x, w, *eps),
-            Norm::Layer { w, b, eps } => kernels::layer_norm(x, w, b, *eps),
+    fn forward(&self, x: &Tensor, trainable: bool) -> candle_core::Result<Tensor> {
+        match (self, trainable) {
+            (Norm::Rms { w, eps }, false) => kernels::rms_norm(x, w, *eps),
+            (Norm::Rms { w, eps }, true) => kernels::rms_norm_reference(x, w, *eps),
+            (Norm::Layer { w, b, eps }, false) => kernels::layer_norm(x, w, b, *eps),
+            (Norm::Layer { w, b, eps }, true) => kernels::layer_norm_reference(x, w, b, *eps),
         }
     }
 
@@ -68,6 +70,8 @@ pub struct Model {
     pub blocks: Vec<Block>,
     final_norm: Norm,
     lm_head: Tensor,
+    /// Every weight is a `Var` (see [`Model::make_trainable`]).
+    trainable: bool,
 }
 
 struct Loader<'a> {
@@ -195,6 +199,7 @@ impl Model {
                     rope: Some(rope),
                     blocks,
                     lm_head,
+                    trainable: false,
                 }
             }
             Arch::Gpt2 => {
@@ -240,6 +245,7 @@ impl Model {
                     rope: None,
                     blocks,
                     lm_head,
+                    trainable: false,
                 }
             }
         };
@@ -273,10 +279,10 @@ impl Model {
             x = x.broadcast_add(&pe.narrow(0, offset, t)?)?;
         }
         for (n, blk) in self.blocks.iter().enumerate() {
-            let h = blk.ln1.forward(&x)?;
+            let h = blk.ln1.forward(&x, self.trainable)?;
             let a = self.attention(&blk.attn, &h, cache.as_deref_mut().map(|c| (c, n)), offset, ctx)?;
             x = (x + a)?;
-            let h = blk.ln2.forward(&x)?;
+            let h = blk.ln2.forward(&x, self.trainable)?;
             let m = match &blk.mlp {
                 Mlp::SwiGlu { gate, up, down } => {
                     let g = gate.forward(&h, ctx)?.silu()?;
@@ -286,7 +292,7 @@ impl Model {
             };
             x = (x + m)?;
         }
-        Ok(self.final_norm.forward(&x)?)
+        Ok(self.final_norm.forward(&x, self.trainable)?)
     }
 
     fn attention(
@@ -321,6 +327,9 @@ impl Model {
 
     /// Logits `[.., vocab]` from hidden states.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        if self.trainable {
+            return Ok(hidden.broadcast_matmul(&self.lm_head.t()?)?);
+        }
         Ok(kernels::frozen_linear(hidden, &self.lm_head, None)?)
     }
 
@@ -379,5 +388,98 @@ impl Model {
             n += l.base.weight.elem_count() + l.base.bias.as_ref().map_or(0, |b| b.elem_count());
         }
         n + self.final_norm.tensors().iter().map(|t| t.elem_count()).sum::<usize>()
+    }
+
+    /// Every tensor of the model under its Hugging Face key and in its stored layout, in a stable order (a
+    /// tied head listed once).
+    pub fn named_tensors(&self) -> Vec<(String, Tensor)> {
+        let mut out = Vec::new();
+        let gpt2 = self.cfg.arch == Arch::Gpt2;
+        let (embed_key, final_key) = if gpt2 {
+            ("transformer.wte.weight", "transformer.ln_f")
+        } else {
+            ("model.embed_tokens.weight", "model.norm")
+        };
+        out.push((embed_key.to_string(), self.embed.clone()));
+        if let Some(p) = &self.pos_embed {
+            out.push(("transformer.wpe.weight".into(), p.clone()));
+        }
+        let norm = |out: &mut Vec<(String, Tensor)>, n: &Norm, key: String| match n {
+            Norm::Rms { w, .. } => out.push((format!("{key}.weight"), w.clone())),
+            Norm::Layer { w, b, .. } => {
+                out.push((format!("{key}.weight"), w.clone()));
+                out.push((format!("{key}.bias"), b.clone()));
+            }
+        };
+        for (i, b) in self.blocks.iter().enumerate() {
+            let (l1, l2) = if gpt2 {
+                (format!("transformer.h.{i}.ln_1"), format!("transformer.h.{i}.ln_2"))
+            } else {
+                (format!("model.layers.{i}.input_layernorm"), format!("model.layers.{i}.post_attention_layernorm"))
+            };
+            norm(&mut out, &b.ln1, l1);
+            norm(&mut out, &b.ln2, l2);
+        }
+        for l in self.linears() {
+            // GPT-2's Conv1D is stored [in, out].
+            let w = if l.stored_transposed { l.base.weight.t().expect("2-D weight") } else { l.base.weight.clone() };
+            out.push((format!("{}.weight", l.path), w));
+            if let Some(b) = &l.base.bias {
+                out.push((format!("{}.bias", l.path), b.clone()));
+            }
+        }
+        norm(&mut out, &self.final_norm, final_key.to_string());
+        if self.lm_head.id() != self.embed.id() {
+            out.push(("lm_head.weight".into(), self.lm_head.clone()));
+        }
+        out
+    }
+
+    /// Turns every weight into a trainable `Var` for full-parameter training and returns them by key.
+    pub fn make_trainable(&mut self) -> Result<Vec<(String, candle_core::Var)>> {
+        use candle_core::Var;
+        let mut vars = Vec::new();
+        let mut var = |t: &mut Tensor, key: String| -> Result<()> {
+            let v = Var::from_tensor(t)?;
+            *t = v.as_tensor().clone();
+            vars.push((key, v));
+            Ok(())
+        };
+        let tied = self.lm_head.id() == self.embed.id();
+        let names: Vec<String> = self.named_tensors().into_iter().map(|(k, _)| k).collect();
+        let mut it = names.into_iter();
+        let mut next = || it.next().expect("named_tensors lists every tensor");
+        var(&mut self.embed, next())?;
+        if let Some(p) = &mut self.pos_embed {
+            var(p, next())?;
+        }
+        let norm_vars = |n: &mut Norm, var: &mut dyn FnMut(&mut Tensor, String) -> Result<()>, next: &mut dyn FnMut() -> String| -> Result<()> {
+            match n {
+                Norm::Rms { w, .. } => var(w, next()),
+                Norm::Layer { w, b, .. } => {
+                    var(w, next())?;
+                    var(b, next())
+                }
+            }
+        };
+        for b in &mut self.blocks {
+            norm_vars(&mut b.ln1, &mut var, &mut next)?;
+            norm_vars(&mut b.ln2, &mut var, &mut next)?;
+        }
+        for l in self.linears_mut() {
+            var(&mut l.base.weight, next())?;
+            if let Some(b) = &mut l.base.bias {
+                var(b, next())?;
+            }
+            l.base.trainable = true;
+        }
+        norm_vars(&mut self.final_norm, &mut var, &mut next)?;
+        if tied {
+            self.lm_head = self.embed.clone();
+        } else {
+            var(&mut self.lm_head, next())?;
+        }
+        self.trainable = true;
+        Ok(vars)
     }
 }

@@ -1,1 +1,10 @@
+//! Training for factune: configuration, data pipelines, AdamW and schedules, the loop and its checkpoints.
 
+pub mod config;
+pub mod data;
+pub mod metrics;
+pub mod optim;
+pub mod trainer;
+
+pub use config::{TrainConfig, TrainOverrides};
+pub use trainer::{evaluate_loss, TrainJob, TrainOutcome};

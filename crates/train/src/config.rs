@@ -1,0 +1,198 @@
+//! The training configuration: a flat TOML file whose keys are PEFT's and transformers' names, and the same
+//! keys as CLI flags (`--learning-rate 1e-4`), generated from one list so the two never drift apart.
+
+use factune_adapters::{AdapterConfig, TargetModules};
+use factune_io::{Error, Result};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+/// `target_modules`: `["q_proj", "v_proj"]` in TOML, `q_proj,v_proj` on the command line, or `all-linear`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Targets {
+    List(Vec<String>),
+    One(String),
+}
+
+impl std::str::FromStr for Targets {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        if s.contains(',') {
+            Ok(Targets::List(s.split(',').map(|x| x.trim().to_string()).filter(|x| !x.is_empty()).collect()))
+        } else if s == "all-linear" || s.contains(['*', '(', '|', '\\']) {
+            Ok(Targets::One(s.to_string()))
+        } else {
+            Ok(Targets::List(vec![s.to_string()]))
+        }
+    }
+}
+
+macro_rules! train_config {
+    ($( $(#[doc = $doc:literal])* $name:ident : $ty:ty = $default:expr ),* $(,)?) => {
+        /// Every setting of a training run. Unknown keys in a TOML file are errors that name the key.
+        #[derive(Debug, Clone, Serialize, Deserialize)]
+        #[serde(default, deny_unknown_fields)]
+        pub struct TrainConfig {
+            $( $(#[doc = $doc])* pub $name: $ty, )*
+        }
+
+        impl Default for TrainConfig {
+            fn default() -> Self {
+                TrainConfig { $( $name: $default, )* }
+            }
+        }
+
+        /// The same settings as optional command-line flags; a flag given overrides the file.
+        #[derive(Debug, Clone, Default, clap::Args)]
+        pub struct TrainOverrides {
+            $( $(#[doc = $doc])* #[arg(long, help_heading = "Training settings (also TOML keys)")] pub $name: Option<$ty>, )*
+        }
+
+        impl TrainConfig {
+            pub fn apply(&mut self, o: &TrainOverrides) {
+                $( if let Some(v) = &o.$name { self.$name = v.clone(); } )*
+            }
+        }
+    };
+}
+
+train_config! {
+    /// Adapter method (PEFT's peft_type)
+    peft_type: String = "LORA".into(),
+    /// Adapter rank
+    r: usize = 8,
+    /// LoRA alpha (scale = alpha / r)
+    lora_alpha: f64 = 16.0,
+    /// Dropout on the adapter input
+    lora_dropout: f64 = 0.05,
+    /// Modules to adapt: names, a regex, or all-linear
+    target_modules: Targets = Targets::List(vec!["q_proj".into(), "v_proj".into()]),
+    /// rsLoRA scaling alpha / sqrt(r)
+    use_rslora: bool = false,
+    /// true: Kaiming A, zero B (a no-op at step 0); false: random B too
+    init_lora_weights: bool = true,
+    /// Peak learning rate
+    learning_rate: f64 = 2e-4,
+    /// AdamW beta1
+    adam_beta1: f64 = 0.9,
+    /// AdamW beta2
+    adam_beta2: f64 = 0.999,
+    /// AdamW epsilon
+    adam_epsilon: f64 = 1e-8,
+    /// Decoupled weight decay
+    weight_decay: f64 = 0.0,
+    /// cosine, linear or constant (after warmup)
+    lr_scheduler_type: String = "cosine".into(),
+    /// Linear warmup steps
+    warmup_steps: usize = 0,
+    /// Warmup as a fraction of max_steps (used when warmup_steps is 0)
+    warmup_ratio: f64 = 0.0,
+    /// Optimizer steps to run
+    max_steps: usize = 100,
+    /// Clip the global gradient norm (0 disables)
+    max_grad_norm: f64 = 1.0,
+    /// Micro-batches per optimizer step
+    gradient_accumulation_steps: usize = 1,
+    /// Sequences per micro-batch
+    micro_batch_size: usize = 4,
+    /// Tokens per sequence (longer examples are truncated, text is packed to this length)
+    seq_len: usize = 256,
+    /// Seed of adapter initialisation
+    seed: u64 = 42,
+    /// Seed of data shuffling and the train/validation split
+    data_seed: u64 = 42,
+    /// Seed of dropout masks
+    dropout_seed: u64 = 42,
+    /// Validation loss every N steps (0: only at the end)
+    eval_steps: usize = 0,
+    /// Checkpoint every N steps (0: none)
+    save_steps: usize = 0,
+    /// Fraction of examples held out for validation
+    validation_split: f64 = 0.1,
+    /// auto, text, alpaca or chat
+    data_format: String = "auto".into(),
+    /// Also train on prompt tokens of instruction/chat data
+    train_on_prompt: bool = false,
+}
+
+impl TrainConfig {
+    pub fn from_toml_file(path: &Path) -> Result<Self> {
+        let text = factune_io::error::read_to_string(path)?;
+        toml::from_str(&text).map_err(|e| Error::invalid(path, format!("invalid training config: {e}")))
+    }
+
+    pub fn warmup(&self) -> usize {
+        if self.warmup_steps > 0 {
+            self.warmup_steps
+        } else {
+            (self.warmup_ratio * self.max_steps as f64).ceil() as usize
+        }
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let bad = |k: &str, why: &str| Err(Error::config(format!("`{k}`: {why}")));
+        if self.max_steps == 0 {
+            return bad("max_steps", "must be > 0");
+        }
+        if self.micro_batch_size == 0 || self.gradient_accumulation_steps == 0 {
+            return bad("micro_batch_size/gradient_accumulation_steps", "must be > 0");
+        }
+        if self.seq_len < 2 {
+            return bad("seq_len", "must be at least 2");
+        }
+        if !(0.0..1.0).contains(&self.validation_split) {
+            return bad("validation_split", "must be in [0, 1)");
+        }
+        if !["cosine", "linear", "constant"].contains(&self.lr_scheduler_type.as_str()) {
+            return bad("lr_scheduler_type", "must be cosine, linear or constant");
+        }
+        if !(self.learning_rate.is_finite() && self.learning_rate >= 0.0) {
+            return bad("learning_rate", "must be a finite non-negative number");
+        }
+        Ok(())
+    }
+
+    /// The adapter part, as PEFT's `LoraConfig`.
+    pub fn adapter_config(&self) -> AdapterConfig {
+        AdapterConfig {
+            peft_type: self.peft_type.to_uppercase(),
+            r: self.r,
+            lora_alpha: self.lora_alpha,
+            lora_dropout: self.lora_dropout,
+            target_modules: match &self.target_modules {
+                Targets::List(l) => TargetModules::List(l.clone()),
+                Targets::One(s) => TargetModules::Pattern(s.clone()),
+            },
+            use_rslora: self.use_rslora,
+            init_lora_weights: serde_json::Value::Bool(self.init_lora_weights),
+            ..AdapterConfig::default()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn toml_keys_and_overrides() {
+        let mut c: TrainConfig = toml::from_str("r = 16\ntarget_modules = [\"q_proj\", \"k_proj\"]\nlearning_rate = 1e-3").unwrap();
+        assert_eq!(c.r, 16);
+        assert_eq!(c.target_modules, Targets::List(vec!["q_proj".into(), "k_proj".into()]));
+        let o = TrainOverrides {
+            r: Some(4),
+            target_modules: Some("all-linear".parse().unwrap()),
+            ..Default::default()
+        };
+        c.apply(&o);
+        assert_eq!(c.r, 4);
+        assert_eq!(c.target_modules, Targets::One("all-linear".into()));
+        assert_eq!(c.learning_rate, 1e-3);
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let e = toml::from_str::<TrainConfig>("learning_rat = 1.0").unwrap_err().to_string();
+        assert!(e.contains("learning_rat"), "{e}");
+    }
+}

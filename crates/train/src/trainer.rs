@@ -1,0 +1,291 @@
+//! The training loop: micro-batches with gradient accumulation, clipping, AdamW, schedule, validation,
+//! atomic checkpoints that resume bit-identically, progress bar, JSONL metrics and a loss-curve PNG.
+
+use crate::config::TrainConfig;
+use crate::data::{collate, Batches, Dataset, Example};
+use crate::metrics::{plot_curves, series, MetricsLog};
+use crate::optim::{clip_grad_norm, lr_at, AdamW};
+use candle_core::{Device, Tensor, Var};
+use factune_adapters::{attach, peft, trainable, trainable_summary};
+use factune_io::weights::to_safetensors_bytes;
+use factune_io::{atomic, Error, Result, TextTokenizer, Weights};
+use factune_model::loss::causal_lm_loss;
+use factune_model::{Ctx, Model};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::json;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+const STATE_FILE: &str = "trainer_state.json";
+const OPTIM_FILE: &str = "optimizer.safetensors";
+
+#[derive(Debug, Clone)]
+pub struct TrainOutcome {
+    pub steps: usize,
+    pub final_train_loss: f64,
+    pub final_val_loss: Option<f64>,
+    pub seconds: f64,
+    pub tokens: usize,
+    pub trainable_summary: String,
+}
+
+pub struct TrainJob<'a> {
+    pub model: &'a mut Model,
+    pub tokenizer: &'a TextTokenizer,
+    pub config: TrainConfig,
+    pub data: PathBuf,
+    pub out: PathBuf,
+    pub resume: Option<PathBuf>,
+    /// Draw the progress bar (off in tests).
+    pub progress: bool,
+}
+
+fn to_tensor(ids: &[Vec<u32>], dev: &Device) -> Result<Tensor> {
+    let (b, t) = (ids.len(), ids.first().map_or(0, Vec::len));
+    Ok(Tensor::from_vec(ids.concat(), (b, t), dev)?)
+}
+
+fn pad_id(tok: &TextTokenizer) -> u32 {
+    tok.eos_id().unwrap_or(0)
+}
+
+/// Mean loss over `examples`, weighted by counted tokens; no dropout.
+pub fn evaluate_loss(model: &Model, examples: &[Example], batch: usize, pad: u32) -> Result<(f64, usize)> {
+    let (mut sum, mut count) = (0f64, 0usize);
+    for chunk in examples.chunks(batch.max(1)) {
+        let refs: Vec<&Example> = chunk.iter().collect();
+        let (ids, labels) = collate(&refs, pad);
+        let logits = model.forward(&to_tensor(&ids, &model.device)?, None, &Ctx::default())?;
+        let (loss, n) = causal_lm_loss(&logits.detach(), &labels)?;
+        sum += loss.to_scalar::<f32>()? as f64 * n as f64;
+        count += n;
+    }
+    Ok((sum / count.max(1) as f64, count))
+}
+
+impl TrainJob<'_> {
+    pub fn run(mut self) -> Result<TrainOutcome> {
+        let started = Instant::now();
+        std::fs::create_dir_all(&self.out).map_err(|e| Error::io(&self.out, e))?;
+        let mut start_step = 0usize;
+        let mut resumed_optim = None;
+        if let Some(ckpt) = self.resume.clone() {
+            let state: serde_json::Value = factune_io::error::read_json(&ckpt.join(STATE_FILE))?;
+            self.config = serde_json::from_value(state["config"].clone())
+                .map_err(|e| Error::invalid(ckpt.join(STATE_FILE), format!("bad config: {e}")))?;
+            start_step = state["step"].as_u64().ok_or_else(|| Error::invalid(ckpt.join(STATE_FILE), "missing `step`"))? as usize;
+            peft::load(self.model, &ckpt, false)?;
+            resumed_optim = Some(ckpt.join(OPTIM_FILE));
+        }
+        let cfg = self.config.clone();
+        cfg.validate()?;
+        if cfg.seq_len > self.model.max_positions() {
+            return Err(Error::config(format!(
+                "seq_len {} exceeds the model's context of {} positions (max_position_embeddings)",
+                cfg.seq_len,
+                self.model.max_positions()
+            )));
+        }
+        let ds = Dataset::load(&self.data, &cfg.data_format, self.tokenizer, cfg.seq_len, cfg.train_on_prompt)?;
+        let (fmt, truncated) = (ds.format, ds.truncated);
+        let (train, val) = ds.split(cfg.validation_split, cfg.data_seed);
+        if truncated > 0 {
+            tracing::warn!("{truncated} examples were longer than seq_len {} and were truncated", cfg.seq_len);
+        }
+        let adapter_cfg = cfg.adapter_config();
+        if self.resume.is_none() {
+            attach(self.model, &adapter_cfg, cfg.seed)?;
+        }
+        let summary = trainable_summary(self.model);
+        eprintln!("{summary}");
+        eprintln!(
+            "data: {} ({fmt:?}): {} training / {} validation examples",
+            self.data.display(),
+            train.len(),
+            val.len()
+        );
+        let params = trainable(self.model);
+        let sizes: Vec<usize> = params.iter().map(|(_, v)| v.elem_count()).collect();
+        let mut opt = AdamW::new(&sizes, cfg.adam_beta1, cfg.adam_beta2, cfg.adam_epsilon, cfg.weight_decay);
+        if let Some(p) = &resumed_optim {
+            load_optimizer(&mut opt, &params, p)?;
+        }
+        let lr_scale = vec![1.0; params.len()];
+        let metrics_path = self.out.join("metrics.jsonl");
+        let mut log = MetricsLog::open(&metrics_path, self.resume.is_none())?;
+        self.write_run_metadata(&train, &val)?;
+
+        let batches = Batches::new(train.len(), cfg.data_seed, cfg.micro_batch_size);
+        let pad = pad_id(self.tokenizer);
+        let dev = self.model.device.clone();
+        let bar = if self.progress { ProgressBar::new(cfg.max_steps as u64) } else { ProgressBar::hidden() };
+        bar.set_style(
+            ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}")
+                .expect("static template"),
+        );
+        bar.set_position(start_step as u64);
+        let mut checked_grads = false;
+        let mut updated_with_lr = start_step > 0;
+        let (mut last_loss, mut last_val, mut total_tokens) = (f64::NAN, None, 0usize);
+        for step in start_step..cfg.max_steps {
+            let t0 = Instant::now();
+            let lr = lr_at(&cfg.lr_scheduler_type, step, cfg.warmup(), cfg.max_steps, cfg.learning_rate);
+            let mut acc: Vec<Vec<f32>> = sizes.iter().map(|&n| vec![0.0; n]).collect();
+            let mut got: Vec<bool> = vec![false; params.len()];
+            let (mut loss_sum, mut tokens) = (0f64, 0usize);
+            for micro in 0..cfg.gradient_accumulation_steps {
+                let j = step * cfg.gradient_accumulation_steps + micro;
+                let exs: Vec<&Example> = batches.indices(j).into_iter().map(|i| &train[i]).collect();
+                let (ids, labels) = collate(&exs, pad);
+                tokens += ids.iter().map(Vec::len).sum::<usize>();
+                let ctx = Ctx {
+                    train: true,
+                    dropout_seed: cfg.dropout_seed.wrapping_mul(0x2545_F491_4F6C_DD1D).wrapping_add(j as u64),
+                };
+                let logits = self.model.forward(&to_tensor(&ids, &dev)?, None, &ctx)?;
+                let (loss, _) = causal_lm_loss(&logits, &labels)?;
+                let l = loss.to_scalar::<f32>()? as f64;
+                if !l.is_finite() {
+                    return Err(Error::config(format!(
+                        "loss is {l} at step {} — stopping; the last good checkpoint (if any) in {} is kept",
+                        step + 1,
+                        self.out.display()
+                    )));
+                }
+                loss_sum += l;
+                let grads = loss.backward()?;
+                for (i, (_, v)) in params.iter().enumerate() {
+                    if let Some(g) = grads.get(v.as_tensor()) {
+                        got[i] = true;
+                        let g = g.flatten_all()?.to_vec1::<f32>()?;
+                        acc[i].iter_mut().zip(g).for_each(|(a, g)| *a += g);
+                    }
+                }
+            }
+            let k = cfg.gradient_accumulation_steps as f32;
+            acc.iter_mut().for_each(|g| g.iter_mut().for_each(|x| *x /= k));
+            self.check_gradients(&params, &got, &acc, &mut checked_grads, updated_with_lr)?;
+            let norm = clip_grad_norm(&mut acc, cfg.max_grad_norm);
+            let mut values: Vec<Vec<f32>> =
+                params.iter().map(|(_, v)| v.as_tensor().flatten_all()?.to_vec1::<f32>()).collect::<candle_core::Result<_>>()?;
+            opt.step(&mut values, &acc, lr, &lr_scale);
+            for ((_, var), val) in params.iter().zip(values) {
+                var.set(&Tensor::from_vec(val, var.shape(), &dev)?)?;
+            }
+            updated_with_lr |= lr > 0.0;
+            last_loss = loss_sum / cfg.gradient_accumulation_steps as f64;
+            total_tokens += tokens;
+            let tps = tokens as f64 / t0.elapsed().as_secs_f64();
+            log.write(&json!({"step": step + 1, "loss": last_loss, "lr": lr, "grad_norm": norm, "tokens": tokens, "tokens_per_s": tps}))?;
+            bar.set_message(format!("loss {last_loss:.4} lr {lr:.2e} {tps:.0} tok/s"));
+            bar.inc(1);
+            let done = step + 1 == cfg.max_steps;
+            if !val.is_empty() && ((cfg.eval_steps > 0 && (step + 1) % cfg.eval_steps == 0) || done) {
+                let (vl, _) = evaluate_loss(self.model, &val, cfg.micro_batch_size, pad)?;
+                log.write(&json!({"step": step + 1, "val_loss": vl}))?;
+                bar.println(format!("step {}: val_loss {vl:.4}", step + 1));
+                last_val = Some(vl);
+            }
+            if cfg.save_steps > 0 && (step + 1) % cfg.save_steps == 0 {
+                self.save_checkpoint(step + 1, &opt, &params)?;
+            }
+        }
+        bar.finish_and_clear();
+        peft::save(self.model, &adapter_cfg, &self.out)?;
+        let train_curve = series(&metrics_path, "loss")?;
+        let val_curve = series(&metrics_path, "val_loss")?;
+        plot_curves(
+            &self.out.join("loss.png"),
+            "factune training loss",
+            &[("train loss", train_curve), ("validation loss", val_curve)],
+        )?;
+        Ok(TrainOutcome {
+            steps: cfg.max_steps,
+            final_train_loss: last_loss,
+            final_val_loss: last_val,
+            seconds: started.elapsed().as_secs_f64(),
+            tokens: total_tokens,
+            trainable_summary: summary,
+        })
+    }
+
+    /// Missing gradients are an error at once; all-zero ones from the first step after a real update (LoRA's
+    /// A legitimately gets a zero gradient while B is still zero).
+    fn check_gradients(
+        &self,
+        params: &[(String, Var)],
+        got: &[bool],
+        acc: &[Vec<f32>],
+        checked: &mut bool,
+        updated: bool,
+    ) -> Result<()> {
+        let missing: Vec<&str> = params.iter().zip(got).filter(|(_, g)| !**g).map(|((k, _), _)| k.as_str()).collect();
+        let zero: Vec<&str> = if updated && !*checked {
+            *checked = true;
+            params.iter().zip(acc).filter(|(_, g)| g.iter().all(|x| *x == 0.0)).map(|((k, _), _)| k.as_str()).collect()
+        } else {
+            vec![]
+        };
+        let bad: Vec<&str> = missing.into_iter().chain(zero).collect();
+        if !bad.is_empty() {
+            return Err(Error::config(format!(
+                "{} of {} adapter tensors received no gradient (first: `{}`)",
+                bad.len(),
+                params.len(),
+                bad[0]
+            )));
+        }
+        Ok(())
+    }
+
+    fn write_run_metadata(&self, train: &[Example], val: &[Example]) -> Result<()> {
+        let c = &self.config;
+        let meta = json!({
+            "factune_version": env!("CARGO_PKG_VERSION"),
+            "model": self.model.dir.display().to_string(),
+            "data": self.data.display().to_string(),
+            "train_examples": train.len(),
+            "validation_examples": val.len(),
+            "seeds": {"init": c.seed, "data": c.data_seed, "dropout": c.dropout_seed},
+            "resumed_from": self.resume.as_ref().map(|p| p.display().to_string()),
+            "config": c,
+        });
+        let text = serde_json::to_string_pretty(&meta).map_err(|e| Error::config(e.to_string()))?;
+        atomic::write_atomic(&self.out.join("run.json"), text.as_bytes())
+    }
+
+    /// `OUT/checkpoint-N/`: adapter, optimizer moments, step and config, published as a whole directory.
+    fn save_checkpoint(&self, step: usize, opt: &AdamW, params: &[(String, Var)]) -> Result<()> {
+        let dest = self.out.join(format!("checkpoint-{step}"));
+        let staging = self.out.join(format!(".checkpoint-{step}.partial-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&staging);
+        std::fs::create_dir_all(&staging).map_err(|e| Error::io(&staging, e))?;
+        peft::save(self.model, &self.config.adapter_config(), &staging)?;
+        let mut tensors = BTreeMap::new();
+        for (i, (k, v)) in params.iter().enumerate() {
+            let shape = v.shape().clone();
+            tensors.insert(format!("{k}.exp_avg"), Tensor::from_vec(opt.exp_avg[i].clone(), &shape, &Device::Cpu)?);
+            tensors.insert(format!("{k}.exp_avg_sq"), Tensor::from_vec(opt.exp_avg_sq[i].clone(), &shape, &Device::Cpu)?);
+        }
+        atomic::write_atomic(&staging.join(OPTIM_FILE), &to_safetensors_bytes(&tensors, None)?)?;
+        let state = json!({"step": step, "optimizer_t": opt.t, "config": self.config});
+        let text = serde_json::to_string_pretty(&state).map_err(|e| Error::config(e.to_string()))?;
+        atomic::write_atomic(&staging.join(STATE_FILE), text.as_bytes())?;
+        atomic::publish_dir(&staging, &dest)
+    }
+}
+
+fn load_optimizer(opt: &mut AdamW, params: &[(String, Var)], path: &Path) -> Result<()> {
+    let w = Weights::from_files(&[path.to_path_buf()])?;
+    for (i, (k, _)) in params.iter().enumerate() {
+        let read = |name: String| -> Result<Vec<f32>> {
+            Ok(w.get(&name, candle_core::DType::F32, &Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?)
+        };
+        opt.exp_avg[i] = read(format!("{k}.exp_avg"))?;
+        opt.exp_avg_sq[i] = read(format!("{k}.exp_avg_sq"))?;
+    }
+    let state: serde_json::Value = factune_io::error::read_json(&path.with_file_name(STATE_FILE))?;
+    opt.t = state["optimizer_t"].as_u64().ok_or_else(|| Error::invalid(path.with_file_name(STATE_FILE), "missing `optimizer_t`"))?;
+    Ok(())
+}
