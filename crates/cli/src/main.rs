@@ -1,1 +1,159 @@
-fn main() {}
+//! `factune`: fine-tune Hugging Face language models with factorized adapters, on a laptop CPU or a GPU.
+
+mod commands;
+mod quickstart;
+
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(name = "factune", version, about = "Parameter-efficient fine-tuning of language models (LoRA and friends) in Rust")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args, Clone)]
+pub struct ModelArgs {
+    /// A local Hugging Face model directory (config.json, *.safetensors, tokenizer.json)
+    #[arg(long)]
+    pub model: PathBuf,
+    /// A PEFT-format adapter directory to apply (adapter_config.json + adapter_model.safetensors)
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// Load an adapter even when some of its tensors match no module, or targeted modules lack tensors
+    #[arg(long)]
+    pub allow_partial: bool,
+    /// cpu, or cuda[:N] when built with --features cuda
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Fine-tune a model with an adapter and save it in the PEFT format
+    Train {
+        #[arg(long)]
+        model: PathBuf,
+        /// Training data: plain text, alpaca JSONL or chat JSONL
+        #[arg(long)]
+        data: PathBuf,
+        /// TOML file with PEFT/transformers key names (r, lora_alpha, target_modules, learning_rate, …)
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Output directory for the adapter, checkpoints, metrics.jsonl and loss.png
+        #[arg(long)]
+        output: PathBuf,
+        /// Continue from OUT/checkpoint-N (bit-identical to an uninterrupted run)
+        #[arg(long)]
+        resume: Option<PathBuf>,
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        #[command(flatten)]
+        overrides: factune_train::TrainOverrides,
+    },
+    /// Pre-train a small Llama-architecture model from scratch (tokenizer included)
+    Pretrain {
+        /// TOML with a [model] table (architecture) and a [training] table (training keys)
+        #[arg(long)]
+        config: PathBuf,
+        /// Corpus: plain text, documents separated by blank lines
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long)]
+        output: PathBuf,
+    },
+    /// Perplexity (text), multiple-choice accuracy (question/choices/answer JSONL) or exact match (alpaca JSONL)
+    Eval {
+        #[command(flatten)]
+        model: ModelArgs,
+        #[arg(long)]
+        data: PathBuf,
+        /// auto, perplexity, mc or exact-match
+        #[arg(long, default_value = "auto")]
+        task: String,
+        /// Print one JSON object on stdout
+        #[arg(long)]
+        json: bool,
+        #[arg(long, default_value_t = 512)]
+        seq_len: usize,
+        #[arg(long, default_value_t = 4)]
+        batch_size: usize,
+        #[arg(long, default_value_t = 32)]
+        max_new_tokens: usize,
+        /// Evaluate at most N records (0: all)
+        #[arg(long, default_value_t = 0)]
+        limit: usize,
+    },
+    /// Generate text (KV-cached; greedy unless --temperature > 0)
+    Generate {
+        #[command(flatten)]
+        model: ModelArgs,
+        #[arg(long)]
+        prompt: String,
+        /// Wrap the prompt as a user message with the tokenizer's chat template
+        #[arg(long)]
+        chat: bool,
+        #[arg(long, default_value_t = 64)]
+        max_new_tokens: usize,
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f64,
+        #[arg(long, default_value_t = 1.0)]
+        top_p: f64,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+    /// Merge an adapter into the base weights and write a full Hugging Face checkpoint
+    Merge {
+        #[command(flatten)]
+        model: ModelArgs,
+        #[arg(long)]
+        output: PathBuf,
+        /// Compare merged and unmerged logits on a fixed prompt and print the max abs difference
+        #[arg(long)]
+        verify: bool,
+    },
+    /// Describe a model or adapter directory
+    Inspect { dir: PathBuf },
+    /// Fine-tune the embedded default model on the embedded task and show before/after
+    Quickstart {
+        /// Where the adapter and run files go
+        #[arg(long, default_value = "runs/quickstart")]
+        output: PathBuf,
+        /// Directory holding default-model/ and data/ (defaults to the repository's assets/)
+        #[arg(long)]
+        assets: Option<PathBuf>,
+        /// Optimizer steps
+        #[arg(long, default_value_t = 150)]
+        steps: usize,
+    },
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("FACTUNE_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Train { model, data, config, output, resume, device, overrides } => {
+            commands::train(&model, &data, config.as_deref(), &output, resume, &device, &overrides)
+        }
+        Command::Pretrain { config, data, output } => commands::pretrain(&config, &data, &output),
+        Command::Eval { model, data, task, json, seq_len, batch_size, max_new_tokens, limit } => {
+            commands::eval(&model, &data, &task, json, seq_len, batch_size, max_new_tokens, limit)
+        }
+        Command::Generate { model, prompt, chat, max_new_tokens, temperature, top_p, seed } => {
+            commands::generate(&model, &prompt, chat, max_new_tokens, temperature, top_p, seed)
+        }
+        Command::Merge { model, output, verify } => commands::merge(&model, &output, verify),
+        Command::Inspect { dir } => commands::inspect(&dir),
+        Command::Quickstart { output, assets, steps } => quickstart::run(&output, assets, steps),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

@@ -1,1 +1,7 @@
+//! Evaluation for factune models: perplexity, multiple-choice log-likelihood, exact match, generation.
 
+pub mod generate;
+pub mod tasks;
+
+pub use generate::{generate, GenConfig};
+pub use tasks::{exact_match, multiple_choice, perplexity, Accuracy, ExactMatch, Perplexity};

@@ -1,5 +1,6 @@
 //! Writing a model as a Hugging Face checkpoint directory that transformers loads: `config.json`,
-//! `model.safetensors` and the tokenizer files, published atomically as a whole directory.
+//! `model.safetensors` and the tokenizer files, each written atomically (the directory may also hold a run's
+//! metrics, so it is not replaced as a whole).
 
 use crate::Model;
 use candle_core::DType;
@@ -18,12 +19,7 @@ const TOKENIZER_FILES: &[&str] = &[
 
 /// Saves `model` to `dest` with weights cast once to `dtype`; tokenizer files are copied from `tokenizer_dir`.
 pub fn save_pretrained(model: &Model, dest: &Path, dtype: DType, tokenizer_dir: &Path) -> Result<()> {
-    let parent = dest.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
-    let name = dest.file_name().ok_or_else(|| Error::invalid(dest, "not a directory path"))?;
-    let staging = parent.join(format!(".{}.partial-{}", name.to_string_lossy(), std::process::id()));
-    let _ = std::fs::remove_dir_all(&staging);
-    std::fs::create_dir_all(&staging).map_err(|e| Error::io(&staging, e))?;
+    std::fs::create_dir_all(dest).map_err(|e| Error::io(dest, e))?;
     let mut tensors = BTreeMap::new();
     for (k, t) in model.named_tensors() {
         let t = t.to_dtype(DType::F32)?;
@@ -34,7 +30,7 @@ pub fn save_pretrained(model: &Model, dest: &Path, dtype: DType, tokenizer_dir: 
         tensors.insert(k, t.to_dtype(dtype)?.contiguous()?);
     }
     let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
-    atomic::write_atomic(&staging.join("model.safetensors"), &to_safetensors_bytes(&tensors, Some(meta))?)?;
+    atomic::write_atomic(&dest.join("model.safetensors"), &to_safetensors_bytes(&tensors, Some(meta))?)?;
     let mut cfg = model.cfg.raw.clone();
     let dtype_name = match dtype {
         DType::BF16 => "bfloat16",
@@ -46,12 +42,52 @@ pub fn save_pretrained(model: &Model, dest: &Path, dtype: DType, tokenizer_dir: 
         o.remove("torch_dtype");
     }
     let text = serde_json::to_string_pretty(&cfg).map_err(|e| Error::config(e.to_string()))?;
-    atomic::write_atomic(&staging.join("config.json"), text.as_bytes())?;
+    atomic::write_atomic(&dest.join("config.json"), text.as_bytes())?;
     for f in TOKENIZER_FILES {
         let src = tokenizer_dir.join(f);
-        if src.exists() {
-            std::fs::copy(&src, staging.join(f)).map_err(|e| Error::io(&src, e))?;
+        let dst = dest.join(f);
+        if src.exists() && src.canonicalize().ok() != dst.canonicalize().ok() {
+            let bytes = std::fs::read(&src).map_err(|e| Error::io(&src, e))?;
+            atomic::write_atomic(&dst, &bytes)?;
         }
     }
-    atomic::publish_dir(&staging, dest)
+    Ok(())
+}
+
+/// Writes the checkpoint `src` with every merged linear's weight replaced by the model's (in the stored
+/// layout and dtype of the original); all other tensors are copied unchanged, config and tokenizer files too.
+pub fn save_merged(model: &Model, src: &factune_io::Weights, dest: &Path) -> Result<()> {
+    use safetensors::Dtype as St;
+    std::fs::create_dir_all(dest).map_err(|e| Error::io(dest, e))?;
+    let merged: HashMap<&str, (&crate::AdaptableLinear,)> =
+        model.linears().into_iter().map(|l| (l.source_key.as_str(), (l,))).collect();
+    let mut tensors = BTreeMap::new();
+    let names: Vec<String> = src.names().map(String::from).collect();
+    for name in names {
+        let (_, st) = src.info(&name).expect("listed name");
+        let dtype = match st {
+            St::F32 => DType::F32,
+            St::F16 => DType::F16,
+            St::BF16 => DType::BF16,
+            other => return Err(Error::config(format!("tensor `{name}`: cannot merge into dtype {other:?}"))),
+        };
+        let t = match merged.get(name.as_str()) {
+            Some((l,)) => {
+                let w = if l.stored_transposed { l.base.weight.t()? } else { l.base.weight.clone() };
+                w.to_dtype(dtype)?.contiguous()?
+            }
+            None => src.get(&name, dtype, &candle_core::Device::Cpu)?,
+        };
+        tensors.insert(name, t);
+    }
+    let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+    atomic::write_atomic(&dest.join("model.safetensors"), &to_safetensors_bytes(&tensors, Some(meta))?)?;
+    for f in std::iter::once(&"config.json").chain(TOKENIZER_FILES) {
+        let from = model.dir.join(f);
+        if from.exists() {
+            let bytes = std::fs::read(&from).map_err(|e| Error::io(&from, e))?;
+            atomic::write_atomic(&dest.join(f), &bytes)?;
+        }
+    }
+    Ok(())
 }

@@ -121,6 +121,11 @@ impl TrainConfig {
         toml::from_str(&text).map_err(|e| Error::invalid(path, format!("invalid training config: {e}")))
     }
 
+    /// `peft_type = "full"`: every weight is trained (pre-training, baselines).
+    pub fn is_full(&self) -> bool {
+        self.peft_type.eq_ignore_ascii_case("full")
+    }
+
     pub fn warmup(&self) -> usize {
         if self.warmup_steps > 0 {
             self.warmup_steps

@@ -114,11 +114,15 @@ impl Dataset {
     }
 }
 
-/// Tokenises a whole text file as one stream (with the tokenizer's special tokens) and cuts it into blocks.
-fn pack_text(text: &str, tok: &TextTokenizer, seq_len: usize) -> Result<Vec<Example>> {
-    let mut ids = tok.encode(text, true)?;
-    if let Some(eos) = tok.eos_id() {
-        ids.push(eos);
+/// Tokenises a text file as documents separated by blank lines, each followed by EOS, concatenated into one
+/// stream and cut into `seq_len` blocks.
+pub fn pack_text(text: &str, tok: &TextTokenizer, seq_len: usize) -> Result<Vec<Example>> {
+    let mut ids = Vec::new();
+    for doc in text.split("\n\n").map(str::trim).filter(|d| !d.is_empty()) {
+        ids.extend(tok.encode(doc, true)?);
+        if let Some(eos) = tok.eos_id() {
+            ids.push(eos);
+        }
     }
     Ok(ids
         .chunks(seq_len)

@@ -4,6 +4,7 @@ pub mod config;
 pub mod data;
 pub mod metrics;
 pub mod optim;
+pub mod pretrain;
 pub mod trainer;
 
 pub use config::{TrainConfig, TrainOverrides};

@@ -81,6 +81,8 @@ pub fn plot_curves(path: &Path, title: &str, curves: &[(&str, Vec<(f64, f64)>)])
                 .draw_series(LineSeries::new(c.iter().copied(), color.stroke_width(2)))?
                 .label(*name)
                 .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2)));
+            // Markers too: a curve with a single point (one validation) has no line to draw.
+            chart.draw_series(c.iter().map(|&p| Circle::new(p, 3, color.filled())))?;
         }
         chart.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).draw()?;
         root.present()?;

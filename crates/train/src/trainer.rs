@@ -94,10 +94,24 @@ impl TrainJob<'_> {
             tracing::warn!("{truncated} examples were longer than seq_len {} and were truncated", cfg.seq_len);
         }
         let adapter_cfg = cfg.adapter_config();
-        if self.resume.is_none() {
-            attach(self.model, &adapter_cfg, cfg.seed)?;
-        }
-        let summary = trainable_summary(self.model);
+        let full = cfg.is_full();
+        let params = if full {
+            if self.resume.is_some() {
+                return Err(Error::config("resuming a full-parameter run is not supported yet"));
+            }
+            self.model.make_trainable()?
+        } else {
+            if self.resume.is_none() {
+                attach(self.model, &adapter_cfg, cfg.seed)?;
+            }
+            trainable(self.model)
+        };
+        let summary = if full {
+            let n: usize = params.iter().map(|(_, v)| v.elem_count()).sum();
+            format!("full-parameter training: trainable params: {n} || all params: {n} || trainable%: 100.0000")
+        } else {
+            trainable_summary(self.model)
+        };
         eprintln!("{summary}");
         eprintln!(
             "data: {} ({fmt:?}): {} training / {} validation examples",
@@ -105,7 +119,6 @@ impl TrainJob<'_> {
             train.len(),
             val.len()
         );
-        let params = trainable(self.model);
         let sizes: Vec<usize> = params.iter().map(|(_, v)| v.elem_count()).collect();
         let mut opt = AdamW::new(&sizes, cfg.adam_beta1, cfg.adam_beta2, cfg.adam_epsilon, cfg.weight_decay);
         if let Some(p) = &resumed_optim {
@@ -187,12 +200,17 @@ impl TrainJob<'_> {
                 bar.println(format!("step {}: val_loss {vl:.4}", step + 1));
                 last_val = Some(vl);
             }
-            if cfg.save_steps > 0 && (step + 1) % cfg.save_steps == 0 {
+            if cfg.save_steps > 0 && (step + 1) % cfg.save_steps == 0 && !full {
                 self.save_checkpoint(step + 1, &opt, &params)?;
             }
         }
         bar.finish_and_clear();
-        peft::save(self.model, &adapter_cfg, &self.out)?;
+        if full {
+            let tokenizer_dir = self.model.dir.clone();
+            factune_model::save::save_pretrained(self.model, &self.out, candle_core::DType::F32, &tokenizer_dir)?;
+        } else {
+            peft::save(self.model, &adapter_cfg, &self.out)?;
+        }
         let train_curve = series(&metrics_path, "loss")?;
         let val_curve = series(&metrics_path, "val_loss")?;
         plot_curves(

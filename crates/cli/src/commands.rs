@@ -1,0 +1,265 @@
+//! The subcommands: thin glue from flags to the library crates.
+
+use crate::ModelArgs;
+use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor};
+use factune_adapters::peft;
+use factune_eval::{exact_match, generate as gen, multiple_choice, perplexity, GenConfig};
+use factune_io::{ChatMessage, TextTokenizer, Weights};
+use factune_model::{Ctx, Model};
+use factune_train::pretrain::{init_model, train_tokenizer, ArchSpec, EOS};
+use factune_train::{TrainConfig, TrainJob, TrainOverrides};
+use serde_json::json;
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+
+pub fn device(name: &str) -> Result<Device> {
+    match name {
+        "cpu" => Ok(Device::Cpu),
+        d if d.starts_with("cuda") => {
+            let idx = d.strip_prefix("cuda:").map(str::parse).transpose().context("cuda:N takes a number")?.unwrap_or(0);
+            Device::new_cuda(idx).with_context(|| format!("device `{d}` (is factune built with --features cuda?)"))
+        }
+        other => bail!("unknown device `{other}`: expected cpu or cuda[:N]"),
+    }
+}
+
+/// Loads the base model, its tokenizer and (optionally) an adapter, reporting what the adapter matched.
+pub fn load(args: &ModelArgs) -> Result<(Model, TextTokenizer)> {
+    let dev = device(&args.device)?;
+    let mut model = Model::load(&args.model, &dev)?;
+    let tok = TextTokenizer::from_dir(&args.model)?;
+    if let Some(a) = &args.adapter {
+        let (cfg, report) = peft::load(&mut model, a, args.allow_partial)?;
+        eprintln!("adapter {} ({}, r={}): {report}", a.display(), cfg.peft_type, cfg.r);
+    }
+    Ok((model, tok))
+}
+
+pub fn train(
+    model_dir: &Path,
+    data: &Path,
+    config: Option<&Path>,
+    output: &Path,
+    resume: Option<PathBuf>,
+    dev: &str,
+    overrides: &TrainOverrides,
+) -> Result<()> {
+    let mut cfg = match config {
+        Some(p) => TrainConfig::from_toml_file(p)?,
+        None => TrainConfig::default(),
+    };
+    cfg.apply(overrides);
+    if resume.is_some() {
+        eprintln!("resuming: the run's own config (saved in the checkpoint) is used");
+    }
+    let mut model = Model::load(model_dir, &device(dev)?)?;
+    let tok = TextTokenizer::from_dir(model_dir)?;
+    let outcome = TrainJob {
+        model: &mut model,
+        tokenizer: &tok,
+        config: cfg,
+        data: data.to_path_buf(),
+        out: output.to_path_buf(),
+        resume,
+        progress: std::io::stderr().is_terminal(),
+    }
+    .run()?;
+    println!(
+        "trained {} steps in {:.1}s ({:.0} tokens/s): train loss {:.4}{}",
+        outcome.steps,
+        outcome.seconds,
+        outcome.tokens as f64 / outcome.seconds,
+        outcome.final_train_loss,
+        outcome.final_val_loss.map(|v| format!(", validation loss {v:.4}")).unwrap_or_default()
+    );
+    println!("adapter written to {}", output.display());
+    Ok(())
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PretrainFile {
+    model: ArchSpec,
+    training: TrainConfig,
+    #[serde(default)]
+    tokenizer_vocab_size: Option<usize>,
+}
+
+pub fn pretrain(config: &Path, data: &Path, output: &Path) -> Result<()> {
+    let text = std::fs::read_to_string(config).with_context(|| format!("reading {}", config.display()))?;
+    let mut file: PretrainFile = toml::from_str(&text).with_context(|| format!("{}: invalid pretrain config", config.display()))?;
+    file.training.peft_type = "full".into();
+    let vocab = file.tokenizer_vocab_size.unwrap_or(file.model.vocab_size);
+    let actual = train_tokenizer(data, vocab, output)?;
+    file.model.vocab_size = actual;
+    let tok = TextTokenizer::from_dir(output)?;
+    let eos = tok.token_id(EOS).context("trained tokenizer lacks its EOS token")?;
+    init_model(&file.model, eos, file.training.seed, output)?;
+    let mut model = Model::load(output, &Device::Cpu)?;
+    eprintln!("tokenizer: {actual} tokens; model: {} parameters", model.num_base_parameters());
+    let outcome = TrainJob {
+        model: &mut model,
+        tokenizer: &tok,
+        config: file.training,
+        data: data.to_path_buf(),
+        out: output.to_path_buf(),
+        resume: None,
+        progress: std::io::stderr().is_terminal(),
+    }
+    .run()?;
+    println!(
+        "pre-trained {} steps in {:.0}s: train loss {:.4}{}; model written to {}",
+        outcome.steps,
+        outcome.seconds,
+        outcome.final_train_loss,
+        outcome.final_val_loss.map(|v| format!(", validation loss {v:.4}")).unwrap_or_default(),
+        output.display()
+    );
+    Ok(())
+}
+
+fn detect_task(data: &Path) -> Result<&'static str> {
+    let text = std::fs::read_to_string(data).with_context(|| format!("reading {}", data.display()))?;
+    let first = text.lines().find(|l| !l.trim().is_empty()).unwrap_or("");
+    Ok(match serde_json::from_str::<serde_json::Value>(first) {
+        Ok(v) if v.get("choices").is_some() => "mc",
+        Ok(v) if v.get("instruction").is_some() && v.get("output").is_some() => "exact-match",
+        _ => "perplexity",
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn eval(
+    args: &ModelArgs,
+    data: &Path,
+    task: &str,
+    as_json: bool,
+    seq_len: usize,
+    batch: usize,
+    max_new_tokens: usize,
+    limit: usize,
+) -> Result<()> {
+    let (model, tok) = load(args)?;
+    let task = if task == "auto" { detect_task(data)? } else { task };
+    match task {
+        "perplexity" => {
+            let p = perplexity(&model, &tok, data, seq_len, batch)?;
+            if as_json {
+                println!("{}", json!({"loss": p.loss, "perplexity": p.perplexity, "tokens": p.tokens}));
+            } else {
+                println!("loss {:.4}  perplexity {:.3}  over {} tokens", p.loss, p.perplexity, p.tokens);
+            }
+        }
+        "mc" => {
+            let a = multiple_choice(&model, &tok, data)?;
+            if as_json {
+                println!("{}", json!({"accuracy": a.accuracy, "accuracy_norm": a.accuracy_norm, "n": a.n}));
+            } else {
+                println!("accuracy {:.4}  accuracy_norm {:.4}  over {} questions", a.accuracy, a.accuracy_norm, a.n);
+            }
+        }
+        "exact-match" => {
+            let e = exact_match(&model, &tok, data, max_new_tokens, limit)?;
+            if as_json {
+                println!("{}", json!({"exact_match": e.exact_match, "n": e.n}));
+            } else {
+                println!("exact match {:.4} over {} records", e.exact_match, e.n);
+            }
+        }
+        other => bail!("unknown task `{other}`: expected auto, perplexity, mc or exact-match"),
+    }
+    Ok(())
+}
+
+pub fn generate(
+    args: &ModelArgs,
+    prompt: &str,
+    chat: bool,
+    max_new_tokens: usize,
+    temperature: f64,
+    top_p: f64,
+    seed: u64,
+) -> Result<()> {
+    let (model, tok) = load(args)?;
+    let text = if chat {
+        tok.apply_chat_template(&[ChatMessage { role: "user".into(), content: prompt.into() }], true)?
+    } else {
+        prompt.to_string()
+    };
+    let ids = tok.encode(&text, true)?;
+    if ids.is_empty() {
+        bail!("the prompt encodes to no tokens");
+    }
+    let mut stop: Vec<u32> = model.cfg.eos_token_ids.clone();
+    stop.extend(tok.eos_id());
+    let out = gen(&model, &ids, &GenConfig { max_new_tokens, temperature, top_p, seed, stop_ids: stop })?;
+    println!("{}{}", if chat { String::new() } else { prompt.to_string() }, tok.decode(&out)?);
+    Ok(())
+}
+
+fn probe_ids(model: &Model) -> Result<Tensor> {
+    let v = model.cfg.vocab_size as u32;
+    let ids: Vec<u32> = (0..16u32).map(|i| (i * 7919 + 11) % v).collect();
+    Ok(Tensor::new(ids.as_slice(), &model.device)?.unsqueeze(0)?)
+}
+
+pub fn merge(args: &ModelArgs, output: &Path, verify: bool) -> Result<()> {
+    if args.adapter.is_none() {
+        bail!("merge needs --adapter");
+    }
+    let (mut model, _) = load(args)?;
+    let before = if verify { Some(model.forward(&probe_ids(&model)?, None, &Ctx::default())?) } else { None };
+    let mut merged = 0;
+    for l in model.linears_mut() {
+        if l.merge()?.is_some() {
+            merged += 1;
+        }
+    }
+    if merged == 0 {
+        bail!("no module was merged: the adapter matched no layer of {}", args.model.display());
+    }
+    let weights = Weights::from_model_dir(&args.model)?;
+    factune_model::save::save_merged(&model, &weights, output)?;
+    println!("merged {merged} modules (W + s·BA in f32, cast once to the stored dtype) into {}", output.display());
+    if let Some(before) = before {
+        let reloaded = Model::load(output, &model.device)?;
+        let after = reloaded.forward(&probe_ids(&reloaded)?, None, &Ctx::default())?;
+        let d = (after - before)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+        println!("verify: max |logits(merged) - logits(base + adapter)| = {d:.3e}");
+    }
+    Ok(())
+}
+
+pub fn inspect(dir: &Path) -> Result<()> {
+    let adapter_cfg = dir.join(peft::CONFIG_FILE);
+    if adapter_cfg.exists() {
+        let cfg = factune_adapters::AdapterConfig::from_file(&adapter_cfg)?;
+        let w = Weights::from_files(&[dir.join(peft::WEIGHTS_FILE)])?;
+        let params: usize = w.names().filter_map(|n| w.info(n)).map(|(s, _)| s.iter().product::<usize>()).sum();
+        let modules = w.names().filter(|n| n.ends_with("lora_A.weight")).count();
+        println!("adapter: {}", dir.display());
+        println!("  method: {}{}", cfg.peft_type, if cfg.use_rslora { " (rsLoRA scaling)" } else { "" });
+        println!("  r: {}  lora_alpha: {}  lora_dropout: {}", cfg.r, cfg.lora_alpha, cfg.lora_dropout);
+        println!("  target_modules: {:?}", cfg.target_modules);
+        println!("  adapted modules: {modules}  trainable params: {params}");
+        println!("  base model: {}", cfg.base_model_name_or_path.unwrap_or_default());
+        return Ok(());
+    }
+    let cfg = factune_io::ModelConfig::from_file(&dir.join("config.json"))?;
+    let w = Weights::from_model_dir(dir)?;
+    println!("model: {}", dir.display());
+    println!("  architecture: {} ({:?} family)", cfg.model_type, cfg.arch);
+    println!(
+        "  layers {}  hidden {}  intermediate {}  heads {} (kv {})  head_dim {}  vocab {}  context {}",
+        cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+        cfg.vocab_size, cfg.max_position_embeddings
+    );
+    println!("  tied embeddings: {}  parameters: {}", cfg.tie_word_embeddings, cfg.num_parameters());
+    println!("  stored dtypes (elements): {:?}", w.dtype_summary());
+    let model = Model::from_weights(cfg, &w, dir, &Device::Cpu)?;
+    let names: std::collections::BTreeSet<String> =
+        model.linears().iter().map(|l| l.path.rsplit('.').next().unwrap_or("").to_string()).collect();
+    println!("  adaptable modules: {}", names.into_iter().collect::<Vec<_>>().join(", "));
+    Ok(())
+}
