@@ -85,10 +85,28 @@ pub struct AdapterConfig {
 
 /// Keys PEFT writes that factune reads without acting on them when they hold their default (null, empty, false).
 const KNOWN_INERT: &[&str] = &[
-    "auto_mapping", "peft_version", "megatron_config", "megatron_core", "loftq_config", "lora_bias",
-    "eva_config", "corda_config", "layer_replication", "exclude_modules", "use_qalora", "qalora_group_size",
-    "trainable_token_indices", "target_parameters", "alora_invocation_tokens", "arrow_config",
-    "ensure_weight_tying", "kasa_config", "lora_ga_config", "monteclora_config", "use_bdlora", "velora_config",
+    "auto_mapping",
+    "peft_version",
+    "megatron_config",
+    "megatron_core",
+    "loftq_config",
+    "lora_bias",
+    "eva_config",
+    "corda_config",
+    "layer_replication",
+    "exclude_modules",
+    "use_qalora",
+    "qalora_group_size",
+    "trainable_token_indices",
+    "target_parameters",
+    "alora_invocation_tokens",
+    "arrow_config",
+    "ensure_weight_tying",
+    "kasa_config",
+    "lora_ga_config",
+    "monteclora_config",
+    "use_bdlora",
+    "velora_config",
 ];
 
 fn is_default(v: &Value) -> bool {
@@ -136,9 +154,19 @@ impl AdapterConfig {
             if KNOWN_INERT.contains(&k.as_str()) && is_default(v) {
                 continue;
             }
-            if ["loftq_config", "eva_config", "corda_config", "layer_replication", "lora_bias"].contains(&k.as_str())
+            if [
+                "loftq_config",
+                "eva_config",
+                "corda_config",
+                "layer_replication",
+                "lora_bias",
+            ]
+            .contains(&k.as_str())
             {
-                return Err(Error::invalid(path, format!("`{k}: {v}` is not supported by factune yet")));
+                return Err(Error::invalid(
+                    path,
+                    format!("`{k}: {v}` is not supported by factune yet"),
+                ));
             }
             tracing::warn!("{}: ignoring unknown key `{k}`", path.display());
         }
@@ -148,19 +176,35 @@ impl AdapterConfig {
 
     pub fn check(&self, path: &Path) -> Result<()> {
         if self.bias != "none" {
-            return Err(Error::invalid(path, format!("bias `{}` is not supported; use bias: none", self.bias)));
+            return Err(Error::invalid(
+                path,
+                format!("bias `{}` is not supported; use bias: none", self.bias),
+            ));
         }
         if self.use_dora {
-            return Err(Error::invalid(path, "use_dora: DoRA is not implemented yet"));
+            return Err(Error::invalid(
+                path,
+                "use_dora: DoRA is not implemented yet",
+            ));
         }
-        if self.layers_to_transform.as_ref().is_some_and(|v| !v.is_null()) {
-            return Err(Error::invalid(path, "layers_to_transform is not supported yet"));
+        if self
+            .layers_to_transform
+            .as_ref()
+            .is_some_and(|v| !v.is_null())
+        {
+            return Err(Error::invalid(
+                path,
+                "layers_to_transform is not supported yet",
+            ));
         }
         if self.modules_to_save.as_ref().is_some_and(|v| !v.is_empty()) {
             return Err(Error::invalid(path, "modules_to_save is not supported yet"));
         }
         if !(0.0..1.0).contains(&self.lora_dropout) {
-            return Err(Error::invalid(path, format!("lora_dropout must be in [0, 1), got {}", self.lora_dropout)));
+            return Err(Error::invalid(
+                path,
+                format!("lora_dropout must be in [0, 1), got {}", self.lora_dropout),
+            ));
         }
         if self.r == 0 {
             return Err(Error::invalid(path, "r must be > 0"));
@@ -170,6 +214,7 @@ impl AdapterConfig {
 
     /// The JSON factune writes: only keys PEFT >= 0.10 accepts.
     pub fn to_json(&self) -> Result<String> {
-        serde_json::to_string_pretty(self).map_err(|e| Error::config(format!("adapter config: {e}")))
+        serde_json::to_string_pretty(self)
+            .map_err(|e| Error::config(format!("adapter config: {e}")))
     }
 }

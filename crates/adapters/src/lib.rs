@@ -15,7 +15,12 @@ use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
 /// PyTorch's `kaiming_uniform_(a=√5)` as `nn.Linear` uses it: U(−1/√fan_in, 1/√fan_in).
-pub(crate) fn kaiming_uniform(shape: &[usize], fan_in: usize, rng: &mut ChaCha8Rng, dev: &Device) -> candle_core::Result<Tensor> {
+pub(crate) fn kaiming_uniform(
+    shape: &[usize],
+    fan_in: usize,
+    rng: &mut ChaCha8Rng,
+    dev: &Device,
+) -> candle_core::Result<Tensor> {
     let bound = 1.0 / (fan_in as f32).sqrt();
     let n: usize = shape.iter().product();
     let v: Vec<f32> = (0..n).map(|_| rng.random_range(-bound..bound)).collect();
@@ -27,7 +32,8 @@ pub(crate) fn dropout(x: &Tensor, p: f64, seed: u64) -> candle_core::Result<Tens
     use rand::SeedableRng;
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let keep = 1.0 / (1.0 - p) as f32;
-    let mask: Vec<f32> =
-        (0..x.elem_count()).map(|_| if rng.random::<f64>() < p { 0.0 } else { keep }).collect();
+    let mask: Vec<f32> = (0..x.elem_count())
+        .map(|_| if rng.random::<f64>() < p { 0.0 } else { keep })
+        .collect();
     x.mul(&Tensor::from_vec(mask, x.shape(), x.device())?)
 }

@@ -22,7 +22,13 @@ impl LinearAdapter for Lora {
         "LORA"
     }
 
-    fn forward(&self, x: &Tensor, base_out: Tensor, _base: &FrozenParts, ctx: &Ctx) -> candle_core::Result<Tensor> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        base_out: Tensor,
+        _base: &FrozenParts,
+        ctx: &Ctx,
+    ) -> candle_core::Result<Tensor> {
         let inp = *x.dims().last().expect("rank >= 1");
         let x = if ctx.train && self.dropout > 0.0 {
             dropout(x, self.dropout, ctx.dropout_seed)?
@@ -35,7 +41,10 @@ impl LinearAdapter for Lora {
     }
 
     fn parameters(&self) -> Vec<(String, Var)> {
-        vec![("lora_A.weight".into(), self.a.clone()), ("lora_B.weight".into(), self.b.clone())]
+        vec![
+            ("lora_A.weight".into(), self.a.clone()),
+            ("lora_B.weight".into(), self.b.clone()),
+        ]
     }
 
     fn delta_weight(&self, _base: &FrozenParts) -> candle_core::Result<Tensor> {
@@ -66,14 +75,22 @@ impl Method for LoraMethod {
         &["lora_A.weight", "lora_B.weight"]
     }
 
-    fn init(&self, cfg: &AdapterConfig, layer: &AdaptableLinear, rank: usize, alpha: f64, rng: &mut ChaCha8Rng)
-        -> Result<Box<dyn LinearAdapter>> {
+    fn init(
+        &self,
+        cfg: &AdapterConfig,
+        layer: &AdaptableLinear,
+        rank: usize,
+        alpha: f64,
+        rng: &mut ChaCha8Rng,
+    ) -> Result<Box<dyn LinearAdapter>> {
         check_rank(layer, rank)?;
         let (o, i) = (layer.out_features(), layer.in_features());
         let dev = layer.base.weight.device();
         let a = kaiming_uniform(&[rank, i], i, rng, dev)?;
         let b = match &cfg.init_lora_weights {
-            serde_json::Value::Bool(true) => Tensor::zeros((o, rank), candle_core::DType::F32, dev)?,
+            serde_json::Value::Bool(true) => {
+                Tensor::zeros((o, rank), candle_core::DType::F32, dev)?
+            }
             serde_json::Value::Bool(false) => kaiming_uniform(&[o, rank], rank, rng, dev)?,
             other => {
                 return Err(Error::config(format!(
@@ -89,8 +106,13 @@ impl Method for LoraMethod {
         }))
     }
 
-    fn from_tensors(&self, cfg: &AdapterConfig, layer: &AdaptableLinear, alpha: f64, t: &HashMap<String, Tensor>)
-        -> Result<Box<dyn LinearAdapter>> {
+    fn load_tensors(
+        &self,
+        cfg: &AdapterConfig,
+        layer: &AdaptableLinear,
+        alpha: f64,
+        t: &HashMap<String, Tensor>,
+    ) -> Result<Box<dyn LinearAdapter>> {
         let (a, b) = (&t["lora_A.weight"], &t["lora_B.weight"]);
         let (o, i) = (layer.out_features(), layer.in_features());
         let r = a.dims().first().copied().unwrap_or(0);

@@ -31,8 +31,12 @@ pub fn attach(model: &mut Model, cfg: &AdapterConfig, seed: u64) -> Result<Vec<S
         if !matcher.matches(&layer.path) {
             continue;
         }
-        let r = pattern_lookup(&cfg.rank_pattern, &layer.path).copied().unwrap_or(cfg.r);
-        let alpha = pattern_lookup(&cfg.alpha_pattern, &layer.path).copied().unwrap_or(cfg.lora_alpha);
+        let r = pattern_lookup(&cfg.rank_pattern, &layer.path)
+            .copied()
+            .unwrap_or(cfg.r);
+        let alpha = pattern_lookup(&cfg.alpha_pattern, &layer.path)
+            .copied()
+            .unwrap_or(cfg.lora_alpha);
         layer.adapter = Some(m.init(cfg, layer, r, alpha, &mut rng)?);
         wrapped.push(layer.path.clone());
     }
@@ -68,7 +72,7 @@ fn thousands(n: usize) -> String {
     let s = n.to_string();
     let mut out = String::new();
     for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);
@@ -99,9 +103,15 @@ pub fn adapter_bytes(model: &Model) -> Result<Vec<u8>> {
     let mut tensors = BTreeMap::new();
     for (k, v) in trainable(model) {
         let t = v.as_tensor().to_dtype(DType::F32)?;
-        let finite = t.flatten_all()?.to_vec1::<f32>()?.iter().all(|x| x.is_finite());
+        let finite = t
+            .flatten_all()?
+            .to_vec1::<f32>()?
+            .iter()
+            .all(|x| x.is_finite());
         if !finite {
-            return Err(Error::config(format!("refusing to write the adapter: tensor `{k}` contains NaN or Inf")));
+            return Err(Error::config(format!(
+                "refusing to write the adapter: tensor `{k}` contains NaN or Inf"
+            )));
         }
         tensors.insert(k, t);
     }
@@ -113,7 +123,10 @@ pub fn adapter_bytes(model: &Model) -> Result<Vec<u8>> {
 pub fn save(model: &Model, cfg: &AdapterConfig, dir: &Path) -> Result<()> {
     let bytes = adapter_bytes(model)?;
     atomic::write_atomic(&dir.join(WEIGHTS_FILE), &bytes)?;
-    atomic::write_atomic(&dir.join(CONFIG_FILE), saved_config(model, cfg).to_json()?.as_bytes())
+    atomic::write_atomic(
+        &dir.join(CONFIG_FILE),
+        saved_config(model, cfg).to_json()?.as_bytes(),
+    )
 }
 
 #[derive(Debug, Default)]
@@ -141,13 +154,20 @@ impl std::fmt::Display for LoadReport {
 
 /// Loads a PEFT-format adapter directory onto the model. Strict by default: a tensor that maps to no module,
 /// or a targeted module without its tensors, is an error unless `allow_partial`.
-pub fn load(model: &mut Model, dir: &Path, allow_partial: bool) -> Result<(AdapterConfig, LoadReport)> {
+pub fn load(
+    model: &mut Model,
+    dir: &Path,
+    allow_partial: bool,
+) -> Result<(AdapterConfig, LoadReport)> {
     let cfg_path = dir.join(CONFIG_FILE);
     let cfg = AdapterConfig::from_file(&cfg_path)?;
     let m = method(&cfg.peft_type).map_err(|e| Error::invalid(&cfg_path, e.to_string()))?;
     let wpath = dir.join(WEIGHTS_FILE);
     if !wpath.exists() {
-        return Err(Error::invalid(&wpath, "missing adapter weights (adapter_model.bin is not supported: convert to safetensors)"));
+        return Err(Error::invalid(
+            &wpath,
+            "missing adapter weights (adapter_model.bin is not supported: convert to safetensors)",
+        ));
     }
     let weights = Weights::from_files(std::slice::from_ref(&wpath))?;
     // Group tensors by module path.
@@ -155,10 +175,17 @@ pub fn load(model: &mut Model, dir: &Path, allow_partial: bool) -> Result<(Adapt
     let mut report = LoadReport::default();
     for key in weights.names() {
         let rest = key.strip_prefix(KEY_PREFIX).unwrap_or(key);
-        match m.tensor_names().iter().find(|n| rest.ends_with(&format!(".{n}"))) {
+        match m
+            .tensor_names()
+            .iter()
+            .find(|n| rest.ends_with(&format!(".{n}")))
+        {
             Some(n) => {
                 let module = &rest[..rest.len() - n.len() - 1];
-                by_module.entry(module.to_string()).or_default().insert(n.to_string(), key.to_string());
+                by_module
+                    .entry(module.to_string())
+                    .or_default()
+                    .insert(n.to_string(), key.to_string());
             }
             None => report.unmatched_tensors.push(key.to_string()),
         }
@@ -182,9 +209,12 @@ pub fn load(model: &mut Model, dir: &Path, allow_partial: bool) -> Result<(Adapt
         for (n, key) in names {
             tensors.insert(n.clone(), weights.get(key, DType::F32, &dev)?);
         }
-        let alpha = pattern_lookup(&cfg.alpha_pattern, &layer.path).copied().unwrap_or(cfg.lora_alpha);
+        let alpha = pattern_lookup(&cfg.alpha_pattern, &layer.path)
+            .copied()
+            .unwrap_or(cfg.lora_alpha);
         layer.adapter = Some(
-            m.from_tensors(&cfg, layer, alpha, &tensors).map_err(|e| Error::invalid(&wpath, e.to_string()))?,
+            m.load_tensors(&cfg, layer, alpha, &tensors)
+                .map_err(|e| Error::invalid(&wpath, e.to_string()))?,
         );
         report.matched_modules += 1;
         report.matched_tensors += names.len();
@@ -196,9 +226,14 @@ pub fn load(model: &mut Model, dir: &Path, allow_partial: bool) -> Result<(Adapt
     }
     report.unmatched_tensors.sort();
     if report.matched_modules == 0 {
-        return Err(Error::invalid(&wpath, format!("no tensor of this adapter matches a module of the model ({report})")));
+        return Err(Error::invalid(
+            &wpath,
+            format!("no tensor of this adapter matches a module of the model ({report})"),
+        ));
     }
-    if !allow_partial && (!report.unmatched_tensors.is_empty() || !report.missing_modules.is_empty()) {
+    if !allow_partial
+        && (!report.unmatched_tensors.is_empty() || !report.missing_modules.is_empty())
+    {
         let mut what = report.to_string();
         if let Some(t) = report.unmatched_tensors.first() {
             what += &format!("; first unmatched tensor: `{t}`");
@@ -206,7 +241,10 @@ pub fn load(model: &mut Model, dir: &Path, allow_partial: bool) -> Result<(Adapt
         if let Some(mm) = report.missing_modules.first() {
             what += &format!("; first module without tensors: `{mm}`");
         }
-        return Err(Error::invalid(&wpath, format!("{what} (pass --allow-partial to load anyway)")));
+        return Err(Error::invalid(
+            &wpath,
+            format!("{what} (pass --allow-partial to load anyway)"),
+        ));
     }
     Ok((cfg, report))
 }
@@ -220,5 +258,8 @@ pub fn detach(model: &mut Model) {
 
 /// Helper for tests and tools: the adapter tensor under a PEFT key.
 pub fn tensor(model: &Model, key: &str) -> Option<Tensor> {
-    trainable(model).into_iter().find(|(k, _)| k == key).map(|(_, v)| v.as_tensor().clone())
+    trainable(model)
+        .into_iter()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v.as_tensor().clone())
 }

@@ -12,18 +12,36 @@ pub trait Method: Sync {
     /// Tensor names per module as saved in `adapter_model.safetensors`, relative to the module path.
     fn tensor_names(&self) -> &'static [&'static str];
     /// A freshly initialised adapter for one layer.
-    fn init(&self, cfg: &AdapterConfig, layer: &AdaptableLinear, rank: usize, alpha: f64, rng: &mut ChaCha8Rng)
-        -> Result<Box<dyn LinearAdapter>>;
+    fn init(
+        &self,
+        cfg: &AdapterConfig,
+        layer: &AdaptableLinear,
+        rank: usize,
+        alpha: f64,
+        rng: &mut ChaCha8Rng,
+    ) -> Result<Box<dyn LinearAdapter>>;
     /// An adapter rebuilt from saved tensors (every name of `tensor_names` is present).
-    fn from_tensors(&self, cfg: &AdapterConfig, layer: &AdaptableLinear, alpha: f64, t: &HashMap<String, Tensor>)
-        -> Result<Box<dyn LinearAdapter>>;
+    fn load_tensors(
+        &self,
+        cfg: &AdapterConfig,
+        layer: &AdaptableLinear,
+        alpha: f64,
+        t: &HashMap<String, Tensor>,
+    ) -> Result<Box<dyn LinearAdapter>>;
 }
 
 const METHODS: &[&dyn Method] = &[&crate::lora::LoraMethod];
 
 pub fn method(peft_type: &str) -> Result<&'static dyn Method> {
-    METHODS.iter().copied().find(|m| m.peft_type() == peft_type).ok_or_else(|| {
-        let known: Vec<_> = METHODS.iter().map(|m| m.peft_type()).collect();
-        Error::config(format!("unknown adapter method peft_type `{peft_type}`; supported: {}", known.join(", ")))
-    })
+    METHODS
+        .iter()
+        .copied()
+        .find(|m| m.peft_type() == peft_type)
+        .ok_or_else(|| {
+            let known: Vec<_> = METHODS.iter().map(|m| m.peft_type()).collect();
+            Error::config(format!(
+                "unknown adapter method peft_type `{peft_type}`; supported: {}",
+                known.join(", ")
+            ))
+        })
 }

@@ -44,9 +44,10 @@ impl TargetMatcher {
         if let Some(re) = &self.regex {
             return re.is_match(path);
         }
-        self.list
-            .as_ref()
-            .is_some_and(|l| l.iter().any(|t| path == t || path.ends_with(&format!(".{t}"))))
+        self.list.as_ref().is_some_and(|l| {
+            l.iter()
+                .any(|t| path == t || path.ends_with(&format!(".{t}")))
+        })
     }
 
     /// Errors when a listed name matches nothing, naming the module names the model has.
@@ -55,7 +56,10 @@ impl TargetMatcher {
         let avail = available.into_iter().collect::<Vec<_>>().join(", ");
         if let Some(l) = &self.list {
             for t in l {
-                if !paths.iter().any(|p| *p == t || p.ends_with(&format!(".{t}"))) {
+                if !paths
+                    .iter()
+                    .any(|p| *p == t || p.ends_with(&format!(".{t}")))
+                {
                     return Err(Error::config(format!(
                         "target module `{t}` matches no linear layer of this model; available: {avail} (or all-linear)"
                     )));
@@ -73,9 +77,15 @@ impl TargetMatcher {
 
 /// PEFT's `rank_pattern`/`alpha_pattern` lookup: a key matches a module path ending in `.key` (or equal), as
 /// a regex anchored at a dot boundary.
-pub fn pattern_lookup<'a, T>(patterns: &'a std::collections::BTreeMap<String, T>, path: &str) -> Option<&'a T> {
+pub fn pattern_lookup<'a, T>(
+    patterns: &'a std::collections::BTreeMap<String, T>,
+    path: &str,
+) -> Option<&'a T> {
     patterns.iter().find_map(|(k, v)| {
-        Regex::new(&format!(r"^(.*\.)?(?:{k})$")).ok().filter(|re| re.is_match(path)).map(|_| v)
+        Regex::new(&format!(r"^(.*\.)?(?:{k})$"))
+            .ok()
+            .filter(|re| re.is_match(path))
+            .map(|_| v)
     })
 }
 
@@ -85,7 +95,8 @@ mod tests {
 
     #[test]
     fn list_suffix_regex_and_all_linear() {
-        let m = TargetMatcher::new(&TargetModules::List(vec!["q_proj".into(), "c_proj".into()])).unwrap();
+        let m = TargetMatcher::new(&TargetModules::List(vec!["q_proj".into(), "c_proj".into()]))
+            .unwrap();
         assert!(m.matches("model.layers.0.self_attn.q_proj"));
         assert!(!m.matches("model.layers.0.self_attn.qq_proj"));
         assert!(m.matches("transformer.h.1.mlp.c_proj"));
@@ -99,16 +110,27 @@ mod tests {
     #[test]
     fn unknown_target_lists_available_modules() {
         let m = TargetMatcher::new(&TargetModules::List(vec!["query".into()])).unwrap();
-        let e = m.check_all_used(&["model.layers.0.self_attn.q_proj", "model.layers.0.mlp.up_proj"]).unwrap_err();
+        let e = m
+            .check_all_used(&[
+                "model.layers.0.self_attn.q_proj",
+                "model.layers.0.mlp.up_proj",
+            ])
+            .unwrap_err();
         let e = e.to_string();
-        assert!(e.contains("`query`") && e.contains("q_proj, up_proj"), "{e}");
+        assert!(
+            e.contains("`query`") && e.contains("q_proj, up_proj"),
+            "{e}"
+        );
     }
 
     #[test]
     fn patterns_match_at_dot_boundaries() {
         let mut p = std::collections::BTreeMap::new();
         p.insert("layers.0.self_attn.q_proj".to_string(), 16usize);
-        assert_eq!(pattern_lookup(&p, "model.layers.0.self_attn.q_proj"), Some(&16));
+        assert_eq!(
+            pattern_lookup(&p, "model.layers.0.self_attn.q_proj"),
+            Some(&16)
+        );
         assert_eq!(pattern_lookup(&p, "model.layers.10.self_attn.q_proj"), None);
     }
 }

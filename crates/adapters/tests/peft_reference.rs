@@ -13,11 +13,22 @@ fn fixtures() -> PathBuf {
 }
 
 fn reference(name: &str) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(fixtures().join(format!("{name}-reference.safetensors")), &Device::Cpu).unwrap()
+    candle_core::safetensors::load(
+        fixtures().join(format!("{name}-reference.safetensors")),
+        &Device::Cpu,
+    )
+    .unwrap()
 }
 
 fn max_abs(t: &Tensor) -> f32 {
-    t.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    t.abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
 
 fn labels(r: &HashMap<String, Tensor>) -> Vec<Vec<i64>> {
@@ -27,7 +38,10 @@ fn labels(r: &HashMap<String, Tensor>) -> Vec<Vec<i64>> {
 fn with_peft_adapter(name: &str) -> Model {
     let mut model = Model::load(&fixtures().join(name), &Device::Cpu).unwrap();
     let (_, report) = load(&mut model, &fixtures().join(format!("{name}-lora")), false).unwrap();
-    assert!(report.unmatched_tensors.is_empty() && report.missing_modules.is_empty(), "{report}");
+    assert!(
+        report.unmatched_tensors.is_empty() && report.missing_modules.is_empty(),
+        "{report}"
+    );
     model
 }
 
@@ -42,20 +56,31 @@ fn check_against_peft(name: &str) {
     let (loss, _) = causal_lm_loss(&logits, &labels(&r)).unwrap();
     let ref_loss = r["loss"].to_vec1::<f32>().unwrap()[0];
     let l = loss.to_scalar::<f32>().unwrap();
-    assert!((l - ref_loss).abs() < 1e-5, "{name}: loss {l} vs PEFT {ref_loss}");
+    assert!(
+        (l - ref_loss).abs() < 1e-5,
+        "{name}: loss {l} vs PEFT {ref_loss}"
+    );
 
     let grads = loss.backward().unwrap();
     let params = trainable(&model);
     let mut checked = 0;
     for (key, var) in &params {
-        let g = grads.get(var).unwrap_or_else(|| panic!("{key}: no gradient"));
+        let g = grads
+            .get(var)
+            .unwrap_or_else(|| panic!("{key}: no gradient"));
         let want = &r[&format!("{key}.grad")];
         let rel = max_abs(&(g - want).unwrap()) / max_abs(want).max(1e-12);
-        assert!(rel < 1e-4, "{name}: gradient of {key} differs from PEFT by {rel} (relative)");
+        assert!(
+            rel < 1e-4,
+            "{name}: gradient of {key} differs from PEFT by {rel} (relative)"
+        );
         checked += 1;
     }
     let expected = r.keys().filter(|k| k.ends_with(".grad")).count();
-    assert_eq!(checked, expected, "{name}: every PEFT gradient has a counterpart");
+    assert_eq!(
+        checked, expected,
+        "{name}: every PEFT gradient has a counterpart"
+    );
 }
 
 #[test]
@@ -83,10 +108,16 @@ fn save_then_load_round_trips_exactly() {
     load(&mut again, dir.path(), false).unwrap();
     for ((k1, v1), (k2, v2)) in trainable(&model).iter().zip(trainable(&again).iter()) {
         assert_eq!(k1, k2);
-        assert_eq!(max_abs(&(v1.as_tensor() - v2.as_tensor()).unwrap()), 0.0, "{k1}");
+        assert_eq!(
+            max_abs(&(v1.as_tensor() - v2.as_tensor()).unwrap()),
+            0.0,
+            "{k1}"
+        );
     }
-    let written: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.path().join("adapter_config.json")).unwrap()).unwrap();
+    let written: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("adapter_config.json")).unwrap(),
+    )
+    .unwrap();
     assert_eq!(written["peft_type"], "LORA");
     assert_eq!(written["r"], 4);
 }
@@ -96,14 +127,21 @@ fn merge_then_unmerge_restores_weights() {
     let mut model = with_peft_adapter("gpt2");
     let r = reference("gpt2");
     let ids = r["input_ids"].to_dtype(DType::U32).unwrap();
-    let before: Vec<Tensor> = model.linears().iter().map(|l| l.base.weight.copy().unwrap()).collect();
+    let before: Vec<Tensor> = model
+        .linears()
+        .iter()
+        .map(|l| l.base.weight.copy().unwrap())
+        .collect();
     let mut merged = Vec::new();
     for l in model.linears_mut() {
         merged.push(l.merge().unwrap());
     }
     let logits = model.forward(&ids, None, &Ctx::default()).unwrap();
     let d = max_abs(&(&logits - &r["logits"]).unwrap());
-    assert!(d < 1e-4, "merged logits differ from PEFT's adapted logits by {d}");
+    assert!(
+        d < 1e-4,
+        "merged logits differ from PEFT's adapted logits by {d}"
+    );
     for (l, a) in model.linears_mut().into_iter().zip(merged) {
         l.unmerge(a.unwrap()).unwrap();
     }
@@ -124,21 +162,41 @@ fn frozen_weights_get_no_gradient_in_a_training_step() {
     attach(&mut model, &cfg, 0).unwrap();
     // A batch whose activation shapes differ from every weight shape, so a size match means a weight gradient.
     let ids = Tensor::new(&[[5u32, 6, 7, 8, 9, 10, 11]], &Device::Cpu).unwrap();
-    let logits = model.forward(&ids, None, &Ctx { train: true, dropout_seed: 1 }).unwrap();
+    let logits = model
+        .forward(
+            &ids,
+            None,
+            &Ctx {
+                train: true,
+                dropout_seed: 1,
+            },
+        )
+        .unwrap();
     let (loss, _) = causal_lm_loss(&logits, &[vec![5, 6, 7, 8, 9, 10, 11]]).unwrap();
     let grads = loss.backward().unwrap();
-    let frozen: Vec<Vec<usize>> = model.linears().iter().map(|l| l.base.weight.dims().to_vec()).collect();
+    let frozen: Vec<Vec<usize>> = model
+        .linears()
+        .iter()
+        .map(|l| l.base.weight.dims().to_vec())
+        .collect();
     let params = trainable(&model);
     for (k, v) in &params {
         assert!(grads.get(v).is_some(), "{k} has no gradient");
     }
     for l in model.linears() {
-        assert!(grads.get(&l.base.weight).is_none(), "{} got a gradient", l.path);
+        assert!(
+            grads.get(&l.base.weight).is_none(),
+            "{} got a gradient",
+            l.path
+        );
     }
     // Every gradient left in the store (candle keeps those of graph leaves): none has a frozen weight's size.
     let sizes: Vec<usize> = frozen.iter().map(|d| d.iter().product()).collect();
     for id in grads.get_ids() {
         let s = grads.get_id(*id).unwrap().elem_count();
-        assert!(!sizes.contains(&s), "a gradient of {s} elements (the size of a frozen weight) was allocated");
+        assert!(
+            !sizes.contains(&s),
+            "a gradient of {s} elements (the size of a frozen weight) was allocated"
+        );
     }
 }

@@ -17,8 +17,14 @@ pub fn device(name: &str) -> Result<Device> {
     match name {
         "cpu" => Ok(Device::Cpu),
         d if d.starts_with("cuda") => {
-            let idx = d.strip_prefix("cuda:").map(str::parse).transpose().context("cuda:N takes a number")?.unwrap_or(0);
-            Device::new_cuda(idx).with_context(|| format!("device `{d}` (is factune built with --features cuda?)"))
+            let idx = d
+                .strip_prefix("cuda:")
+                .map(str::parse)
+                .transpose()
+                .context("cuda:N takes a number")?
+                .unwrap_or(0);
+            Device::new_cuda(idx)
+                .with_context(|| format!("device `{d}` (is factune built with --features cuda?)"))
         }
         other => bail!("unknown device `{other}`: expected cpu or cuda[:N]"),
     }
@@ -31,7 +37,12 @@ pub fn load(args: &ModelArgs) -> Result<(Model, TextTokenizer)> {
     let tok = TextTokenizer::from_dir(&args.model)?;
     if let Some(a) = &args.adapter {
         let (cfg, report) = peft::load(&mut model, a, args.allow_partial)?;
-        eprintln!("adapter {} ({}, r={}): {report}", a.display(), cfg.peft_type, cfg.r);
+        eprintln!(
+            "adapter {} ({}, r={}): {report}",
+            a.display(),
+            cfg.peft_type,
+            cfg.r
+        );
     }
     Ok((model, tok))
 }
@@ -71,7 +82,10 @@ pub fn train(
         outcome.seconds,
         outcome.tokens as f64 / outcome.seconds,
         outcome.final_train_loss,
-        outcome.final_val_loss.map(|v| format!(", validation loss {v:.4}")).unwrap_or_default()
+        outcome
+            .final_val_loss
+            .map(|v| format!(", validation loss {v:.4}"))
+            .unwrap_or_default()
     );
     println!("adapter written to {}", output.display());
     Ok(())
@@ -87,17 +101,24 @@ struct PretrainFile {
 }
 
 pub fn pretrain(config: &Path, data: &Path, output: &Path) -> Result<()> {
-    let text = std::fs::read_to_string(config).with_context(|| format!("reading {}", config.display()))?;
-    let mut file: PretrainFile = toml::from_str(&text).with_context(|| format!("{}: invalid pretrain config", config.display()))?;
+    let text =
+        std::fs::read_to_string(config).with_context(|| format!("reading {}", config.display()))?;
+    let mut file: PretrainFile = toml::from_str(&text)
+        .with_context(|| format!("{}: invalid pretrain config", config.display()))?;
     file.training.peft_type = "full".into();
     let vocab = file.tokenizer_vocab_size.unwrap_or(file.model.vocab_size);
     let actual = train_tokenizer(data, vocab, output)?;
     file.model.vocab_size = actual;
     let tok = TextTokenizer::from_dir(output)?;
-    let eos = tok.token_id(EOS).context("trained tokenizer lacks its EOS token")?;
+    let eos = tok
+        .token_id(EOS)
+        .context("trained tokenizer lacks its EOS token")?;
     init_model(&file.model, eos, file.training.seed, output)?;
     let mut model = Model::load(output, &Device::Cpu)?;
-    eprintln!("tokenizer: {actual} tokens; model: {} parameters", model.num_base_parameters());
+    eprintln!(
+        "tokenizer: {actual} tokens; model: {} parameters",
+        model.num_base_parameters()
+    );
     let outcome = TrainJob {
         model: &mut model,
         tokenizer: &tok,
@@ -113,14 +134,18 @@ pub fn pretrain(config: &Path, data: &Path, output: &Path) -> Result<()> {
         outcome.steps,
         outcome.seconds,
         outcome.final_train_loss,
-        outcome.final_val_loss.map(|v| format!(", validation loss {v:.4}")).unwrap_or_default(),
+        outcome
+            .final_val_loss
+            .map(|v| format!(", validation loss {v:.4}"))
+            .unwrap_or_default(),
         output.display()
     );
     Ok(())
 }
 
 fn detect_task(data: &Path) -> Result<&'static str> {
-    let text = std::fs::read_to_string(data).with_context(|| format!("reading {}", data.display()))?;
+    let text =
+        std::fs::read_to_string(data).with_context(|| format!("reading {}", data.display()))?;
     let first = text.lines().find(|l| !l.trim().is_empty()).unwrap_or("");
     Ok(match serde_json::from_str::<serde_json::Value>(first) {
         Ok(v) if v.get("choices").is_some() => "mc",
@@ -141,22 +166,38 @@ pub fn eval(
     limit: usize,
 ) -> Result<()> {
     let (model, tok) = load(args)?;
-    let task = if task == "auto" { detect_task(data)? } else { task };
+    let task = if task == "auto" {
+        detect_task(data)?
+    } else {
+        task
+    };
     match task {
         "perplexity" => {
             let p = perplexity(&model, &tok, data, seq_len, batch)?;
             if as_json {
-                println!("{}", json!({"loss": p.loss, "perplexity": p.perplexity, "tokens": p.tokens}));
+                println!(
+                    "{}",
+                    json!({"loss": p.loss, "perplexity": p.perplexity, "tokens": p.tokens})
+                );
             } else {
-                println!("loss {:.4}  perplexity {:.3}  over {} tokens", p.loss, p.perplexity, p.tokens);
+                println!(
+                    "loss {:.4}  perplexity {:.3}  over {} tokens",
+                    p.loss, p.perplexity, p.tokens
+                );
             }
         }
         "mc" => {
             let a = multiple_choice(&model, &tok, data)?;
             if as_json {
-                println!("{}", json!({"accuracy": a.accuracy, "accuracy_norm": a.accuracy_norm, "n": a.n}));
+                println!(
+                    "{}",
+                    json!({"accuracy": a.accuracy, "accuracy_norm": a.accuracy_norm, "n": a.n})
+                );
             } else {
-                println!("accuracy {:.4}  accuracy_norm {:.4}  over {} questions", a.accuracy, a.accuracy_norm, a.n);
+                println!(
+                    "accuracy {:.4}  accuracy_norm {:.4}  over {} questions",
+                    a.accuracy, a.accuracy_norm, a.n
+                );
             }
         }
         "exact-match" => {
@@ -183,7 +224,13 @@ pub fn generate(
 ) -> Result<()> {
     let (model, tok) = load(args)?;
     let text = if chat {
-        tok.apply_chat_template(&[ChatMessage { role: "user".into(), content: prompt.into() }], true)?
+        tok.apply_chat_template(
+            &[ChatMessage {
+                role: "user".into(),
+                content: prompt.into(),
+            }],
+            true,
+        )?
     } else {
         prompt.to_string()
     };
@@ -193,8 +240,26 @@ pub fn generate(
     }
     let mut stop: Vec<u32> = model.cfg.eos_token_ids.clone();
     stop.extend(tok.eos_id());
-    let out = gen(&model, &ids, &GenConfig { max_new_tokens, temperature, top_p, seed, stop_ids: stop })?;
-    println!("{}{}", if chat { String::new() } else { prompt.to_string() }, tok.decode(&out)?);
+    let out = gen(
+        &model,
+        &ids,
+        &GenConfig {
+            max_new_tokens,
+            temperature,
+            top_p,
+            seed,
+            stop_ids: stop,
+        },
+    )?;
+    println!(
+        "{}{}",
+        if chat {
+            String::new()
+        } else {
+            prompt.to_string()
+        },
+        tok.decode(&out)?
+    );
     Ok(())
 }
 
@@ -209,7 +274,11 @@ pub fn merge(args: &ModelArgs, output: &Path, verify: bool) -> Result<()> {
         bail!("merge needs --adapter");
     }
     let (mut model, _) = load(args)?;
-    let before = if verify { Some(model.forward(&probe_ids(&model)?, None, &Ctx::default())?) } else { None };
+    let before = if verify {
+        Some(model.forward(&probe_ids(&model)?, None, &Ctx::default())?)
+    } else {
+        None
+    };
     let mut merged = 0;
     for l in model.linears_mut() {
         if l.merge()?.is_some() {
@@ -217,15 +286,25 @@ pub fn merge(args: &ModelArgs, output: &Path, verify: bool) -> Result<()> {
         }
     }
     if merged == 0 {
-        bail!("no module was merged: the adapter matched no layer of {}", args.model.display());
+        bail!(
+            "no module was merged: the adapter matched no layer of {}",
+            args.model.display()
+        );
     }
     let weights = Weights::from_model_dir(&args.model)?;
     factune_model::save::save_merged(&model, &weights, output)?;
-    println!("merged {merged} modules (W + s·BA in f32, cast once to the stored dtype) into {}", output.display());
+    println!(
+        "merged {merged} modules (W + s·BA in f32, cast once to the stored dtype) into {}",
+        output.display()
+    );
     if let Some(before) = before {
         let reloaded = Model::load(output, &model.device)?;
         let after = reloaded.forward(&probe_ids(&reloaded)?, None, &Ctx::default())?;
-        let d = (after - before)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+        let d = (after - before)?
+            .abs()?
+            .flatten_all()?
+            .max(0)?
+            .to_scalar::<f32>()?;
         println!("verify: max |logits(merged) - logits(base + adapter)| = {d:.3e}");
     }
     Ok(())
@@ -236,14 +315,32 @@ pub fn inspect(dir: &Path) -> Result<()> {
     if adapter_cfg.exists() {
         let cfg = factune_adapters::AdapterConfig::from_file(&adapter_cfg)?;
         let w = Weights::from_files(&[dir.join(peft::WEIGHTS_FILE)])?;
-        let params: usize = w.names().filter_map(|n| w.info(n)).map(|(s, _)| s.iter().product::<usize>()).sum();
+        let params: usize = w
+            .names()
+            .filter_map(|n| w.info(n))
+            .map(|(s, _)| s.iter().product::<usize>())
+            .sum();
         let modules = w.names().filter(|n| n.ends_with("lora_A.weight")).count();
         println!("adapter: {}", dir.display());
-        println!("  method: {}{}", cfg.peft_type, if cfg.use_rslora { " (rsLoRA scaling)" } else { "" });
-        println!("  r: {}  lora_alpha: {}  lora_dropout: {}", cfg.r, cfg.lora_alpha, cfg.lora_dropout);
+        println!(
+            "  method: {}{}",
+            cfg.peft_type,
+            if cfg.use_rslora {
+                " (rsLoRA scaling)"
+            } else {
+                ""
+            }
+        );
+        println!(
+            "  r: {}  lora_alpha: {}  lora_dropout: {}",
+            cfg.r, cfg.lora_alpha, cfg.lora_dropout
+        );
         println!("  target_modules: {:?}", cfg.target_modules);
         println!("  adapted modules: {modules}  trainable params: {params}");
-        println!("  base model: {}", cfg.base_model_name_or_path.unwrap_or_default());
+        println!(
+            "  base model: {}",
+            cfg.base_model_name_or_path.unwrap_or_default()
+        );
         return Ok(());
     }
     let cfg = factune_io::ModelConfig::from_file(&dir.join("config.json"))?;
@@ -255,11 +352,21 @@ pub fn inspect(dir: &Path) -> Result<()> {
         cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
         cfg.vocab_size, cfg.max_position_embeddings
     );
-    println!("  tied embeddings: {}  parameters: {}", cfg.tie_word_embeddings, cfg.num_parameters());
+    println!(
+        "  tied embeddings: {}  parameters: {}",
+        cfg.tie_word_embeddings,
+        cfg.num_parameters()
+    );
     println!("  stored dtypes (elements): {:?}", w.dtype_summary());
     let model = Model::from_weights(cfg, &w, dir, &Device::Cpu)?;
-    let names: std::collections::BTreeSet<String> =
-        model.linears().iter().map(|l| l.path.rsplit('.').next().unwrap_or("").to_string()).collect();
-    println!("  adaptable modules: {}", names.into_iter().collect::<Vec<_>>().join(", "));
+    let names: std::collections::BTreeSet<String> = model
+        .linears()
+        .iter()
+        .map(|l| l.path.rsplit('.').next().unwrap_or("").to_string())
+        .collect();
+    println!(
+        "  adaptable modules: {}",
+        names.into_iter().collect::<Vec<_>>().join(", ")
+    );
     Ok(())
 }

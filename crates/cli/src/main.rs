@@ -7,7 +7,11 @@ use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 
 #[derive(Parser)]
-#[command(name = "factune", version, about = "Parameter-efficient fine-tuning of language models (LoRA and friends) in Rust")]
+#[command(
+    name = "factune",
+    version,
+    about = "Parameter-efficient fine-tuning of language models (LoRA and friends) in Rust"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -50,7 +54,7 @@ enum Command {
         #[arg(long, default_value = "cpu")]
         device: String,
         #[command(flatten)]
-        overrides: factune_train::TrainOverrides,
+        overrides: Box<factune_train::TrainOverrides>,
     },
     /// Pre-train a small Llama-architecture model from scratch (tokenizer included)
     Pretrain {
@@ -132,25 +136,82 @@ enum Command {
 fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("FACTUNE_LOG").unwrap_or_else(|_| "warn".into()),
+            tracing_subscriber::EnvFilter::try_from_env("FACTUNE_LOG")
+                .unwrap_or_else(|_| "warn".into()),
         )
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Train { model, data, config, output, resume, device, overrides } => {
-            commands::train(&model, &data, config.as_deref(), &output, resume, &device, &overrides)
-        }
-        Command::Pretrain { config, data, output } => commands::pretrain(&config, &data, &output),
-        Command::Eval { model, data, task, json, seq_len, batch_size, max_new_tokens, limit } => {
-            commands::eval(&model, &data, &task, json, seq_len, batch_size, max_new_tokens, limit)
-        }
-        Command::Generate { model, prompt, chat, max_new_tokens, temperature, top_p, seed } => {
-            commands::generate(&model, &prompt, chat, max_new_tokens, temperature, top_p, seed)
-        }
-        Command::Merge { model, output, verify } => commands::merge(&model, &output, verify),
+        Command::Train {
+            model,
+            data,
+            config,
+            output,
+            resume,
+            device,
+            overrides,
+        } => commands::train(
+            &model,
+            &data,
+            config.as_deref(),
+            &output,
+            resume,
+            &device,
+            &overrides,
+        ),
+        Command::Pretrain {
+            config,
+            data,
+            output,
+        } => commands::pretrain(&config, &data, &output),
+        Command::Eval {
+            model,
+            data,
+            task,
+            json,
+            seq_len,
+            batch_size,
+            max_new_tokens,
+            limit,
+        } => commands::eval(
+            &model,
+            &data,
+            &task,
+            json,
+            seq_len,
+            batch_size,
+            max_new_tokens,
+            limit,
+        ),
+        Command::Generate {
+            model,
+            prompt,
+            chat,
+            max_new_tokens,
+            temperature,
+            top_p,
+            seed,
+        } => commands::generate(
+            &model,
+            &prompt,
+            chat,
+            max_new_tokens,
+            temperature,
+            top_p,
+            seed,
+        ),
+        Command::Merge {
+            model,
+            output,
+            verify,
+        } => commands::merge(&model, &output, verify),
         Command::Inspect { dir } => commands::inspect(&dir),
-        Command::Quickstart { output, assets, steps } => quickstart::run(&output, assets, steps),
+        Command::Quickstart {
+            output,
+            assets,
+            steps,
+        } => quickstart::run(&output, assets, steps),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -40,9 +40,14 @@ pub fn run(output: &Path, assets: Option<PathBuf>, steps: usize) -> Result<()> {
     let train = assets.join("data/quickstart-train.jsonl");
     let valid = assets.join("data/quickstart-valid.jsonl");
     let t0 = Instant::now();
-    let tok = TextTokenizer::from_dir(&model_dir).with_context(|| "the embedded model is missing: run from the repository root or pass --assets")?;
+    let tok = TextTokenizer::from_dir(&model_dir).with_context(|| {
+        "the embedded model is missing: run from the repository root or pass --assets"
+    })?;
     let mut model = Model::load(&model_dir, &Device::Cpu)?;
-    println!("factune quickstart: LoRA on {} (embedded model), task: answer questions about a story", model_dir.display());
+    println!(
+        "factune quickstart: LoRA on {} (embedded model), task: answer questions about a story",
+        model_dir.display()
+    );
     let before_em = exact_match(&model, &tok, &valid, 8, 0)?;
     let before_ppl = perplexity(&model, &tok, &valid, 128, 8)?;
     println!(
@@ -52,7 +57,10 @@ pub fn run(output: &Path, assets: Option<PathBuf>, steps: usize) -> Result<()> {
         before_ppl.perplexity
     );
     if let Some((_, want, got)) = before_em.samples.first() {
-        println!("  e.g. expected {want:?}, base model says {:?}", got.lines().next().unwrap_or(""));
+        println!(
+            "  e.g. expected {want:?}, base model says {:?}",
+            got.lines().next().unwrap_or("")
+        );
     }
     let outcome = TrainJob {
         model: &mut model,
@@ -76,11 +84,21 @@ pub fn run(output: &Path, assets: Option<PathBuf>, steps: usize) -> Result<()> {
     println!();
     println!("| metric | before | after |");
     println!("|---|---|---|");
-    println!("| exact match | {:.1}% | {:.1}% |", 100.0 * before_em.exact_match, 100.0 * after_em.exact_match);
-    println!("| validation perplexity | {:.2} | {:.2} |", before_ppl.perplexity, after_ppl.perplexity);
+    println!(
+        "| exact match | {:.1}% | {:.1}% |",
+        100.0 * before_em.exact_match,
+        100.0 * after_em.exact_match
+    );
+    println!(
+        "| validation perplexity | {:.2} | {:.2} |",
+        before_ppl.perplexity, after_ppl.perplexity
+    );
     println!();
     if let Some((prompt, want, got)) = after_em.samples.first() {
-        println!("sample (validation):\n{prompt}{}\n(expected: {want})", got.trim_end());
+        println!(
+            "sample (validation):\n{prompt}{}\n(expected: {want})",
+            got.trim_end()
+        );
     }
     println!(
         "\nadapter (PEFT format) in {}; metrics.jsonl and loss.png beside it. Total time {:.0}s.",

@@ -33,7 +33,9 @@ impl Default for GenConfig {
 pub fn generate(model: &Model, prompt: &[u32], cfg: &GenConfig) -> Result<Vec<u32>> {
     let mut cache = model.new_cache();
     let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
-    let budget = cfg.max_new_tokens.min(model.max_positions().saturating_sub(prompt.len()));
+    let budget = cfg
+        .max_new_tokens
+        .min(model.max_positions().saturating_sub(prompt.len()));
     let mut out = Vec::with_capacity(budget);
     let mut input = prompt.to_vec();
     for _ in 0..budget {
@@ -57,7 +59,11 @@ fn pick(logits: &Tensor, cfg: &GenConfig, rng: &mut ChaCha8Rng) -> Result<u32> {
     }
     let l: Vec<f32> = (logits / cfg.temperature)?.to_vec1()?;
     let m = l.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-    let mut p: Vec<(usize, f64)> = l.iter().enumerate().map(|(i, &x)| (i, ((x - m) as f64).exp())).collect();
+    let mut p: Vec<(usize, f64)> = l
+        .iter()
+        .enumerate()
+        .map(|(i, &x)| (i, ((x - m) as f64).exp()))
+        .collect();
     let z: f64 = p.iter().map(|x| x.1).sum();
     p.iter_mut().for_each(|x| x.1 /= z);
     p.sort_by(|a, b| b.1.total_cmp(&a.1));

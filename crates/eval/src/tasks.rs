@@ -20,7 +20,13 @@ pub struct Perplexity {
 
 /// Token-weighted loss and perplexity of a text file (packed into `seq_len` blocks) or of the responses of
 /// an alpaca/chat JSONL file.
-pub fn perplexity(model: &Model, tok: &TextTokenizer, file: &Path, seq_len: usize, batch: usize) -> Result<Perplexity> {
+pub fn perplexity(
+    model: &Model,
+    tok: &TextTokenizer,
+    file: &Path,
+    seq_len: usize,
+    batch: usize,
+) -> Result<Perplexity> {
     let seq_len = seq_len.min(model.max_positions());
     let ds = Dataset::load(file, "auto", tok, seq_len, false)?;
     let (loss, tokens) = evaluate_loss(model, &ds.examples, batch, tok.eos_id().unwrap_or(0))?;
@@ -75,16 +81,25 @@ pub fn multiple_choice(model: &Model, tok: &TextTokenizer, file: &Path) -> Resul
             continue;
         }
         let bad = |what: String| Error::invalid(file, format!("line {}: {what}", i + 1));
-        let v: Value = serde_json::from_str(line).map_err(|e| bad(format!("malformed JSON: {e}")))?;
-        let q = v.get("question").and_then(Value::as_str).ok_or_else(|| bad("missing string `question`".into()))?;
+        let v: Value =
+            serde_json::from_str(line).map_err(|e| bad(format!("malformed JSON: {e}")))?;
+        let q = v
+            .get("question")
+            .and_then(Value::as_str)
+            .ok_or_else(|| bad("missing string `question`".into()))?;
         let choices: Vec<&str> = v
             .get("choices")
             .and_then(Value::as_array)
             .map(|a| a.iter().filter_map(Value::as_str).collect())
             .ok_or_else(|| bad("missing array `choices`".into()))?;
-        let answer = v.get("answer").and_then(Value::as_u64).ok_or_else(|| bad("missing integer `answer`".into()))? as usize;
+        let answer = v
+            .get("answer")
+            .and_then(Value::as_u64)
+            .ok_or_else(|| bad("missing integer `answer`".into()))? as usize;
         if answer >= choices.len() || choices.len() < 2 {
-            return Err(bad(format!("`answer` {answer} must index one of at least two choices")));
+            return Err(bad(format!(
+                "`answer` {answer} must index one of at least two choices"
+            )));
         }
         let ctx = tok.encode(q, true)?;
         if ctx.is_empty() {
@@ -95,7 +110,12 @@ pub fn multiple_choice(model: &Model, tok: &TextTokenizer, file: &Path) -> Resul
         for (c, choice) in choices.iter().enumerate() {
             let full = tok.encode(&format!("{q} {choice}"), true)?;
             // Tokens of the choice are those after the shared prefix with the question alone.
-            let shared = ctx.iter().zip(&full).take_while(|(a, b)| a == b).count().max(1);
+            let shared = ctx
+                .iter()
+                .zip(&full)
+                .take_while(|(a, b)| a == b)
+                .count()
+                .max(1);
             let lp = continuation_logprob(model, &full[..shared], &full[shared..])?;
             if lp > best.0 {
                 best = (lp, c);
@@ -129,7 +149,13 @@ pub struct ExactMatch {
 
 /// Alpaca JSONL: generates greedily after the alpaca prompt and compares the first line of the answer
 /// (trimmed) with `output`.
-pub fn exact_match(model: &Model, tok: &TextTokenizer, file: &Path, max_new_tokens: usize, limit: usize) -> Result<ExactMatch> {
+pub fn exact_match(
+    model: &Model,
+    tok: &TextTokenizer,
+    file: &Path,
+    max_new_tokens: usize,
+    limit: usize,
+) -> Result<ExactMatch> {
     let text = factune_io::error::read_to_string(file)?;
     let mut stop = tok.eos_id().into_iter().collect::<Vec<_>>();
     stop.extend(model.cfg.eos_token_ids.iter().copied());
@@ -144,9 +170,17 @@ pub fn exact_match(model: &Model, tok: &TextTokenizer, file: &Path, max_new_toke
             continue;
         }
         let bad = |what: String| Error::invalid(file, format!("line {}: {what}", i + 1));
-        let v: Value = serde_json::from_str(line).map_err(|e| bad(format!("malformed JSON: {e}")))?;
-        let get = |k: &str| v.get(k).and_then(Value::as_str).ok_or_else(|| bad(format!("missing string `{k}`")));
-        let prompt = alpaca_prompt(get("instruction")?, v.get("input").and_then(Value::as_str).unwrap_or(""));
+        let v: Value =
+            serde_json::from_str(line).map_err(|e| bad(format!("malformed JSON: {e}")))?;
+        let get = |k: &str| {
+            v.get(k)
+                .and_then(Value::as_str)
+                .ok_or_else(|| bad(format!("missing string `{k}`")))
+        };
+        let prompt = alpaca_prompt(
+            get("instruction")?,
+            v.get("input").and_then(Value::as_str).unwrap_or(""),
+        );
         let want = get("output")?.trim().to_string();
         let ids = tok.encode(&prompt, true)?;
         let out = generate(model, &ids, &cfg)?;

@@ -58,10 +58,12 @@ pub struct ModelConfig {
 
 fn get_usize(v: &Value, path: &Path, key: &str) -> Result<usize> {
     match v.get(key) {
-        Some(x) => x
-            .as_u64()
-            .map(|x| x as usize)
-            .ok_or_else(|| Error::invalid(path, format!("key `{key}` must be a non-negative integer, got {x}"))),
+        Some(x) => x.as_u64().map(|x| x as usize).ok_or_else(|| {
+            Error::invalid(
+                path,
+                format!("key `{key}` must be a non-negative integer, got {x}"),
+            )
+        }),
         None => Err(Error::invalid(path, format!("missing key `{key}`"))),
     }
 }
@@ -90,7 +92,10 @@ fn opt_bool(v: &Value, key: &str) -> Option<bool> {
 fn token_ids(v: Option<&Value>) -> Vec<u32> {
     match v {
         Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
-        Some(Value::Array(a)) => a.iter().filter_map(|x| x.as_u64().map(|x| x as u32)).collect(),
+        Some(Value::Array(a)) => a
+            .iter()
+            .filter_map(|x| x.as_u64().map(|x| x as u32))
+            .collect(),
         _ => vec![],
     }
 }
@@ -137,7 +142,10 @@ impl ModelConfig {
         }
         .or(opt_f64(v, path, "rope_theta")?)
         .unwrap_or(10000.0);
-        let scaling_obj = v.get("rope_scaling").filter(|x| x.is_object()).or(rope_params);
+        let scaling_obj = v
+            .get("rope_scaling")
+            .filter(|x| x.is_object())
+            .or(rope_params);
         let rope_scaling = match scaling_obj {
             Some(s) => Self::rope_scaling(s, path)?,
             None => None,
@@ -162,7 +170,10 @@ impl ModelConfig {
             qkv_bias: qwen || attention_bias,
             o_bias: !qwen && attention_bias,
             mlp_bias: opt_bool(v, "mlp_bias").unwrap_or(false),
-            bos_token_id: v.get("bos_token_id").and_then(Value::as_u64).map(|x| x as u32),
+            bos_token_id: v
+                .get("bos_token_id")
+                .and_then(Value::as_u64)
+                .map(|x| x as u32),
             eos_token_ids: token_ids(v.get("eos_token_id")),
             raw: Value::Null,
         })
@@ -175,8 +186,9 @@ impl ModelConfig {
             .and_then(Value::as_str)
             .unwrap_or("default");
         let factor = || -> Result<f64> {
-            opt_f64(s, path, "factor")?
-                .ok_or_else(|| Error::invalid(path, format!("rope scaling `{kind}` needs `factor`")))
+            opt_f64(s, path, "factor")?.ok_or_else(|| {
+                Error::invalid(path, format!("rope scaling `{kind}` needs `factor`"))
+            })
         };
         match kind {
             "default" => Ok(None),
@@ -185,12 +197,18 @@ impl ModelConfig {
                 factor: factor()?,
                 low_freq_factor: opt_f64(s, path, "low_freq_factor")?.unwrap_or(1.0),
                 high_freq_factor: opt_f64(s, path, "high_freq_factor")?.unwrap_or(4.0),
-                original_max_position_embeddings: opt_usize(s, path, "original_max_position_embeddings")?
-                    .unwrap_or(8192),
+                original_max_position_embeddings: opt_usize(
+                    s,
+                    path,
+                    "original_max_position_embeddings",
+                )?
+                .unwrap_or(8192),
             })),
             other => Err(Error::invalid(
                 path,
-                format!("unsupported rope scaling type `{other}`; supported: default, linear, llama3"),
+                format!(
+                    "unsupported rope scaling type `{other}`; supported: default, linear, llama3"
+                ),
             )),
         }
     }
@@ -201,7 +219,10 @@ impl ModelConfig {
         if num_heads == 0 {
             return Err(Error::invalid(path, "`n_head` must be > 0"));
         }
-        let act = v.get("activation_function").and_then(Value::as_str).unwrap_or("gelu_new");
+        let act = v
+            .get("activation_function")
+            .and_then(Value::as_str)
+            .unwrap_or("gelu_new");
         if !matches!(act, "gelu_new" | "gelu_pytorch_tanh") {
             return Err(Error::invalid(
                 path,
@@ -226,7 +247,10 @@ impl ModelConfig {
             qkv_bias: true,
             o_bias: true,
             mlp_bias: true,
-            bos_token_id: v.get("bos_token_id").and_then(Value::as_u64).map(|x| x as u32),
+            bos_token_id: v
+                .get("bos_token_id")
+                .and_then(Value::as_u64)
+                .map(|x| x as u32),
             eos_token_ids: token_ids(v.get("eos_token_id")),
             raw: Value::Null,
         })
@@ -246,7 +270,7 @@ impl ModelConfig {
                 return Err(Error::invalid(path, format!("`{k}` must be > 0")));
             }
         }
-        if self.num_heads % self.num_kv_heads != 0 {
+        if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return Err(Error::invalid(
                 path,
                 format!(
@@ -255,8 +279,11 @@ impl ModelConfig {
                 ),
             ));
         }
-        if self.arch == Arch::Llama && self.head_dim % 2 != 0 {
-            return Err(Error::invalid(path, format!("head_dim {} must be even for RoPE", self.head_dim)));
+        if self.arch == Arch::Llama && !self.head_dim.is_multiple_of(2) {
+            return Err(Error::invalid(
+                path,
+                format!("head_dim {} must be even for RoPE", self.head_dim),
+            ));
         }
         Ok(())
     }
@@ -269,7 +296,9 @@ impl ModelConfig {
         let head = if self.tie_word_embeddings { 0 } else { v * h };
         match self.arch {
             Arch::Llama => {
-                let attn = h * q + 2 * h * kv + q * h
+                let attn = h * q
+                    + 2 * h * kv
+                    + q * h
                     + if self.qkv_bias { q + 2 * kv } else { 0 }
                     + if self.o_bias { h } else { 0 };
                 let mlp = 3 * h * i + if self.mlp_bias { 2 * i + h } else { 0 };
@@ -278,7 +307,11 @@ impl ModelConfig {
             Arch::Gpt2 => {
                 let attn = 3 * h * h + 3 * h + h * h + h;
                 let mlp = 2 * h * i + i + h;
-                v * h + self.max_position_embeddings * h + self.num_layers * (attn + mlp + 4 * h) + 2 * h + head
+                v * h
+                    + self.max_position_embeddings * h
+                    + self.num_layers * (attn + mlp + 4 * h)
+                    + 2 * h
+                    + head
             }
         }
     }
@@ -306,7 +339,9 @@ mod tests {
         assert_eq!(c.head_dim, 16);
         assert_eq!(c.num_kv_heads, 2);
         assert_eq!(c.eos_token_ids, vec![1, 2]);
-        assert!(matches!(c.rope_scaling, Some(RopeScaling::Llama3 { factor, .. }) if factor == 8.0));
+        assert!(
+            matches!(c.rope_scaling, Some(RopeScaling::Llama3 { factor, .. }) if factor == 8.0)
+        );
     }
 
     #[test]
@@ -324,9 +359,16 @@ mod tests {
 
     #[test]
     fn errors_name_the_key() {
-        let e = parse(json!({"model_type": "bert"})).unwrap_err().to_string();
-        assert!(e.contains("config.json") && e.contains("bert") && e.contains("supported"), "{e}");
-        let e = parse(json!({"model_type": "llama", "hidden_size": 64})).unwrap_err().to_string();
+        let e = parse(json!({"model_type": "bert"}))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("config.json") && e.contains("bert") && e.contains("supported"),
+            "{e}"
+        );
+        let e = parse(json!({"model_type": "llama", "hidden_size": 64}))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("num_attention_heads"), "{e}");
         let e = parse(json!({
             "model_type": "llama", "vocab_size": 100, "hidden_size": 64, "intermediate_size": 128,

@@ -36,7 +36,10 @@ impl TextTokenizer {
     pub fn from_dir(dir: &Path) -> Result<Self> {
         let path = dir.join("tokenizer.json");
         if !path.exists() {
-            return Err(Error::invalid(&path, "missing tokenizer.json (factune needs a fast tokenizer file)"));
+            return Err(Error::invalid(
+                &path,
+                "missing tokenizer.json (factune needs a fast tokenizer file)",
+            ));
         }
         let inner = tokenizers::Tokenizer::from_file(&path)
             .map_err(|e| Error::invalid(&path, format!("cannot load tokenizer: {e}")))?;
@@ -84,7 +87,11 @@ impl TextTokenizer {
     }
 
     /// Token ids and the byte offset where each token starts in `text`.
-    pub fn encode_with_offsets(&self, text: &str, add_special_tokens: bool) -> Result<(Vec<u32>, Vec<usize>)> {
+    pub fn encode_with_offsets(
+        &self,
+        text: &str,
+        add_special_tokens: bool,
+    ) -> Result<(Vec<u32>, Vec<usize>)> {
         let enc = self
             .inner
             .encode(text, add_special_tokens)
@@ -104,8 +111,15 @@ impl TextTokenizer {
     }
 
     /// Renders a conversation with the tokenizer's chat template (or [`DEFAULT_CHAT_TEMPLATE`]).
-    pub fn apply_chat_template(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
-        let template = self.chat_template.as_deref().unwrap_or(DEFAULT_CHAT_TEMPLATE);
+    pub fn apply_chat_template(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<String> {
+        let template = self
+            .chat_template
+            .as_deref()
+            .unwrap_or(DEFAULT_CHAT_TEMPLATE);
         let mut env = minijinja::Environment::new();
         // transformers renders chat templates with trim_blocks and lstrip_blocks on.
         let syntax = minijinja::syntax::SyntaxConfig::builder()
@@ -115,8 +129,9 @@ impl TextTokenizer {
             .map_err(|e| Error::config(format!("minijinja syntax: {e}")))?;
         env.set_syntax(syntax);
         minijinja_contrib_compat(&mut env);
-        env.add_template("chat", template)
-            .map_err(|e| Error::invalid(&self.path, format!("chat_template does not parse: {e}")))?;
+        env.add_template("chat", template).map_err(|e| {
+            Error::invalid(&self.path, format!("chat_template does not parse: {e}"))
+        })?;
         let ctx = minijinja::context! {
             messages => messages
                 .iter()
@@ -134,8 +149,14 @@ impl TextTokenizer {
 
 /// The helpers HF chat templates call that jinja2 has and minijinja does not by default.
 fn minijinja_contrib_compat(env: &mut minijinja::Environment<'_>) {
-    env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
-        Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
-    });
+    env.add_function(
+        "raise_exception",
+        |msg: String| -> std::result::Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(
+                minijinja::ErrorKind::InvalidOperation,
+                msg,
+            ))
+        },
+    );
     env.add_filter("trim", |s: String| s.trim().to_string());
 }

@@ -39,7 +39,10 @@ impl Weights {
                 .get("weight_map")
                 .and_then(|m| m.as_object())
                 .ok_or_else(|| Error::invalid(&index, "missing object `weight_map`"))?;
-            let mut files: Vec<String> = map.values().filter_map(|f| f.as_str().map(String::from)).collect();
+            let mut files: Vec<String> = map
+                .values()
+                .filter_map(|f| f.as_str().map(String::from))
+                .collect();
             files.sort();
             files.dedup();
             let paths: Vec<PathBuf> = files.iter().map(|f| dir.join(f)).collect();
@@ -72,7 +75,10 @@ impl Weights {
             let (n, meta) = SafeTensors::read_metadata(&mmap).map_err(|e| st_error(path, e))?;
             for (name, info) in meta.tensors() {
                 if index.insert(name.clone(), (i, info.clone())).is_some() {
-                    return Err(Error::invalid(path, format!("tensor `{name}` appears in more than one shard")));
+                    return Err(Error::invalid(
+                        path,
+                        format!("tensor `{name}` appears in more than one shard"),
+                    ));
                 }
             }
             shards.push(Shard {
@@ -94,14 +100,17 @@ impl Weights {
 
     /// Shape and stored dtype of a tensor without reading it.
     pub fn info(&self, name: &str) -> Option<(&[usize], StDtype)> {
-        self.index.get(name).map(|(_, i)| (i.shape.as_slice(), i.dtype))
+        self.index
+            .get(name)
+            .map(|(_, i)| (i.shape.as_slice(), i.dtype))
     }
 
     /// Counts of stored dtypes, for `inspect`.
     pub fn dtype_summary(&self) -> BTreeMap<String, usize> {
         let mut m = BTreeMap::new();
         for (_, info) in self.index.values() {
-            *m.entry(format!("{:?}", info.dtype)).or_insert(0) += info.shape.iter().product::<usize>();
+            *m.entry(format!("{:?}", info.dtype)).or_insert(0) +=
+                info.shape.iter().product::<usize>();
         }
         m
     }
@@ -110,7 +119,12 @@ impl Weights {
         self.index
             .get(name)
             .map(|(i, _)| self.shards[*i].path.as_path())
-            .unwrap_or_else(|| self.shards.first().map(|s| s.path.as_path()).unwrap_or(Path::new("<weights>")))
+            .unwrap_or_else(|| {
+                self.shards
+                    .first()
+                    .map(|s| s.path.as_path())
+                    .unwrap_or(Path::new("<weights>"))
+            })
     }
 
     /// Reads a tensor, converted to `dtype`.
@@ -145,12 +159,20 @@ impl Weights {
     }
 
     /// Reads a tensor and checks it has the shape the model config implies.
-    pub fn get_shaped(&self, name: &str, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
+    pub fn get_shaped(
+        &self,
+        name: &str,
+        shape: &[usize],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
         if let Some((actual, _)) = self.info(name) {
             if actual != shape {
                 return Err(Error::invalid(
                     self.path_of(name),
-                    format!("tensor `{name}` has shape {actual:?}, but config.json implies {shape:?}"),
+                    format!(
+                        "tensor `{name}` has shape {actual:?}, but config.json implies {shape:?}"
+                    ),
                 ));
             }
         }
@@ -174,23 +196,43 @@ pub fn to_safetensors_bytes(
     for (name, t) in tensors {
         let (bytes, dt) = match t.dtype() {
             DType::F32 => (
-                t.flatten_all()?.to_vec1::<f32>()?.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                t.flatten_all()?
+                    .to_vec1::<f32>()?
+                    .iter()
+                    .flat_map(|x| x.to_le_bytes())
+                    .collect(),
                 StDtype::F32,
             ),
             DType::BF16 => (
-                t.flatten_all()?.to_vec1::<half::bf16>()?.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                t.flatten_all()?
+                    .to_vec1::<half::bf16>()?
+                    .iter()
+                    .flat_map(|x| x.to_le_bytes())
+                    .collect(),
                 StDtype::BF16,
             ),
             DType::F16 => (
-                t.flatten_all()?.to_vec1::<half::f16>()?.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                t.flatten_all()?
+                    .to_vec1::<half::f16>()?
+                    .iter()
+                    .flat_map(|x| x.to_le_bytes())
+                    .collect(),
                 StDtype::F16,
             ),
             DType::I64 => (
-                t.flatten_all()?.to_vec1::<i64>()?.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                t.flatten_all()?
+                    .to_vec1::<i64>()?
+                    .iter()
+                    .flat_map(|x| x.to_le_bytes())
+                    .collect(),
                 StDtype::I64,
             ),
             DType::U8 => (t.flatten_all()?.to_vec1::<u8>()?, StDtype::U8),
-            other => return Err(Error::config(format!("cannot serialise tensor `{name}` of dtype {other:?}"))),
+            other => {
+                return Err(Error::config(format!(
+                    "cannot serialise tensor `{name}` of dtype {other:?}"
+                )))
+            }
         };
         data.push((name.clone(), bytes, t.dims().to_vec(), dt));
     }
@@ -202,7 +244,8 @@ pub fn to_safetensors_bytes(
                 .map_err(|e| Error::config(format!("tensor `{n}`: {e}")))
         })
         .collect::<Result<_>>()?;
-    safetensors::tensor::serialize(views, metadata).map_err(|e| Error::config(format!("safetensors: {e}")))
+    safetensors::tensor::serialize(views, metadata)
+        .map_err(|e| Error::config(format!("safetensors: {e}")))
 }
 
 #[cfg(test)]
@@ -217,7 +260,13 @@ mod tests {
 
     fn sample() -> Vec<u8> {
         let mut m = BTreeMap::new();
-        m.insert("a".to_string(), Tensor::arange(0f32, 6., &Device::Cpu).unwrap().reshape((2, 3)).unwrap());
+        m.insert(
+            "a".to_string(),
+            Tensor::arange(0f32, 6., &Device::Cpu)
+                .unwrap()
+                .reshape((2, 3))
+                .unwrap(),
+        );
         to_safetensors_bytes(&m, None).unwrap()
     }
 
@@ -226,9 +275,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = write(dir.path(), "m.safetensors", &sample());
         let w = Weights::from_files(&[p]).unwrap();
-        let t = w.get_shaped("a", &[2, 3], DType::BF16, &Device::Cpu).unwrap();
+        let t = w
+            .get_shaped("a", &[2, 3], DType::BF16, &Device::Cpu)
+            .unwrap();
         assert_eq!(t.dtype(), DType::BF16);
-        assert_eq!(t.to_dtype(DType::F32).unwrap().to_vec2::<f32>().unwrap(), [[0., 1., 2.], [3., 4., 5.]]);
+        assert_eq!(
+            t.to_dtype(DType::F32).unwrap().to_vec2::<f32>().unwrap(),
+            [[0., 1., 2.], [3., 4., 5.]]
+        );
     }
 
     #[test]
@@ -237,7 +291,10 @@ mod tests {
         let bytes = sample();
         let p = write(dir.path(), "trunc.safetensors", &bytes[..bytes.len() - 4]);
         let e = Weights::from_files(&[p]).err().unwrap().to_string();
-        assert!(e.contains("trunc.safetensors") && e.contains("not a valid safetensors"), "{e}");
+        assert!(
+            e.contains("trunc.safetensors") && e.contains("not a valid safetensors"),
+            "{e}"
+        );
         let p = write(dir.path(), "short.safetensors", &bytes[..5]);
         assert!(Weights::from_files(&[p]).is_err());
         // A header claiming a huge length.
@@ -253,20 +310,42 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = write(dir.path(), "m.safetensors", &sample());
         let w = Weights::from_files(&[p]).unwrap();
-        let e = w.get_shaped("a", &[3, 2], DType::F32, &Device::Cpu).unwrap_err().to_string();
-        assert!(e.contains("`a`") && e.contains("[2, 3]") && e.contains("[3, 2]"), "{e}");
-        let e = w.get("nope", DType::F32, &Device::Cpu).unwrap_err().to_string();
-        assert!(e.contains("missing tensor `nope`") && e.contains("m.safetensors"), "{e}");
+        let e = w
+            .get_shaped("a", &[3, 2], DType::F32, &Device::Cpu)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("`a`") && e.contains("[2, 3]") && e.contains("[3, 2]"),
+            "{e}"
+        );
+        let e = w
+            .get("nope", DType::F32, &Device::Cpu)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("missing tensor `nope`") && e.contains("m.safetensors"),
+            "{e}"
+        );
     }
 
     #[test]
     fn unsupported_dtype_is_named() {
         let dir = tempfile::tempdir().unwrap();
         let mut m = BTreeMap::new();
-        m.insert("ids".to_string(), Tensor::new(&[1i64, 2], &Device::Cpu).unwrap());
-        let p = write(dir.path(), "i.safetensors", &to_safetensors_bytes(&m, None).unwrap());
+        m.insert(
+            "ids".to_string(),
+            Tensor::new(&[1i64, 2], &Device::Cpu).unwrap(),
+        );
+        let p = write(
+            dir.path(),
+            "i.safetensors",
+            &to_safetensors_bytes(&m, None).unwrap(),
+        );
         let w = Weights::from_files(&[p]).unwrap();
-        let e = w.get("ids", DType::F32, &Device::Cpu).unwrap_err().to_string();
+        let e = w
+            .get("ids", DType::F32, &Device::Cpu)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("I64") && e.contains("ids"), "{e}");
     }
 }

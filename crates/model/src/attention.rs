@@ -11,9 +11,17 @@ pub struct Rope {
 }
 
 impl Rope {
-    pub fn new(head_dim: usize, max_pos: usize, theta: f64, scaling: Option<&RopeScaling>, dev: &Device) -> Result<Self> {
+    pub fn new(
+        head_dim: usize,
+        max_pos: usize,
+        theta: f64,
+        scaling: Option<&RopeScaling>,
+        dev: &Device,
+    ) -> Result<Self> {
         let half = head_dim / 2;
-        let mut inv_freq: Vec<f64> = (0..half).map(|i| 1.0 / theta.powf(2.0 * i as f64 / head_dim as f64)).collect();
+        let mut inv_freq: Vec<f64> = (0..half)
+            .map(|i| 1.0 / theta.powf(2.0 * i as f64 / head_dim as f64))
+            .collect();
         match scaling {
             Some(RopeScaling::Linear { factor }) => inv_freq.iter_mut().for_each(|f| *f /= factor),
             Some(RopeScaling::Llama3 {
@@ -31,7 +39,8 @@ impl Rope {
                     if wavelen > low_wavelen {
                         *f /= factor;
                     } else if wavelen >= high_wavelen {
-                        let smooth = (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                        let smooth = (old / wavelen - low_freq_factor)
+                            / (high_freq_factor - low_freq_factor);
                         *f = (1.0 - smooth) * *f / factor + smooth * *f;
                     }
                 }
@@ -63,7 +72,8 @@ impl Rope {
         let x1 = x.narrow(D::Minus1, 0, d / 2)?;
         let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
         let rot = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-        x.broadcast_mul(&cos)?.broadcast_add(&rot.broadcast_mul(&sin)?)
+        x.broadcast_mul(&cos)?
+            .broadcast_add(&rot.broadcast_mul(&sin)?)
     }
 
     pub fn max_positions(&self) -> usize {
@@ -131,7 +141,9 @@ pub fn causal_attention(
     let scores = scores.broadcast_add(&causal_mask(t, tk, offset, rep, q.device())?)?;
     let p = kernels::softmax_last_dim(&scores)?;
     let y = p.matmul(&v.contiguous()?)?; // [B, Hkv, rep*T, D]
-    y.reshape((b, hq, t, d))?.transpose(1, 2)?.reshape((b, t, hq * d))
+    y.reshape((b, hq, t, d))?
+        .transpose(1, 2)?
+        .reshape((b, t, hq * d))
 }
 
 /// `[rep·T, Tk]` additive mask: query row i (position offset + i mod T) sees keys at positions ≤ its own.

@@ -23,7 +23,9 @@ fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
 
 fn last_dim(l: &Layout) -> Result<(usize, usize)> {
     let dims = l.dims();
-    let n = *dims.last().ok_or_else(|| candle_core::Error::Msg("scalar input".into()))?;
+    let n = *dims
+        .last()
+        .ok_or_else(|| candle_core::Error::Msg("scalar input".into()))?;
     Ok((l.shape().elem_count() / n.max(1), n))
 }
 
@@ -112,13 +114,15 @@ struct RmsNorm {
 
 fn rms_fwd_rows(x: &[f32], w: &[f32], eps: f32, y: &mut [f32]) {
     let n = w.len();
-    y.par_chunks_mut(n).zip(x.par_chunks(n)).for_each(|(yr, xr)| {
-        let ms = xr.iter().map(|v| v * v).sum::<f32>() / n as f32;
-        let r = 1.0 / (ms + eps).sqrt();
-        for ((yv, xv), wv) in yr.iter_mut().zip(xr).zip(w) {
-            *yv = xv * r * wv;
-        }
-    });
+    y.par_chunks_mut(n)
+        .zip(x.par_chunks(n))
+        .for_each(|(yr, xr)| {
+            let ms = xr.iter().map(|v| v * v).sum::<f32>() / n as f32;
+            let r = 1.0 / (ms + eps).sqrt();
+            for ((yv, xv), wv) in yr.iter_mut().zip(xr).zip(w) {
+                *yv = xv * r * wv;
+            }
+        });
 }
 
 impl CustomOp1 for RmsNorm {
@@ -153,7 +157,13 @@ impl CustomOp2 for RmsNormBwd {
         "rms-norm-bwd"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let x = f32_slice(s1, l1, "rms-norm-bwd")?;
         let dy = f32_slice(s2, l2, "rms-norm-bwd")?;
         let w = self.w.to_vec1::<f32>()?;
@@ -164,7 +174,13 @@ impl CustomOp2 for RmsNormBwd {
             .for_each(|(dxr, (xr, dyr))| {
                 let ms = xr.iter().map(|v| v * v).sum::<f32>() / n as f32;
                 let r = 1.0 / (ms + self.eps).sqrt();
-                let gx = xr.iter().zip(dyr).zip(&w).map(|((x, d), w)| x * d * w).sum::<f32>() / n as f32;
+                let gx = xr
+                    .iter()
+                    .zip(dyr)
+                    .zip(&w)
+                    .map(|((x, d), w)| x * d * w)
+                    .sum::<f32>()
+                    / n as f32;
                 let c = r * r * gx;
                 for i in 0..n {
                     dxr[i] = r * (dyr[i] * w[i] - xr[i] * c);
@@ -218,12 +234,14 @@ impl CustomOp1 for LayerNorm {
         let b = self.b.to_vec1::<f32>()?;
         let n = w.len();
         let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(n).zip(x.par_chunks(n)).for_each(|(yr, xr)| {
-            let (mu, rstd) = ln_stats(xr, self.eps);
-            for i in 0..n {
-                yr[i] = (xr[i] - mu) * rstd * w[i] + b[i];
-            }
-        });
+        y.par_chunks_mut(n)
+            .zip(x.par_chunks(n))
+            .for_each(|(yr, xr)| {
+                let (mu, rstd) = ln_stats(xr, self.eps);
+                for i in 0..n {
+                    yr[i] = (xr[i] - mu) * rstd * w[i] + b[i];
+                }
+            });
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 
@@ -246,7 +264,13 @@ impl CustomOp2 for LayerNormBwd {
         "layer-norm-bwd"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let x = f32_slice(s1, l1, "layer-norm-bwd")?;
         let dy = f32_slice(s2, l2, "layer-norm-bwd")?;
         let w = self.w.to_vec1::<f32>()?;
@@ -289,7 +313,9 @@ pub fn layer_norm_reference(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Res
     let mu = x.mean_keepdim(D::Minus1)?;
     let xc = x.broadcast_sub(&mu)?;
     let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
-    xc.broadcast_div(&(var + eps)?.sqrt()?)?.broadcast_mul(w)?.broadcast_add(b)
+    xc.broadcast_div(&(var + eps)?.sqrt()?)?
+        .broadcast_mul(w)?
+        .broadcast_add(b)
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -306,21 +332,25 @@ impl CustomOp1 for Softmax {
         let x = f32_slice(s, l, "softmax")?;
         let (_, n) = last_dim(l)?;
         let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(n).zip(x.par_chunks(n)).for_each(|(yr, xr)| {
-            let m = xr.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-            let mut sum = 0f32;
-            for (yv, xv) in yr.iter_mut().zip(xr) {
-                *yv = (xv - m).exp();
-                sum += *yv;
-            }
-            let inv = 1.0 / sum;
-            yr.iter_mut().for_each(|v| *v *= inv);
-        });
+        y.par_chunks_mut(n)
+            .zip(x.par_chunks(n))
+            .for_each(|(yr, xr)| {
+                let m = xr.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+                let mut sum = 0f32;
+                for (yv, xv) in yr.iter_mut().zip(xr) {
+                    *yv = (xv - m).exp();
+                    sum += *yv;
+                }
+                let inv = 1.0 / sum;
+                yr.iter_mut().for_each(|v| *v *= inv);
+            });
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 
     fn bwd(&self, _arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(res.apply_op2_no_bwd(&grad.contiguous()?, &SoftmaxBwd)?))
+        Ok(Some(
+            res.apply_op2_no_bwd(&grad.contiguous()?, &SoftmaxBwd)?,
+        ))
     }
 }
 
@@ -331,7 +361,13 @@ impl CustomOp2 for SoftmaxBwd {
         "softmax-bwd"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let y = f32_slice(s1, l1, "softmax-bwd")?;
         let dy = f32_slice(s2, l2, "softmax-bwd")?;
         let (_, n) = last_dim(l1)?;
@@ -369,10 +405,14 @@ mod tests {
     fn rand(shape: &[usize], seed: u64) -> Tensor {
         // A fixed pseudo-random fill, so the test does not depend on candle's RNG.
         let n: usize = shape.iter().product();
-        let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let mut s = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         let v: Vec<f32> = (0..n)
             .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 ((s >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
             })
             .collect();
@@ -380,20 +420,51 @@ mod tests {
     }
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
     }
 
     /// Compares a fused op and its reference: outputs, and the gradient of a weighted sum w.r.t. the input.
-    fn check(fused: impl Fn(&Tensor) -> Result<Tensor>, reference: impl Fn(&Tensor) -> Result<Tensor>, shape: &[usize]) {
+    fn check(
+        fused: impl Fn(&Tensor) -> Result<Tensor>,
+        reference: impl Fn(&Tensor) -> Result<Tensor>,
+        shape: &[usize],
+    ) {
         let x = Var::from_tensor(&rand(shape, 1)).unwrap();
         let yf = fused(x.as_tensor()).unwrap();
         let yr = reference(x.as_tensor()).unwrap();
-        assert!(max_diff(&yf, &yr) < 1e-5, "forward differs by {}", max_diff(&yf, &yr));
+        assert!(
+            max_diff(&yf, &yr) < 1e-5,
+            "forward differs by {}",
+            max_diff(&yf, &yr)
+        );
         let probe = rand(yf.dims(), 2);
-        let gf = (yf * &probe).unwrap().sum_all().unwrap().backward().unwrap();
-        let gr = (yr * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        let gf = (yf * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let gr = (yr * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
         let (gf, gr) = (gf.get(&x).unwrap(), gr.get(&x).unwrap());
-        assert!(max_diff(gf, gr) < 1e-4, "backward differs by {}", max_diff(gf, gr));
+        assert!(
+            max_diff(gf, gr) < 1e-4,
+            "backward differs by {}",
+            max_diff(gf, gr)
+        );
     }
 
     #[test]
@@ -416,7 +487,11 @@ mod tests {
     #[test]
     fn rms_norm_matches_reference() {
         let w = rand(&[32], 6);
-        check(|x| rms_norm(x, &w, 1e-5), |x| rms_norm_reference(x, &w, 1e-5), &[3, 4, 32]);
+        check(
+            |x| rms_norm(x, &w, 1e-5),
+            |x| rms_norm_reference(x, &w, 1e-5),
+            &[3, 4, 32],
+        );
     }
 
     #[test]

@@ -18,7 +18,13 @@ pub trait LinearAdapter: Send + Sync {
     /// The PEFT method name (`peft_type`), e.g. `LORA`.
     fn method(&self) -> &'static str;
     /// Output of the adapted layer, given the input and the frozen layer's own output.
-    fn forward(&self, x: &Tensor, base_out: Tensor, base: &FrozenParts, ctx: &Ctx) -> Result<Tensor>;
+    fn forward(
+        &self,
+        x: &Tensor,
+        base_out: Tensor,
+        base: &FrozenParts,
+        ctx: &Ctx,
+    ) -> Result<Tensor>;
     /// Trainable tensors with their names relative to the module (e.g. `lora_A.weight`).
     fn parameters(&self) -> Vec<(String, Var)>;
     /// The dense update ΔW `[out, in]` this adapter adds to the weight.
@@ -46,7 +52,14 @@ pub struct AdaptableLinear {
 }
 
 impl AdaptableLinear {
-    pub fn new(path: String, index: usize, weight: Tensor, bias: Option<Tensor>, source_key: String, stored_transposed: bool) -> Self {
+    pub fn new(
+        path: String,
+        index: usize,
+        weight: Tensor,
+        bias: Option<Tensor>,
+        source_key: String,
+        stored_transposed: bool,
+    ) -> Self {
         AdaptableLinear {
             path,
             index,
@@ -82,7 +95,8 @@ impl AdaptableLinear {
         match &self.adapter {
             Some(a) => {
                 let ctx = Ctx {
-                    dropout_seed: ctx.dropout_seed ^ (self.index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+                    dropout_seed: ctx.dropout_seed
+                        ^ (self.index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
                     ..*ctx
                 };
                 a.forward(x, y, &self.base, &ctx)
@@ -94,7 +108,9 @@ impl AdaptableLinear {
     /// Folds the adapter into W as `W + ΔW` computed in f32 and cast once, detaching the adapter and
     /// returning it (so it can be unmerged).
     pub fn merge(&mut self) -> Result<Option<Box<dyn LinearAdapter>>> {
-        let Some(a) = self.adapter.take() else { return Ok(None) };
+        let Some(a) = self.adapter.take() else {
+            return Ok(None);
+        };
         let delta = a.delta_weight(&self.base)?;
         let dtype = self.base.weight.dtype();
         let w = (self.base.weight.to_dtype(candle_core::DType::F32)? + delta)?;

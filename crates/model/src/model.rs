@@ -32,6 +32,8 @@ impl Norm {
     }
 }
 
+// One per layer, built once: the size difference between variants costs nothing worth a Box.
+#[allow(clippy::large_enum_variant)]
 pub enum Attn {
     /// Llama family: separate projections.
     Split {
@@ -41,7 +43,10 @@ pub enum Attn {
         o: AdaptableLinear,
     },
     /// GPT-2: one `c_attn` producing q, k, v side by side, then `c_proj`.
-    Fused { qkv: AdaptableLinear, o: AdaptableLinear },
+    Fused {
+        qkv: AdaptableLinear,
+        o: AdaptableLinear,
+    },
 }
 
 pub enum Mlp {
@@ -50,7 +55,10 @@ pub enum Mlp {
         up: AdaptableLinear,
         down: AdaptableLinear,
     },
-    Gelu { fc: AdaptableLinear, proj: AdaptableLinear },
+    Gelu {
+        fc: AdaptableLinear,
+        proj: AdaptableLinear,
+    },
 }
 
 pub struct Block {
@@ -84,7 +92,12 @@ struct Loader<'a> {
 
 impl Loader<'_> {
     fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        self.w.get_shaped(&format!("{}{name}", self.prefix), shape, DType::F32, self.dev)
+        self.w.get_shaped(
+            &format!("{}{name}", self.prefix),
+            shape,
+            DType::F32,
+            self.dev,
+        )
     }
 
     fn opt(&self, name: &str, shape: &[usize], present: bool) -> Result<Option<Tensor>> {
@@ -96,23 +109,46 @@ impl Loader<'_> {
     }
 
     /// A linear layer stored PyTorch-style `[out, in]`.
-    fn linear(&mut self, path: &str, out: usize, inp: usize, bias: bool) -> Result<AdaptableLinear> {
+    fn linear(
+        &mut self,
+        path: &str,
+        out: usize,
+        inp: usize,
+        bias: bool,
+    ) -> Result<AdaptableLinear> {
         let w = self.get(&format!("{path}.weight"), &[out, inp])?;
         let b = self.opt(&format!("{path}.bias"), &[out], bias)?;
         self.next_index += 1;
         let key = format!("{}{path}.weight", self.prefix);
-        Ok(AdaptableLinear::new(path.to_string(), self.next_index - 1, w, b, key, false))
+        Ok(AdaptableLinear::new(
+            path.to_string(),
+            self.next_index - 1,
+            w,
+            b,
+            key,
+            false,
+        ))
     }
 
     /// GPT-2's `Conv1D`, stored `[in, out]`; kept as `[out, in]` in memory so every linear is alike.
     fn conv1d(&mut self, path: &str, out: usize, inp: usize) -> Result<AdaptableLinear> {
-        let w = self.get(&format!("{path}.weight"), &[inp, out])?.t()?.contiguous()?;
+        let w = self
+            .get(&format!("{path}.weight"), &[inp, out])?
+            .t()?
+            .contiguous()?;
         let b = self.get(&format!("{path}.bias"), &[out])?;
         self.next_index += 1;
         // PEFT names GPT-2 modules under `transformer.` whatever the checkpoint's own prefix.
         let peft_path = format!("transformer.{path}");
         let key = format!("{}{path}.weight", self.prefix);
-        Ok(AdaptableLinear::new(peft_path, self.next_index - 1, w, Some(b), key, true))
+        Ok(AdaptableLinear::new(
+            peft_path,
+            self.next_index - 1,
+            w,
+            Some(b),
+            key,
+            true,
+        ))
     }
 
     fn rms(&self, name: &str) -> Result<Norm> {
@@ -143,7 +179,12 @@ impl Model {
         Self::from_weights(cfg, &weights, dir, device)
     }
 
-    pub fn from_weights(cfg: ModelConfig, weights: &Weights, dir: &Path, device: &Device) -> Result<Self> {
+    pub fn from_weights(
+        cfg: ModelConfig,
+        weights: &Weights,
+        dir: &Path,
+        device: &Device,
+    ) -> Result<Self> {
         let c = cfg.clone();
         let (h, i, v) = (c.hidden_size, c.intermediate_size, c.vocab_size);
         let mut model = match c.arch {
@@ -188,7 +229,13 @@ impl Model {
                     l.get("lm_head.weight", &[v, h])?
                 };
                 let max_pos = c.max_position_embeddings;
-                let rope = Rope::new(c.head_dim, max_pos, c.rope_theta, c.rope_scaling.as_ref(), device)?;
+                let rope = Rope::new(
+                    c.head_dim,
+                    max_pos,
+                    c.rope_theta,
+                    c.rope_scaling.as_ref(),
+                    device,
+                )?;
                 Model {
                     final_norm: l.rms("model.norm")?,
                     cfg: cfg.clone(),
@@ -204,7 +251,11 @@ impl Model {
             }
             Arch::Gpt2 => {
                 // Checkpoints saved from GPT2LMHeadModel carry `transformer.`; the original hub files do not.
-                let prefix = if weights.contains("transformer.wte.weight") { "transformer." } else { "" };
+                let prefix = if weights.contains("transformer.wte.weight") {
+                    "transformer."
+                } else {
+                    ""
+                };
                 let mut l = Loader {
                     w: weights,
                     dev: device,
@@ -258,7 +309,12 @@ impl Model {
     }
 
     /// Final hidden states `[B, T, H]` for token ids `[B, T]`, continuing after the cached positions.
-    pub fn forward_hidden(&self, ids: &Tensor, mut cache: Option<&mut KvCache>, ctx: &Ctx) -> Result<Tensor> {
+    pub fn forward_hidden(
+        &self,
+        ids: &Tensor,
+        mut cache: Option<&mut KvCache>,
+        ctx: &Ctx,
+    ) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         let offset = cache.as_ref().map_or(0, |c| c.len());
         if offset + t > self.max_positions() {
@@ -272,15 +328,27 @@ impl Model {
         let vocab = self.cfg.vocab_size as u32;
         let max_id = ids.flatten_all()?.max(0)?.to_scalar::<u32>()?;
         if max_id >= vocab {
-            return Err(Error::config(format!("token id {max_id} is outside the vocabulary of {vocab}")));
+            return Err(Error::config(format!(
+                "token id {max_id} is outside the vocabulary of {vocab}"
+            )));
         }
-        let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, self.cfg.hidden_size))?;
+        let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?.reshape((
+            b,
+            t,
+            self.cfg.hidden_size,
+        ))?;
         if let Some(pe) = &self.pos_embed {
             x = x.broadcast_add(&pe.narrow(0, offset, t)?)?;
         }
         for (n, blk) in self.blocks.iter().enumerate() {
             let h = blk.ln1.forward(&x, self.trainable)?;
-            let a = self.attention(&blk.attn, &h, cache.as_deref_mut().map(|c| (c, n)), offset, ctx)?;
+            let a = self.attention(
+                &blk.attn,
+                &h,
+                cache.as_deref_mut().map(|c| (c, n)),
+                offset,
+                ctx,
+            )?;
             x = (x + a)?;
             let h = blk.ln2.forward(&x, self.trainable)?;
             let m = match &blk.mlp {
@@ -382,12 +450,23 @@ impl Model {
             n += self.lm_head.elem_count();
         }
         for b in &self.blocks {
-            n += b.ln1.tensors().iter().chain(b.ln2.tensors().iter()).map(|t| t.elem_count()).sum::<usize>();
+            n += b
+                .ln1
+                .tensors()
+                .iter()
+                .chain(b.ln2.tensors().iter())
+                .map(|t| t.elem_count())
+                .sum::<usize>();
         }
         for l in self.linears() {
             n += l.base.weight.elem_count() + l.base.bias.as_ref().map_or(0, |b| b.elem_count());
         }
-        n + self.final_norm.tensors().iter().map(|t| t.elem_count()).sum::<usize>()
+        n + self
+            .final_norm
+            .tensors()
+            .iter()
+            .map(|t| t.elem_count())
+            .sum::<usize>()
     }
 
     /// Every tensor of the model under its Hugging Face key and in its stored layout, in a stable order (a
@@ -413,16 +492,26 @@ impl Model {
         };
         for (i, b) in self.blocks.iter().enumerate() {
             let (l1, l2) = if gpt2 {
-                (format!("transformer.h.{i}.ln_1"), format!("transformer.h.{i}.ln_2"))
+                (
+                    format!("transformer.h.{i}.ln_1"),
+                    format!("transformer.h.{i}.ln_2"),
+                )
             } else {
-                (format!("model.layers.{i}.input_layernorm"), format!("model.layers.{i}.post_attention_layernorm"))
+                (
+                    format!("model.layers.{i}.input_layernorm"),
+                    format!("model.layers.{i}.post_attention_layernorm"),
+                )
             };
             norm(&mut out, &b.ln1, l1);
             norm(&mut out, &b.ln2, l2);
         }
         for l in self.linears() {
             // GPT-2's Conv1D is stored [in, out].
-            let w = if l.stored_transposed { l.base.weight.t().expect("2-D weight") } else { l.base.weight.clone() };
+            let w = if l.stored_transposed {
+                l.base.weight.t().expect("2-D weight")
+            } else {
+                l.base.weight.clone()
+            };
             out.push((format!("{}.weight", l.path), w));
             if let Some(b) = &l.base.bias {
                 out.push((format!("{}.bias", l.path), b.clone()));
@@ -453,7 +542,10 @@ impl Model {
         if let Some(p) = &mut self.pos_embed {
             var(p, next())?;
         }
-        let norm_vars = |n: &mut Norm, var: &mut dyn FnMut(&mut Tensor, String) -> Result<()>, next: &mut dyn FnMut() -> String| -> Result<()> {
+        let norm_vars = |n: &mut Norm,
+                         var: &mut dyn FnMut(&mut Tensor, String) -> Result<()>,
+                         next: &mut dyn FnMut() -> String|
+         -> Result<()> {
             match n {
                 Norm::Rms { w, .. } => var(w, next()),
                 Norm::Layer { w, b, .. } => {

@@ -18,19 +18,33 @@ const TOKENIZER_FILES: &[&str] = &[
 ];
 
 /// Saves `model` to `dest` with weights cast once to `dtype`; tokenizer files are copied from `tokenizer_dir`.
-pub fn save_pretrained(model: &Model, dest: &Path, dtype: DType, tokenizer_dir: &Path) -> Result<()> {
+pub fn save_pretrained(
+    model: &Model,
+    dest: &Path,
+    dtype: DType,
+    tokenizer_dir: &Path,
+) -> Result<()> {
     std::fs::create_dir_all(dest).map_err(|e| Error::io(dest, e))?;
     let mut tensors = BTreeMap::new();
     for (k, t) in model.named_tensors() {
         let t = t.to_dtype(DType::F32)?;
-        let finite = t.flatten_all()?.to_vec1::<f32>()?.iter().all(|x| x.is_finite());
+        let finite = t
+            .flatten_all()?
+            .to_vec1::<f32>()?
+            .iter()
+            .all(|x| x.is_finite());
         if !finite {
-            return Err(Error::config(format!("refusing to write the model: tensor `{k}` contains NaN or Inf")));
+            return Err(Error::config(format!(
+                "refusing to write the model: tensor `{k}` contains NaN or Inf"
+            )));
         }
         tensors.insert(k, t.to_dtype(dtype)?.contiguous()?);
     }
     let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
-    atomic::write_atomic(&dest.join("model.safetensors"), &to_safetensors_bytes(&tensors, Some(meta))?)?;
+    atomic::write_atomic(
+        &dest.join("model.safetensors"),
+        &to_safetensors_bytes(&tensors, Some(meta))?,
+    )?;
     let mut cfg = model.cfg.raw.clone();
     let dtype_name = match dtype {
         DType::BF16 => "bfloat16",
@@ -59,8 +73,11 @@ pub fn save_pretrained(model: &Model, dest: &Path, dtype: DType, tokenizer_dir: 
 pub fn save_merged(model: &Model, src: &factune_io::Weights, dest: &Path) -> Result<()> {
     use safetensors::Dtype as St;
     std::fs::create_dir_all(dest).map_err(|e| Error::io(dest, e))?;
-    let merged: HashMap<&str, (&crate::AdaptableLinear,)> =
-        model.linears().into_iter().map(|l| (l.source_key.as_str(), (l,))).collect();
+    let merged: HashMap<&str, (&crate::AdaptableLinear,)> = model
+        .linears()
+        .into_iter()
+        .map(|l| (l.source_key.as_str(), (l,)))
+        .collect();
     let mut tensors = BTreeMap::new();
     let names: Vec<String> = src.names().map(String::from).collect();
     for name in names {
@@ -69,11 +86,19 @@ pub fn save_merged(model: &Model, src: &factune_io::Weights, dest: &Path) -> Res
             St::F32 => DType::F32,
             St::F16 => DType::F16,
             St::BF16 => DType::BF16,
-            other => return Err(Error::config(format!("tensor `{name}`: cannot merge into dtype {other:?}"))),
+            other => {
+                return Err(Error::config(format!(
+                    "tensor `{name}`: cannot merge into dtype {other:?}"
+                )))
+            }
         };
         let t = match merged.get(name.as_str()) {
             Some((l,)) => {
-                let w = if l.stored_transposed { l.base.weight.t()? } else { l.base.weight.clone() };
+                let w = if l.stored_transposed {
+                    l.base.weight.t()?
+                } else {
+                    l.base.weight.clone()
+                };
                 w.to_dtype(dtype)?.contiguous()?
             }
             None => src.get(&name, dtype, &candle_core::Device::Cpu)?,
@@ -81,7 +106,10 @@ pub fn save_merged(model: &Model, src: &factune_io::Weights, dest: &Path) -> Res
         tensors.insert(name, t);
     }
     let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
-    atomic::write_atomic(&dest.join("model.safetensors"), &to_safetensors_bytes(&tensors, Some(meta))?)?;
+    atomic::write_atomic(
+        &dest.join("model.safetensors"),
+        &to_safetensors_bytes(&tensors, Some(meta))?,
+    )?;
     for f in std::iter::once(&"config.json").chain(TOKENIZER_FILES) {
         let from = model.dir.join(f);
         if from.exists() {

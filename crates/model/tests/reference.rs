@@ -10,11 +10,24 @@ fn fixtures() -> PathBuf {
 }
 
 fn reference(name: &str) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(fixtures().join(format!("{name}-reference.safetensors")), &Device::Cpu).unwrap()
+    candle_core::safetensors::load(
+        fixtures().join(format!("{name}-reference.safetensors")),
+        &Device::Cpu,
+    )
+    .unwrap()
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
 
 fn check_base_logits(name: &str) {
@@ -45,13 +58,31 @@ fn gpt2_conv1d_f16_matches_transformers() {
 fn kv_cache_decoding_matches_full_forward() {
     for name in ["llama", "gpt2"] {
         let model = Model::load(&fixtures().join(name), &Device::Cpu).unwrap();
-        let ids = reference(name)["input_ids"].to_dtype(DType::U32).unwrap().narrow(0, 0, 1).unwrap();
+        let ids = reference(name)["input_ids"]
+            .to_dtype(DType::U32)
+            .unwrap()
+            .narrow(0, 0, 1)
+            .unwrap();
         let full = model.forward(&ids, None, &Ctx::default()).unwrap();
         let mut cache = model.new_cache();
-        let first = model.forward(&ids.narrow(1, 0, 7).unwrap(), Some(&mut cache), &Ctx::default()).unwrap();
+        let first = model
+            .forward(
+                &ids.narrow(1, 0, 7).unwrap(),
+                Some(&mut cache),
+                &Ctx::default(),
+            )
+            .unwrap();
         let mut parts = vec![first];
         for t in 7..12 {
-            parts.push(model.forward(&ids.narrow(1, t, 1).unwrap(), Some(&mut cache), &Ctx::default()).unwrap());
+            parts.push(
+                model
+                    .forward(
+                        &ids.narrow(1, t, 1).unwrap(),
+                        Some(&mut cache),
+                        &Ctx::default(),
+                    )
+                    .unwrap(),
+            );
         }
         let inc = Tensor::cat(&parts, 1).unwrap();
         let d = max_abs_diff(&full, &inc);
@@ -63,7 +94,11 @@ fn kv_cache_decoding_matches_full_forward() {
 fn parameter_count_matches_config() {
     for name in ["llama", "qwen2", "gpt2"] {
         let model = Model::load(&fixtures().join(name), &Device::Cpu).unwrap();
-        assert_eq!(model.num_base_parameters(), model.cfg.num_parameters(), "{name}");
+        assert_eq!(
+            model.num_base_parameters(),
+            model.cfg.num_parameters(),
+            "{name}"
+        );
     }
 }
 
@@ -71,9 +106,15 @@ fn parameter_count_matches_config() {
 fn context_overflow_and_bad_ids_are_errors() {
     let model = Model::load(&fixtures().join("llama"), &Device::Cpu).unwrap();
     let ids = Tensor::zeros((1, 65), DType::U32, &Device::Cpu).unwrap();
-    let e = model.forward(&ids, None, &Ctx::default()).unwrap_err().to_string();
+    let e = model
+        .forward(&ids, None, &Ctx::default())
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("65 tokens exceeds") && e.contains("64"), "{e}");
     let ids = Tensor::new(&[[3u32, 999]], &Device::Cpu).unwrap();
-    let e = model.forward(&ids, None, &Ctx::default()).unwrap_err().to_string();
+    let e = model
+        .forward(&ids, None, &Ctx::default())
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("999"), "{e}");
 }

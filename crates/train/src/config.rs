@@ -18,7 +18,12 @@ impl std::str::FromStr for Targets {
     type Err = String;
     fn from_str(s: &str) -> std::result::Result<Self, String> {
         if s.contains(',') {
-            Ok(Targets::List(s.split(',').map(|x| x.trim().to_string()).filter(|x| !x.is_empty()).collect()))
+            Ok(Targets::List(
+                s.split(',')
+                    .map(|x| x.trim().to_string())
+                    .filter(|x| !x.is_empty())
+                    .collect(),
+            ))
         } else if s == "all-linear" || s.contains(['*', '(', '|', '\\']) {
             Ok(Targets::One(s.to_string()))
         } else {
@@ -118,7 +123,8 @@ train_config! {
 impl TrainConfig {
     pub fn from_toml_file(path: &Path) -> Result<Self> {
         let text = factune_io::error::read_to_string(path)?;
-        toml::from_str(&text).map_err(|e| Error::invalid(path, format!("invalid training config: {e}")))
+        toml::from_str(&text)
+            .map_err(|e| Error::invalid(path, format!("invalid training config: {e}")))
     }
 
     /// `peft_type = "full"`: every weight is trained (pre-training, baselines).
@@ -140,7 +146,10 @@ impl TrainConfig {
             return bad("max_steps", "must be > 0");
         }
         if self.micro_batch_size == 0 || self.gradient_accumulation_steps == 0 {
-            return bad("micro_batch_size/gradient_accumulation_steps", "must be > 0");
+            return bad(
+                "micro_batch_size/gradient_accumulation_steps",
+                "must be > 0",
+            );
         }
         if self.seq_len < 2 {
             return bad("seq_len", "must be at least 2");
@@ -181,9 +190,15 @@ mod tests {
 
     #[test]
     fn toml_keys_and_overrides() {
-        let mut c: TrainConfig = toml::from_str("r = 16\ntarget_modules = [\"q_proj\", \"k_proj\"]\nlearning_rate = 1e-3").unwrap();
+        let mut c: TrainConfig = toml::from_str(
+            "r = 16\ntarget_modules = [\"q_proj\", \"k_proj\"]\nlearning_rate = 1e-3",
+        )
+        .unwrap();
         assert_eq!(c.r, 16);
-        assert_eq!(c.target_modules, Targets::List(vec!["q_proj".into(), "k_proj".into()]));
+        assert_eq!(
+            c.target_modules,
+            Targets::List(vec!["q_proj".into(), "k_proj".into()])
+        );
         let o = TrainOverrides {
             r: Some(4),
             target_modules: Some("all-linear".parse().unwrap()),
@@ -197,7 +212,9 @@ mod tests {
 
     #[test]
     fn unknown_key_is_named() {
-        let e = toml::from_str::<TrainConfig>("learning_rat = 1.0").unwrap_err().to_string();
+        let e = toml::from_str::<TrainConfig>("learning_rat = 1.0")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("learning_rat"), "{e}");
     }
 }

@@ -40,7 +40,10 @@ pub struct Dataset {
 }
 
 fn detect(path: &Path, first_line: Option<&str>) -> Format {
-    let is_jsonl = matches!(path.extension().and_then(|e| e.to_str()), Some("jsonl" | "json"));
+    let is_jsonl = matches!(
+        path.extension().and_then(|e| e.to_str()),
+        Some("jsonl" | "json")
+    );
     match first_line.and_then(|l| serde_json::from_str::<Value>(l).ok()) {
         Some(v) if is_jsonl || v.is_object() => {
             if v.get("messages").is_some() {
@@ -54,7 +57,13 @@ fn detect(path: &Path, first_line: Option<&str>) -> Format {
 }
 
 impl Dataset {
-    pub fn load(path: &Path, format: &str, tok: &TextTokenizer, seq_len: usize, train_on_prompt: bool) -> Result<Self> {
+    pub fn load(
+        path: &Path,
+        format: &str,
+        tok: &TextTokenizer,
+        seq_len: usize,
+        train_on_prompt: bool,
+    ) -> Result<Self> {
         let text = factune_io::error::read_to_string(path)?;
         let first = text.lines().find(|l| !l.trim().is_empty());
         let format = match format {
@@ -62,7 +71,11 @@ impl Dataset {
             "text" => Format::Text,
             "alpaca" => Format::Alpaca,
             "chat" => Format::Chat,
-            other => return Err(Error::config(format!("data_format `{other}`: expected auto, text, alpaca or chat"))),
+            other => {
+                return Err(Error::config(format!(
+                    "data_format `{other}`: expected auto, text, alpaca or chat"
+                )))
+            }
         };
         let mut ds = Dataset {
             format,
@@ -77,12 +90,15 @@ impl Dataset {
                         continue;
                     }
                     let where_ = || format!("line {}", n + 1);
-                    let v: Value = serde_json::from_str(line)
-                        .map_err(|e| Error::invalid(path, format!("{}: malformed JSON: {e}", where_())))?;
+                    let v: Value = serde_json::from_str(line).map_err(|e| {
+                        Error::invalid(path, format!("{}: malformed JSON: {e}", where_()))
+                    })?;
                     let (prompt_spans, full) = if format == Format::Alpaca {
-                        alpaca_record(&v, tok).map_err(|e| Error::invalid(path, format!("{}: {e}", where_())))?
+                        alpaca_record(&v, tok)
+                            .map_err(|e| Error::invalid(path, format!("{}: {e}", where_())))?
                     } else {
-                        chat_record(&v, tok).map_err(|e| Error::invalid(path, format!("{}: {e}", where_())))?
+                        chat_record(&v, tok)
+                            .map_err(|e| Error::invalid(path, format!("{}: {e}", where_())))?
                     };
                     let mut ex = labelled(tok, &full, &prompt_spans, train_on_prompt)?;
                     if ex.ids.len() > seq_len {
@@ -98,7 +114,10 @@ impl Dataset {
             }
         }
         if ds.examples.is_empty() {
-            return Err(Error::invalid(path, "the dataset is empty (no example with tokens to train on)"));
+            return Err(Error::invalid(
+                path,
+                "the dataset is empty (no example with tokens to train on)",
+            ));
         }
         Ok(ds)
     }
@@ -143,7 +162,10 @@ fn field<'a>(v: &'a Value, k: &str) -> std::result::Result<&'a str, String> {
 }
 
 /// (prompt byte spans, full text) of an alpaca record; the response ends with EOS.
-fn alpaca_record(v: &Value, tok: &TextTokenizer) -> std::result::Result<(Vec<(usize, usize)>, String), String> {
+fn alpaca_record(
+    v: &Value,
+    tok: &TextTokenizer,
+) -> std::result::Result<(Vec<(usize, usize)>, String), String> {
     let instruction = field(v, "instruction")?;
     let input = v.get("input").and_then(Value::as_str).unwrap_or("");
     let output = field(v, "output")?;
@@ -154,27 +176,43 @@ fn alpaca_record(v: &Value, tok: &TextTokenizer) -> std::result::Result<(Vec<(us
 
 /// (spans not produced by the assistant, full text) of a chat record: each assistant turn's span is found by
 /// rendering the conversation up to it with and without the generation prompt.
-fn chat_record(v: &Value, tok: &TextTokenizer) -> std::result::Result<(Vec<(usize, usize)>, String), String> {
-    let msgs = v.get("messages").and_then(Value::as_array).ok_or("missing array `messages`")?;
+fn chat_record(
+    v: &Value,
+    tok: &TextTokenizer,
+) -> std::result::Result<(Vec<(usize, usize)>, String), String> {
+    let msgs = v
+        .get("messages")
+        .and_then(Value::as_array)
+        .ok_or("missing array `messages`")?;
     let mut messages = Vec::with_capacity(msgs.len());
     for (i, m) in msgs.iter().enumerate() {
         messages.push(ChatMessage {
-            role: field(m, "role").map_err(|e| format!("messages[{i}]: {e}"))?.to_string(),
-            content: field(m, "content").map_err(|e| format!("messages[{i}]: {e}"))?.to_string(),
+            role: field(m, "role")
+                .map_err(|e| format!("messages[{i}]: {e}"))?
+                .to_string(),
+            content: field(m, "content")
+                .map_err(|e| format!("messages[{i}]: {e}"))?
+                .to_string(),
         });
     }
     if !messages.iter().any(|m| m.role == "assistant") {
         return Err("conversation has no assistant message to learn".into());
     }
-    let full = tok.apply_chat_template(&messages, false).map_err(|e| e.to_string())?;
+    let full = tok
+        .apply_chat_template(&messages, false)
+        .map_err(|e| e.to_string())?;
     let mut prompt_spans = Vec::new();
     let mut cursor = 0;
     for (i, m) in messages.iter().enumerate() {
         if m.role != "assistant" {
             continue;
         }
-        let before = tok.apply_chat_template(&messages[..i], true).map_err(|e| e.to_string())?;
-        let through = tok.apply_chat_template(&messages[..=i], false).map_err(|e| e.to_string())?;
+        let before = tok
+            .apply_chat_template(&messages[..i], true)
+            .map_err(|e| e.to_string())?;
+        let through = tok
+            .apply_chat_template(&messages[..=i], false)
+            .map_err(|e| e.to_string())?;
         if !full.starts_with(&before) || !full.starts_with(&through) {
             return Err("chat_template does not render conversations incrementally; cannot locate assistant turns".into());
         }
@@ -186,7 +224,12 @@ fn chat_record(v: &Value, tok: &TextTokenizer) -> std::result::Result<(Vec<(usiz
 }
 
 /// Token ids of `full` with labels: tokens starting inside a prompt span get -100.
-fn labelled(tok: &TextTokenizer, full: &str, prompt: &[(usize, usize)], train_on_prompt: bool) -> Result<Example> {
+fn labelled(
+    tok: &TextTokenizer,
+    full: &str,
+    prompt: &[(usize, usize)],
+    train_on_prompt: bool,
+) -> Result<Example> {
     let (ids, starts) = tok.encode_with_offsets(full, true)?;
     let labels = ids
         .iter()
@@ -194,7 +237,8 @@ fn labelled(tok: &TextTokenizer, full: &str, prompt: &[(usize, usize)], train_on
         .enumerate()
         .map(|(i, (&id, &s))| {
             // Special tokens added by the tokenizer (BOS) carry offset 0 and are never targets.
-            let special = i == 0 && tok.bos_token.as_deref().and_then(|b| tok.token_id(b)) == Some(id);
+            let special =
+                i == 0 && tok.bos_token.as_deref().and_then(|b| tok.token_id(b)) == Some(id);
             let in_prompt = prompt.iter().any(|&(a, b)| s >= a && s < b);
             if special || (in_prompt && !train_on_prompt) {
                 IGNORE_INDEX
@@ -225,7 +269,9 @@ impl Batches {
 
     fn permutation(&self, epoch: usize) -> Vec<usize> {
         let mut p: Vec<usize> = (0..self.n).collect();
-        p.shuffle(&mut ChaCha8Rng::seed_from_u64(self.seed.wrapping_add(epoch as u64)));
+        p.shuffle(&mut ChaCha8Rng::seed_from_u64(
+            self.seed.wrapping_add(epoch as u64),
+        ));
         p
     }
 
@@ -270,7 +316,9 @@ mod tests {
     fn batches_are_deterministic_and_cover_each_epoch() {
         let b = Batches::new(10, 7, 4);
         let first: Vec<usize> = (0..5).flat_map(|j| b.indices(j)).collect();
-        let again: Vec<usize> = (0..5).flat_map(|j| Batches::new(10, 7, 4).indices(j)).collect();
+        let again: Vec<usize> = (0..5)
+            .flat_map(|j| Batches::new(10, 7, 4).indices(j))
+            .collect();
         assert_eq!(first, again);
         let mut epoch0: Vec<usize> = first[..10].to_vec();
         epoch0.sort();
@@ -280,8 +328,14 @@ mod tests {
 
     #[test]
     fn collate_pads_labels_with_ignore() {
-        let a = Example { ids: vec![1, 2, 3], labels: vec![-100, 2, 3] };
-        let b = Example { ids: vec![4], labels: vec![4] };
+        let a = Example {
+            ids: vec![1, 2, 3],
+            labels: vec![-100, 2, 3],
+        };
+        let b = Example {
+            ids: vec![4],
+            labels: vec![4],
+        };
         let (ids, labels) = collate(&[&a, &b], 0);
         assert_eq!(ids[1], vec![4, 0, 0]);
         assert_eq!(labels[1], vec![4, -100, -100]);

@@ -74,17 +74,27 @@ pub fn plot_curves(path: &Path, title: &str, curves: &[(&str, Vec<(f64, f64)>)])
             .x_label_area_size(36)
             .y_label_area_size(56)
             .build_cartesian_2d(x0..x1.max(x0 + 1.0), (y0 - pad)..(y1 + pad))?;
-        chart.configure_mesh().x_desc("step").y_desc("loss").draw()?;
+        chart
+            .configure_mesh()
+            .x_desc("step")
+            .y_desc("loss")
+            .draw()?;
         for (i, (name, c)) in curves.iter().enumerate() {
             let color = Palette99::pick(i).mix(0.9);
             chart
                 .draw_series(LineSeries::new(c.iter().copied(), color.stroke_width(2)))?
                 .label(*name)
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2)));
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2))
+                });
             // Markers too: a curve with a single point (one validation) has no line to draw.
             chart.draw_series(c.iter().map(|&p| Circle::new(p, 3, color.filled())))?;
         }
-        chart.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).draw()?;
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw()?;
         root.present()?;
         Ok(())
     };

@@ -34,7 +34,12 @@ impl AdamW {
         self.t += 1;
         let bc1 = 1.0 - self.beta1.powi(self.t as i32);
         let bc2 = 1.0 - self.beta2.powi(self.t as i32);
-        let (b1, b2, eps, wd) = (self.beta1 as f32, self.beta2 as f32, self.eps as f32, self.weight_decay);
+        let (b1, b2, eps, wd) = (
+            self.beta1 as f32,
+            self.beta2 as f32,
+            self.eps as f32,
+            self.weight_decay,
+        );
         for (i, (p, g)) in params.iter_mut().zip(grads).enumerate() {
             let lr = lr * lr_scale[i];
             let step_size = (lr / bc1) as f32;
@@ -42,7 +47,11 @@ impl AdamW {
             let decay = (1.0 - lr * wd) as f32;
             p.par_iter_mut()
                 .zip(g.par_iter())
-                .zip(self.exp_avg[i].par_iter_mut().zip(self.exp_avg_sq[i].par_iter_mut()))
+                .zip(
+                    self.exp_avg[i]
+                        .par_iter_mut()
+                        .zip(self.exp_avg_sq[i].par_iter_mut()),
+                )
                 .for_each(|((p, &g), (m, v))| {
                     *p *= decay;
                     *m = b1 * *m + (1.0 - b1) * g;
@@ -76,7 +85,9 @@ pub fn clip_grad_norm(grads: &mut [Vec<f32>], max_norm: f64) -> f64 {
         .sqrt();
     if max_norm > 0.0 && norm > max_norm {
         let c = (max_norm / (norm + 1e-6)) as f32;
-        grads.iter_mut().for_each(|g| g.iter_mut().for_each(|x| *x *= c));
+        grads
+            .iter_mut()
+            .for_each(|g| g.iter_mut().for_each(|x| *x *= c));
     }
     norm
 }
@@ -91,8 +102,16 @@ mod tests {
         let mut opt = AdamW::new(&[2], 0.9, 0.999, 1e-8, 0.1);
         let mut p = vec![vec![1.0f32, -1.0]];
         opt.step(&mut p, &[vec![0.5, -2.0]], 0.01, &[1.0]);
-        assert!((p[0][0] - (1.0 * (1.0 - 0.001) - 0.01)).abs() < 1e-6, "{}", p[0][0]);
-        assert!((p[0][1] - (-1.0 * (1.0 - 0.001) + 0.01)).abs() < 1e-6, "{}", p[0][1]);
+        assert!(
+            (p[0][0] - (1.0 * (1.0 - 0.001) - 0.01)).abs() < 1e-6,
+            "{}",
+            p[0][0]
+        );
+        assert!(
+            (p[0][1] - (-(1.0 - 0.001) + 0.01)).abs() < 1e-6,
+            "{}",
+            p[0][1]
+        );
     }
 
     #[test]

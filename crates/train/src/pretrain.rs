@@ -13,7 +13,9 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
-use tokenizers::{AddedToken, DecoderWrapper, ModelWrapper, PostProcessorWrapper, PreTokenizerWrapper, Tokenizer};
+use tokenizers::{
+    AddedToken, DecoderWrapper, ModelWrapper, PostProcessorWrapper, PreTokenizerWrapper, Tokenizer,
+};
 
 pub const EOS: &str = "<|endoftext|>";
 
@@ -50,22 +52,35 @@ pub fn train_tokenizer(corpus: &Path, vocab_size: usize, dir: &Path) -> Result<u
         .special_tokens(vec![AddedToken::from(EOS, true)])
         .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
         .build();
-    let mut tok: tokenizers::TokenizerImpl<BPE, tokenizers::NormalizerWrapper, ByteLevel, ByteLevel, ByteLevel> =
-        tokenizers::TokenizerImpl::new(BPE::default());
+    let mut tok: tokenizers::TokenizerImpl<
+        BPE,
+        tokenizers::NormalizerWrapper,
+        ByteLevel,
+        ByteLevel,
+        ByteLevel,
+    > = tokenizers::TokenizerImpl::new(BPE::default());
     tok.with_pre_tokenizer(Some(ByteLevel::default().add_prefix_space(false)));
     tok.with_decoder(Some(ByteLevel::default()));
     tok.with_post_processor(Some(ByteLevel::default().trim_offsets(false)));
-    let corpus_s = corpus.to_str().ok_or_else(|| Error::invalid(corpus, "path is not UTF-8"))?;
+    let corpus_s = corpus
+        .to_str()
+        .ok_or_else(|| Error::invalid(corpus, "path is not UTF-8"))?;
     tok.train_from_files(&mut trainer, vec![corpus_s.to_string()])
         .map_err(|e| Error::invalid(corpus, format!("tokenizer training failed: {e}")))?;
     let mut wrapped = Tokenizer::new(ModelWrapper::BPE(tok.get_model().clone()));
-    wrapped.with_pre_tokenizer(Some(PreTokenizerWrapper::ByteLevel(ByteLevel::default().add_prefix_space(false))));
+    wrapped.with_pre_tokenizer(Some(PreTokenizerWrapper::ByteLevel(
+        ByteLevel::default().add_prefix_space(false),
+    )));
     wrapped.with_decoder(Some(DecoderWrapper::ByteLevel(ByteLevel::default())));
-    wrapped.with_post_processor(Some(PostProcessorWrapper::ByteLevel(ByteLevel::default().trim_offsets(false))));
+    wrapped.with_post_processor(Some(PostProcessorWrapper::ByteLevel(
+        ByteLevel::default().trim_offsets(false),
+    )));
     wrapped
         .add_special_tokens([AddedToken::from(EOS, true)])
         .map_err(|e| Error::config(format!("tokenizer: {e}")))?;
-    let json = wrapped.to_string(true).map_err(|e| Error::config(format!("tokenizer: {e}")))?;
+    let json = wrapped
+        .to_string(true)
+        .map_err(|e| Error::config(format!("tokenizer: {e}")))?;
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     atomic::write_atomic(&dir.join("tokenizer.json"), json.as_bytes())?;
     let cfg = serde_json::json!({
@@ -74,16 +89,26 @@ pub fn train_tokenizer(corpus: &Path, vocab_size: usize, dir: &Path) -> Result<u
         "pad_token": EOS,
         "chat_template": factune_io::tokenizer::DEFAULT_CHAT_TEMPLATE,
     });
-    atomic::write_atomic(&dir.join("tokenizer_config.json"), serde_json::to_string_pretty(&cfg).expect("json").as_bytes())?;
+    atomic::write_atomic(
+        &dir.join("tokenizer_config.json"),
+        serde_json::to_string_pretty(&cfg).expect("json").as_bytes(),
+    )?;
     Ok(wrapped.get_vocab_size(true))
 }
 
 /// Writes `config.json` and a randomly initialised `model.safetensors` (N(0, 0.02); output projections
 /// scaled by 1/√(2·layers); norms 1) for a Llama-architecture model.
 pub fn init_model(spec: &ArchSpec, eos_id: u32, seed: u64, dir: &Path) -> Result<()> {
-    let (h, i, v, n) = (spec.hidden_size, spec.intermediate_size, spec.vocab_size, spec.num_hidden_layers);
+    let (h, i, v, n) = (
+        spec.hidden_size,
+        spec.intermediate_size,
+        spec.vocab_size,
+        spec.num_hidden_layers,
+    );
     if spec.num_attention_heads == 0 || h % spec.num_attention_heads != 0 {
-        return Err(Error::config(format!("hidden_size {h} must be a multiple of num_attention_heads")));
+        return Err(Error::config(format!(
+            "hidden_size {h} must be a multiple of num_attention_heads"
+        )));
     }
     let d = h / spec.num_attention_heads;
     let kv = spec.num_key_value_heads * d;
@@ -95,20 +120,47 @@ pub fn init_model(spec: &ArchSpec, eos_id: u32, seed: u64, dir: &Path) -> Result
         Ok(Tensor::from_vec(normal(&mut rng, len, std), shape, &dev)?)
     };
     let out_std = 0.02 / (2.0 * n as f64).sqrt();
-    t.insert("model.embed_tokens.weight".to_string(), randn(&[v, h], 0.02)?);
+    t.insert(
+        "model.embed_tokens.weight".to_string(),
+        randn(&[v, h], 0.02)?,
+    );
     for l in 0..n {
         let p = format!("model.layers.{l}");
-        t.insert(format!("{p}.self_attn.q_proj.weight"), randn(&[h, h], 0.02)?);
-        t.insert(format!("{p}.self_attn.k_proj.weight"), randn(&[kv, h], 0.02)?);
-        t.insert(format!("{p}.self_attn.v_proj.weight"), randn(&[kv, h], 0.02)?);
-        t.insert(format!("{p}.self_attn.o_proj.weight"), randn(&[h, h], out_std)?);
+        t.insert(
+            format!("{p}.self_attn.q_proj.weight"),
+            randn(&[h, h], 0.02)?,
+        );
+        t.insert(
+            format!("{p}.self_attn.k_proj.weight"),
+            randn(&[kv, h], 0.02)?,
+        );
+        t.insert(
+            format!("{p}.self_attn.v_proj.weight"),
+            randn(&[kv, h], 0.02)?,
+        );
+        t.insert(
+            format!("{p}.self_attn.o_proj.weight"),
+            randn(&[h, h], out_std)?,
+        );
         t.insert(format!("{p}.mlp.gate_proj.weight"), randn(&[i, h], 0.02)?);
         t.insert(format!("{p}.mlp.up_proj.weight"), randn(&[i, h], 0.02)?);
-        t.insert(format!("{p}.mlp.down_proj.weight"), randn(&[h, i], out_std)?);
-        t.insert(format!("{p}.input_layernorm.weight"), Tensor::ones(h, candle_core::DType::F32, &dev)?);
-        t.insert(format!("{p}.post_attention_layernorm.weight"), Tensor::ones(h, candle_core::DType::F32, &dev)?);
+        t.insert(
+            format!("{p}.mlp.down_proj.weight"),
+            randn(&[h, i], out_std)?,
+        );
+        t.insert(
+            format!("{p}.input_layernorm.weight"),
+            Tensor::ones(h, candle_core::DType::F32, &dev)?,
+        );
+        t.insert(
+            format!("{p}.post_attention_layernorm.weight"),
+            Tensor::ones(h, candle_core::DType::F32, &dev)?,
+        );
     }
-    t.insert("model.norm.weight".to_string(), Tensor::ones(h, candle_core::DType::F32, &dev)?);
+    t.insert(
+        "model.norm.weight".to_string(),
+        Tensor::ones(h, candle_core::DType::F32, &dev)?,
+    );
     if !spec.tie_word_embeddings {
         t.insert("lm_head.weight".to_string(), randn(&[v, h], 0.02)?);
     }
@@ -134,8 +186,16 @@ pub fn init_model(spec: &ArchSpec, eos_id: u32, seed: u64, dir: &Path) -> Result
         "dtype": "float32",
     });
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    atomic::write_atomic(&dir.join("model.safetensors"), &to_safetensors_bytes(&t, None)?)?;
-    atomic::write_atomic(&dir.join("config.json"), serde_json::to_string_pretty(&config).expect("json").as_bytes())
+    atomic::write_atomic(
+        &dir.join("model.safetensors"),
+        &to_safetensors_bytes(&t, None)?,
+    )?;
+    atomic::write_atomic(
+        &dir.join("config.json"),
+        serde_json::to_string_pretty(&config)
+            .expect("json")
+            .as_bytes(),
+    )
 }
 
 mod rand_distr_normal {

@@ -51,7 +51,12 @@ fn pad_id(tok: &TextTokenizer) -> u32 {
 }
 
 /// Mean loss over `examples`, weighted by counted tokens; no dropout.
-pub fn evaluate_loss(model: &Model, examples: &[Example], batch: usize, pad: u32) -> Result<(f64, usize)> {
+pub fn evaluate_loss(
+    model: &Model,
+    examples: &[Example],
+    batch: usize,
+    pad: u32,
+) -> Result<(f64, usize)> {
     let (mut sum, mut count) = (0f64, 0usize);
     for chunk in examples.chunks(batch.max(1)) {
         let refs: Vec<&Example> = chunk.iter().collect();
@@ -74,7 +79,10 @@ impl TrainJob<'_> {
             let state: serde_json::Value = factune_io::error::read_json(&ckpt.join(STATE_FILE))?;
             self.config = serde_json::from_value(state["config"].clone())
                 .map_err(|e| Error::invalid(ckpt.join(STATE_FILE), format!("bad config: {e}")))?;
-            start_step = state["step"].as_u64().ok_or_else(|| Error::invalid(ckpt.join(STATE_FILE), "missing `step`"))? as usize;
+            start_step = state["step"]
+                .as_u64()
+                .ok_or_else(|| Error::invalid(ckpt.join(STATE_FILE), "missing `step`"))?
+                as usize;
             peft::load(self.model, &ckpt, false)?;
             resumed_optim = Some(ckpt.join(OPTIM_FILE));
         }
@@ -87,17 +95,28 @@ impl TrainJob<'_> {
                 self.model.max_positions()
             )));
         }
-        let ds = Dataset::load(&self.data, &cfg.data_format, self.tokenizer, cfg.seq_len, cfg.train_on_prompt)?;
+        let ds = Dataset::load(
+            &self.data,
+            &cfg.data_format,
+            self.tokenizer,
+            cfg.seq_len,
+            cfg.train_on_prompt,
+        )?;
         let (fmt, truncated) = (ds.format, ds.truncated);
         let (train, val) = ds.split(cfg.validation_split, cfg.data_seed);
         if truncated > 0 {
-            tracing::warn!("{truncated} examples were longer than seq_len {} and were truncated", cfg.seq_len);
+            tracing::warn!(
+                "{truncated} examples were longer than seq_len {} and were truncated",
+                cfg.seq_len
+            );
         }
         let adapter_cfg = cfg.adapter_config();
         let full = cfg.is_full();
         let params = if full {
             if self.resume.is_some() {
-                return Err(Error::config("resuming a full-parameter run is not supported yet"));
+                return Err(Error::config(
+                    "resuming a full-parameter run is not supported yet",
+                ));
             }
             self.model.make_trainable()?
         } else {
@@ -120,7 +139,13 @@ impl TrainJob<'_> {
             val.len()
         );
         let sizes: Vec<usize> = params.iter().map(|(_, v)| v.elem_count()).collect();
-        let mut opt = AdamW::new(&sizes, cfg.adam_beta1, cfg.adam_beta2, cfg.adam_epsilon, cfg.weight_decay);
+        let mut opt = AdamW::new(
+            &sizes,
+            cfg.adam_beta1,
+            cfg.adam_beta2,
+            cfg.adam_epsilon,
+            cfg.weight_decay,
+        );
         if let Some(p) = &resumed_optim {
             load_optimizer(&mut opt, &params, p)?;
         }
@@ -132,10 +157,16 @@ impl TrainJob<'_> {
         let batches = Batches::new(train.len(), cfg.data_seed, cfg.micro_batch_size);
         let pad = pad_id(self.tokenizer);
         let dev = self.model.device.clone();
-        let bar = if self.progress { ProgressBar::new(cfg.max_steps as u64) } else { ProgressBar::hidden() };
+        let bar = if self.progress {
+            ProgressBar::new(cfg.max_steps as u64)
+        } else {
+            ProgressBar::hidden()
+        };
         bar.set_style(
-            ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}")
-                .expect("static template"),
+            ProgressStyle::with_template(
+                "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
+            )
+            .expect("static template"),
         );
         bar.set_position(start_step as u64);
         let mut checked_grads = false;
@@ -143,18 +174,28 @@ impl TrainJob<'_> {
         let (mut last_loss, mut last_val, mut total_tokens) = (f64::NAN, None, 0usize);
         for step in start_step..cfg.max_steps {
             let t0 = Instant::now();
-            let lr = lr_at(&cfg.lr_scheduler_type, step, cfg.warmup(), cfg.max_steps, cfg.learning_rate);
+            let lr = lr_at(
+                &cfg.lr_scheduler_type,
+                step,
+                cfg.warmup(),
+                cfg.max_steps,
+                cfg.learning_rate,
+            );
             let mut acc: Vec<Vec<f32>> = sizes.iter().map(|&n| vec![0.0; n]).collect();
             let mut got: Vec<bool> = vec![false; params.len()];
             let (mut loss_sum, mut tokens) = (0f64, 0usize);
             for micro in 0..cfg.gradient_accumulation_steps {
                 let j = step * cfg.gradient_accumulation_steps + micro;
-                let exs: Vec<&Example> = batches.indices(j).into_iter().map(|i| &train[i]).collect();
+                let exs: Vec<&Example> =
+                    batches.indices(j).into_iter().map(|i| &train[i]).collect();
                 let (ids, labels) = collate(&exs, pad);
                 tokens += ids.iter().map(Vec::len).sum::<usize>();
                 let ctx = Ctx {
                     train: true,
-                    dropout_seed: cfg.dropout_seed.wrapping_mul(0x2545_F491_4F6C_DD1D).wrapping_add(j as u64),
+                    dropout_seed: cfg
+                        .dropout_seed
+                        .wrapping_mul(0x2545_F491_4F6C_DD1D)
+                        .wrapping_add(j as u64),
                 };
                 let logits = self.model.forward(&to_tensor(&ids, &dev)?, None, &ctx)?;
                 let (loss, _) = causal_lm_loss(&logits, &labels)?;
@@ -177,11 +218,14 @@ impl TrainJob<'_> {
                 }
             }
             let k = cfg.gradient_accumulation_steps as f32;
-            acc.iter_mut().for_each(|g| g.iter_mut().for_each(|x| *x /= k));
+            acc.iter_mut()
+                .for_each(|g| g.iter_mut().for_each(|x| *x /= k));
             self.check_gradients(&params, &got, &acc, &mut checked_grads, updated_with_lr)?;
             let norm = clip_grad_norm(&mut acc, cfg.max_grad_norm);
-            let mut values: Vec<Vec<f32>> =
-                params.iter().map(|(_, v)| v.as_tensor().flatten_all()?.to_vec1::<f32>()).collect::<candle_core::Result<_>>()?;
+            let mut values: Vec<Vec<f32>> = params
+                .iter()
+                .map(|(_, v)| v.as_tensor().flatten_all()?.to_vec1::<f32>())
+                .collect::<candle_core::Result<_>>()?;
             opt.step(&mut values, &acc, lr, &lr_scale);
             for ((_, var), val) in params.iter().zip(values) {
                 var.set(&Tensor::from_vec(val, var.shape(), &dev)?)?;
@@ -194,7 +238,8 @@ impl TrainJob<'_> {
             bar.set_message(format!("loss {last_loss:.4} lr {lr:.2e} {tps:.0} tok/s"));
             bar.inc(1);
             let done = step + 1 == cfg.max_steps;
-            if !val.is_empty() && ((cfg.eval_steps > 0 && (step + 1) % cfg.eval_steps == 0) || done) {
+            if !val.is_empty() && ((cfg.eval_steps > 0 && (step + 1) % cfg.eval_steps == 0) || done)
+            {
                 let (vl, _) = evaluate_loss(self.model, &val, cfg.micro_batch_size, pad)?;
                 log.write(&json!({"step": step + 1, "val_loss": vl}))?;
                 bar.println(format!("step {}: val_loss {vl:.4}", step + 1));
@@ -207,7 +252,12 @@ impl TrainJob<'_> {
         bar.finish_and_clear();
         if full {
             let tokenizer_dir = self.model.dir.clone();
-            factune_model::save::save_pretrained(self.model, &self.out, candle_core::DType::F32, &tokenizer_dir)?;
+            factune_model::save::save_pretrained(
+                self.model,
+                &self.out,
+                candle_core::DType::F32,
+                &tokenizer_dir,
+            )?;
         } else {
             peft::save(self.model, &adapter_cfg, &self.out)?;
         }
@@ -238,10 +288,20 @@ impl TrainJob<'_> {
         checked: &mut bool,
         updated: bool,
     ) -> Result<()> {
-        let missing: Vec<&str> = params.iter().zip(got).filter(|(_, g)| !**g).map(|((k, _), _)| k.as_str()).collect();
+        let missing: Vec<&str> = params
+            .iter()
+            .zip(got)
+            .filter(|(_, g)| !**g)
+            .map(|((k, _), _)| k.as_str())
+            .collect();
         let zero: Vec<&str> = if updated && !*checked {
             *checked = true;
-            params.iter().zip(acc).filter(|(_, g)| g.iter().all(|x| *x == 0.0)).map(|((k, _), _)| k.as_str()).collect()
+            params
+                .iter()
+                .zip(acc)
+                .filter(|(_, g)| g.iter().all(|x| *x == 0.0))
+                .map(|((k, _), _)| k.as_str())
+                .collect()
         } else {
             vec![]
         };
@@ -276,19 +336,31 @@ impl TrainJob<'_> {
     /// `OUT/checkpoint-N/`: adapter, optimizer moments, step and config, published as a whole directory.
     fn save_checkpoint(&self, step: usize, opt: &AdamW, params: &[(String, Var)]) -> Result<()> {
         let dest = self.out.join(format!("checkpoint-{step}"));
-        let staging = self.out.join(format!(".checkpoint-{step}.partial-{}", std::process::id()));
+        let staging = self
+            .out
+            .join(format!(".checkpoint-{step}.partial-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&staging);
         std::fs::create_dir_all(&staging).map_err(|e| Error::io(&staging, e))?;
         peft::save(self.model, &self.config.adapter_config(), &staging)?;
         let mut tensors = BTreeMap::new();
         for (i, (k, v)) in params.iter().enumerate() {
             let shape = v.shape().clone();
-            tensors.insert(format!("{k}.exp_avg"), Tensor::from_vec(opt.exp_avg[i].clone(), &shape, &Device::Cpu)?);
-            tensors.insert(format!("{k}.exp_avg_sq"), Tensor::from_vec(opt.exp_avg_sq[i].clone(), &shape, &Device::Cpu)?);
+            tensors.insert(
+                format!("{k}.exp_avg"),
+                Tensor::from_vec(opt.exp_avg[i].clone(), &shape, &Device::Cpu)?,
+            );
+            tensors.insert(
+                format!("{k}.exp_avg_sq"),
+                Tensor::from_vec(opt.exp_avg_sq[i].clone(), &shape, &Device::Cpu)?,
+            );
         }
-        atomic::write_atomic(&staging.join(OPTIM_FILE), &to_safetensors_bytes(&tensors, None)?)?;
+        atomic::write_atomic(
+            &staging.join(OPTIM_FILE),
+            &to_safetensors_bytes(&tensors, None)?,
+        )?;
         let state = json!({"step": step, "optimizer_t": opt.t, "config": self.config});
-        let text = serde_json::to_string_pretty(&state).map_err(|e| Error::config(e.to_string()))?;
+        let text =
+            serde_json::to_string_pretty(&state).map_err(|e| Error::config(e.to_string()))?;
         atomic::write_atomic(&staging.join(STATE_FILE), text.as_bytes())?;
         atomic::publish_dir(&staging, &dest)
     }
@@ -298,12 +370,16 @@ fn load_optimizer(opt: &mut AdamW, params: &[(String, Var)], path: &Path) -> Res
     let w = Weights::from_files(&[path.to_path_buf()])?;
     for (i, (k, _)) in params.iter().enumerate() {
         let read = |name: String| -> Result<Vec<f32>> {
-            Ok(w.get(&name, candle_core::DType::F32, &Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?)
+            Ok(w.get(&name, candle_core::DType::F32, &Device::Cpu)?
+                .flatten_all()?
+                .to_vec1::<f32>()?)
         };
         opt.exp_avg[i] = read(format!("{k}.exp_avg"))?;
         opt.exp_avg_sq[i] = read(format!("{k}.exp_avg_sq"))?;
     }
     let state: serde_json::Value = factune_io::error::read_json(&path.with_file_name(STATE_FILE))?;
-    opt.t = state["optimizer_t"].as_u64().ok_or_else(|| Error::invalid(path.with_file_name(STATE_FILE), "missing `optimizer_t`"))?;
+    opt.t = state["optimizer_t"]
+        .as_u64()
+        .ok_or_else(|| Error::invalid(path.with_file_name(STATE_FILE), "missing `optimizer_t`"))?;
     Ok(())
 }

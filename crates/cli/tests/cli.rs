@@ -1,0 +1,432 @@
+//! End-to-end tests of every user-facing command on the embedded default model, including the promises about
+//! determinism, resuming, atomic outputs and clear errors on bad input.
+
+use sha2::{Digest, Sha256};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn model() -> PathBuf {
+    repo().join("assets/default-model")
+}
+
+fn data(name: &str) -> PathBuf {
+    repo().join("assets/data").join(name)
+}
+
+fn factune(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_factune"))
+        .args(args)
+        .output()
+        .expect("run factune")
+}
+
+fn ok(args: &[&str]) -> String {
+    let o = factune(args);
+    assert!(
+        o.status.success(),
+        "factune {args:?} failed:\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn fails(args: &[&str]) -> String {
+    let o = factune(args);
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(!o.status.success(), "factune {args:?} should fail");
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "clean error exit, not a panic: {err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    err
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn sha(p: &Path) -> String {
+    format!("{:x}", Sha256::digest(std::fs::read(p).unwrap()))
+}
+
+/// A short LoRA run on the quickstart data.
+fn train(out: &Path, steps: &str, extra: &[&str]) -> String {
+    let mut args = vec![
+        "train",
+        "--model",
+        s(&model()).to_owned().leak(),
+        "--data",
+        s(&data("quickstart-train.jsonl")).to_owned().leak(),
+        "--output",
+        s(out).to_owned().leak(),
+        "--max-steps",
+        steps,
+        "--micro-batch-size",
+        "2",
+        "--seq-len",
+        "96",
+        "--r",
+        "4",
+        "--lora-dropout",
+        "0.1",
+        "--target-modules",
+        "q_proj,v_proj,down_proj",
+        "--learning-rate",
+        "1e-3",
+        "--validation-split",
+        "0.01",
+    ];
+    args.extend_from_slice(extra);
+    ok(&args)
+}
+
+#[test]
+fn train_is_deterministic_and_writes_peft_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    train(&a, "4", &[]);
+    train(&b, "4", &[]);
+    let (ha, hb) = (
+        sha(&a.join("adapter_model.safetensors")),
+        sha(&b.join("adapter_model.safetensors")),
+    );
+    assert_eq!(ha, hb, "two runs with the same config differ");
+    for f in [
+        "adapter_config.json",
+        "metrics.jsonl",
+        "loss.png",
+        "run.json",
+    ] {
+        assert!(a.join(f).exists(), "{f} missing");
+    }
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(a.join("adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(cfg["peft_type"], "LORA");
+    assert_eq!(
+        cfg["target_modules"],
+        serde_json::json!(["down_proj", "q_proj", "v_proj"])
+    );
+    let run: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(a.join("run.json")).unwrap()).unwrap();
+    assert_eq!(run["seeds"]["init"], 42);
+    let lines = std::fs::read_to_string(a.join("metrics.jsonl")).unwrap();
+    assert!(lines.lines().filter(|l| l.contains("\"loss\"")).count() == 4);
+}
+
+#[test]
+fn resume_is_bit_identical() {
+    let dir = tempfile::tempdir().unwrap();
+    let (straight, split) = (dir.path().join("straight"), dir.path().join("split"));
+    train(&straight, "20", &["--save-steps", "10"]);
+    train(&split, "20", &["--save-steps", "10"]);
+    // Re-run the second half from the checkpoint of the split run.
+    std::fs::remove_file(split.join("adapter_model.safetensors")).unwrap();
+    let ckpt = split.join("checkpoint-10");
+    assert!(
+        ckpt.join("optimizer.safetensors").exists() && ckpt.join("trainer_state.json").exists()
+    );
+    ok(&[
+        "train",
+        "--model",
+        s(&model()),
+        "--data",
+        s(&data("quickstart-train.jsonl")),
+        "--output",
+        s(&split),
+        "--resume",
+        s(&ckpt),
+    ]);
+    assert_eq!(
+        sha(&straight.join("adapter_model.safetensors")),
+        sha(&split.join("adapter_model.safetensors")),
+        "20 steps straight != 10 + resume 10"
+    );
+}
+
+#[test]
+fn eval_generate_merge_inspect() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    train(&out, "3", &[]);
+    let j: serde_json::Value = serde_json::from_str(
+        ok(&[
+            "eval",
+            "--model",
+            s(&model()),
+            "--data",
+            s(&data("pretrain.txt")),
+            "--json",
+            "--seq-len",
+            "128",
+            "--limit",
+            "0",
+        ])
+        .trim(),
+    )
+    .unwrap();
+    assert!(j["perplexity"].as_f64().unwrap() > 1.0 && j["tokens"].as_u64().unwrap() > 1000);
+    let j: serde_json::Value = serde_json::from_str(
+        ok(&[
+            "eval",
+            "--model",
+            s(&model()),
+            "--adapter",
+            s(&out),
+            "--data",
+            s(&data("quickstart-valid.jsonl")),
+            "--json",
+            "--limit",
+            "5",
+            "--max-new-tokens",
+            "6",
+        ])
+        .trim(),
+    )
+    .unwrap();
+    assert_eq!(j["n"], 5);
+    let mc = dir.path().join("mc.jsonl");
+    std::fs::write(&mc, "{\"question\": \"Tom has a red ball. The ball is\", \"choices\": [\"red.\", \"in the\"], \"answer\": 1}\n").unwrap();
+    let j: serde_json::Value = serde_json::from_str(
+        ok(&["eval", "--model", s(&model()), "--data", s(&mc), "--json"]).trim(),
+    )
+    .unwrap();
+    assert_eq!(j["n"], 1);
+    assert!(j["accuracy"].as_f64().is_some() && j["accuracy_norm"].as_f64().is_some());
+    let g = ok(&[
+        "generate",
+        "--model",
+        s(&model()),
+        "--prompt",
+        "Tom has a",
+        "--max-new-tokens",
+        "8",
+    ]);
+    assert!(g.starts_with("Tom has a") && g.len() > "Tom has a".len());
+    let merged = dir.path().join("merged");
+    let m = ok(&[
+        "merge",
+        "--model",
+        s(&model()),
+        "--adapter",
+        s(&out),
+        "--output",
+        s(&merged),
+        "--verify",
+    ]);
+    let diff: f64 = m.split("= ").last().unwrap().trim().parse().unwrap();
+    assert!(diff < 1e-4, "{m}");
+    assert!(merged.join("tokenizer.json").exists() && merged.join("config.json").exists());
+    let i = ok(&["inspect", s(&out)]);
+    assert!(i.contains("method: LORA") && i.contains("r: 4"), "{i}");
+    let i = ok(&["inspect", s(&model())]);
+    assert!(
+        i.contains("architecture: llama") && i.contains("q_proj"),
+        "{i}"
+    );
+}
+
+#[test]
+fn bad_inputs_get_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let out = d.join("out");
+    let m = s(&model()).to_string();
+    let run = |data: &Path, extra: &[&str]| {
+        let mut a = vec![
+            "train",
+            "--model",
+            &m,
+            "--data",
+            s(data),
+            "--output",
+            s(&out),
+            "--max-steps",
+            "1",
+        ];
+        a.extend_from_slice(extra);
+        fails(&a)
+    };
+    let bad = d.join("bad.jsonl");
+    std::fs::write(
+        &bad,
+        "{\"instruction\": \"a\", \"output\": \"b\"}\n{not json\n",
+    )
+    .unwrap();
+    let e = run(&bad, &[]);
+    assert!(e.contains("bad.jsonl") && e.contains("line 2"), "{e}");
+    let empty = d.join("empty.txt");
+    std::fs::write(&empty, "\n\n").unwrap();
+    assert!(run(&empty, &[]).contains("empty"));
+    let train = data("quickstart-train.jsonl");
+    let e = run(&train, &["--target-modules", "query"]);
+    assert!(e.contains("`query`") && e.contains("q_proj"), "{e}");
+    let e = run(&train, &["--r", "4096"]);
+    assert!(e.contains("r=4096") && e.contains("must be between"), "{e}");
+    let e = run(&train, &["--seq-len", "100000"]);
+    assert!(e.contains("exceeds the model's context"), "{e}");
+    let cfg = d.join("run.toml");
+    std::fs::write(&cfg, "learning_rat = 1e-3\n").unwrap();
+    let e = fails(&[
+        "train",
+        "--model",
+        &m,
+        "--data",
+        s(&train),
+        "--output",
+        s(&out),
+        "--config",
+        s(&cfg),
+    ]);
+    assert!(e.contains("run.toml") && e.contains("learning_rat"), "{e}");
+    assert!(
+        !out.join("adapter_model.safetensors").exists(),
+        "nothing written on failure"
+    );
+
+    // Broken checkpoints: missing directory, truncated weights, unknown architecture, missing tensor.
+    let e = fails(&["inspect", s(&d.join("nope"))]);
+    assert!(e.contains("nope"), "{e}");
+    let broken = d.join("broken");
+    std::fs::create_dir(&broken).unwrap();
+    for f in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(model().join(f), broken.join(f)).unwrap();
+    }
+    let w = std::fs::read(model().join("model.safetensors")).unwrap();
+    std::fs::write(broken.join("model.safetensors"), &w[..w.len() / 2]).unwrap();
+    let e = fails(&[
+        "eval",
+        "--model",
+        s(&broken),
+        "--data",
+        s(&data("quickstart-valid.jsonl")),
+    ]);
+    assert!(
+        e.contains("model.safetensors") && e.contains("not a valid safetensors"),
+        "{e}"
+    );
+    let cfg_text = std::fs::read_to_string(model().join("config.json")).unwrap();
+    std::fs::write(
+        broken.join("config.json"),
+        cfg_text.replace("\"llama\"", "\"mamba\""),
+    )
+    .unwrap();
+    let e = fails(&["inspect", s(&broken)]);
+    assert!(e.contains("mamba") && e.contains("supported"), "{e}");
+    std::fs::write(
+        broken.join("config.json"),
+        cfg_text.replace("\"num_hidden_layers\": 4", "\"num_hidden_layers\": 5"),
+    )
+    .unwrap();
+    std::fs::write(broken.join("model.safetensors"), &w).unwrap();
+    let e = fails(&[
+        "eval",
+        "--model",
+        s(&broken),
+        "--data",
+        s(&data("quickstart-valid.jsonl")),
+    ]);
+    assert!(e.contains("missing tensor `model.layers.4"), "{e}");
+
+    // An adapter with a tensor for a module the model lacks: strict by default, --allow-partial opts out.
+    let run_dir = d.join("run");
+    let _ = std::fs::remove_dir_all(&out);
+    ok(&[
+        "train",
+        "--model",
+        &m,
+        "--data",
+        s(&train),
+        "--output",
+        s(&run_dir),
+        "--max-steps",
+        "1",
+        "--micro-batch-size",
+        "1",
+    ]);
+    let cfg_path = run_dir.join("adapter_config.json");
+    let c = std::fs::read_to_string(&cfg_path).unwrap();
+    std::fs::write(&cfg_path, c.replace("\"v_proj\"", "\"v_proj\", \"k_proj\"")).unwrap();
+    let e = fails(&[
+        "eval",
+        "--model",
+        &m,
+        "--adapter",
+        s(&run_dir),
+        "--data",
+        s(&data("quickstart-valid.jsonl")),
+        "--limit",
+        "1",
+    ]);
+    assert!(
+        e.contains("targeted modules without tensors") && e.contains("--allow-partial"),
+        "{e}"
+    );
+    ok(&[
+        "eval",
+        "--model",
+        &m,
+        "--adapter",
+        s(&run_dir),
+        "--allow-partial",
+        "--data",
+        s(&data("quickstart-valid.jsonl")),
+        "--limit",
+        "1",
+    ]);
+}
+
+#[test]
+fn non_finite_loss_stops_with_the_step_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let nan_model = dir.path().join("nan-model");
+    std::fs::create_dir(&nan_model).unwrap();
+    for f in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(model().join(f), nan_model.join(f)).unwrap();
+    }
+    // Poison the final norm: every logit becomes NaN.
+    let src = model().join("model.safetensors");
+    let bytes = std::fs::read(&src).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut tensors: Vec<(String, safetensors::tensor::TensorView)> = Vec::new();
+    let mut owned: Vec<(String, Vec<u8>, Vec<usize>)> = Vec::new();
+    for (name, view) in st.tensors() {
+        let mut data = view.data().to_vec();
+        if name == "model.norm.weight" {
+            data[..4].copy_from_slice(&f32::NAN.to_le_bytes());
+        }
+        owned.push((name, data, view.shape().to_vec()));
+    }
+    for (name, data, shape) in &owned {
+        tensors.push((
+            name.clone(),
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), data)
+                .unwrap(),
+        ));
+    }
+    std::fs::write(
+        nan_model.join("model.safetensors"),
+        safetensors::tensor::serialize(tensors, None).unwrap(),
+    )
+    .unwrap();
+    let out = dir.path().join("out");
+    let e = fails(&[
+        "train",
+        "--model",
+        s(&nan_model),
+        "--data",
+        s(&data("quickstart-train.jsonl")),
+        "--output",
+        s(&out),
+        "--max-steps",
+        "3",
+    ]);
+    assert!(e.contains("loss is NaN at step 1"), "{e}");
+    assert!(!out.join("adapter_model.safetensors").exists());
+}
