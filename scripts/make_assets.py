@@ -6,8 +6,9 @@
 - pretrain.txt: short stories (documents separated by blank lines) about people, things, colours and places; the corpus the default model
   (assets/default-model) was pre-trained on with `factune pretrain`.
 - quickstart-train.jsonl / quickstart-valid.jsonl: alpaca records asking a question about a story
-  ("What color is the kite?" -> "blue"). The base model has never seen the question/answer format, so
-  before fine-tuning it continues the story instead of answering; LoRA teaches it to answer.
+  ("...\nQuestion: What color is the kite?" -> "The color of the kite is blue."). The corpus' recall
+  sentences ("The color of the kite is blue.") teach the base model to retrieve facts from a story, but it has
+  never seen the question/answer format: before fine-tuning it continues the story; LoRA teaches it to answer.
 - chat-sample.jsonl: the same task as chat conversations, to exercise the chat data path.
 """
 import argparse
@@ -45,6 +46,11 @@ def story(rng):
     rng.shuffle(order)
     for _, t, _, pl in order:
         s.append(f"The {t} is {pl}.")
+    # Recall sentences restate a fact in another form, so predicting them means retrieving it from the story:
+    # pre-training builds the retrieval skill, fine-tuning only has to teach the question/answer format.
+    recall = [(f, kind) for f in facts for kind in range(3)]
+    for (p, t, c, pl), kind in rng.sample(recall, len(facts) + 1):
+        s.append([f"The color of the {t} is {c}.", f"The {t} belongs to {p}.", f"The {t} is still {pl}."][kind])
     if rng.random() < 0.7:
         s.append(f"{rng.choice(people)} {rng.choice(LIKES)}.")
     if rng.random() < 0.3:
@@ -53,13 +59,17 @@ def story(rng):
 
 
 def question(rng, facts):
+    """A question about one fact and its answer, a full sentence in the form of the corpus' recall sentences."""
     p, t, c, pl = rng.choice(facts)
     kind = rng.choice(["color", "who", "where"])
     if kind == "color":
-        return f"What color is the {t}?", c
+        return f"What color is the {t}?", f"The color of the {t} is {c}."
     if kind == "who":
-        return f"Who has the {t}?", p
-    return f"Where is the {t}?", pl
+        return f"Who has the {t}?", f"The {t} belongs to {p}."
+    return f"Where is the {t}?", f"The {t} is {pl}."
+
+
+INSTRUCTION = "Read the story and answer the question."
 
 
 def main():
@@ -76,7 +86,7 @@ def main():
             for _ in range(n):
                 text, facts = story(rng)
                 q, ans = question(rng, facts)
-                f.write(json.dumps({"instruction": q, "input": text, "output": ans}) + "\n")
+                f.write(json.dumps({"instruction": INSTRUCTION, "input": f"{text}\nQuestion: {q}", "output": ans}) + "\n")
     with open(os.path.join(a.out, "chat-sample.jsonl"), "w") as f:
         for _ in range(50):
             text, facts = story(rng)

@@ -8,9 +8,10 @@
         token ids: base and adapted logits, the causal-LM loss with masked prompt tokens, the gradients of every
         LoRA A/B, and greedy generation tokens.
 
-    python scripts/make_fixtures.py verify --model DIR --adapter ADIR --expect FILE.safetensors
-        Loads an adapter written by factune with PeftModel.from_pretrained and checks that PEFT's logits for
-        the `input_ids` in FILE match the `logits` factune stored there.
+    python scripts/make_fixtures.py verify --model DIR [--adapter ADIR] --expect FILE.safetensors
+        Loads an adapter written by factune with PeftModel.from_pretrained (or, without --adapter, a checkpoint
+        written by `factune merge` with transformers alone) and checks that the logits for the `input_ids` in
+        FILE match the `logits` factune stored there.
 
 Pinned: torch==2.15.0 transformers==5.23.0 peft==0.21.2 safetensors (see scripts/requirements-fixtures.txt).
 """
@@ -139,11 +140,12 @@ def verify(model_dir, adapter_dir, expect):
 
     exp = load_file(expect)
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    pm = PeftModel.from_pretrained(base, adapter_dir).eval()
+    pm = PeftModel.from_pretrained(base, adapter_dir).eval() if adapter_dir else base
     with torch.no_grad():
         logits = pm(input_ids=exp["input_ids"].long()).logits.float()
     diff = (logits - exp["logits"]).abs().max().item()
-    print(f"PEFT loaded {adapter_dir}: max |logits(PEFT) - logits(factune)| = {diff:.3e}")
+    what = f"PEFT loaded {adapter_dir}" if adapter_dir else f"transformers loaded {model_dir}"
+    print(f"{what}: max |logits(python) - logits(factune)| = {diff:.3e}")
     if diff > 1e-4:
         sys.exit(1)
 
@@ -155,7 +157,7 @@ def main():
     b.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures"))
     v = sub.add_parser("verify")
     v.add_argument("--model", required=True)
-    v.add_argument("--adapter", required=True)
+    v.add_argument("--adapter")
     v.add_argument("--expect", required=True)
     a = ap.parse_args()
     torch.use_deterministic_algorithms(True)

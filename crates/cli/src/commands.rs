@@ -240,6 +240,18 @@ pub fn generate(
     }
     let mut stop: Vec<u32> = model.cfg.eos_token_ids.clone();
     stop.extend(tok.eos_id());
+    // Chat models often list extra end-of-turn tokens in generation_config.json.
+    let gen_cfg = args.model.join("generation_config.json");
+    if gen_cfg.exists() {
+        let v: serde_json::Value = factune_io::error::read_json(&gen_cfg)?;
+        match v.get("eos_token_id") {
+            Some(serde_json::Value::Number(n)) => stop.extend(n.as_u64().map(|x| x as u32)),
+            Some(serde_json::Value::Array(a)) => {
+                stop.extend(a.iter().filter_map(|x| x.as_u64().map(|x| x as u32)))
+            }
+            _ => {}
+        }
+    }
     let out = gen(
         &model,
         &ids,

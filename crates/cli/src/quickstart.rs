@@ -27,7 +27,7 @@ pub fn config(steps: usize) -> TrainConfig {
         warmup_steps: steps / 10,
         max_steps: steps,
         micro_batch_size: 8,
-        seq_len: 128,
+        seq_len: 256,
         eval_steps: 50,
         validation_split: 0.0,
         ..TrainConfig::default()
@@ -49,7 +49,7 @@ pub fn run(output: &Path, assets: Option<PathBuf>, steps: usize) -> Result<()> {
         model_dir.display()
     );
     let before_em = exact_match(&model, &tok, &valid, 8, 0)?;
-    let before_ppl = perplexity(&model, &tok, &valid, 128, 8)?;
+    let before_ppl = perplexity(&model, &tok, &valid, 256, 8)?;
     println!(
         "before: exact match {:.1}% on {} questions, validation perplexity {:.2}",
         100.0 * before_em.exact_match,
@@ -73,7 +73,7 @@ pub fn run(output: &Path, assets: Option<PathBuf>, steps: usize) -> Result<()> {
     }
     .run()?;
     let after_em = exact_match(&model, &tok, &valid, 8, 0)?;
-    let after_ppl = perplexity(&model, &tok, &valid, 128, 8)?;
+    let after_ppl = perplexity(&model, &tok, &valid, 256, 8)?;
     println!(
         "after {} steps ({:.0}s): exact match {:.1}%, validation perplexity {:.2}",
         outcome.steps,

@@ -57,31 +57,35 @@ fn sha(p: &Path) -> String {
 
 /// A short LoRA run on the quickstart data.
 fn train(out: &Path, steps: &str, extra: &[&str]) -> String {
+    let (m, d) = (model(), data("quickstart-train.jsonl"));
     let mut args = vec![
         "train",
         "--model",
-        s(&model()).to_owned().leak(),
+        s(&m),
         "--data",
-        s(&data("quickstart-train.jsonl")).to_owned().leak(),
+        s(&d),
         "--output",
-        s(out).to_owned().leak(),
+        s(out),
         "--max-steps",
         steps,
+    ];
+    args.extend_from_slice(&[
         "--micro-batch-size",
         "2",
         "--seq-len",
-        "96",
+        "256",
         "--r",
         "4",
         "--lora-dropout",
         "0.1",
+    ]);
+    args.extend_from_slice(&[
         "--target-modules",
         "q_proj,v_proj,down_proj",
         "--learning-rate",
         "1e-3",
-        "--validation-split",
-        "0.01",
-    ];
+    ]);
+    args.extend_from_slice(&["--validation-split", "0.01"]);
     args.extend_from_slice(extra);
     ok(&args)
 }

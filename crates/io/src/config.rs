@@ -52,6 +52,8 @@ pub struct ModelConfig {
     pub mlp_bias: bool,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
+    /// Mistral / Qwen2 sliding-window attention span, when the model uses one.
+    pub sliding_window: Option<usize>,
     /// The parsed file, kept so a merged checkpoint can write it back unchanged.
     pub raw: Value,
 }
@@ -152,7 +154,17 @@ impl ModelConfig {
         };
         let attention_bias = opt_bool(v, "attention_bias").unwrap_or(false);
         let qwen = model_type == "qwen2";
+        let uses_window = match model_type {
+            "mistral" => true,
+            "qwen2" => opt_bool(v, "use_sliding_window").unwrap_or(false),
+            _ => false,
+        };
         Ok(ModelConfig {
+            sliding_window: if uses_window {
+                opt_usize(v, path, "sliding_window")?
+            } else {
+                None
+            },
             arch: Arch::Llama,
             model_type: model_type.to_string(),
             vocab_size: get_usize(v, path, "vocab_size")?,
@@ -252,6 +264,7 @@ impl ModelConfig {
                 .and_then(Value::as_u64)
                 .map(|x| x as u32),
             eos_token_ids: token_ids(v.get("eos_token_id")),
+            sliding_window: None,
             raw: Value::Null,
         })
     }

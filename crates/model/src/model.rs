@@ -325,6 +325,14 @@ impl Model {
                 self.dir.join("config.json").display()
             )));
         }
+        if let Some(w) = self.cfg.sliding_window {
+            if offset + t > w {
+                return Err(Error::config(format!(
+                    "sequence of {} tokens is longer than the sliding window ({w}); sliding-window attention is not implemented yet",
+                    offset + t
+                )));
+            }
+        }
         let vocab = self.cfg.vocab_size as u32;
         let max_id = ids.flatten_all()?.max(0)?.to_scalar::<u32>()?;
         if max_id >= vocab {

@@ -220,7 +220,12 @@ impl TrainJob<'_> {
             let k = cfg.gradient_accumulation_steps as f32;
             acc.iter_mut()
                 .for_each(|g| g.iter_mut().for_each(|x| *x /= k));
-            self.check_gradients(&params, &got, &acc, &mut checked_grads, updated_with_lr)?;
+            let check_zero = updated_with_lr && !checked_grads;
+            checked_grads |= check_zero;
+            let names: Vec<&str> = params.iter().map(|(k, _)| k.as_str()).collect();
+            if let Some(problem) = gradient_problem(&names, &got, &acc, check_zero) {
+                return Err(Error::config(problem));
+            }
             let norm = clip_grad_norm(&mut acc, cfg.max_grad_norm);
             let mut values: Vec<Vec<f32>> = params
                 .iter()
@@ -278,45 +283,6 @@ impl TrainJob<'_> {
         })
     }
 
-    /// Missing gradients are an error at once; all-zero ones from the first step after a real update (LoRA's
-    /// A legitimately gets a zero gradient while B is still zero).
-    fn check_gradients(
-        &self,
-        params: &[(String, Var)],
-        got: &[bool],
-        acc: &[Vec<f32>],
-        checked: &mut bool,
-        updated: bool,
-    ) -> Result<()> {
-        let missing: Vec<&str> = params
-            .iter()
-            .zip(got)
-            .filter(|(_, g)| !**g)
-            .map(|((k, _), _)| k.as_str())
-            .collect();
-        let zero: Vec<&str> = if updated && !*checked {
-            *checked = true;
-            params
-                .iter()
-                .zip(acc)
-                .filter(|(_, g)| g.iter().all(|x| *x == 0.0))
-                .map(|((k, _), _)| k.as_str())
-                .collect()
-        } else {
-            vec![]
-        };
-        let bad: Vec<&str> = missing.into_iter().chain(zero).collect();
-        if !bad.is_empty() {
-            return Err(Error::config(format!(
-                "{} of {} adapter tensors received no gradient (first: `{}`)",
-                bad.len(),
-                params.len(),
-                bad[0]
-            )));
-        }
-        Ok(())
-    }
-
     fn write_run_metadata(&self, train: &[Example], val: &[Example]) -> Result<()> {
         let c = &self.config;
         let meta = json!({
@@ -366,6 +332,29 @@ impl TrainJob<'_> {
     }
 }
 
+/// Missing gradients are a problem at every step; all-zero ones are checked once, at the first step after a
+/// real update (LoRA's A legitimately gets a zero gradient while B is still zero).
+pub fn gradient_problem(
+    names: &[&str],
+    got: &[bool],
+    grads: &[Vec<f32>],
+    check_zero: bool,
+) -> Option<String> {
+    let bad: Vec<&str> = names
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| !got[*i] || (check_zero && grads[*i].iter().all(|x| *x == 0.0)))
+        .map(|(_, n)| *n)
+        .collect();
+    bad.first().map(|first| {
+        format!(
+            "{} of {} adapter tensors received no gradient (first: `{first}`)",
+            bad.len(),
+            names.len()
+        )
+    })
+}
+
 fn load_optimizer(opt: &mut AdamW, params: &[(String, Var)], path: &Path) -> Result<()> {
     let w = Weights::from_files(&[path.to_path_buf()])?;
     for (i, (k, _)) in params.iter().enumerate() {
@@ -382,4 +371,26 @@ fn load_optimizer(opt: &mut AdamW, params: &[(String, Var)], path: &Path) -> Res
         .as_u64()
         .ok_or_else(|| Error::invalid(path.with_file_name(STATE_FILE), "missing `optimizer_t`"))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::gradient_problem;
+
+    #[test]
+    fn missing_and_zero_gradients_are_reported() {
+        let names = ["a", "b", "c"];
+        let g = vec![vec![0.0f32; 2], vec![1.0, 0.0], vec![0.0; 2]];
+        assert_eq!(
+            gradient_problem(&names, &[true, true, true], &g, false),
+            None
+        );
+        let e = gradient_problem(&names, &[true, false, true], &g, false).unwrap();
+        assert_eq!(
+            e,
+            "1 of 3 adapter tensors received no gradient (first: `b`)"
+        );
+        let e = gradient_problem(&names, &[true, true, true], &g, true).unwrap();
+        assert!(e.starts_with("2 of 3") && e.contains("`a`"), "{e}");
+    }
 }

@@ -1,0 +1,102 @@
+//! Exports factune-made adapters and factune's logits so Python PEFT can check them:
+//!
+//!     cargo test -p factune --test interop -- --ignored
+//!     python scripts/make_fixtures.py verify --model assets/default-model \
+//!         --adapter target/peft-interop/default/adapter --expect target/peft-interop/default/expect.safetensors
+//!     (and likewise for tests/fixtures/llama and tests/fixtures/gpt2 with target/peft-interop/{llama,gpt2});
+//!     python scripts/make_fixtures.py verify --model target/peft-interop/gpt2/merged \
+//!         --expect target/peft-interop/gpt2/expect.safetensors      (a merged checkpoint, transformers alone)
+
+use candle_core::{DType, Device, Tensor};
+use factune_adapters::{attach, peft, AdapterConfig, TargetModules};
+use factune_io::weights::to_safetensors_bytes;
+use factune_model::{Ctx, Model};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn write_expect(model: &Model, dir: &Path) {
+    let v = model.cfg.vocab_size as i64;
+    let ids: Vec<i64> = (0..24).map(|i| (i * 37 + 5) % v).collect();
+    let t = Tensor::new(ids.as_slice(), &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let logits = model
+        .forward(&t.to_dtype(DType::U32).unwrap(), None, &Ctx::default())
+        .unwrap();
+    let mut m = BTreeMap::new();
+    m.insert("input_ids".to_string(), t);
+    m.insert("logits".to_string(), logits);
+    std::fs::write(
+        dir.join("expect.safetensors"),
+        to_safetensors_bytes(&m, None).unwrap(),
+    )
+    .unwrap();
+}
+
+#[test]
+#[ignore = "writes files for `scripts/make_fixtures.py verify` (needs Python with torch + peft)"]
+fn export_for_peft() {
+    let out = repo().join("target/peft-interop");
+    // 1. An adapter trained by `factune train` on the embedded model, on every linear layer.
+    let default = out.join("default");
+    let adapter = default.join("adapter");
+    let _ = std::fs::remove_dir_all(&default);
+    let status = Command::new(env!("CARGO_BIN_EXE_factune"))
+        .args(["train", "--model"])
+        .arg(repo().join("assets/default-model"))
+        .arg("--data")
+        .arg(repo().join("assets/data/quickstart-train.jsonl"))
+        .arg("--output")
+        .arg(&adapter)
+        .args([
+            "--max-steps",
+            "20",
+            "--target-modules",
+            "all-linear",
+            "--learning-rate",
+            "5e-3",
+            "--r",
+            "8",
+        ])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let mut model = Model::load(&repo().join("assets/default-model"), &Device::Cpu).unwrap();
+    peft::load(&mut model, &adapter, false).unwrap();
+    write_expect(&model, &default);
+
+    // 2. Adapters with random B (PEFT's init_lora_weights=False) on the fixture Llama (rsLoRA) and GPT-2.
+    for (name, rslora) in [("llama", true), ("gpt2", false)] {
+        let dir = out.join(name);
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut model =
+            Model::load(&repo().join("tests/fixtures").join(name), &Device::Cpu).unwrap();
+        let cfg = AdapterConfig {
+            r: 4,
+            lora_alpha: 8.0,
+            use_rslora: rslora,
+            init_lora_weights: serde_json::Value::Bool(false),
+            target_modules: TargetModules::Pattern("all-linear".into()),
+            ..AdapterConfig::default()
+        };
+        attach(&mut model, &cfg, 7).unwrap();
+        peft::save(&model, &cfg, &dir.join("adapter")).unwrap();
+        write_expect(&model, &dir);
+        let status = Command::new(env!("CARGO_BIN_EXE_factune"))
+            .args(["merge", "--verify", "--model"])
+            .arg(repo().join("tests/fixtures").join(name))
+            .arg("--adapter")
+            .arg(dir.join("adapter"))
+            .arg("--output")
+            .arg(dir.join("merged"))
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+}
