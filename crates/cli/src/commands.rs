@@ -30,11 +30,10 @@ pub fn device(name: &str) -> Result<Device> {
     }
 }
 
-/// Loads the base model, its tokenizer and (optionally) an adapter, reporting what the adapter matched.
-pub fn load(args: &ModelArgs) -> Result<(Model, TextTokenizer)> {
+/// Loads the base model and (optionally) an adapter, reporting what the adapter matched.
+pub fn load_model(args: &ModelArgs) -> Result<Model> {
     let dev = device(&args.device)?;
     let mut model = Model::load(&args.model, &dev)?;
-    let tok = TextTokenizer::from_dir(&args.model)?;
     if let Some(a) = &args.adapter {
         let (cfg, report) = peft::load(&mut model, a, args.allow_partial)?;
         eprintln!(
@@ -44,7 +43,13 @@ pub fn load(args: &ModelArgs) -> Result<(Model, TextTokenizer)> {
             cfg.r
         );
     }
-    Ok((model, tok))
+    Ok(model)
+}
+
+/// [`load_model`] plus the model's tokenizer.
+pub fn load(args: &ModelArgs) -> Result<(Model, TextTokenizer)> {
+    let model = load_model(args)?;
+    Ok((model, TextTokenizer::from_dir(&args.model)?))
 }
 
 pub fn train(
@@ -285,7 +290,7 @@ pub fn merge(args: &ModelArgs, output: &Path, verify: bool) -> Result<()> {
     if args.adapter.is_none() {
         bail!("merge needs --adapter");
     }
-    let (mut model, _) = load(args)?;
+    let mut model = load_model(args)?;
     let before = if verify {
         Some(model.forward(&probe_ids(&model)?, None, &Ctx::default())?)
     } else {
