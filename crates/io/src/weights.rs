@@ -187,13 +187,28 @@ fn le_values<T, const N: usize>(bytes: &[u8], f: impl Fn([u8; N]) -> T) -> Vec<T
         .collect()
 }
 
-/// Serialises named f32 tensors to safetensors bytes (with optional `__metadata__`), in sorted key order.
+/// Serialises named tensors to safetensors bytes (with optional `__metadata__`), in sorted key order.
+/// Refuses floating-point tensors holding NaN or Inf, so no checkpoint, adapter or model is ever written
+/// broken.
 pub fn to_safetensors_bytes(
     tensors: &BTreeMap<String, Tensor>,
     metadata: Option<HashMap<String, String>>,
 ) -> Result<Vec<u8>> {
     let mut data: Vec<(String, Vec<u8>, Vec<usize>, StDtype)> = Vec::with_capacity(tensors.len());
     for (name, t) in tensors {
+        if t.dtype().is_float() {
+            let finite = t
+                .to_dtype(DType::F32)?
+                .flatten_all()?
+                .to_vec1::<f32>()?
+                .iter()
+                .all(|x| x.is_finite());
+            if !finite {
+                return Err(Error::config(format!(
+                    "refusing to write: tensor `{name}` contains NaN or Inf"
+                )));
+            }
+        }
         let (bytes, dt) = match t.dtype() {
             DType::F32 => (
                 t.flatten_all()?
@@ -326,6 +341,17 @@ mod tests {
             e.contains("missing tensor `nope`") && e.contains("m.safetensors"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn non_finite_tensors_are_never_written() {
+        let mut m = BTreeMap::new();
+        m.insert(
+            "w".to_string(),
+            Tensor::new(&[1f32, f32::NAN], &Device::Cpu).unwrap(),
+        );
+        let e = to_safetensors_bytes(&m, None).unwrap_err().to_string();
+        assert!(e.contains("`w`") && e.contains("NaN"), "{e}");
     }
 
     #[test]

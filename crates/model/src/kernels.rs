@@ -21,6 +21,43 @@ fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
     }
 }
 
+/// Applies `f(x_row, y_row)` to every row (last dim) of a contiguous f32 input, in parallel.
+fn map_rows(
+    s: &CpuStorage,
+    l: &Layout,
+    op: &str,
+    f: impl Fn(&[f32], &mut [f32]) + Sync,
+) -> Result<(CpuStorage, Shape)> {
+    let x = f32_slice(s, l, op)?;
+    let (_, n) = last_dim(l)?;
+    let mut y = vec![0f32; x.len()];
+    y.par_chunks_mut(n)
+        .zip(x.par_chunks(n))
+        .for_each(|(yr, xr)| f(xr, yr));
+    Ok((CpuStorage::F32(y), l.shape().clone()))
+}
+
+/// Applies `f(a_row, b_row, out_row)` to every row of two contiguous f32 inputs of one shape (backward ops:
+/// saved input or output, and the incoming gradient).
+fn map_rows2(
+    (s1, l1): (&CpuStorage, &Layout),
+    (s2, l2): (&CpuStorage, &Layout),
+    op: &str,
+    f: impl Fn(&[f32], &[f32], &mut [f32]) + Sync,
+) -> Result<(CpuStorage, Shape)> {
+    let a = f32_slice(s1, l1, op)?;
+    let b = f32_slice(s2, l2, op)?;
+    if a.len() != b.len() {
+        candle_core::bail!("{op}: operands differ in size");
+    }
+    let (_, n) = last_dim(l1)?;
+    let mut out = vec![0f32; a.len()];
+    out.par_chunks_mut(n)
+        .zip(a.par_chunks(n).zip(b.par_chunks(n)))
+        .for_each(|(o, (ar, br))| f(ar, br, o));
+    Ok((CpuStorage::F32(out), l1.shape().clone()))
+}
+
 fn last_dim(l: &Layout) -> Result<(usize, usize)> {
     let dims = l.dims();
     let n = *dims
@@ -112,30 +149,20 @@ struct RmsNorm {
     eps: f32,
 }
 
-fn rms_fwd_rows(x: &[f32], w: &[f32], eps: f32, y: &mut [f32]) {
-    let n = w.len();
-    y.par_chunks_mut(n)
-        .zip(x.par_chunks(n))
-        .for_each(|(yr, xr)| {
-            let ms = xr.iter().map(|v| v * v).sum::<f32>() / n as f32;
-            let r = 1.0 / (ms + eps).sqrt();
-            for ((yv, xv), wv) in yr.iter_mut().zip(xr).zip(w) {
-                *yv = xv * r * wv;
-            }
-        });
-}
-
 impl CustomOp1 for RmsNorm {
     fn name(&self) -> &'static str {
         "rms-norm"
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = f32_slice(s, l, "rms-norm")?;
         let w = self.w.to_vec1::<f32>()?;
-        let mut y = vec![0f32; x.len()];
-        rms_fwd_rows(x, &w, self.eps, &mut y);
-        Ok((CpuStorage::F32(y), l.shape().clone()))
+        map_rows(s, l, "rms-norm", |xr, yr| {
+            let ms = xr.iter().map(|v| v * v).sum::<f32>() / xr.len() as f32;
+            let r = 1.0 / (ms + self.eps).sqrt();
+            for ((yv, xv), wv) in yr.iter_mut().zip(xr).zip(&w) {
+                *yv = xv * r * wv;
+            }
+        })
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
@@ -164,29 +191,23 @@ impl CustomOp2 for RmsNormBwd {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let x = f32_slice(s1, l1, "rms-norm-bwd")?;
-        let dy = f32_slice(s2, l2, "rms-norm-bwd")?;
         let w = self.w.to_vec1::<f32>()?;
         let n = w.len();
-        let mut dx = vec![0f32; x.len()];
-        dx.par_chunks_mut(n)
-            .zip(x.par_chunks(n).zip(dy.par_chunks(n)))
-            .for_each(|(dxr, (xr, dyr))| {
-                let ms = xr.iter().map(|v| v * v).sum::<f32>() / n as f32;
-                let r = 1.0 / (ms + self.eps).sqrt();
-                let gx = xr
-                    .iter()
-                    .zip(dyr)
-                    .zip(&w)
-                    .map(|((x, d), w)| x * d * w)
-                    .sum::<f32>()
-                    / n as f32;
-                let c = r * r * gx;
-                for i in 0..n {
-                    dxr[i] = r * (dyr[i] * w[i] - xr[i] * c);
-                }
-            });
-        Ok((CpuStorage::F32(dx), l1.shape().clone()))
+        map_rows2((s1, l1), (s2, l2), "rms-norm-bwd", |xr, dyr, dxr| {
+            let ms = xr.iter().map(|v| v * v).sum::<f32>() / n as f32;
+            let r = 1.0 / (ms + self.eps).sqrt();
+            let gx = xr
+                .iter()
+                .zip(dyr)
+                .zip(&w)
+                .map(|((x, d), w)| x * d * w)
+                .sum::<f32>()
+                / n as f32;
+            let c = r * r * gx;
+            for i in 0..n {
+                dxr[i] = r * (dyr[i] * w[i] - xr[i] * c);
+            }
+        })
     }
 }
 
@@ -229,20 +250,14 @@ impl CustomOp1 for LayerNorm {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = f32_slice(s, l, "layer-norm")?;
         let w = self.w.to_vec1::<f32>()?;
         let b = self.b.to_vec1::<f32>()?;
-        let n = w.len();
-        let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(n)
-            .zip(x.par_chunks(n))
-            .for_each(|(yr, xr)| {
-                let (mu, rstd) = ln_stats(xr, self.eps);
-                for i in 0..n {
-                    yr[i] = (xr[i] - mu) * rstd * w[i] + b[i];
-                }
-            });
-        Ok((CpuStorage::F32(y), l.shape().clone()))
+        map_rows(s, l, "layer-norm", |xr, yr| {
+            let (mu, rstd) = ln_stats(xr, self.eps);
+            for i in 0..xr.len() {
+                yr[i] = (xr[i] - mu) * rstd * w[i] + b[i];
+            }
+        })
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
@@ -271,29 +286,23 @@ impl CustomOp2 for LayerNormBwd {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let x = f32_slice(s1, l1, "layer-norm-bwd")?;
-        let dy = f32_slice(s2, l2, "layer-norm-bwd")?;
         let w = self.w.to_vec1::<f32>()?;
         let n = w.len();
-        let mut dx = vec![0f32; x.len()];
-        dx.par_chunks_mut(n)
-            .zip(x.par_chunks(n).zip(dy.par_chunks(n)))
-            .for_each(|(dxr, (xr, dyr))| {
-                let (mu, rstd) = ln_stats(xr, self.eps);
-                let (mut mg, mut mgx) = (0f32, 0f32);
-                for i in 0..n {
-                    let g = dyr[i] * w[i];
-                    mg += g;
-                    mgx += g * (xr[i] - mu) * rstd;
-                }
-                mg /= n as f32;
-                mgx /= n as f32;
-                for i in 0..n {
-                    let xh = (xr[i] - mu) * rstd;
-                    dxr[i] = rstd * (dyr[i] * w[i] - mg - xh * mgx);
-                }
-            });
-        Ok((CpuStorage::F32(dx), l1.shape().clone()))
+        map_rows2((s1, l1), (s2, l2), "layer-norm-bwd", |xr, dyr, dxr| {
+            let (mu, rstd) = ln_stats(xr, self.eps);
+            let (mut mg, mut mgx) = (0f32, 0f32);
+            for i in 0..n {
+                let g = dyr[i] * w[i];
+                mg += g;
+                mgx += g * (xr[i] - mu) * rstd;
+            }
+            mg /= n as f32;
+            mgx /= n as f32;
+            for i in 0..n {
+                let xh = (xr[i] - mu) * rstd;
+                dxr[i] = rstd * (dyr[i] * w[i] - mg - xh * mgx);
+            }
+        })
     }
 }
 
@@ -329,22 +338,16 @@ impl CustomOp1 for Softmax {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = f32_slice(s, l, "softmax")?;
-        let (_, n) = last_dim(l)?;
-        let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(n)
-            .zip(x.par_chunks(n))
-            .for_each(|(yr, xr)| {
-                let m = xr.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-                let mut sum = 0f32;
-                for (yv, xv) in yr.iter_mut().zip(xr) {
-                    *yv = (xv - m).exp();
-                    sum += *yv;
-                }
-                let inv = 1.0 / sum;
-                yr.iter_mut().for_each(|v| *v *= inv);
-            });
-        Ok((CpuStorage::F32(y), l.shape().clone()))
+        map_rows(s, l, "softmax", |xr, yr| {
+            let m = xr.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+            let mut sum = 0f32;
+            for (yv, xv) in yr.iter_mut().zip(xr) {
+                *yv = (xv - m).exp();
+                sum += *yv;
+            }
+            let inv = 1.0 / sum;
+            yr.iter_mut().for_each(|v| *v *= inv);
+        })
     }
 
     fn bwd(&self, _arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
@@ -368,19 +371,12 @@ impl CustomOp2 for SoftmaxBwd {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let y = f32_slice(s1, l1, "softmax-bwd")?;
-        let dy = f32_slice(s2, l2, "softmax-bwd")?;
-        let (_, n) = last_dim(l1)?;
-        let mut dx = vec![0f32; y.len()];
-        dx.par_chunks_mut(n)
-            .zip(y.par_chunks(n).zip(dy.par_chunks(n)))
-            .for_each(|(dxr, (yr, dyr))| {
-                let dot = yr.iter().zip(dyr).map(|(a, b)| a * b).sum::<f32>();
-                for i in 0..n {
-                    dxr[i] = yr[i] * (dyr[i] - dot);
-                }
-            });
-        Ok((CpuStorage::F32(dx), l1.shape().clone()))
+        map_rows2((s1, l1), (s2, l2), "softmax-bwd", |yr, dyr, dxr| {
+            let dot = yr.iter().zip(dyr).map(|(a, b)| a * b).sum::<f32>();
+            for i in 0..yr.len() {
+                dxr[i] = yr[i] * (dyr[i] - dot);
+            }
+        })
     }
 }
 
