@@ -3,13 +3,15 @@
 
     python scripts/make_assets.py [--out assets/data]
 
-- pretrain.txt: short stories (documents separated by blank lines) about people, things, colours and places; the corpus the default model
-  (assets/default-model) was pre-trained on with `factune pretrain`.
-- quickstart-train.jsonl / quickstart-valid.jsonl: alpaca records asking a question about a story
-  ("...\nQuestion: What color is the kite?" -> "The color of the kite is blue."). The corpus' recall
-  sentences ("The color of the kite is blue.") teach the base model to retrieve facts from a story, but it has
-  never seen the question/answer format: before fine-tuning it continues the story; LoRA teaches it to answer.
-- chat-sample.jsonl: the same task as chat conversations, to exercise the chat data path.
+- pretrain.txt: short stories about people, things, colours and places (documents separated by blank lines),
+  with fixed world knowledge about the things ("It is used to write letters.", "A pen usually stays in the
+  drawer."). The default model (assets/default-model) was pre-trained on it with `factune pretrain`.
+- quickstart-train.jsonl / quickstart-valid.jsonl: alpaca records asking about that knowledge ("What is a pen
+  used for?" -> "It is used to write letters."). The base model knows the facts but has never seen the
+  question/answer format: before fine-tuning it continues the text instead of answering. The validation
+  questions are about things no training question mentions, so answering them needs the base model's own
+  knowledge: fine-tuning has to teach the format, not the answers.
+- chat-sample.jsonl: the same questions as chat conversations, to exercise the chat data path.
 """
 import argparse
 import json
@@ -26,6 +28,21 @@ PLACES = ["in the garden", "on the table", "under the bed", "in the kitchen", "i
 FILLER = ["It is a sunny day.", "The sky is grey.", "They are happy.", "It is very quiet.", "The wind is cold.",
           "Everyone is at home.", "It is late in the day.", "The birds sing.", "It rains a little.",
           "The sun is warm."]
+# Fixed world knowledge: what each thing is used for and where it usually stays. The corpus states it again and
+# again, so the pre-trained model knows it; the quickstart asks about it in a question/answer format.
+USES = {"ball": "play games", "box": "keep toys", "cup": "drink tea", "hat": "cover the head", "book": "read stories",
+        "kite": "fly in the wind", "car": "drive to town", "bag": "carry things", "pen": "write letters",
+        "doll": "play house", "bike": "ride to school", "coat": "stay warm", "lamp": "light the room",
+        "shoe": "walk outside", "key": "open the door", "drum": "make music", "boat": "cross the lake",
+        "sock": "keep feet warm", "bell": "call the class", "fish": "feed the cat"}
+HOMES = {"ball": "in the yard", "box": "in the attic", "cup": "in the cupboard", "hat": "on the hook",
+         "book": "on the shelf", "kite": "in the shed", "car": "in the garage", "bag": "by the bed",
+         "pen": "in the drawer", "doll": "in the toy chest", "bike": "in the shed", "coat": "on the hook",
+         "lamp": "on the desk", "shoe": "by the door", "key": "in the drawer", "drum": "in the music room",
+         "boat": "on the lake", "sock": "in the drawer", "bell": "at the school", "fish": "in the pond"}
+# Things whose questions appear only in the validation set: answering them needs the base model's knowledge.
+HELD_OUT = ["pen", "boat", "lamp", "bell", "kite", "sock"]
+
 LIKES = ["likes to play", "wants to go out", "is tired", "reads a book", "sings a song", "runs fast",
          "eats an apple", "looks at the sky"]
 
@@ -42,34 +59,31 @@ def story(rng):
         s.append(rng.choice(FILLER))
     for p, t, c, _ in facts:
         s.append(f"{p} has a {c} {t}.")
+        # World knowledge about the thing just named, in the words the quickstart's answers use.
+        if rng.random() < 0.5:
+            s.append(rng.choice([f"It is used to {USES[t]}.", f"It usually stays {HOMES[t]}."]))
     order = facts[:]
     rng.shuffle(order)
     for _, t, _, pl in order:
         s.append(f"The {t} is {pl}.")
-    # Recall sentences restate a fact in another form, so predicting them means retrieving it from the story:
-    # pre-training builds the retrieval skill, fine-tuning only has to teach the question/answer format.
-    recall = [(f, kind) for f in facts for kind in range(3)]
-    for (p, t, c, pl), kind in rng.sample(recall, len(facts) + 1):
-        s.append([f"The color of the {t} is {c}.", f"The {t} belongs to {p}.", f"The {t} is still {pl}."][kind])
+    t = rng.choice(things)
+    s.append(rng.choice([f"A {t} is used to {USES[t]}.", f"A {t} usually stays {HOMES[t]}."]))
     if rng.random() < 0.7:
         s.append(f"{rng.choice(people)} {rng.choice(LIKES)}.")
     if rng.random() < 0.3:
         s.append(rng.choice(FILLER))
-    return " ".join(s), facts
+    return " ".join(s)
 
 
-def question(rng, facts):
-    """A question about one fact and its answer, a full sentence in the form of the corpus' recall sentences."""
-    p, t, c, pl = rng.choice(facts)
-    kind = rng.choice(["color", "who", "where"])
-    if kind == "color":
-        return f"What color is the {t}?", f"The color of the {t} is {c}."
-    if kind == "who":
-        return f"Who has the {t}?", f"The {t} belongs to {p}."
-    return f"Where is the {t}?", f"The {t} is {pl}."
+def question(rng, things):
+    """A question about what a thing is for or where it usually stays, and the answer as a sentence."""
+    t = rng.choice(things)
+    if rng.random() < 0.5:
+        return f"What is a {t} used for?", f"It is used to {USES[t]}."
+    return f"Where does a {t} usually stay?", f"It usually stays {HOMES[t]}."
 
 
-INSTRUCTION = "Read the story and answer the question."
+INSTRUCTION = "Answer the question."
 
 
 def main():
@@ -80,18 +94,17 @@ def main():
     rng = random.Random(20261123)
     with open(os.path.join(a.out, "pretrain.txt"), "w") as f:
         for _ in range(12000):
-            f.write(story(rng)[0] + "\n\n")
-    for name, n in [("quickstart-train.jsonl", 2000), ("quickstart-valid.jsonl", 100)]:
+            f.write(story(rng) + "\n\n")
+    seen = [t for t in THINGS if t not in HELD_OUT]
+    for name, things, n in [("quickstart-train.jsonl", seen, 1000), ("quickstart-valid.jsonl", HELD_OUT, 100)]:
         with open(os.path.join(a.out, name), "w") as f:
             for _ in range(n):
-                text, facts = story(rng)
-                q, ans = question(rng, facts)
-                f.write(json.dumps({"instruction": INSTRUCTION, "input": f"{text}\nQuestion: {q}", "output": ans}) + "\n")
+                q, ans = question(rng, things)
+                f.write(json.dumps({"instruction": INSTRUCTION, "input": q, "output": ans}) + "\n")
     with open(os.path.join(a.out, "chat-sample.jsonl"), "w") as f:
         for _ in range(50):
-            text, facts = story(rng)
-            q, ans = question(rng, facts)
-            msgs = [{"role": "user", "content": f"{text}\n{q}"}, {"role": "assistant", "content": ans}]
+            q, ans = question(rng, THINGS)
+            msgs = [{"role": "user", "content": q}, {"role": "assistant", "content": ans}]
             f.write(json.dumps({"messages": msgs}) + "\n")
 
 

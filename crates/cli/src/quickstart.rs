@@ -1,5 +1,6 @@
-//! `factune quickstart`: fine-tunes the embedded default model with LoRA on the embedded story-QA task and
-//! prints the before/after exact match and validation perplexity.
+//! `factune quickstart`: fine-tunes the embedded default model with LoRA on the embedded question-answering
+//! task (questions about things held out of training) and prints the before/after exact match and validation
+//! perplexity.
 
 use anyhow::{Context, Result};
 use candle_core::Device;
@@ -45,7 +46,7 @@ pub fn run(output: &Path, assets: Option<PathBuf>, steps: usize) -> Result<()> {
     })?;
     let mut model = Model::load(&model_dir, &Device::Cpu)?;
     println!(
-        "factune quickstart: LoRA on {} (embedded model), task: answer questions about a story",
+        "factune quickstart: LoRA on {} (embedded model), task: answer questions in the alpaca format",
         model_dir.display()
     );
     let before_em = exact_match(&model, &tok, &valid, 8, 0)?;
