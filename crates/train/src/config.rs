@@ -78,6 +78,8 @@ train_config! {
     init_lora_weights: bool = true,
     /// Peak learning rate
     learning_rate: f64 = 2e-4,
+    /// LoRA+: learning rate of every B factor = this × learning_rate (1 = plain LoRA; the paper uses ~16)
+    loraplus_lr_ratio: f64 = 1.0,
     /// AdamW beta1
     adam_beta1: f64 = 0.9,
     /// AdamW beta2
@@ -159,6 +161,15 @@ impl TrainConfig {
         }
         if !["cosine", "linear", "constant"].contains(&self.lr_scheduler_type.as_str()) {
             return bad("lr_scheduler_type", "must be cosine, linear or constant");
+        }
+        if !(self.loraplus_lr_ratio.is_finite() && self.loraplus_lr_ratio > 0.0) {
+            return bad("loraplus_lr_ratio", "must be a finite positive number");
+        }
+        if self.is_full() && self.loraplus_lr_ratio != 1.0 {
+            return bad(
+                "loraplus_lr_ratio",
+                "applies to LoRA-shaped adapters, not to full-parameter training",
+            );
         }
         if !(self.learning_rate.is_finite() && self.learning_rate >= 0.0) {
             return bad("learning_rate", "must be a finite non-negative number");

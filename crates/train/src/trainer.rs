@@ -149,7 +149,8 @@ impl TrainJob<'_> {
         if let Some(p) = &resumed_optim {
             load_optimizer(&mut opt, &params, p)?;
         }
-        let lr_scale = vec![1.0; params.len()];
+        let names: Vec<&str> = params.iter().map(|(k, _)| k.as_str()).collect();
+        let lr_scale = lr_scales(&names, cfg.loraplus_lr_ratio);
         let metrics_path = self.out.join("metrics.jsonl");
         let mut log = MetricsLog::open(&metrics_path, self.resume.is_none())?;
         self.write_run_metadata(&train, &val)?;
@@ -222,7 +223,6 @@ impl TrainJob<'_> {
                 .for_each(|g| g.iter_mut().for_each(|x| *x /= k));
             let check_zero = updated_with_lr && !checked_grads;
             checked_grads |= check_zero;
-            let names: Vec<&str> = params.iter().map(|(k, _)| k.as_str()).collect();
             if let Some(problem) = gradient_problem(&names, &got, &acc, check_zero) {
                 return Err(Error::config(problem));
             }
@@ -332,6 +332,20 @@ impl TrainJob<'_> {
     }
 }
 
+/// Per-parameter learning-rate multipliers: LoRA+ gives every B factor (`lora_B.*`) `ratio` × the base rate.
+pub fn lr_scales(names: &[&str], loraplus_lr_ratio: f64) -> Vec<f64> {
+    names
+        .iter()
+        .map(|n| {
+            if n.contains(".lora_B.") {
+                loraplus_lr_ratio
+            } else {
+                1.0
+            }
+        })
+        .collect()
+}
+
 /// Missing gradients are a problem at every step; all-zero ones are checked once, at the first step after a
 /// real update (LoRA's A legitimately gets a zero gradient while B is still zero).
 pub fn gradient_problem(
@@ -375,7 +389,14 @@ fn load_optimizer(opt: &mut AdamW, params: &[(String, Var)], path: &Path) -> Res
 
 #[cfg(test)]
 mod tests {
-    use super::gradient_problem;
+    use super::{gradient_problem, lr_scales};
+
+    #[test]
+    fn loraplus_scales_only_b() {
+        let names = ["m.q_proj.lora_A.weight", "m.q_proj.lora_B.weight"];
+        assert_eq!(lr_scales(&names, 16.0), vec![1.0, 16.0]);
+        assert_eq!(lr_scales(&names, 1.0), vec![1.0, 1.0]);
+    }
 
     #[test]
     fn missing_and_zero_gradients_are_reported() {
