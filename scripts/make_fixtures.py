@@ -6,7 +6,8 @@
         RoPE scaling and a sharded checkpoint; a Qwen2 with q/k/v bias, tied embeddings, stored in bf16; a
         GPT-2 stored in f16), a PEFT LoRA adapter for each with non-zero B, and reference outputs for fixed
         token ids: base and adapted logits, the causal-LM loss with masked prompt tokens, the gradients of every
-        LoRA A/B, and greedy generation tokens.
+        LoRA A/B, and greedy generation tokens; plus DoRA adapters (Llama, GPT-2) with logits, loss and the
+        gradients of A, B and the magnitude vectors.
 
     python scripts/make_fixtures.py verify --model DIR [--adapter ADIR] --expect FILE.safetensors
         Loads an adapter written by factune with PeftModel.from_pretrained (or, without --adapter, a checkpoint
@@ -129,9 +130,45 @@ def build(out):
         ref["greedy_tokens"] = gen[:, 5:].to(torch.int64).contiguous()
         save_file({k: v.clone().contiguous() for k, v in ref.items()}, os.path.join(out, f"{name}-reference.safetensors"))
         print(f"{name}: loss {out_.loss.item():.6f}, {sum(k.endswith('.grad') for k in ref)} LoRA gradients")
+    build_dora(out)
     with open(os.path.join(out, "VERSIONS.json"), "w") as f:
         json.dump(versions, f, indent=2)
         f.write("\n")
+
+
+def build_dora(out):
+    """DoRA adapters (random B, so the magnitude differs from ||W||) on the fixture Llama and GPT-2, with logits,
+    loss and the gradients of A, B and the magnitude vector."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    for name, targets, fan in [("llama", ["q_proj", "v_proj", "down_proj"], False), ("gpt2", ["c_attn", "c_fc"], True)]:
+        model = AutoModelForCausalLM.from_pretrained(os.path.join(out, name), dtype=torch.float32).eval()
+        ids = input_ids()
+        labels = ids.clone()
+        labels[:, :3] = -100
+        set_seed(2)
+        cfg = LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False,
+                         use_dora=True, target_modules=targets, fan_in_fan_out=fan)
+        pm = get_peft_model(model, cfg)
+        # Move the magnitudes away from their init so a wrong formula cannot hide behind m = ||W + sBA||.
+        with torch.no_grad():
+            for pname, p in pm.named_parameters():
+                if "lora_magnitude_vector" in pname:
+                    p.mul_(1.0 + 0.1 * torch.randn_like(p))
+        o = pm(input_ids=ids, labels=labels)
+        o.loss.backward()
+        ref = {"input_ids": ids.clone(), "labels": labels.clone(), "logits": o.logits.detach().float(),
+               "loss": o.loss.detach().reshape(1).float()}
+        for pname, p in pm.named_parameters():
+            if p.requires_grad:
+                key = pname.replace(".default", "")
+                if "lora_magnitude_vector" in key:
+                    key = key.replace(".weight", "")
+                ref[key + ".grad"] = p.grad.detach().float().contiguous()
+        pm.save_pretrained(os.path.join(out, f"{name}-dora"))
+        save_file({k: v.clone().contiguous() for k, v in ref.items()}, os.path.join(out, f"{name}-dora-reference.safetensors"))
+        print(f"{name}-dora: loss {o.loss.item():.6f}")
 
 
 def verify(model_dir, adapter_dir, expect):

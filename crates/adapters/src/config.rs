@@ -181,12 +181,6 @@ impl AdapterConfig {
                 format!("bias `{}` is not supported; use bias: none", self.bias),
             ));
         }
-        if self.use_dora {
-            return Err(Error::invalid(
-                path,
-                "use_dora: DoRA is not implemented yet",
-            ));
-        }
         if self
             .layers_to_transform
             .as_ref()

@@ -2,6 +2,7 @@
 //! `A: [r, in]`, `B: [out, r]`, `s = α/r` (`α/√r` with rsLoRA).
 
 use crate::config::AdapterConfig;
+use crate::dora::Dora;
 use crate::registry::Method;
 use crate::{dropout, kaiming_uniform};
 use candle_core::{Tensor, Var};
@@ -17,6 +18,25 @@ pub struct Lora {
     pub dropout: f64,
 }
 
+impl Lora {
+    /// `dropout(x) Aᵀ Bᵀ`, unscaled, shaped like the layer's output.
+    pub fn delta(
+        &self,
+        x: &Tensor,
+        out_shape: &candle_core::Shape,
+        ctx: &Ctx,
+    ) -> candle_core::Result<Tensor> {
+        let inp = *x.dims().last().expect("rank >= 1");
+        let x = if ctx.train && self.dropout > 0.0 {
+            dropout(x, self.dropout, ctx.dropout_seed)?
+        } else {
+            x.clone()
+        };
+        let h = x.reshape(((), inp))?.matmul(&self.a.t()?)?;
+        h.matmul(&self.b.t()?)?.reshape(out_shape)
+    }
+}
+
 impl LinearAdapter for Lora {
     fn method(&self) -> &'static str {
         "LORA"
@@ -29,14 +49,7 @@ impl LinearAdapter for Lora {
         _base: &FrozenParts,
         ctx: &Ctx,
     ) -> candle_core::Result<Tensor> {
-        let inp = *x.dims().last().expect("rank >= 1");
-        let x = if ctx.train && self.dropout > 0.0 {
-            dropout(x, self.dropout, ctx.dropout_seed)?
-        } else {
-            x.clone()
-        };
-        let h = x.reshape(((), inp))?.matmul(&self.a.t()?)?;
-        let d = h.matmul(&self.b.t()?)?.reshape(base_out.shape())?;
+        let d = self.delta(x, base_out.shape(), ctx)?;
         base_out + (d * self.scale)?
     }
 
@@ -53,6 +66,21 @@ impl LinearAdapter for Lora {
 }
 
 pub struct LoraMethod;
+
+/// PEFT's `use_dora`: the same LoRA pair under DoRA's magnitude/direction split.
+fn with_dora(
+    cfg: &AdapterConfig,
+    lora: Lora,
+    layer: &AdaptableLinear,
+    magnitude: Option<Tensor>,
+) -> Result<Box<dyn LinearAdapter>> {
+    if !cfg.use_dora {
+        return Ok(Box::new(lora));
+    }
+    let d = Dora::new(lora, &layer.base, magnitude)
+        .map_err(|e| Error::config(format!("`{}`: {e}", layer.path)))?;
+    Ok(Box::new(d))
+}
 
 fn check_rank(layer: &AdaptableLinear, r: usize) -> Result<()> {
     let (o, i) = (layer.out_features(), layer.in_features());
@@ -71,8 +99,12 @@ impl Method for LoraMethod {
         "LORA"
     }
 
-    fn tensor_names(&self) -> &'static [&'static str] {
-        &["lora_A.weight", "lora_B.weight"]
+    fn tensor_names(&self, cfg: &AdapterConfig) -> Vec<&'static str> {
+        let mut n = vec!["lora_A.weight", "lora_B.weight"];
+        if cfg.use_dora {
+            n.push("lora_magnitude_vector");
+        }
+        n
     }
 
     fn init(
@@ -98,12 +130,13 @@ impl Method for LoraMethod {
                 )))
             }
         };
-        Ok(Box::new(Lora {
+        let lora = Lora {
             a: Var::from_tensor(&a)?,
             b: Var::from_tensor(&b)?,
             scale: cfg.scaling(rank, alpha),
             dropout: cfg.lora_dropout,
-        }))
+        };
+        with_dora(cfg, lora, layer, None)
     }
 
     fn load_tensors(
@@ -125,11 +158,12 @@ impl Method for LoraMethod {
             )));
         }
         check_rank(layer, r)?;
-        Ok(Box::new(Lora {
+        let lora = Lora {
             a: Var::from_tensor(a)?,
             b: Var::from_tensor(b)?,
             scale: cfg.scaling(r, alpha),
             dropout: cfg.lora_dropout,
-        }))
+        };
+        with_dora(cfg, lora, layer, t.get("lora_magnitude_vector").cloned())
     }
 }

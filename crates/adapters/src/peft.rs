@@ -165,7 +165,7 @@ pub fn load(
     for key in weights.names() {
         let rest = key.strip_prefix(KEY_PREFIX).unwrap_or(key);
         match m
-            .tensor_names()
+            .tensor_names(&cfg)
             .iter()
             .find(|n| rest.ends_with(&format!(".{n}")))
         {
@@ -190,7 +190,7 @@ pub fn load(
             continue;
         };
         seen.insert(layer.path.clone());
-        if names.len() < m.tensor_names().len() {
+        if names.len() < m.tensor_names(&cfg).len() {
             report.missing_modules.push(layer.path.clone());
             continue;
         }

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 pub trait Method: Sync {
     fn peft_type(&self) -> &'static str;
     /// Tensor names per module as saved in `adapter_model.safetensors`, relative to the module path.
-    fn tensor_names(&self) -> &'static [&'static str];
+    fn tensor_names(&self, cfg: &AdapterConfig) -> Vec<&'static str>;
     /// A freshly initialised adapter for one layer.
     fn init(
         &self,

@@ -36,8 +36,17 @@ fn labels(r: &HashMap<String, Tensor>) -> Vec<Vec<i64>> {
 }
 
 fn with_peft_adapter(name: &str) -> Model {
+    with_adapter(name, "lora")
+}
+
+fn with_adapter(name: &str, kind: &str) -> Model {
     let mut model = Model::load(&fixtures().join(name), &Device::Cpu).unwrap();
-    let (_, report) = load(&mut model, &fixtures().join(format!("{name}-lora")), false).unwrap();
+    let (_, report) = load(
+        &mut model,
+        &fixtures().join(format!("{name}-{kind}")),
+        false,
+    )
+    .unwrap();
     assert!(
         report.unmatched_tensors.is_empty() && report.missing_modules.is_empty(),
         "{report}"
@@ -46,8 +55,13 @@ fn with_peft_adapter(name: &str) -> Model {
 }
 
 fn check_against_peft(name: &str) {
-    let model = with_peft_adapter(name);
-    let r = reference(name);
+    check_kind(name, "lora", name);
+}
+
+/// Logits, loss and every trainable tensor's gradient against PEFT's reference file `ref_name`.
+fn check_kind(name: &str, kind: &str, ref_name: &str) {
+    let model = with_adapter(name, kind);
+    let r = reference(ref_name);
     let ids = r["input_ids"].to_dtype(DType::U32).unwrap();
     let logits = model.forward(&ids, None, &Ctx::default()).unwrap();
     let d = max_abs(&(&logits - &r["logits"]).unwrap());
@@ -96,6 +110,43 @@ fn qwen2_rslora_matches_peft() {
 #[test]
 fn gpt2_lora_matches_peft() {
     check_against_peft("gpt2");
+}
+
+#[test]
+fn llama_dora_matches_peft() {
+    check_kind("llama", "dora", "llama-dora");
+}
+
+#[test]
+fn gpt2_dora_matches_peft() {
+    check_kind("gpt2", "dora", "gpt2-dora");
+}
+
+#[test]
+fn dora_merge_equals_adapted_forward_and_init_is_a_no_op() {
+    let mut model = with_adapter("llama", "dora");
+    let r = reference("llama-dora");
+    let ids = r["input_ids"].to_dtype(DType::U32).unwrap();
+    for l in model.linears_mut() {
+        l.merge().unwrap();
+    }
+    let logits = model.forward(&ids, None, &Ctx::default()).unwrap();
+    let d = max_abs(&(&logits - &r["logits"]).unwrap());
+    assert!(
+        d < 1e-4,
+        "merged DoRA differs from PEFT's adapted logits by {d}"
+    );
+    // Fresh DoRA (B = 0, m = ‖W‖): the model is unchanged.
+    let mut fresh = Model::load(&fixtures().join("llama"), &Device::Cpu).unwrap();
+    let base = fresh.forward(&ids, None, &Ctx::default()).unwrap();
+    let cfg = AdapterConfig {
+        use_dora: true,
+        target_modules: TargetModules::Pattern("all-linear".into()),
+        ..Default::default()
+    };
+    attach(&mut fresh, &cfg, 3).unwrap();
+    let d = max_abs(&(fresh.forward(&ids, None, &Ctx::default()).unwrap() - base).unwrap());
+    assert!(d < 1e-5, "DoRA at init changed the output by {d}");
 }
 
 #[test]

@@ -74,6 +74,8 @@ train_config! {
     target_modules: Targets = Targets::List(vec!["q_proj".into(), "v_proj".into()]),
     /// rsLoRA scaling alpha / sqrt(r)
     use_rslora: bool = false,
+    /// DoRA: trainable per-row magnitude over the LoRA-updated direction
+    use_dora: bool = false,
     /// true: Kaiming A, zero B (a no-op at step 0); false: random B too
     init_lora_weights: bool = true,
     /// Peak learning rate
@@ -189,6 +191,7 @@ impl TrainConfig {
                 Targets::One(s) => TargetModules::Pattern(s.clone()),
             },
             use_rslora: self.use_rslora,
+            use_dora: self.use_dora,
             init_lora_weights: serde_json::Value::Bool(self.init_lora_weights),
             ..AdapterConfig::default()
         }
