@@ -1,5 +1,6 @@
 //! `factune`: fine-tune Hugging Face language models with factorized adapters, on a laptop CPU or a GPU.
 
+mod bench;
 mod commands;
 mod quickstart;
 
@@ -119,6 +120,9 @@ enum Command {
     },
     /// Describe a model or adapter directory
     Inspect { dir: PathBuf },
+    /// Benchmark pieces used by bench/run.sh (see docs there)
+    #[command(subcommand)]
+    Bench(BenchCommand),
     /// Fine-tune the embedded default model on the embedded task and show before/after
     Quickstart {
         /// Where the adapter and run files go
@@ -130,6 +134,28 @@ enum Command {
         /// Optimizer steps
         #[arg(long, default_value_t = 150)]
         steps: usize,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Write a random-weight SmolLM2-135M-shaped model directory
+    Init {
+        #[arg(long)]
+        output: PathBuf,
+    },
+    /// Time LoRA training steps (all-linear) on random tokens; prints one JSON line
+    Train {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long, default_value_t = 256)]
+        seq_len: usize,
+        #[arg(long, default_value_t = 4)]
+        batch: usize,
+        #[arg(long, default_value_t = 3)]
+        steps: usize,
+        #[arg(long, default_value_t = 16)]
+        r: usize,
     },
 }
 
@@ -207,6 +233,14 @@ fn main() {
             verify,
         } => commands::merge(&model, &output, verify),
         Command::Inspect { dir } => commands::inspect(&dir),
+        Command::Bench(BenchCommand::Init { output }) => bench::init(&output),
+        Command::Bench(BenchCommand::Train {
+            model,
+            seq_len,
+            batch,
+            steps,
+            r,
+        }) => bench::train(&model, seq_len, batch, steps, r),
         Command::Quickstart {
             output,
             assets,

@@ -1,0 +1,116 @@
+//! `factune bench`: the factune side of the benchmark in bench/ (a random-weight model of a given shape, and
+//! timed LoRA training steps on random tokens), printing one JSON line for bench/run.sh to compare.
+
+use anyhow::Result;
+use candle_core::{Device, Tensor};
+use factune_adapters::{attach, trainable, AdapterConfig, TargetModules};
+use factune_model::loss::causal_lm_loss;
+use factune_model::{Ctx, Model};
+use factune_train::optim::AdamW;
+use factune_train::pretrain::{init_model, ArchSpec};
+use rand::{Rng, SeedableRng};
+use std::path::Path;
+use std::time::Instant;
+
+/// SmolLM2-135M's shape (hidden 576, 30 layers, 9 heads, 3 KV heads, intermediate 1536, vocab 49152, tied).
+pub fn smollm2_135m() -> ArchSpec {
+    ArchSpec {
+        vocab_size: 49152,
+        hidden_size: 576,
+        intermediate_size: 1536,
+        num_hidden_layers: 30,
+        num_attention_heads: 9,
+        num_key_value_heads: 3,
+        max_position_embeddings: 2048,
+        rope_theta: 100000.0,
+        tie_word_embeddings: true,
+    }
+}
+
+pub fn init(output: &Path) -> Result<()> {
+    init_model(&smollm2_135m(), 0, 0, output)?;
+    println!(
+        "random-weight SmolLM2-135M-shaped model written to {}",
+        output.display()
+    );
+    Ok(())
+}
+
+/// Peak resident set size of this process, from /proc (Linux); 0 elsewhere.
+fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .and_then(|kb| kb.parse::<f64>().ok())
+            })
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// Times `steps` LoRA training steps (forward, backward, AdamW) after one warm-up step.
+pub fn train(model_dir: &Path, seq_len: usize, batch: usize, steps: usize, r: usize) -> Result<()> {
+    let mut model = Model::load(model_dir, &Device::Cpu)?;
+    let cfg = AdapterConfig {
+        r,
+        lora_alpha: 2.0 * r as f64,
+        lora_dropout: 0.0,
+        target_modules: TargetModules::Pattern("all-linear".into()),
+        ..AdapterConfig::default()
+    };
+    attach(&mut model, &cfg, 0)?;
+    let params = trainable(&model);
+    let sizes: Vec<usize> = params.iter().map(|(_, v)| v.elem_count()).collect();
+    let mut opt = AdamW::new(&sizes, 0.9, 0.999, 1e-8, 0.0);
+    let scales = vec![1.0; params.len()];
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+    let vocab = model.cfg.vocab_size as u32;
+    let (mut timed, mut last_loss) = (0f64, 0f64);
+    for step in 0..=steps {
+        let ids: Vec<u32> = (0..batch * seq_len)
+            .map(|_| rng.random_range(0..vocab))
+            .collect();
+        let labels: Vec<Vec<i64>> = ids
+            .chunks(seq_len)
+            .map(|c| c.iter().map(|&x| x as i64).collect())
+            .collect();
+        let t0 = Instant::now();
+        let logits = model.forward(
+            &Tensor::from_vec(ids, (batch, seq_len), &Device::Cpu)?,
+            None,
+            &Ctx::default(),
+        )?;
+        let (loss, _) = causal_lm_loss(&logits, &labels)?;
+        let grads = loss.backward()?;
+        let mut values = Vec::with_capacity(params.len());
+        let mut gs = Vec::with_capacity(params.len());
+        for (_, v) in &params {
+            values.push(v.as_tensor().flatten_all()?.to_vec1::<f32>()?);
+            gs.push(
+                grads
+                    .get(v.as_tensor())
+                    .map_or(Ok(vec![0.0; v.elem_count()]), |g| {
+                        g.flatten_all()?.to_vec1::<f32>()
+                    })?,
+            );
+        }
+        opt.step(&mut values, &gs, 1e-4, &scales);
+        for ((_, v), val) in params.iter().zip(values) {
+            v.set(&Tensor::from_vec(val, v.shape(), &Device::Cpu)?)?;
+        }
+        last_loss = loss.to_scalar::<f32>()? as f64;
+        if step > 0 {
+            timed += t0.elapsed().as_secs_f64();
+        }
+    }
+    let tokens = (batch * seq_len * steps) as f64;
+    println!(
+        "{}",
+        serde_json::json!({"impl": "factune", "seq_len": seq_len, "batch": batch, "r": r, "steps": steps,
+            "tokens_per_s": tokens / timed, "seconds_per_step": timed / steps as f64,
+            "peak_rss_mb": peak_rss_mb(), "loss": last_loss})
+    );
+    Ok(())
+}
