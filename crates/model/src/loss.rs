@@ -1,7 +1,7 @@
 //! Causal-LM cross-entropy as transformers computes it: logits at t predict the label at t+1, labels of
 //! -100 are ignored, the mean is over the counted tokens.
 
-use candle_core::{DType, Result, Tensor, D};
+use candle_core::{Result, Tensor};
 
 pub const IGNORE_INDEX: i64 = -100;
 
@@ -24,16 +24,7 @@ pub fn causal_lm_loss(logits: &Tensor, labels: &[Vec<i64>]) -> Result<(Tensor, u
         }
     }
     let count = mask.iter().filter(|m| **m > 0.0).count();
-    let dev = logits.device();
-    let n = b * (t - 1);
-    let x = logits.narrow(1, 0, t - 1)?.reshape((n, v))?;
-    let max = x.max_keepdim(D::Minus1)?.detach();
-    let shifted = x.broadcast_sub(&max)?;
-    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
-    let targets = Tensor::from_vec(targets, (n, 1), dev)?;
-    let picked = shifted.gather(&targets, 1)?;
-    let nll = (lse - picked)?.squeeze(1)?;
-    let mask = Tensor::from_vec(mask, n, dev)?.to_dtype(DType::F32)?;
-    let loss = ((nll * mask)?.sum_all()? / count.max(1) as f64)?;
+    let x = logits.narrow(1, 0, t - 1)?.reshape((b * (t - 1), v))?;
+    let loss = crate::kernels::cross_entropy(&x, targets, mask, count)?;
     Ok((loss, count))
 }
