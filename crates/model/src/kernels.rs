@@ -426,7 +426,10 @@ impl CustomOp1 for CrossEntropy {
             .filter(|(_, (_, w))| **w != 0.0)
             .map(|(row, (&t, &w))| (w * (log_sum_exp(row) - row[t as usize])) as f64)
             .sum();
-        Ok((CpuStorage::F32(vec![(total / self.count as f64) as f32]), Shape::from(())))
+        Ok((
+            CpuStorage::F32(vec![(total / self.count as f64) as f32]),
+            Shape::from(()),
+        ))
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
@@ -454,7 +457,12 @@ impl CustomOp1 for CrossEntropy {
 
 /// Mean cross-entropy of `logits: [N, V]` against `targets`, rows weighted by `weights` (0 = ignored), divided
 /// by `count`. Returns a scalar in the autograd graph.
-pub fn cross_entropy(logits: &Tensor, targets: Vec<u32>, weights: Vec<f32>, count: usize) -> Result<Tensor> {
+pub fn cross_entropy(
+    logits: &Tensor,
+    targets: Vec<u32>,
+    weights: Vec<f32>,
+    count: usize,
+) -> Result<Tensor> {
     if logits.device().is_cpu() && logits.dtype() == candle_core::DType::F32 {
         let op = CrossEntropy {
             targets,
@@ -466,7 +474,12 @@ pub fn cross_entropy(logits: &Tensor, targets: Vec<u32>, weights: Vec<f32>, coun
     cross_entropy_reference(logits, targets, weights, count)
 }
 
-pub fn cross_entropy_reference(logits: &Tensor, targets: Vec<u32>, weights: Vec<f32>, count: usize) -> Result<Tensor> {
+pub fn cross_entropy_reference(
+    logits: &Tensor,
+    targets: Vec<u32>,
+    weights: Vec<f32>,
+    count: usize,
+) -> Result<Tensor> {
     let n = targets.len();
     let dev = logits.device();
     let max = logits.max_keepdim(D::Minus1)?.detach();
