@@ -1,7 +1,7 @@
 //! Causal self-attention shared by the architectures: RoPE tables, grouped-query attention, KV cache.
 
 use crate::kernels;
-use candle_core::{DType, Device, Result, Tensor, D};
+use candle_core::{Device, Result, Tensor, D};
 use factune_io::RopeScaling;
 
 /// Precomputed cos/sin tables `[max_pos, head_dim]` (HF's non-interleaved "rotate half" layout).
@@ -117,14 +117,14 @@ impl KvCache {
     }
 }
 
-/// Causal attention. `q: [B, Hq, T, D]`, `k, v: [B, Hkv, T, D]` (new positions only); `offset` is the number
-/// of cached positions. Returns `[B, T, Hq·D]`.
+/// Causal attention. `q: [B, Hq, T, D]`, `k, v: [B, Hkv, T, D]` (new positions only); `mask` from
+/// [`causal_mask`], built once per forward and shared by every layer. Returns `[B, T, Hq·D]`.
 pub fn causal_attention(
     q: &Tensor,
     k: Tensor,
     v: Tensor,
     cache: Option<(&mut KvCache, usize)>,
-    offset: usize,
+    mask: &Tensor,
 ) -> Result<Tensor> {
     let (b, hq, t, d) = q.dims4()?;
     let (k, v) = match cache {
@@ -132,13 +132,12 @@ pub fn causal_attention(
         None => (k, v),
     };
     let hkv = k.dims()[1];
-    let tk = k.dims()[2];
     let rep = hq / hkv;
     // Heads sharing a KV head are consecutive: fold them into the query length instead of copying K and V.
     let q = q.reshape((b, hkv, rep * t, d))?;
     let scale = 1.0 / (d as f64).sqrt();
     let scores = (q.matmul(&k.t()?)? * scale)?;
-    let scores = scores.broadcast_add(&causal_mask(t, tk, offset, rep, q.device())?)?;
+    let scores = scores.broadcast_add(mask)?;
     let p = kernels::softmax_last_dim(&scores)?;
     let y = p.matmul(&v.contiguous()?)?; // [B, Hkv, rep*T, D]
     y.reshape((b, hq, t, d))?
@@ -146,8 +145,10 @@ pub fn causal_attention(
         .reshape((b, t, hq * d))
 }
 
-/// `[rep·T, Tk]` additive mask: query row i (position offset + i mod T) sees keys at positions ≤ its own.
-fn causal_mask(t: usize, tk: usize, offset: usize, rep: usize, dev: &Device) -> Result<Tensor> {
+/// `[rep·T, offset + T]` additive mask for `T` new positions after `offset` cached ones, with `rep` query heads
+/// per KV head folded into the rows: row i (position offset + i mod T) sees keys at positions ≤ its own.
+pub fn causal_mask(t: usize, offset: usize, rep: usize, dev: &Device) -> Result<Tensor> {
+    let tk = offset + t;
     let mut m = vec![0f32; rep * t * tk];
     for r in 0..rep * t {
         let pos = offset + r % t;
@@ -155,5 +156,5 @@ fn causal_mask(t: usize, tk: usize, offset: usize, rep: usize, dev: &Device) -> 
             m[r * tk + j] = f32::NEG_INFINITY;
         }
     }
-    Tensor::from_vec(m, (rep * t, tk), dev)?.to_dtype(DType::F32)
+    Tensor::from_vec(m, (rep * t, tk), dev)
 }

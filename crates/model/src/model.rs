@@ -2,7 +2,7 @@
 //! code. Llama-family blocks (RMSNorm, RoPE, GQA, SwiGLU) and GPT-2 blocks (LayerNorm, learned positions,
 //! GELU-tanh, fused `c_attn`) share one block structure and one adaptable linear layer.
 
-use crate::attention::{causal_attention, KvCache, Rope};
+use crate::attention::{causal_attention, causal_mask, KvCache, Rope};
 use crate::kernels;
 use crate::linear::{AdaptableLinear, Ctx};
 use candle_core::{DType, Device, Tensor};
@@ -348,15 +348,12 @@ impl Model {
         if let Some(pe) = &self.pos_embed {
             x = x.broadcast_add(&pe.narrow(0, offset, t)?)?;
         }
+        let rep = self.cfg.num_heads / self.cfg.num_kv_heads;
+        let mask = causal_mask(t, offset, rep, &self.device)?;
         for (n, blk) in self.blocks.iter().enumerate() {
             let h = blk.ln1.forward(&x, self.trainable)?;
-            let a = self.attention(
-                &blk.attn,
-                &h,
-                cache.as_deref_mut().map(|c| (c, n)),
-                offset,
-                ctx,
-            )?;
+            let layer_cache = cache.as_deref_mut().map(|c| (c, n));
+            let a = self.attention(&blk.attn, &h, layer_cache, offset, &mask, ctx)?;
             x = (x + a)?;
             let h = blk.ln2.forward(&x, self.trainable)?;
             let m = match &blk.mlp {
@@ -377,6 +374,7 @@ impl Model {
         h: &Tensor,
         cache: Option<(&mut KvCache, usize)>,
         offset: usize,
+        mask: &Tensor,
         ctx: &Ctx,
     ) -> candle_core::Result<Tensor> {
         let (b, t, _) = h.dims3()?;
@@ -388,7 +386,7 @@ impl Model {
                 let qh = rope.apply(&heads(q.forward(h, ctx)?, nh)?, offset)?;
                 let kh = rope.apply(&heads(k.forward(h, ctx)?, nkv)?, offset)?;
                 let vh = heads(v.forward(h, ctx)?, nkv)?;
-                o.forward(&causal_attention(&qh, kh, vh, cache, offset)?, ctx)
+                o.forward(&causal_attention(&qh, kh, vh, cache, mask)?, ctx)
             }
             Attn::Fused { qkv, o } => {
                 let hs = self.cfg.hidden_size;
@@ -396,7 +394,7 @@ impl Model {
                 let qh = heads(y.narrow(2, 0, hs)?, nh)?;
                 let kh = heads(y.narrow(2, hs, hs)?, nh)?;
                 let vh = heads(y.narrow(2, 2 * hs, hs)?, nh)?;
-                o.forward(&causal_attention(&qh, kh, vh, cache, offset)?, ctx)
+                o.forward(&causal_attention(&qh, kh, vh, cache, mask)?, ctx)
             }
         }
     }
