@@ -7,7 +7,7 @@ use crate::registry::Method;
 use crate::{dropout, kaiming_uniform};
 use candle_core::{Tensor, Var};
 use factune_io::{Error, Result};
-use factune_model::{AdaptableLinear, Ctx, FrozenParts, LinearAdapter};
+use factune_model::{AdaptableLinear, Ctx, FrozenParts, LinearAdapter, Model};
 use rand_chacha::ChaCha8Rng;
 use std::collections::HashMap;
 
@@ -166,4 +166,31 @@ impl Method for LoraMethod {
         };
         with_dora(cfg, lora, layer, t.get("lora_magnitude_vector").cloned())
     }
+}
+
+/// ReLoRA's restart: for every LoRA layer, `W ← W + s·BA` (in f32, cast once), then A re-drawn with Kaiming
+/// init and B zeroed — in place, in the same `Var`s, so the optimizer keeps addressing them and the model's
+/// output is unchanged. Returns the number of layers merged.
+pub fn merge_and_reinit(model: &mut Model, rng: &mut ChaCha8Rng) -> Result<usize> {
+    let mut merged = 0;
+    for layer in model.linears_mut() {
+        let Some(adapter) = layer.merge()? else {
+            continue;
+        };
+        let params = adapter.parameters();
+        let names: Vec<&str> = params.iter().map(|(n, _)| n.as_str()).collect();
+        if adapter.method() != "LORA" || names != ["lora_A.weight", "lora_B.weight"] {
+            return Err(Error::config(format!(
+                "`{}`: ReLoRA restarts need plain LoRA factors (lora_A, lora_B), found {names:?}",
+                layer.path
+            )));
+        }
+        let (a, b) = (&params[0].1, &params[1].1);
+        let dev = a.device().clone();
+        a.set(&kaiming_uniform(a.dims(), layer.in_features(), rng, &dev)?)?;
+        b.set(&Tensor::zeros(b.shape(), b.dtype(), &dev)?)?;
+        layer.adapter = Some(adapter);
+        merged += 1;
+    }
+    Ok(merged)
 }

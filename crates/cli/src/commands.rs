@@ -92,7 +92,12 @@ pub fn train(
             .map(|v| format!(", validation loss {v:.4}"))
             .unwrap_or_default()
     );
-    println!("adapter written to {}", output.display());
+    let what = if outcome.full_model {
+        "full model (base tensors were trained)"
+    } else {
+        "adapter"
+    };
+    println!("{what} written to {}", output.display());
     Ok(())
 }
 
@@ -110,7 +115,16 @@ pub fn pretrain(config: &Path, data: &Path, output: &Path) -> Result<()> {
         std::fs::read_to_string(config).with_context(|| format!("reading {}", config.display()))?;
     let mut file: PretrainFile = toml::from_str(&text)
         .with_context(|| format!("{}: invalid pretrain config", config.display()))?;
-    file.training.peft_type = "full".into();
+    // Pre-training is full-rank unless the file picks an adapter method (LoRA / ReLoRA pre-training).
+    let raw: toml::Value = toml::from_str(&text)
+        .with_context(|| format!("{}: invalid pretrain config", config.display()))?;
+    if raw
+        .get("training")
+        .and_then(|t| t.get("peft_type"))
+        .is_none()
+    {
+        file.training.peft_type = "full".into();
+    }
     let vocab = file.tokenizer_vocab_size.unwrap_or(file.model.vocab_size);
     let actual = train_tokenizer(data, vocab, output)?;
     file.model.vocab_size = actual;

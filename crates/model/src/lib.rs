@@ -7,6 +7,7 @@ pub mod linear;
 pub mod loss;
 pub mod model;
 pub mod save;
+pub mod spectrum;
 
 pub use attention::KvCache;
 pub use linear::{AdaptableLinear, Ctx, FrozenParts, LinearAdapter};

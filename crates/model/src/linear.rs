@@ -35,8 +35,6 @@ pub trait LinearAdapter: Send + Sync {
 pub struct FrozenParts {
     pub weight: Tensor,
     pub bias: Option<Tensor>,
-    /// Full-parameter training (pre-training, `method = full`): W and b are `Var`s and get gradients.
-    pub trainable: bool,
 }
 
 pub struct AdaptableLinear {
@@ -63,11 +61,7 @@ impl AdaptableLinear {
         AdaptableLinear {
             path,
             index,
-            base: FrozenParts {
-                weight,
-                bias,
-                trainable: false,
-            },
+            base: FrozenParts { weight, bias },
             source_key,
             stored_transposed,
             adapter: None,
@@ -83,7 +77,8 @@ impl AdaptableLinear {
     }
 
     pub fn forward(&self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
-        let y = if self.base.trainable {
+        // Full-parameter training makes W a `Var`: then it needs the differentiable path.
+        let y = if self.base.weight.is_variable() {
             let y = x.broadcast_matmul(&self.base.weight.t()?)?;
             match &self.base.bias {
                 Some(b) => y.broadcast_add(b)?,

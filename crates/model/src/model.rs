@@ -15,7 +15,9 @@ pub enum Norm {
 }
 
 impl Norm {
-    fn forward(&self, x: &Tensor, trainable: bool) -> candle_core::Result<Tensor> {
+    /// A trainable (`Var`) weight takes the differentiable path; a frozen one the fused kernel.
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let trainable = self.tensors().iter().any(|t| t.is_variable());
         match (self, trainable) {
             (Norm::Rms { w, eps }, false) => kernels::rms_norm(x, w, *eps),
             (Norm::Rms { w, eps }, true) => kernels::rms_norm_reference(x, w, *eps),
@@ -78,8 +80,6 @@ pub struct Model {
     pub blocks: Vec<Block>,
     final_norm: Norm,
     lm_head: Tensor,
-    /// Every weight is a `Var` (see [`Model::make_trainable`]).
-    trainable: bool,
 }
 
 struct Loader<'a> {
@@ -246,7 +246,6 @@ impl Model {
                     rope: Some(rope),
                     blocks,
                     lm_head,
-                    trainable: false,
                 }
             }
             Arch::Gpt2 => {
@@ -296,7 +295,6 @@ impl Model {
                     rope: None,
                     blocks,
                     lm_head,
-                    trainable: false,
                 }
             }
         };
@@ -351,11 +349,11 @@ impl Model {
         let rep = self.cfg.num_heads / self.cfg.num_kv_heads;
         let mask = causal_mask(t, offset, rep, &self.device)?;
         for (n, blk) in self.blocks.iter().enumerate() {
-            let h = blk.ln1.forward(&x, self.trainable)?;
+            let h = blk.ln1.forward(&x)?;
             let layer_cache = cache.as_deref_mut().map(|c| (c, n));
             let a = self.attention(&blk.attn, &h, layer_cache, offset, &mask, ctx)?;
             x = (x + a)?;
-            let h = blk.ln2.forward(&x, self.trainable)?;
+            let h = blk.ln2.forward(&x)?;
             let m = match &blk.mlp {
                 Mlp::SwiGlu { gate, up, down } => {
                     let g = gate.forward(&h, ctx)?.silu()?;
@@ -365,7 +363,7 @@ impl Model {
             };
             x = (x + m)?;
         }
-        Ok(self.final_norm.forward(&x, self.trainable)?)
+        Ok(self.final_norm.forward(&x)?)
     }
 
     fn attention(
@@ -401,7 +399,7 @@ impl Model {
 
     /// Logits `[.., vocab]` from hidden states.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        if self.trainable {
+        if self.lm_head.is_variable() {
             return Ok(hidden.broadcast_matmul(&self.lm_head.t()?)?);
         }
         Ok(kernels::frozen_linear(hidden, &self.lm_head, None)?)
@@ -530,54 +528,98 @@ impl Model {
         out
     }
 
-    /// Turns every weight into a trainable `Var` for full-parameter training and returns them by key.
-    pub fn make_trainable(&mut self) -> Result<Vec<(String, candle_core::Var)>> {
+    /// Every tensor in [`Model::named_tensors`]' order (a tied head is the embedding), mutable, with whether it
+    /// is a linear weight kept transposed relative to its stored layout.
+    fn tensors_mut(&mut self) -> Vec<(&mut Tensor, bool)> {
+        fn norm(n: &mut Norm) -> Vec<(&mut Tensor, bool)> {
+            match n {
+                Norm::Rms { w, .. } => vec![(w, false)],
+                Norm::Layer { w, b, .. } => vec![(w, false), (b, false)],
+            }
+        }
+        let tied = self.lm_head.id() == self.embed.id();
+        let mut out = vec![(&mut self.embed, false)];
+        if let Some(p) = &mut self.pos_embed {
+            out.push((p, false));
+        }
+        let mut linears = Vec::new();
+        for b in &mut self.blocks {
+            out.extend(norm(&mut b.ln1));
+            out.extend(norm(&mut b.ln2));
+            let (attn, mlp) = (&mut b.attn, &mut b.mlp);
+            match attn {
+                Attn::Split { q, k, v, o } => linears.extend([q, k, v, o]),
+                Attn::Fused { qkv, o } => linears.extend([qkv, o]),
+            }
+            match mlp {
+                Mlp::SwiGlu { gate, up, down } => linears.extend([gate, up, down]),
+                Mlp::Gelu { fc, proj } => linears.extend([fc, proj]),
+            }
+        }
+        for l in linears {
+            out.push((&mut l.base.weight, l.stored_transposed));
+            if let Some(b) = &mut l.base.bias {
+                out.push((b, false));
+            }
+        }
+        out.extend(norm(&mut self.final_norm));
+        if !tied {
+            out.push((&mut self.lm_head, false));
+        }
+        out
+    }
+
+    /// Makes the tensors whose key `pick` accepts trainable `Var`s and freezes every other one; returns the
+    /// trainable ones by key. Full-parameter training picks all; ReLoRA picks embeddings and norms.
+    pub fn set_trainable(
+        &mut self,
+        pick: &dyn Fn(&str) -> bool,
+    ) -> Result<Vec<(String, candle_core::Var)>> {
         use candle_core::Var;
-        let mut vars = Vec::new();
-        let mut var = |t: &mut Tensor, key: String| -> Result<()> {
-            let v = Var::from_tensor(t)?;
-            *t = v.as_tensor().clone();
-            vars.push((key, v));
-            Ok(())
-        };
         let tied = self.lm_head.id() == self.embed.id();
         let names: Vec<String> = self.named_tensors().into_iter().map(|(k, _)| k).collect();
-        let mut it = names.into_iter();
-        let mut next = || it.next().expect("named_tensors lists every tensor");
-        var(&mut self.embed, next())?;
-        if let Some(p) = &mut self.pos_embed {
-            var(p, next())?;
-        }
-        let norm_vars = |n: &mut Norm,
-                         var: &mut dyn FnMut(&mut Tensor, String) -> Result<()>,
-                         next: &mut dyn FnMut() -> String|
-         -> Result<()> {
-            match n {
-                Norm::Rms { w, .. } => var(w, next()),
-                Norm::Layer { w, b, .. } => {
-                    var(w, next())?;
-                    var(b, next())
-                }
+        let mut vars = Vec::new();
+        for (name, (t, _)) in names.into_iter().zip(self.tensors_mut()) {
+            if pick(&name) {
+                let v = Var::from_tensor(t)?;
+                *t = v.as_tensor().clone();
+                vars.push((name, v));
+            } else {
+                *t = t.detach();
             }
-        };
-        for b in &mut self.blocks {
-            norm_vars(&mut b.ln1, &mut var, &mut next)?;
-            norm_vars(&mut b.ln2, &mut var, &mut next)?;
         }
-        for l in self.linears_mut() {
-            var(&mut l.base.weight, next())?;
-            if let Some(b) = &mut l.base.bias {
-                var(b, next())?;
-            }
-            l.base.trainable = true;
-        }
-        norm_vars(&mut self.final_norm, &mut var, &mut next)?;
         if tied {
             self.lm_head = self.embed.clone();
-        } else {
-            var(&mut self.lm_head, next())?;
         }
-        self.trainable = true;
         Ok(vars)
+    }
+
+    /// Whether `key` (as in [`Model::named_tensors`]) is the weight or bias of a linear layer.
+    pub fn is_linear_key(&self, key: &str) -> bool {
+        self.linears().iter().any(|l| {
+            key.strip_prefix(l.path.as_str())
+                .is_some_and(|rest| rest == ".weight" || rest == ".bias")
+        })
+    }
+
+    /// Replaces every tensor with the one of the same key in `weights` (a checkpoint of this architecture, as
+    /// written from [`Model::named_tensors`]); all of them must be present with the same shapes. The result is
+    /// frozen; call [`Model::set_trainable`] afterwards.
+    pub fn load_state(&mut self, weights: &Weights) -> Result<()> {
+        let tied = self.lm_head.id() == self.embed.id();
+        let dev = self.device.clone();
+        let named = self.named_tensors();
+        for ((name, stored), (t, transposed)) in named.into_iter().zip(self.tensors_mut()) {
+            let loaded = weights.get_shaped(&name, stored.dims(), DType::F32, &dev)?;
+            *t = if transposed {
+                loaded.t()?.contiguous()?
+            } else {
+                loaded
+            };
+        }
+        if tied {
+            self.lm_head = self.embed.clone();
+        }
+        Ok(())
     }
 }

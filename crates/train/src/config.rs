@@ -122,6 +122,16 @@ train_config! {
     data_format: String = "auto".into(),
     /// Also train on prompt tokens of instruction/chat data
     train_on_prompt: bool = false,
+    /// ReLoRA: every N steps merge W ← W + sBA, re-initialise A and B, prune optimizer state (0: off)
+    relora_steps: usize = 0,
+    /// ReLoRA: linear learning-rate warmup after each restart (inside the global schedule)
+    restart_warmup_steps: usize = 10,
+    /// ReLoRA: fraction of A/B optimizer moments zeroed at a restart, smallest magnitudes first (1: full reset)
+    optimizer_prune_ratio: f64 = 0.99,
+    /// Full-rank training for the first N steps, then adapters (ReLoRA's warm start)
+    warm_start_steps: usize = 0,
+    /// Also train embeddings, norms and the LM head alongside the adapters (output is then a full model)
+    train_embeddings_and_norms: bool = false,
 }
 
 impl TrainConfig {
@@ -134,6 +144,14 @@ impl TrainConfig {
     /// `peft_type = "full"`: every weight is trained (pre-training, baselines).
     pub fn is_full(&self) -> bool {
         self.peft_type.eq_ignore_ascii_case("full")
+    }
+
+    /// Whether training changes the base model's own tensors, so the result is a full model, not an adapter.
+    pub fn changes_base(&self) -> bool {
+        self.is_full()
+            || self.relora_steps > 0
+            || self.warm_start_steps > 0
+            || self.train_embeddings_and_norms
     }
 
     pub fn warmup(&self) -> usize {
@@ -172,6 +190,41 @@ impl TrainConfig {
                 "loraplus_lr_ratio",
                 "applies to LoRA-shaped adapters, not to full-parameter training",
             );
+        }
+        if self.relora_steps > 0 {
+            if self.is_full() || !self.peft_type.eq_ignore_ascii_case("LORA") {
+                return bad(
+                    "relora_steps",
+                    &format!("ReLoRA merges and re-initialises LoRA factors; it needs peft_type = \"LORA\", not \"{}\"", self.peft_type),
+                );
+            }
+            if self.use_dora {
+                return bad(
+                    "relora_steps",
+                    "ReLoRA's merge W ← W + sBA has no DoRA form (the magnitude would be merged too); set use_dora = false",
+                );
+            }
+            if self.restart_warmup_steps >= self.relora_steps {
+                return bad(
+                    "restart_warmup_steps",
+                    "must be smaller than relora_steps (the warmup happens inside each cycle)",
+                );
+            }
+        }
+        if !(0.0..=1.0).contains(&self.optimizer_prune_ratio) {
+            return bad(
+                "optimizer_prune_ratio",
+                "must be in [0, 1] (1 resets the moments)",
+            );
+        }
+        if self.warm_start_steps > 0 && self.is_full() {
+            return bad(
+                "warm_start_steps",
+                "switches from full-rank training to adapters; it needs an adapter peft_type, not \"full\"",
+            );
+        }
+        if self.warm_start_steps >= self.max_steps && self.warm_start_steps > 0 {
+            return bad("warm_start_steps", "must be smaller than max_steps");
         }
         if !(self.learning_rate.is_finite() && self.learning_rate >= 0.0) {
             return bad("learning_rate", "must be a finite non-negative number");

@@ -2,9 +2,11 @@
 
 pub mod config;
 pub mod data;
+pub mod diagnostics;
 pub mod metrics;
 pub mod optim;
 pub mod pretrain;
+pub mod relora;
 pub mod trainer;
 
 pub use config::{TrainConfig, TrainOverrides};

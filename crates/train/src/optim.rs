@@ -29,6 +29,19 @@ impl AdamW {
         }
     }
 
+    /// The same optimizer over a new parameter list: moments carried over by name, zero for new names.
+    pub fn remapped(&self, old: &[&str], new: &[&str], sizes: &[usize]) -> AdamW {
+        let mut out = AdamW::new(sizes, self.beta1, self.beta2, self.eps, self.weight_decay);
+        out.t = self.t;
+        for (j, name) in new.iter().enumerate() {
+            if let Some(i) = old.iter().position(|o| o == name) {
+                out.exp_avg[j] = self.exp_avg[i].clone();
+                out.exp_avg_sq[j] = self.exp_avg_sq[i].clone();
+            }
+        }
+        out
+    }
+
     /// One update of every parameter, in place. `lr_scale[i]` multiplies `lr` for parameter `i`.
     pub fn step(&mut self, params: &mut [Vec<f32>], grads: &[Vec<f32>], lr: f64, lr_scale: &[f64]) {
         self.t += 1;

@@ -4,21 +4,42 @@
 use crate::config::TrainConfig;
 use crate::data::{collate, Batches, Dataset, Example};
 use crate::metrics::{plot_curves, series, MetricsLog};
-use crate::optim::{clip_grad_norm, lr_at, AdamW};
+use crate::optim::{clip_grad_norm, AdamW};
+use crate::relora;
 use candle_core::{Device, Tensor, Var};
-use factune_adapters::{attach, peft, trainable, trainable_summary};
+use factune_adapters::{attach, lora, peft, trainable, trainable_summary};
 use factune_io::weights::to_safetensors_bytes;
 use factune_io::{atomic, Error, Result, TextTokenizer, Weights};
 use factune_model::loss::causal_lm_loss;
+use factune_model::spectrum::update_spectra;
 use factune_model::{Ctx, Model};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 const STATE_FILE: &str = "trainer_state.json";
 const OPTIM_FILE: &str = "optimizer.safetensors";
+/// Every model tensor, for runs that change the base (full, ReLoRA, warm start, trained embeddings).
+const MODEL_STATE_FILE: &str = "model.safetensors";
+
+/// A line above the progress bar, or on stderr when there is no bar (not a terminal).
+fn say(bar: &ProgressBar, msg: String) {
+    if bar.is_hidden() {
+        eprintln!("{msg}");
+    } else {
+        bar.println(msg);
+    }
+}
+
+fn names_of(params: &[(String, Var)]) -> Vec<&str> {
+    params.iter().map(|(k, _)| k.as_str()).collect()
+}
+
+fn sizes(params: &[(String, Var)]) -> Vec<usize> {
+    params.iter().map(|(_, v)| v.elem_count()).collect()
+}
 
 #[derive(Debug, Clone)]
 pub struct TrainOutcome {
@@ -28,6 +49,8 @@ pub struct TrainOutcome {
     pub seconds: f64,
     pub tokens: usize,
     pub trainable_summary: String,
+    /// The output is a full model (the run changed base tensors), not an adapter.
+    pub full_model: bool,
 }
 
 pub struct TrainJob<'a> {
@@ -74,7 +97,6 @@ impl TrainJob<'_> {
         let started = Instant::now();
         std::fs::create_dir_all(&self.out).map_err(|e| Error::io(&self.out, e))?;
         let mut start_step = 0usize;
-        let mut resumed_optim = None;
         if let Some(ckpt) = self.resume.clone() {
             let state: serde_json::Value = factune_io::error::read_json(&ckpt.join(STATE_FILE))?;
             self.config = serde_json::from_value(state["config"].clone())
@@ -83,8 +105,6 @@ impl TrainJob<'_> {
                 .as_u64()
                 .ok_or_else(|| Error::invalid(ckpt.join(STATE_FILE), "missing `step`"))?
                 as usize;
-            peft::load(self.model, &ckpt, false)?;
-            resumed_optim = Some(ckpt.join(OPTIM_FILE));
         }
         let cfg = self.config.clone();
         cfg.validate()?;
@@ -111,26 +131,12 @@ impl TrainJob<'_> {
             );
         }
         let adapter_cfg = cfg.adapter_config();
-        let full = cfg.is_full();
-        let params = if full {
-            if self.resume.is_some() {
-                return Err(Error::config(
-                    "resuming a full-parameter run is not supported yet",
-                ));
-            }
-            self.model.make_trainable()?
-        } else {
-            if self.resume.is_none() {
-                attach(self.model, &adapter_cfg, cfg.seed)?;
-            }
-            trainable(self.model)
+        let mut params = match self.resume.clone() {
+            Some(ckpt) => self.restore(&ckpt, start_step)?,
+            None if relora::adapters_on(&cfg, 0) => self.switch_to_adapters()?,
+            None => self.model.set_trainable(&|_| true)?,
         };
-        let summary = if full {
-            let n: usize = params.iter().map(|(_, v)| v.elem_count()).sum();
-            format!("full-parameter training: trainable params: {n} || all params: {n} || trainable%: 100.0000")
-        } else {
-            trainable_summary(self.model)
-        };
+        let summary = self.summary(&params);
         eprintln!("{summary}");
         eprintln!(
             "data: {} ({fmt:?}): {} training / {} validation examples",
@@ -138,19 +144,16 @@ impl TrainJob<'_> {
             train.len(),
             val.len()
         );
-        let sizes: Vec<usize> = params.iter().map(|(_, v)| v.elem_count()).collect();
         let mut opt = AdamW::new(
-            &sizes,
+            &sizes(&params),
             cfg.adam_beta1,
             cfg.adam_beta2,
             cfg.adam_epsilon,
             cfg.weight_decay,
         );
-        if let Some(p) = &resumed_optim {
-            load_optimizer(&mut opt, &params, p)?;
+        if let Some(ckpt) = &self.resume {
+            load_optimizer(&mut opt, &params, &ckpt.join(OPTIM_FILE))?;
         }
-        let names: Vec<&str> = params.iter().map(|(k, _)| k.as_str()).collect();
-        let lr_scale = lr_scales(&names, cfg.loraplus_lr_ratio);
         let metrics_path = self.out.join("metrics.jsonl");
         let mut log = MetricsLog::open(&metrics_path, self.resume.is_none())?;
         self.write_run_metadata(&train, &val)?;
@@ -174,14 +177,38 @@ impl TrainJob<'_> {
         let mut updated_with_lr = start_step > 0;
         let (mut last_loss, mut last_val, mut total_tokens) = (f64::NAN, None, 0usize);
         for step in start_step..cfg.max_steps {
+            if cfg.warm_start_steps > 0 && step == cfg.warm_start_steps {
+                let next = self.switch_to_adapters()?;
+                opt = opt.remapped(&names_of(&params), &names_of(&next), &sizes(&next));
+                params = next;
+                (checked_grads, updated_with_lr) = (false, false);
+                say(
+                    &bar,
+                    format!(
+                        "step {step}: warm start over, training adapters: {}",
+                        self.summary(&params)
+                    ),
+                );
+                log.write(&json!({"step": step, "event": "warm_start_end"}))?;
+            }
+            if let Some(k) = relora::restart_at(&cfg, step) {
+                let merged =
+                    lora::merge_and_reinit(self.model, &mut relora::restart_rng(cfg.seed, k))?;
+                for (i, (name, _)) in params.iter().enumerate() {
+                    if name.contains(".lora_A.") || name.contains(".lora_B.") {
+                        relora::prune_moments(
+                            &mut opt.exp_avg[i],
+                            &mut opt.exp_avg_sq[i],
+                            cfg.optimizer_prune_ratio,
+                        );
+                    }
+                }
+                log.write(&json!({"step": step, "event": "relora_restart", "restart": k, "merged_modules": merged}))?;
+            }
             let t0 = Instant::now();
-            let lr = lr_at(
-                &cfg.lr_scheduler_type,
-                step,
-                cfg.warmup(),
-                cfg.max_steps,
-                cfg.learning_rate,
-            );
+            let lr = relora::lr(&cfg, step);
+            let names = names_of(&params);
+            let sizes = sizes(&params);
             let mut acc: Vec<Vec<f32>> = sizes.iter().map(|&n| vec![0.0; n]).collect();
             let mut got: Vec<bool> = vec![false; params.len()];
             let (mut loss_sum, mut tokens) = (0f64, 0usize);
@@ -231,7 +258,12 @@ impl TrainJob<'_> {
                 .iter()
                 .map(|(_, v)| v.as_tensor().flatten_all()?.to_vec1::<f32>())
                 .collect::<candle_core::Result<_>>()?;
-            opt.step(&mut values, &acc, lr, &lr_scale);
+            opt.step(
+                &mut values,
+                &acc,
+                lr,
+                &lr_scales(&names, cfg.loraplus_lr_ratio),
+            );
             for ((_, var), val) in params.iter().zip(values) {
                 var.set(&Tensor::from_vec(val, var.shape(), &dev)?)?;
             }
@@ -247,22 +279,16 @@ impl TrainJob<'_> {
             {
                 let (vl, _) = evaluate_loss(self.model, &val, cfg.micro_batch_size, pad)?;
                 log.write(&json!({"step": step + 1, "val_loss": vl}))?;
-                bar.println(format!("step {}: val_loss {vl:.4}", step + 1));
+                say(&bar, format!("step {}: val_loss {vl:.4}", step + 1));
                 last_val = Some(vl);
             }
-            if cfg.save_steps > 0 && (step + 1) % cfg.save_steps == 0 && !full {
+            if cfg.save_steps > 0 && (step + 1) % cfg.save_steps == 0 {
                 self.save_checkpoint(step + 1, &opt, &params)?;
             }
         }
         bar.finish_and_clear();
-        if full {
-            let tokenizer_dir = self.model.dir.clone();
-            factune_model::save::save_pretrained(
-                self.model,
-                &self.out,
-                candle_core::DType::F32,
-                &tokenizer_dir,
-            )?;
+        if cfg.changes_base() {
+            self.save_full_model()?;
         } else {
             peft::save(self.model, &adapter_cfg, &self.out)?;
         }
@@ -280,7 +306,83 @@ impl TrainJob<'_> {
             seconds: started.elapsed().as_secs_f64(),
             tokens: total_tokens,
             trainable_summary: summary,
+            full_model: cfg.changes_base(),
         })
+    }
+
+    /// Freezes the linear weights (keeping embeddings and norms trainable when configured), attaches fresh
+    /// adapters, and returns the trainable tensors: base tensors first, then adapters in module order.
+    fn switch_to_adapters(&mut self) -> Result<Vec<(String, Var)>> {
+        let cfg = &self.config;
+        let linear_keys: BTreeSet<String> = self
+            .model
+            .named_tensors()
+            .into_iter()
+            .map(|(k, _)| k)
+            .filter(|k| self.model.is_linear_key(k))
+            .collect();
+        let keep = cfg.train_embeddings_and_norms;
+        let mut params = self
+            .model
+            .set_trainable(&|k| keep && !linear_keys.contains(k))?;
+        attach(self.model, &cfg.adapter_config(), cfg.seed)?;
+        params.extend(trainable(self.model));
+        Ok(params)
+    }
+
+    /// Puts the model in the state checkpoint `ckpt` recorded after `steps_done` steps and returns the
+    /// trainable tensors in the same order a straight run has them.
+    fn restore(&mut self, ckpt: &Path, steps_done: usize) -> Result<Vec<(String, Var)>> {
+        let cfg = self.config.clone();
+        if cfg.changes_base() {
+            let w = Weights::from_files(&[ckpt.join(MODEL_STATE_FILE)])?;
+            self.model.load_state(&w)?;
+        }
+        if !relora::adapters_on(&cfg, steps_done) {
+            return self.model.set_trainable(&|_| true);
+        }
+        let mut params = self.switch_to_adapters()?;
+        params.truncate(params.len() - trainable(self.model).len());
+        peft::load(self.model, ckpt, false)?;
+        params.extend(trainable(self.model));
+        Ok(params)
+    }
+
+    /// PEFT's trainable-parameter line, or its full-model form when base tensors train too.
+    fn summary(&self, params: &[(String, Var)]) -> String {
+        let adapters: usize = trainable(self.model)
+            .iter()
+            .map(|(_, v)| v.elem_count())
+            .sum();
+        let all: usize = params.iter().map(|(_, v)| v.elem_count()).sum();
+        if all == adapters {
+            return trainable_summary(self.model);
+        }
+        let total = self.model.num_base_parameters() + adapters;
+        format!(
+            "trainable params: {all} ({adapters} in adapters, {} in base tensors) || all params: {total} || trainable%: {:.4}",
+            all - adapters,
+            100.0 * all as f64 / total as f64
+        )
+    }
+
+    /// The end of a run that changed the base: adapters merged, the spectrum of each linear layer's total
+    /// update `W − W₀` measured (ReLoRA's rank diagnostic), and a full Hugging Face checkpoint written.
+    fn save_full_model(&mut self) -> Result<()> {
+        for l in self.model.linears_mut() {
+            l.merge()?;
+        }
+        let original = Weights::from_model_dir(&self.model.dir)?;
+        let spectra = update_spectra(self.model, &original)?;
+        drop(original);
+        crate::diagnostics::write_update_spectra(&self.out, &spectra, self.config.r)?;
+        let tokenizer_dir = self.model.dir.clone();
+        factune_model::save::save_pretrained(
+            self.model,
+            &self.out,
+            candle_core::DType::F32,
+            &tokenizer_dir,
+        )
     }
 
     fn write_run_metadata(&self, train: &[Example], val: &[Example]) -> Result<()> {
@@ -307,7 +409,16 @@ impl TrainJob<'_> {
             .join(format!(".checkpoint-{step}.partial-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&staging);
         std::fs::create_dir_all(&staging).map_err(|e| Error::io(&staging, e))?;
-        peft::save(self.model, &self.config.adapter_config(), &staging)?;
+        if self.model.linears().iter().any(|l| l.adapter.is_some()) {
+            peft::save(self.model, &self.config.adapter_config(), &staging)?;
+        }
+        if self.config.changes_base() {
+            let state: BTreeMap<String, Tensor> = self.model.named_tensors().into_iter().collect();
+            atomic::write_atomic(
+                &staging.join(MODEL_STATE_FILE),
+                &to_safetensors_bytes(&state, None)?,
+            )?;
+        }
         let mut tensors = BTreeMap::new();
         for (i, (k, v)) in params.iter().enumerate() {
             let shape = v.shape().clone();
