@@ -251,3 +251,35 @@ fn frozen_weights_get_no_gradient_in_a_training_step() {
         );
     }
 }
+
+#[test]
+fn relora_restart_keeps_the_output_and_redraws_the_factors() {
+    // PEFT's adapter has B ≠ 0, so the merge is not trivial: the output must not move (ReLoRA, issue 7).
+    let mut model = with_peft_adapter("llama");
+    let ids = reference("llama")["input_ids"]
+        .to_dtype(DType::U32)
+        .unwrap();
+    let before = model.forward(&ids, None, &Ctx::default()).unwrap();
+    let a_before = trainable(&model)[0].1.as_tensor().copy().unwrap();
+    let adapted = model
+        .linears()
+        .iter()
+        .filter(|l| l.adapter.is_some())
+        .count();
+    let mut rng = rand_chacha::rand_core::SeedableRng::seed_from_u64(7);
+    let n = factune_adapters::lora::merge_and_reinit(&mut model, &mut rng).unwrap();
+    assert_eq!(n, adapted);
+    let after = model.forward(&ids, None, &Ctx::default()).unwrap();
+    let d = max_abs(&(&after - &before).unwrap());
+    assert!(d < 1e-5, "output moved by {d} across a ReLoRA merge");
+    for (k, v) in trainable(&model) {
+        let m = max_abs(v.as_tensor());
+        if k.contains("lora_B") {
+            assert_eq!(m, 0.0, "{k} not zeroed");
+        } else {
+            assert!(m > 0.0, "{k} not re-drawn");
+        }
+    }
+    let a_after = trainable(&model)[0].1.as_tensor().copy().unwrap();
+    assert!(max_abs(&(&a_after - &a_before).unwrap()) > 1e-3);
+}
