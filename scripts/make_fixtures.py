@@ -131,6 +131,7 @@ def build(out):
         save_file({k: v.clone().contiguous() for k, v in ref.items()}, os.path.join(out, f"{name}-reference.safetensors"))
         print(f"{name}: loss {out_.loss.item():.6f}, {sum(k.endswith('.grad') for k in ref)} LoRA gradients")
     build_dora(out)
+    build_pissa(out)
     with open(os.path.join(out, "VERSIONS.json"), "w") as f:
         json.dump(versions, f, indent=2)
         f.write("\n")
@@ -169,6 +170,54 @@ def build_dora(out):
         pm.save_pretrained(os.path.join(out, f"{name}-dora"))
         save_file({k: v.clone().contiguous() for k, v in ref.items()}, os.path.join(out, f"{name}-dora-reference.safetensors"))
         print(f"{name}-dora: loss {o.loss.item():.6f}")
+
+
+def build_pissa(out):
+    """PiSSA (exact SVD) on the fixture Llama: the init (s·B0A0 and the residual weight per module), then factors
+    moved as if trained, with logits, loss and gradients; saved natively and converted to a rank-2r LoRA."""
+    import tempfile
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft.tuners.lora import LoraLayer
+    from transformers import AutoModelForCausalLM
+
+    name = "llama"
+    model = AutoModelForCausalLM.from_pretrained(os.path.join(out, name), dtype=torch.float32).eval()
+    ids = input_ids()
+    labels = ids.clone()
+    labels[:, :3] = -100
+    cfg = LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights="pissa",
+                     target_modules=["q_proj", "v_proj", "down_proj"])
+    pm = get_peft_model(model, cfg)
+    ref = {"input_ids": ids.clone(), "labels": labels.clone()}
+    for mname, m in pm.named_modules():
+        if isinstance(m, LoraLayer):
+            path = mname.replace("base_model.model.", "", 1)
+            a, b, s = m.lora_A["default"].weight, m.lora_B["default"].weight, m.scaling["default"]
+            ref[f"{path}.init_delta"] = (s * b @ a).detach().contiguous()
+            ref[f"{path}.residual"] = m.base_layer.weight.detach().clone().contiguous()
+    init_dir = tempfile.mkdtemp()
+    pm.save_pretrained(init_dir)
+    set_seed(3)
+    with torch.no_grad():
+        for pname, p in pm.named_parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    o = pm(input_ids=ids, labels=labels)
+    o.loss.backward()
+    ref.update({"logits": o.logits.detach().float(), "loss": o.loss.detach().reshape(1).float()})
+    for pname, p in pm.named_parameters():
+        if p.requires_grad:
+            ref[pname.replace(".default", "") + ".grad"] = p.grad.detach().float().contiguous()
+    pm.save_pretrained(os.path.join(out, f"{name}-pissa"))
+    conv = os.path.join(out, f"{name}-pissa-converted")
+    pm.save_pretrained(conv, path_initial_model_for_weight_conversion=init_dir)
+    # The converted adapter on the untouched base must reproduce the trained PiSSA model.
+    base = AutoModelForCausalLM.from_pretrained(os.path.join(out, name), dtype=torch.float32).eval()
+    with torch.no_grad():
+        d = (PeftModel.from_pretrained(base, conv)(input_ids=ids).logits - ref["logits"]).abs().max().item()
+    assert d < 1e-4, d
+    save_file({k: v.clone().contiguous() for k, v in ref.items()}, os.path.join(out, f"{name}-pissa-reference.safetensors"))
+    print(f"{name}-pissa: loss {o.loss.item():.6f}; converted adapter reproduces it within {d:.1e}")
 
 
 def verify(model_dir, adapter_dir, expect):

@@ -5,6 +5,7 @@ pub mod config;
 pub mod dora;
 pub mod lora;
 pub mod peft;
+pub mod pissa;
 pub mod registry;
 pub mod targets;
 

@@ -3,6 +3,7 @@
 
 use crate::config::AdapterConfig;
 use crate::dora::Dora;
+use crate::pissa;
 use crate::registry::Method;
 use crate::{dropout, kaiming_uniform};
 use candle_core::{Tensor, Var};
@@ -110,30 +111,35 @@ impl Method for LoraMethod {
     fn init(
         &self,
         cfg: &AdapterConfig,
-        layer: &AdaptableLinear,
+        layer: &mut AdaptableLinear,
         rank: usize,
         alpha: f64,
         rng: &mut ChaCha8Rng,
     ) -> Result<Box<dyn LinearAdapter>> {
         check_rank(layer, rank)?;
         let (o, i) = (layer.out_features(), layer.in_features());
-        let dev = layer.base.weight.device();
-        let a = kaiming_uniform(&[rank, i], i, rng, dev)?;
-        let b = match &cfg.init_lora_weights {
-            serde_json::Value::Bool(true) => {
-                Tensor::zeros((o, rank), candle_core::DType::F32, dev)?
+        let dev = &layer.base.weight.device().clone();
+        let scale = cfg.scaling(rank, alpha);
+        let (a, b) = match (&cfg.init_lora_weights, pissa::variant(&cfg.init_lora_weights)?) {
+            (_, Some(svd)) => pissa::init(layer, rank, scale, svd)?,
+            (serde_json::Value::Bool(true), _) => (
+                kaiming_uniform(&[rank, i], i, rng, dev)?,
+                Tensor::zeros((o, rank), candle_core::DType::F32, dev)?,
+            ),
+            (serde_json::Value::Bool(false), _) => {
+                let a = kaiming_uniform(&[rank, i], i, rng, dev)?;
+                (a, kaiming_uniform(&[o, rank], rank, rng, dev)?)
             }
-            serde_json::Value::Bool(false) => kaiming_uniform(&[o, rank], rank, rng, dev)?,
-            other => {
+            (other, _) => {
                 return Err(Error::config(format!(
-                    "init_lora_weights: {other} is not implemented yet (supported: true, false)"
+                    "init_lora_weights: {other} is not implemented (supported: true, false, \"pissa\", \"pissa_niter_K\")"
                 )))
             }
         };
         let lora = Lora {
             a: Var::from_tensor(&a)?,
             b: Var::from_tensor(&b)?,
-            scale: cfg.scaling(rank, alpha),
+            scale,
             dropout: cfg.lora_dropout,
         };
         with_dora(cfg, lora, layer, None)
@@ -142,7 +148,7 @@ impl Method for LoraMethod {
     fn load_tensors(
         &self,
         cfg: &AdapterConfig,
-        layer: &AdaptableLinear,
+        layer: &mut AdaptableLinear,
         alpha: f64,
         t: &HashMap<String, Tensor>,
     ) -> Result<Box<dyn LinearAdapter>> {
@@ -158,10 +164,15 @@ impl Method for LoraMethod {
             )));
         }
         check_rank(layer, r)?;
+        let scale = cfg.scaling(r, alpha);
+        if let Some(svd) = pissa::variant(&cfg.init_lora_weights)? {
+            // The saved factors were trained against the residual W − s·B₀A₀: rebuild it.
+            pissa::init(layer, r, scale, svd)?;
+        }
         let lora = Lora {
             a: Var::from_tensor(a)?,
             b: Var::from_tensor(b)?,
-            scale: cfg.scaling(r, alpha),
+            scale,
             dropout: cfg.lora_dropout,
         };
         with_dora(cfg, lora, layer, t.get("lora_magnitude_vector").cloned())

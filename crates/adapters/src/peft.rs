@@ -2,12 +2,13 @@
 //! `adapter_model.safetensors` with keys `base_model.model.<module path>.<tensor name>`.
 
 use crate::config::AdapterConfig;
+use crate::pissa;
 use crate::registry::method;
 use crate::targets::{pattern_lookup, TargetMatcher};
 use candle_core::{DType, Tensor, Var};
 use factune_io::weights::to_safetensors_bytes;
 use factune_io::{atomic, Error, Result, Weights};
-use factune_model::Model;
+use factune_model::{AdaptableLinear, Model};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -102,20 +103,73 @@ pub fn saved_config(model: &Model, cfg: &AdapterConfig) -> AdapterConfig {
 pub fn adapter_bytes(model: &Model) -> Result<Vec<u8>> {
     let mut tensors = BTreeMap::new();
     for (k, v) in trainable(model) {
-        tensors.insert(k, v.as_tensor().to_dtype(DType::F32)?);
+        tensors.insert(k, v.as_tensor().clone());
     }
+    tensors_bytes(tensors)
+}
+
+fn tensors_bytes(tensors: BTreeMap<String, Tensor>) -> Result<Vec<u8>> {
+    let tensors = tensors
+        .into_iter()
+        .map(|(k, t)| Ok((k, t.to_dtype(DType::F32)?)))
+        .collect::<Result<BTreeMap<_, _>>>()?;
     let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
     to_safetensors_bytes(&tensors, Some(meta))
 }
 
-/// Writes `adapter_config.json` and `adapter_model.safetensors` into `dir`, each atomically.
-pub fn save(model: &Model, cfg: &AdapterConfig, dir: &Path) -> Result<()> {
-    let bytes = adapter_bytes(model)?;
-    atomic::write_atomic(&dir.join(WEIGHTS_FILE), &bytes)?;
+fn write(model: &Model, cfg: &AdapterConfig, bytes: &[u8], dir: &Path) -> Result<()> {
+    atomic::write_atomic(&dir.join(WEIGHTS_FILE), bytes)?;
     atomic::write_atomic(
         &dir.join(CONFIG_FILE),
         saved_config(model, cfg).to_json()?.as_bytes(),
     )
+}
+
+/// Writes `adapter_config.json` and `adapter_model.safetensors` into `dir`, each atomically, in the method's
+/// native form (what `load` restores exactly; checkpoints use it).
+pub fn save(model: &Model, cfg: &AdapterConfig, dir: &Path) -> Result<()> {
+    write(model, cfg, &adapter_bytes(model)?, dir)
+}
+
+/// Writes the adapter in the form PEFT users load onto the original base model: the native form, except for
+/// PiSSA, converted to a rank-2r LoRA relative to the original weights (as PEFT's
+/// `path_initial_model_for_weight_conversion`). Returns the config written.
+pub fn save_portable(model: &Model, cfg: &AdapterConfig, dir: &Path) -> Result<AdapterConfig> {
+    let Some(svd) = pissa::variant(&cfg.init_lora_weights)? else {
+        save(model, cfg, dir)?;
+        return Ok(cfg.clone());
+    };
+    if cfg.use_dora {
+        tracing::warn!("PiSSA + DoRA has no plain-LoRA form: the adapter is saved natively (loads in factune and PEFT onto the same base)");
+        save(model, cfg, dir)?;
+        return Ok(cfg.clone());
+    }
+    let original = Weights::from_model_dir(&model.dir)?;
+    let mut tensors = BTreeMap::new();
+    for l in model.linears() {
+        let Some(adapter) = &l.adapter else { continue };
+        let p = adapter.parameters();
+        let (a, b) = (p[0].1.as_tensor(), p[1].1.as_tensor());
+        let r = a.dims()[0];
+        let alpha = pattern_lookup(&cfg.alpha_pattern, &l.path)
+            .copied()
+            .unwrap_or(cfg.lora_alpha);
+        let mut initial = AdaptableLinear::new(
+            l.path.clone(),
+            l.index,
+            l.original_weight(&original)?,
+            None,
+            l.source_key.clone(),
+            l.stored_transposed,
+        );
+        let (a0, b0) = pissa::init(&mut initial, r, cfg.scaling(r, alpha), svd)?;
+        let (a2, b2) = pissa::to_lora((a, b), (&a0, &b0))?;
+        tensors.insert(format!("{KEY_PREFIX}{}.lora_A.weight", l.path), a2);
+        tensors.insert(format!("{KEY_PREFIX}{}.lora_B.weight", l.path), b2);
+    }
+    let converted = pissa::lora_config(cfg);
+    write(model, &converted, &tensors_bytes(tensors)?, dir)?;
+    Ok(converted)
 }
 
 #[derive(Debug, Default)]

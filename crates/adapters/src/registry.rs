@@ -11,11 +11,12 @@ pub trait Method: Sync {
     fn peft_type(&self) -> &'static str;
     /// Tensor names per module as saved in `adapter_model.safetensors`, relative to the module path.
     fn tensor_names(&self, cfg: &AdapterConfig) -> Vec<&'static str>;
-    /// A freshly initialised adapter for one layer.
+    /// A freshly initialised adapter for one layer. Inits built from W (PiSSA) may rewrite the layer's frozen
+    /// weight (to a residual), hence `&mut`.
     fn init(
         &self,
         cfg: &AdapterConfig,
-        layer: &AdaptableLinear,
+        layer: &mut AdaptableLinear,
         rank: usize,
         alpha: f64,
         rng: &mut ChaCha8Rng,
@@ -24,7 +25,7 @@ pub trait Method: Sync {
     fn load_tensors(
         &self,
         cfg: &AdapterConfig,
-        layer: &AdaptableLinear,
+        layer: &mut AdaptableLinear,
         alpha: f64,
         t: &HashMap<String, Tensor>,
     ) -> Result<Box<dyn LinearAdapter>>;

@@ -37,7 +37,7 @@ pub fn init(output: &Path) -> Result<()> {
 }
 
 /// Peak resident set size of this process, from /proc (Linux); 0 elsewhere.
-fn peak_rss_mb() -> f64 {
+pub fn peak_rss_mb() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {

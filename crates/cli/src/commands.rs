@@ -97,7 +97,11 @@ pub fn train(
     } else {
         "adapter"
     };
-    println!("{what} written to {}", output.display());
+    println!(
+        "{what} written to {}; peak RSS {:.0} MB",
+        output.display(),
+        crate::bench::peak_rss_mb()
+    );
     Ok(())
 }
 
@@ -110,7 +114,12 @@ struct PretrainFile {
     tokenizer_vocab_size: Option<usize>,
 }
 
-pub fn pretrain(config: &Path, data: &Path, output: &Path) -> Result<()> {
+pub fn pretrain(
+    config: &Path,
+    data: &Path,
+    output: &Path,
+    overrides: &TrainOverrides,
+) -> Result<()> {
     let text =
         std::fs::read_to_string(config).with_context(|| format!("reading {}", config.display()))?;
     let mut file: PretrainFile = toml::from_str(&text)
@@ -125,6 +134,7 @@ pub fn pretrain(config: &Path, data: &Path, output: &Path) -> Result<()> {
     {
         file.training.peft_type = "full".into();
     }
+    file.training.apply(overrides);
     let vocab = file.tokenizer_vocab_size.unwrap_or(file.model.vocab_size);
     let actual = train_tokenizer(data, vocab, output)?;
     file.model.vocab_size = actual;
@@ -149,7 +159,7 @@ pub fn pretrain(config: &Path, data: &Path, output: &Path) -> Result<()> {
     }
     .run()?;
     println!(
-        "pre-trained {} steps in {:.0}s: train loss {:.4}{}; model written to {}",
+        "pre-trained {} steps in {:.0}s: train loss {:.4}{}; peak RSS {:.0} MB; model written to {}",
         outcome.steps,
         outcome.seconds,
         outcome.final_train_loss,
@@ -157,6 +167,7 @@ pub fn pretrain(config: &Path, data: &Path, output: &Path) -> Result<()> {
             .final_val_loss
             .map(|v| format!(", validation loss {v:.4}"))
             .unwrap_or_default(),
+        crate::bench::peak_rss_mb(),
         output.display()
     );
     Ok(())
@@ -399,5 +410,39 @@ pub fn inspect(dir: &Path) -> Result<()> {
         "  adaptable modules: {}",
         names.into_iter().collect::<Vec<_>>().join(", ")
     );
+    Ok(())
+}
+
+/// One PNG comparing a metric across runs: each `LABEL=RUN_DIR` (or a bare directory, labelled by its name)
+/// contributes the `key` series of its metrics.jsonl; `exp` plots e^value (perplexity from a loss).
+pub fn plot(runs: &[String], key: &str, exp: bool, title: &str, output: &Path) -> Result<()> {
+    let mut curves = Vec::new();
+    for spec in runs {
+        let (label, dir) = match spec.split_once('=') {
+            Some((l, d)) => (l.to_string(), PathBuf::from(d)),
+            None => {
+                let d = PathBuf::from(spec);
+                let name = d
+                    .file_name()
+                    .map_or(spec.clone(), |n| n.to_string_lossy().into_owned());
+                (name, d)
+            }
+        };
+        let path = dir.join("metrics.jsonl");
+        let mut pts = factune_train::metrics::series(&path, key)?;
+        if pts.is_empty() {
+            bail!("{}: no `{key}` values", path.display());
+        }
+        if exp {
+            pts.iter_mut().for_each(|p| p.1 = p.1.exp());
+        }
+        curves.push((label, pts));
+    }
+    let refs: Vec<(&str, Vec<(f64, f64)>)> = curves
+        .iter()
+        .map(|(l, c)| (l.as_str(), c.clone()))
+        .collect();
+    factune_train::metrics::plot_curves(output, title, &refs)?;
+    println!("wrote {}", output.display());
     Ok(())
 }

@@ -67,6 +67,9 @@ enum Command {
         data: PathBuf,
         #[arg(long)]
         output: PathBuf,
+        /// Training keys override the [training] table (full-rank unless peft_type is set: LoRA / ReLoRA)
+        #[command(flatten)]
+        overrides: Box<factune_train::TrainOverrides>,
     },
     /// Perplexity (text), multiple-choice accuracy (question/choices/answer JSONL) or exact match (alpaca JSONL)
     Eval {
@@ -117,6 +120,22 @@ enum Command {
         /// Compare merged and unmerged logits on a fixed prompt and print the max abs difference
         #[arg(long)]
         verify: bool,
+    },
+    /// Plot one metric of several runs into a PNG (e.g. validation perplexity of full vs LoRA vs ReLoRA)
+    Plot {
+        /// Run directories holding metrics.jsonl, as LABEL=DIR or DIR
+        #[arg(required = true)]
+        runs: Vec<String>,
+        /// The metrics.jsonl key to plot
+        #[arg(long, default_value = "val_loss")]
+        key: String,
+        /// Plot e^value (perplexity from a loss)
+        #[arg(long)]
+        exp: bool,
+        #[arg(long, default_value = "factune runs")]
+        title: String,
+        #[arg(long)]
+        output: PathBuf,
     },
     /// Describe a model or adapter directory
     Inspect { dir: PathBuf },
@@ -190,7 +209,8 @@ fn main() {
             config,
             data,
             output,
-        } => commands::pretrain(&config, &data, &output),
+            overrides,
+        } => commands::pretrain(&config, &data, &output, &overrides),
         Command::Eval {
             model,
             data,
@@ -233,6 +253,13 @@ fn main() {
             verify,
         } => commands::merge(&model, &output, verify),
         Command::Inspect { dir } => commands::inspect(&dir),
+        Command::Plot {
+            runs,
+            key,
+            exp,
+            title,
+            output,
+        } => commands::plot(&runs, &key, exp, &title, &output),
         Command::Bench(BenchCommand::Init { output }) => bench::init(&output),
         Command::Bench(BenchCommand::Train {
             model,

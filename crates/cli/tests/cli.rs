@@ -571,3 +571,44 @@ fn relora_conflicting_options_are_named() {
         assert!(err.contains(want), "{extra:?}: {err}");
     }
 }
+
+#[test]
+fn pissa_resumes_bit_identically_and_saves_a_portable_lora() {
+    let dir = tempfile::tempdir().unwrap();
+    let straight = dir.path().join("straight");
+    let pissa = ["--init-lora-weights", "pissa_niter_2", "--save-steps", "3"];
+    train(&straight, "6", &pissa);
+    let cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(straight.join("adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    // r = 4 trained, written as rank 8 relative to the original weights.
+    assert_eq!(
+        (cfg["r"].as_u64(), cfg["lora_alpha"].as_f64()),
+        (Some(8), Some(32.0))
+    );
+    assert_eq!(cfg["init_lora_weights"], true);
+    let ckpt: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(straight.join("checkpoint-3/adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(ckpt["init_lora_weights"], "pissa_niter_2");
+    let fresh = dir.path().join("resumed");
+    resume_into(&fresh, &straight.join("checkpoint-3"));
+    assert_eq!(
+        sha(&straight.join("adapter_model.safetensors")),
+        sha(&fresh.join("adapter_model.safetensors")),
+        "PiSSA: 6 steps straight != 3 + resume 3"
+    );
+    let out = ok(&[
+        "merge",
+        "--model",
+        s(&model()),
+        "--adapter",
+        s(&straight),
+        "--output",
+        s(&dir.path().join("merged")),
+        "--verify",
+    ]);
+    assert!(out.contains("max"), "{out}");
+}

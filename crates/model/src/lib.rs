@@ -3,6 +3,7 @@
 
 pub mod attention;
 pub mod kernels;
+pub mod linalg;
 pub mod linear;
 pub mod loss;
 pub mod model;

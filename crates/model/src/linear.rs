@@ -76,6 +76,29 @@ impl AdaptableLinear {
         self.base.weight.dims()[0]
     }
 
+    /// This layer's weight as `checkpoint` stores it under [`AdaptableLinear::source_key`], in the layer's
+    /// `[out, in]` layout and f32: the original W, for inits and diagnostics that need it after training
+    /// changed (or an init replaced) the in-memory one.
+    pub fn original_weight(&self, checkpoint: &factune_io::Weights) -> factune_io::Result<Tensor> {
+        let (o, i) = (self.out_features(), self.in_features());
+        let dims = if self.stored_transposed {
+            [i, o]
+        } else {
+            [o, i]
+        };
+        let w = checkpoint.get_shaped(
+            &self.source_key,
+            &dims,
+            candle_core::DType::F32,
+            self.base.weight.device(),
+        )?;
+        Ok(if self.stored_transposed {
+            w.t()?.contiguous()?
+        } else {
+            w
+        })
+    }
+
     pub fn forward(&self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
         // Full-parameter training makes W a `Var`: then it needs the differentiable path.
         let y = if self.base.weight.is_variable() {

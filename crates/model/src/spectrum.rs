@@ -9,9 +9,7 @@ use serde::Serialize;
 /// Singular values of a 2-D tensor, largest first, computed in f64 with faer.
 pub fn singular_values(t: &Tensor) -> Result<Vec<f64>> {
     let (m, n) = t.dims2()?;
-    let data = t.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
-    let mat = faer::Mat::<f64>::from_fn(m, n, |i, j| data[i * n + j]);
-    mat.singular_values().map_err(|e| {
+    crate::linalg::to_faer(t)?.singular_values().map_err(|e| {
         Error::config(format!(
             "SVD of a [{m}, {n}] matrix did not converge: {e:?}"
         ))
@@ -87,13 +85,7 @@ pub fn update_spectra(model: &Model, original: &Weights) -> Result<Vec<(String, 
             )));
         }
         let w = l.base.weight.to_dtype(DType::F32)?;
-        let stored: Vec<usize> = if l.stored_transposed {
-            w.dims().iter().rev().copied().collect()
-        } else {
-            w.dims().to_vec()
-        };
-        let w0 = original.get_shaped(&l.source_key, &stored, DType::F32, w.device())?;
-        let w0 = if l.stored_transposed { w0.t()? } else { w0 };
+        let w0 = l.original_weight(original)?;
         out.push((l.path.clone(), Spectrum::of(&(w - w0)?)?));
     }
     Ok(out)

@@ -32,6 +32,26 @@ impl std::str::FromStr for Targets {
     }
 }
 
+/// `init_lora_weights`: `true` (Kaiming A, zero B), `false` (random B too), or a named init such as `"pissa"`
+/// or `"pissa_niter_4"`; TOML takes a bool or a string, the flag takes the same words.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum InitWeights {
+    Flag(bool),
+    Named(String),
+}
+
+impl std::str::FromStr for InitWeights {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        Ok(match s {
+            "true" => InitWeights::Flag(true),
+            "false" => InitWeights::Flag(false),
+            other => InitWeights::Named(other.to_string()),
+        })
+    }
+}
+
 macro_rules! train_config {
     ($( $(#[doc = $doc:literal])* $name:ident : $ty:ty = $default:expr ),* $(,)?) => {
         /// Every setting of a training run. Unknown keys in a TOML file are errors that name the key.
@@ -76,8 +96,9 @@ train_config! {
     use_rslora: bool = false,
     /// DoRA: trainable per-row magnitude over the LoRA-updated direction
     use_dora: bool = false,
-    /// true: Kaiming A, zero B (a no-op at step 0); false: random B too
-    init_lora_weights: bool = true,
+    /// true: Kaiming A, zero B (a no-op at step 0); false: random B too; pissa / pissa_niter_K: principal
+    /// singular directions of W (exact / randomised SVD with K power iterations), residual frozen
+    init_lora_weights: InitWeights = InitWeights::Flag(true),
     /// Peak learning rate
     learning_rate: f64 = 2e-4,
     /// LoRA+: learning rate of every B factor = this × learning_rate (1 = plain LoRA; the paper uses ~16)
@@ -245,7 +266,10 @@ impl TrainConfig {
             },
             use_rslora: self.use_rslora,
             use_dora: self.use_dora,
-            init_lora_weights: serde_json::Value::Bool(self.init_lora_weights),
+            init_lora_weights: match &self.init_lora_weights {
+                InitWeights::Flag(b) => serde_json::Value::Bool(*b),
+                InitWeights::Named(s) => serde_json::Value::String(s.clone()),
+            },
             ..AdapterConfig::default()
         }
     }

@@ -27,10 +27,9 @@ fn cycle_start(cfg: &TrainConfig, step: usize) -> Option<usize> {
     if cfg.is_full() || step < w {
         return None;
     }
-    let s0 = if cfg.relora_steps == 0 {
-        w
-    } else {
-        w + (step - w) / cfg.relora_steps * cfg.relora_steps
+    let s0 = match (step - w).checked_div(cfg.relora_steps) {
+        Some(cycles) => w + cycles * cfg.relora_steps,
+        None => w,
     };
     (s0 > 0).then_some(s0)
 }

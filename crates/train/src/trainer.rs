@@ -290,7 +290,13 @@ impl TrainJob<'_> {
         if cfg.changes_base() {
             self.save_full_model()?;
         } else {
-            peft::save(self.model, &adapter_cfg, &self.out)?;
+            let written = peft::save_portable(self.model, &adapter_cfg, &self.out)?;
+            if written.r != adapter_cfg.r {
+                eprintln!(
+                    "PiSSA adapter saved as a rank-{} LoRA relative to the original weights (loads onto the unmodified base in factune and PEFT)",
+                    written.r
+                );
+            }
         }
         let train_curve = series(&metrics_path, "loss")?;
         let val_curve = series(&metrics_path, "val_loss")?;
@@ -313,7 +319,20 @@ impl TrainJob<'_> {
     /// Freezes the linear weights (keeping embeddings and norms trainable when configured), attaches fresh
     /// adapters, and returns the trainable tensors: base tensors first, then adapters in module order.
     fn switch_to_adapters(&mut self) -> Result<Vec<(String, Var)>> {
-        let cfg = &self.config;
+        let mut params = self.freeze_linears()?;
+        let t0 = Instant::now();
+        let wrapped = attach(self.model, &self.config.adapter_config(), self.config.seed)?;
+        eprintln!(
+            "adapters: {} modules initialised in {:.2}s",
+            wrapped.len(),
+            t0.elapsed().as_secs_f64()
+        );
+        params.extend(trainable(self.model));
+        Ok(params)
+    }
+
+    /// The adapter phase's base trainables: embeddings and norms when configured, never linear weights.
+    fn freeze_linears(&mut self) -> Result<Vec<(String, Var)>> {
         let linear_keys: BTreeSet<String> = self
             .model
             .named_tensors()
@@ -321,13 +340,9 @@ impl TrainJob<'_> {
             .map(|(k, _)| k)
             .filter(|k| self.model.is_linear_key(k))
             .collect();
-        let keep = cfg.train_embeddings_and_norms;
-        let mut params = self
-            .model
-            .set_trainable(&|k| keep && !linear_keys.contains(k))?;
-        attach(self.model, &cfg.adapter_config(), cfg.seed)?;
-        params.extend(trainable(self.model));
-        Ok(params)
+        let keep = self.config.train_embeddings_and_norms;
+        self.model
+            .set_trainable(&|k| keep && !linear_keys.contains(k))
     }
 
     /// Puts the model in the state checkpoint `ckpt` recorded after `steps_done` steps and returns the
@@ -341,8 +356,7 @@ impl TrainJob<'_> {
         if !relora::adapters_on(&cfg, steps_done) {
             return self.model.set_trainable(&|_| true);
         }
-        let mut params = self.switch_to_adapters()?;
-        params.truncate(params.len() - trainable(self.model).len());
+        let mut params = self.freeze_linears()?;
         peft::load(self.model, ckpt, false)?;
         params.extend(trainable(self.model));
         Ok(params)
@@ -410,7 +424,13 @@ impl TrainJob<'_> {
         let _ = std::fs::remove_dir_all(&staging);
         std::fs::create_dir_all(&staging).map_err(|e| Error::io(&staging, e))?;
         if self.model.linears().iter().any(|l| l.adapter.is_some()) {
-            peft::save(self.model, &self.config.adapter_config(), &staging)?;
+            let mut cfg = self.config.adapter_config();
+            if self.config.changes_base() {
+                // model.safetensors holds the current base (a PiSSA residual included): the adapter is plain
+                // LoRA on top of it, and loading must not re-derive an init from that base.
+                cfg.init_lora_weights = serde_json::Value::Bool(true);
+            }
+            peft::save(self.model, &cfg, &staging)?;
         }
         if self.config.changes_base() {
             let state: BTreeMap<String, Tensor> = self.model.named_tensors().into_iter().collect();
