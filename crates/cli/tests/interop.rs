@@ -3,7 +3,7 @@
 //!     cargo test -p factune --test interop -- --ignored
 //!     python scripts/make_fixtures.py verify --model assets/default-model \
 //!         --adapter target/peft-interop/default/adapter --expect target/peft-interop/default/expect.safetensors
-//!     (and likewise for tests/fixtures/llama and tests/fixtures/gpt2 with target/peft-interop/{llama,gpt2});
+//!     (and likewise for target/peft-interop/default-pissa on assets/default-model, and tests/fixtures/llama and tests/fixtures/gpt2 with target/peft-interop/{llama,gpt2});
 //!     python scripts/make_fixtures.py verify --model target/peft-interop/gpt2/merged \
 //!         --expect target/peft-interop/gpt2/expect.safetensors      (a merged checkpoint, transformers alone)
 
@@ -43,33 +43,43 @@ fn write_expect(model: &Model, dir: &Path) {
 #[ignore = "writes files for `scripts/make_fixtures.py verify` (needs Python with torch + peft)"]
 fn export_for_peft() {
     let out = repo().join("target/peft-interop");
-    // 1. An adapter trained by `factune train` on the embedded model, on every linear layer.
-    let default = out.join("default");
-    let adapter = default.join("adapter");
-    let _ = std::fs::remove_dir_all(&default);
-    let status = Command::new(env!("CARGO_BIN_EXE_factune"))
-        .args(["train", "--model"])
-        .arg(repo().join("assets/default-model"))
-        .arg("--data")
-        .arg(repo().join("assets/data/quickstart-train.jsonl"))
-        .arg("--output")
-        .arg(&adapter)
-        .args([
-            "--max-steps",
-            "20",
-            "--target-modules",
-            "all-linear",
-            "--learning-rate",
-            "5e-3",
-            "--r",
-            "8",
-        ])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let mut model = Model::load(&repo().join("assets/default-model"), &Device::Cpu).unwrap();
-    peft::load(&mut model, &adapter, false).unwrap();
-    write_expect(&model, &default);
+    // 1. Adapters trained by `factune train` on the embedded model, on every linear layer: plain LoRA, and
+    //    PiSSA (written as a rank-2r LoRA relative to the original weights).
+    for (sub, extra) in [
+        ("default", &[][..]),
+        (
+            "default-pissa",
+            &["--init-lora-weights", "pissa_niter_2"][..],
+        ),
+    ] {
+        let dir = out.join(sub);
+        let adapter = dir.join("adapter");
+        let _ = std::fs::remove_dir_all(&dir);
+        let status = Command::new(env!("CARGO_BIN_EXE_factune"))
+            .args(["train", "--model"])
+            .arg(repo().join("assets/default-model"))
+            .arg("--data")
+            .arg(repo().join("assets/data/quickstart-train.jsonl"))
+            .arg("--output")
+            .arg(&adapter)
+            .args([
+                "--max-steps",
+                "20",
+                "--target-modules",
+                "all-linear",
+                "--learning-rate",
+                "5e-3",
+                "--r",
+                "8",
+            ])
+            .args(extra)
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let mut model = Model::load(&repo().join("assets/default-model"), &Device::Cpu).unwrap();
+        peft::load(&mut model, &adapter, false).unwrap();
+        write_expect(&model, &dir);
+    }
 
     // 2. Adapters with random B (PEFT's init_lora_weights=False) on the fixture Llama (rsLoRA) and GPT-2.
     for (name, rslora) in [("llama", true), ("gpt2", false)] {
