@@ -11,9 +11,12 @@ OUT=${OUT:-runs/relora-study}
 mkdir -p "$OUT" docs/results
 STEPS=${STEPS:-1000}
 
-# Adapters: all linear layers, r = 32 (1/6 of hidden 192, as ReLoRA's r = 128 for hidden 768), scale 1;
-# embeddings and norms train in every run, as in the ReLoRA paper.
-ADAPT=(--peft-type LORA --target-modules all-linear --r 32 --lora-alpha 32 --lora-dropout 0
+# Adapters: all linear layers, rank R (default 8 = hidden/24; R=32 = hidden/6 is ReLoRA's own ratio, r = 128
+# for hidden 768), scale 1; embeddings and norms train in every run, as in the ReLoRA paper.
+# RUNS picks the pre-training runs to (re)do; FINETUNE=0 skips the fine-tuning part.
+R=${R:-8}
+RUNS=${RUNS:-full lora lora-warm relora}
+ADAPT=(--peft-type LORA --target-modules all-linear --r "$R" --lora-alpha "$R" --lora-dropout 0
        --train-embeddings-and-norms true)
 WARM=(--warm-start-steps 200)
 RELORA=(--relora-steps 200 --restart-warmup-steps 20 --optimizer-prune-ratio 0.99)
@@ -25,13 +28,17 @@ pretrain() {
     "$F" pretrain --config assets/pretrain.toml --data assets/data/pretrain.txt --output "$OUT/$name" \
     --max-steps "$STEPS" --eval-steps 50 "$@" > "$OUT/$name.log" 2> "$OUT/$name.err"
 }
-pretrain full
-pretrain lora "${ADAPT[@]}"
-pretrain lora-warm "${ADAPT[@]}" "${WARM[@]}"
-pretrain relora "${ADAPT[@]}" "${WARM[@]}" "${RELORA[@]}"
+for run in $RUNS; do
+  case $run in
+    full) pretrain full ;;
+    lora) pretrain lora "${ADAPT[@]}" ;;
+    lora-warm) pretrain lora-warm "${ADAPT[@]}" "${WARM[@]}" ;;
+    relora) pretrain relora "${ADAPT[@]}" "${WARM[@]}" "${RELORA[@]}" ;;
+  esac
+done
 "$F" plot full="$OUT/full" lora="$OUT/lora" lora+warm-start="$OUT/lora-warm" relora="$OUT/relora" \
-  --key val_loss --exp --title "pre-training from scratch: validation perplexity" \
-  --output docs/results/relora-pretrain.png
+  --key val_loss --exp --title "pre-training from scratch (r = $R): validation perplexity" \
+  --output "docs/results/relora-pretrain-r$R.png"
 
 # Fine-tuning: the quickstart recipe (r 16, all-linear, 150 steps) with and without restarts every 50 steps.
 FT=(--target-modules all-linear --lora-dropout 0 --r 16 --lora-alpha 32 --learning-rate 2e-3 --max-steps 150
@@ -43,6 +50,7 @@ finetune() {
     "$F" train --model assets/default-model --data assets/data/quickstart-train.jsonl --output "$OUT/$name" \
     "${FT[@]}" "$@" > "$OUT/$name.log" 2> "$OUT/$name.err"
 }
+if [ "${FINETUNE:-1}" = 1 ]; then
 finetune ft-lora
 finetune ft-relora --relora-steps 50 --restart-warmup-steps 5
 for n in ft-lora ft-relora; do
@@ -51,8 +59,9 @@ for n in ft-lora ft-relora; do
 done
 "$F" plot lora="$OUT/ft-lora" relora="$OUT/ft-relora" --key val_loss \
   --title "fine-tuning on the quickstart task: validation loss" --output docs/results/relora-finetune.png
+fi
 
-python3 - "$OUT" <<'PY'
+python3 - "$OUT" "$R" <<'PY'
 import json, math, re, sys, pathlib
 out = pathlib.Path(sys.argv[1])
 def last(name, key):
@@ -63,14 +72,14 @@ def params(name):
     return m.group(1)
 def cost(name):
     t = open(out/f"{name}.time").read().split()
-    return float(t[0]), int(t[4]) / 1024
+    return float(t[0]), int(t[3]) / 1024
 def rank(name):
     p = out/name/"update_spectrum.json"
     if not p.exists(): return "-"
     ms = json.load(open(p))["modules"]
     rs = sorted(m["rank"] for m in ms if m["module"].endswith(("q_proj", "gate_proj", "up_proj", "down_proj", "o_proj")))
     return f"{rs[0]}–{rs[-1]}"
-print("| pre-training run | trainable params (adapter phase) | final val perplexity | update rank (square/MLP layers) | wall-clock s | peak RSS MB |")
+print(f"| pre-training run (r = {sys.argv[2]}) | trainable params (adapter phase) | final val perplexity | update rank (square/MLP layers) | wall-clock s | peak RSS MB |")
 print("|---|---|---|---|---|---|")
 for n in ["full", "lora", "lora-warm", "relora"]:
     s, rss = cost(n)
@@ -78,7 +87,7 @@ for n in ["full", "lora", "lora-warm", "relora"]:
 print()
 print("| fine-tuning run | trainable params | final val loss | exact match | wall-clock s | peak RSS MB |")
 print("|---|---|---|---|---|---|")
-for n in ["ft-lora", "ft-relora"]:
+for n in ["ft-lora", "ft-relora"] if (out/"ft-relora.eval.json").exists() else []:
     s, rss = cost(n)
     em = json.load(open(out/f"{n}.eval.json"))["exact_match"]
     print(f"| {n} | {params(n)} | {last(n, 'val_loss'):.4f} | {100*em:.1f}% | {s:.0f} | {rss:.0f} |")

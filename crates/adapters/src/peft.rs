@@ -69,7 +69,8 @@ pub fn trainable_summary(model: &Model) -> String {
     )
 }
 
-fn thousands(n: usize) -> String {
+/// `1234567` → `1,234,567`, as PEFT prints counts.
+pub fn thousands(n: usize) -> String {
     let s = n.to_string();
     let mut out = String::new();
     for (i, c) in s.chars().enumerate() {

@@ -51,16 +51,29 @@ pub fn peak_rss_mb() -> f64 {
 }
 
 /// Times `steps` LoRA training steps (forward, backward, AdamW) after one warm-up step.
-pub fn train(model_dir: &Path, seq_len: usize, batch: usize, steps: usize, r: usize) -> Result<()> {
+pub fn train(
+    model_dir: &Path,
+    seq_len: usize,
+    batch: usize,
+    steps: usize,
+    r: usize,
+    init: &str,
+) -> Result<()> {
     let mut model = Model::load(model_dir, &Device::Cpu)?;
     let cfg = AdapterConfig {
         r,
         lora_alpha: 2.0 * r as f64,
         lora_dropout: 0.0,
         target_modules: TargetModules::Pattern("all-linear".into()),
+        init_lora_weights: match init {
+            "true" => serde_json::Value::Bool(true),
+            other => serde_json::Value::String(other.into()),
+        },
         ..AdapterConfig::default()
     };
+    let t0 = Instant::now();
     attach(&mut model, &cfg, 0)?;
+    let init_s = t0.elapsed().as_secs_f64();
     let params = trainable(&model);
     let sizes: Vec<usize> = params.iter().map(|(_, v)| v.elem_count()).collect();
     let mut opt = AdamW::new(&sizes, 0.9, 0.999, 1e-8, 0.0);
@@ -109,6 +122,7 @@ pub fn train(model_dir: &Path, seq_len: usize, batch: usize, steps: usize, r: us
     println!(
         "{}",
         serde_json::json!({"impl": "factune", "seq_len": seq_len, "batch": batch, "r": r, "steps": steps,
+            "init": init, "init_s": init_s,
             "tokens_per_s": tokens / timed, "seconds_per_step": timed / steps as f64,
             "peak_rss_mb": peak_rss_mb(), "loss": last_loss})
     );

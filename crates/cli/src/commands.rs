@@ -442,7 +442,13 @@ pub fn plot(runs: &[String], key: &str, exp: bool, title: &str, output: &Path) -
         .iter()
         .map(|(l, c)| (l.as_str(), c.clone()))
         .collect();
-    factune_train::metrics::plot_curves(output, title, &refs)?;
+    let y = if exp {
+        format!("exp({key})")
+    } else {
+        key.to_string()
+    };
+    let axes = factune_train::metrics::Axes { x: "step", y: &y };
+    factune_train::metrics::plot_curves(output, title, &axes, &refs)?;
     println!("wrote {}", output.display());
     Ok(())
 }

@@ -175,6 +175,9 @@ enum BenchCommand {
         steps: usize,
         #[arg(long, default_value_t = 16)]
         r: usize,
+        /// init_lora_weights: true, pissa or pissa_niter_K (init time is reported as init_s)
+        #[arg(long, default_value = "true")]
+        init: String,
     },
 }
 
@@ -267,7 +270,8 @@ fn main() {
             batch,
             steps,
             r,
-        }) => bench::train(&model, seq_len, batch, steps, r),
+            init,
+        }) => bench::train(&model, seq_len, batch, steps, r, &init),
         Command::Quickstart {
             output,
             assets,

@@ -1,7 +1,7 @@
 //! Reports on what training did to the weights: the per-layer spectrum of the total update `W − W₀` (JSON and
 //! PNG), whose rank shows whether a run of low-rank updates (ReLoRA) built a higher-rank change.
 
-use crate::metrics::plot_curves;
+use crate::metrics::{plot_curves, Axes};
 use factune_io::{atomic, Error, Result};
 use factune_model::spectrum::Spectrum;
 use serde_json::json;
@@ -65,7 +65,11 @@ pub fn write_update_spectra(out: &Path, spectra: &[(String, Spectrum)], r: usize
         .collect();
     plot_curves(
         &out.join("update_spectrum.png"),
-        "spectrum of W - W0: log10(s_i / s_1) by index, mean over layers",
+        "spectrum of W - W0, mean over layers",
+        &Axes {
+            x: "singular value index i",
+            y: "log10(s_i / s_1)",
+        },
         &curves,
     )?;
 

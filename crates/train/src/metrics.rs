@@ -46,7 +46,23 @@ pub fn series(path: &Path, key: &str) -> Result<Vec<(f64, f64)>> {
 static FONT: &[u8] = include_bytes!("../../../assets/fonts/DejaVuSans.ttf");
 
 /// Plots named curves (step → value) into a PNG.
-pub fn plot_curves(path: &Path, title: &str, curves: &[(&str, Vec<(f64, f64)>)]) -> Result<()> {
+/// Axis names of a plot.
+pub struct Axes<'a> {
+    pub x: &'a str,
+    pub y: &'a str,
+}
+
+pub const LOSS_AXES: Axes<'static> = Axes {
+    x: "step",
+    y: "loss",
+};
+
+pub fn plot_curves(
+    path: &Path,
+    title: &str,
+    axes: &Axes<'_>,
+    curves: &[(&str, Vec<(f64, f64)>)],
+) -> Result<()> {
     static REGISTER: std::sync::Once = std::sync::Once::new();
     REGISTER.call_once(|| {
         let _ = plotters::style::register_font("sans-serif", FontStyle::Normal, FONT);
@@ -76,8 +92,8 @@ pub fn plot_curves(path: &Path, title: &str, curves: &[(&str, Vec<(f64, f64)>)])
             .build_cartesian_2d(x0..x1.max(x0 + 1.0), (y0 - pad)..(y1 + pad))?;
         chart
             .configure_mesh()
-            .x_desc("step")
-            .y_desc("loss")
+            .x_desc(axes.x)
+            .y_desc(axes.y)
             .draw()?;
         for (i, (name, c)) in curves.iter().enumerate() {
             let color = Palette99::pick(i).mix(0.9);

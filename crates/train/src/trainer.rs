@@ -3,10 +3,11 @@
 
 use crate::config::TrainConfig;
 use crate::data::{collate, Batches, Dataset, Example};
-use crate::metrics::{plot_curves, series, MetricsLog};
+use crate::metrics::{plot_curves, series, MetricsLog, LOSS_AXES};
 use crate::optim::{clip_grad_norm, AdamW};
 use crate::relora;
 use candle_core::{Device, Tensor, Var};
+use factune_adapters::peft::thousands;
 use factune_adapters::{attach, lora, peft, trainable, trainable_summary};
 use factune_io::weights::to_safetensors_bytes;
 use factune_io::{atomic, Error, Result, TextTokenizer, Weights};
@@ -303,6 +304,7 @@ impl TrainJob<'_> {
         plot_curves(
             &self.out.join("loss.png"),
             "factune training loss",
+            &LOSS_AXES,
             &[("train loss", train_curve), ("validation loss", val_curve)],
         )?;
         Ok(TrainOutcome {
@@ -374,8 +376,11 @@ impl TrainJob<'_> {
         }
         let total = self.model.num_base_parameters() + adapters;
         format!(
-            "trainable params: {all} ({adapters} in adapters, {} in base tensors) || all params: {total} || trainable%: {:.4}",
-            all - adapters,
+            "trainable params: {} ({} in adapters, {} in base tensors) || all params: {} || trainable%: {:.4}",
+            thousands(all),
+            thousands(adapters),
+            thousands(all - adapters),
+            thousands(total),
             100.0 * all as f64 / total as f64
         )
     }
