@@ -29,13 +29,9 @@ pub(crate) fn kaiming_uniform(
     Tensor::from_vec(v, shape, dev)
 }
 
-/// Inverted dropout with a seeded mask, so training runs are reproducible bit for bit.
+/// Inverted dropout with a seeded mask (the fused LoRA kernel regenerates the same one), so training runs are
+/// reproducible bit for bit.
 pub(crate) fn dropout(x: &Tensor, p: f64, seed: u64) -> candle_core::Result<Tensor> {
-    use rand::SeedableRng;
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let keep = 1.0 / (1.0 - p) as f32;
-    let mask: Vec<f32> = (0..x.elem_count())
-        .map(|_| if rng.random::<f64>() < p { 0.0 } else { keep })
-        .collect();
+    let mask = factune_model::kernels::dropout_mask(x.elem_count(), p, seed);
     x.mul(&Tensor::from_vec(mask, x.shape(), x.device())?)
 }

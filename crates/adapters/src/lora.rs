@@ -8,6 +8,7 @@ use crate::registry::Method;
 use crate::{dropout, kaiming_uniform};
 use candle_core::{Tensor, Var};
 use factune_io::{Error, Result};
+use factune_model::kernels::{self, dropout_mask};
 use factune_model::{AdaptableLinear, Ctx, FrozenParts, LinearAdapter, Model};
 use rand_chacha::ChaCha8Rng;
 use std::collections::HashMap;
@@ -63,6 +64,32 @@ impl LinearAdapter for Lora {
 
     fn delta_weight(&self, _base: &FrozenParts) -> candle_core::Result<Tensor> {
         self.b.matmul(self.a.as_tensor())? * self.scale
+    }
+
+    fn forward_fused(
+        &self,
+        x: &Tensor,
+        base: &FrozenParts,
+        ctx: &Ctx,
+    ) -> Option<candle_core::Result<Tensor>> {
+        let mask = if ctx.train && self.dropout > 0.0 {
+            let m = dropout_mask(x.elem_count(), self.dropout, ctx.dropout_seed);
+            match Tensor::from_vec(m, x.shape(), x.device()) {
+                Ok(m) => Some(m),
+                Err(e) => return Some(Err(e)),
+            }
+        } else {
+            None
+        };
+        kernels::lora_linear(
+            x,
+            &base.weight,
+            base.bias.as_ref(),
+            self.a.as_tensor(),
+            self.b.as_tensor(),
+            self.scale,
+            mask.as_ref(),
+        )
     }
 }
 

@@ -136,17 +136,7 @@ fn resume_is_bit_identical() {
     assert!(
         ckpt.join("optimizer.safetensors").exists() && ckpt.join("trainer_state.json").exists()
     );
-    ok(&[
-        "train",
-        "--model",
-        s(&model()),
-        "--data",
-        s(&data("quickstart-train.jsonl")),
-        "--output",
-        s(&split),
-        "--resume",
-        s(&ckpt),
-    ]);
+    resume_into(&split, &ckpt);
     assert_eq!(
         sha(&straight.join("adapter_model.safetensors")),
         sha(&split.join("adapter_model.safetensors")),

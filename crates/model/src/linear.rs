@@ -29,6 +29,16 @@ pub trait LinearAdapter: Send + Sync {
     fn parameters(&self) -> Vec<(String, Var)>;
     /// The dense update ΔW `[out, in]` this adapter adds to the weight.
     fn delta_weight(&self, base: &FrozenParts) -> Result<Tensor>;
+    /// The whole adapted layer as one fused op over a frozen base, where the method has one (fewer autograd
+    /// nodes); `None` falls back to the frozen output followed by [`LinearAdapter::forward`].
+    fn forward_fused(
+        &self,
+        _x: &Tensor,
+        _base: &FrozenParts,
+        _ctx: &Ctx,
+    ) -> Option<Result<Tensor>> {
+        None
+    }
 }
 
 /// The frozen part of a linear layer, `y = x Wᵀ + b`, `W: [out, in]`.
@@ -100,8 +110,19 @@ impl AdaptableLinear {
     }
 
     pub fn forward(&self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
+        let ctx = Ctx {
+            dropout_seed: ctx.dropout_seed
+                ^ (self.index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+            ..*ctx
+        };
+        let trainable_base = self.base.weight.is_variable();
+        if let (Some(a), false) = (&self.adapter, trainable_base) {
+            if let Some(y) = a.forward_fused(x, &self.base, &ctx) {
+                return y;
+            }
+        }
         // Full-parameter training makes W a `Var`: then it needs the differentiable path.
-        let y = if self.base.weight.is_variable() {
+        let y = if trainable_base {
             let y = x.broadcast_matmul(&self.base.weight.t()?)?;
             match &self.base.bias {
                 Some(b) => y.broadcast_add(b)?,
@@ -111,14 +132,7 @@ impl AdaptableLinear {
             kernels::frozen_linear(x, &self.base.weight, self.base.bias.as_ref())?
         };
         match &self.adapter {
-            Some(a) => {
-                let ctx = Ctx {
-                    dropout_seed: ctx.dropout_seed
-                        ^ (self.index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
-                    ..*ctx
-                };
-                a.forward(x, y, &self.base, &ctx)
-            }
+            Some(a) => a.forward(x, y, &self.base, &ctx),
             None => Ok(y),
         }
     }
