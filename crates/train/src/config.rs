@@ -53,12 +53,12 @@ impl std::str::FromStr for InitWeights {
 }
 
 macro_rules! train_config {
-    ($( $(#[doc = $doc:literal])* $name:ident : $ty:ty = $default:expr ),* $(,)?) => {
+    ($( $(#[doc = $doc:literal])* $name:ident $(| $alias:literal)? : $ty:ty = $default:expr ),* $(,)?) => {
         /// Every setting of a training run. Unknown keys in a TOML file are errors that name the key.
         #[derive(Debug, Clone, Serialize, Deserialize)]
         #[serde(default, deny_unknown_fields)]
         pub struct TrainConfig {
-            $( $(#[doc = $doc])* pub $name: $ty, )*
+            $( $(#[doc = $doc])* $(#[serde(alias = $alias)])? pub $name: $ty, )*
         }
 
         impl Default for TrainConfig {
@@ -70,7 +70,7 @@ macro_rules! train_config {
         /// The same settings as optional command-line flags; a flag given overrides the file.
         #[derive(Debug, Clone, Default, clap::Args)]
         pub struct TrainOverrides {
-            $( $(#[doc = $doc])* #[arg(long, help_heading = "Training settings (also TOML keys)")] pub $name: Option<$ty>, )*
+            $( $(#[doc = $doc])* #[arg(long, $(alias = $alias,)? help_heading = "Training settings (also TOML keys)")] pub $name: Option<$ty>, )*
         }
 
         impl TrainConfig {
@@ -82,8 +82,8 @@ macro_rules! train_config {
 }
 
 train_config! {
-    /// Adapter method (PEFT's peft_type)
-    peft_type: String = "LORA".into(),
+    /// Adapter method (PEFT's peft_type), or full for full-parameter training; also accepted as `method`
+    peft_type | "method": String = "LORA".into(),
     /// Adapter rank
     r: usize = 8,
     /// LoRA alpha (scale = alpha / r)
@@ -299,6 +299,12 @@ mod tests {
         assert_eq!(c.r, 4);
         assert_eq!(c.target_modules, Targets::One("all-linear".into()));
         assert_eq!(c.learning_rate, 1e-3);
+    }
+
+    #[test]
+    fn method_is_an_alias_of_peft_type() {
+        let c: TrainConfig = toml::from_str("method = \"full\"").unwrap();
+        assert!(c.is_full());
     }
 
     #[test]
