@@ -134,6 +134,20 @@ impl AdapterConfig {
         }
     }
 
+    /// The rank of the module at `path`: its `rank_pattern` entry, else `r`.
+    pub fn rank_for(&self, path: &str) -> usize {
+        crate::targets::pattern_lookup(&self.rank_pattern, path)
+            .copied()
+            .unwrap_or(self.r)
+    }
+
+    /// The α of the module at `path`: its `alpha_pattern` entry, else `lora_alpha`.
+    pub fn alpha_for(&self, path: &str) -> f64 {
+        crate::targets::pattern_lookup(&self.alpha_pattern, path)
+            .copied()
+            .unwrap_or(self.lora_alpha)
+    }
+
     /// Reads an `adapter_config.json`: unknown keys are ignored with a warning, features factune does not
     /// implement are errors (never silently dropped).
     pub fn from_file(path: &Path) -> Result<Self> {

@@ -4,7 +4,7 @@
 use crate::config::AdapterConfig;
 use crate::pissa;
 use crate::registry::method;
-use crate::targets::{pattern_lookup, TargetMatcher};
+use crate::targets::TargetMatcher;
 use candle_core::{DType, Tensor, Var};
 use factune_io::weights::to_safetensors_bytes;
 use factune_io::{atomic, Error, Result, Weights};
@@ -32,12 +32,7 @@ pub fn attach(model: &mut Model, cfg: &AdapterConfig, seed: u64) -> Result<Vec<S
         if !matcher.matches(&layer.path) {
             continue;
         }
-        let r = pattern_lookup(&cfg.rank_pattern, &layer.path)
-            .copied()
-            .unwrap_or(cfg.r);
-        let alpha = pattern_lookup(&cfg.alpha_pattern, &layer.path)
-            .copied()
-            .unwrap_or(cfg.lora_alpha);
+        let (r, alpha) = (cfg.rank_for(&layer.path), cfg.alpha_for(&layer.path));
         layer.adapter = Some(m.init(cfg, layer, r, alpha, &mut rng)?);
         wrapped.push(layer.path.clone());
     }
@@ -152,9 +147,7 @@ pub fn save_portable(model: &Model, cfg: &AdapterConfig, dir: &Path) -> Result<A
         let p = adapter.parameters();
         let (a, b) = (p[0].1.as_tensor(), p[1].1.as_tensor());
         let r = a.dims()[0];
-        let alpha = pattern_lookup(&cfg.alpha_pattern, &l.path)
-            .copied()
-            .unwrap_or(cfg.lora_alpha);
+        let alpha = cfg.alpha_for(&l.path);
         let mut initial = AdaptableLinear::new(
             l.path.clone(),
             l.index,
@@ -253,9 +246,7 @@ pub fn load(
         for (n, key) in names {
             tensors.insert(n.clone(), weights.get(key, DType::F32, &dev)?);
         }
-        let alpha = pattern_lookup(&cfg.alpha_pattern, &layer.path)
-            .copied()
-            .unwrap_or(cfg.lora_alpha);
+        let alpha = cfg.alpha_for(&layer.path);
         layer.adapter = Some(
             m.load_tensors(&cfg, layer, alpha, &tensors)
                 .map_err(|e| Error::invalid(&wpath, e.to_string()))?,

@@ -211,14 +211,13 @@ impl candle_core::CustomOp3 for LoraLinear {
         let (a, b) = (a.detach(), b.detach());
         let (n, k) = self.base.w.dims2()?;
         let g = grad.detach().contiguous()?.reshape(((), n))?;
+        let mask = self.mask.as_ref().map(|m| m.reshape(((), k))).transpose()?;
         let mut xd = x.detach().reshape(((), k))?;
-        if let Some(mask) = &self.mask {
-            xd = (xd * mask.reshape(((), k))?)?;
-        }
         let gb = g.matmul(&b)?;
         let mut dx_lora = (gb.matmul(&a)? * self.scale)?;
-        if let Some(mask) = &self.mask {
-            dx_lora = (dx_lora * mask.reshape(((), k))?)?;
+        if let Some(mask) = &mask {
+            xd = (xd * mask)?;
+            dx_lora = (dx_lora * mask)?;
         }
         let dx = (g.matmul(&self.base.w)? + dx_lora)?.reshape(x.shape())?;
         let da = (gb.t()?.matmul(&xd)? * self.scale)?;
