@@ -14,7 +14,7 @@
         written by `factune merge` with transformers alone) and checks that the logits for the `input_ids` in
         FILE match the `logits` factune stored there.
 
-Pinned: torch==2.15.0 transformers==5.23.0 peft==0.21.2 safetensors (see scripts/requirements-fixtures.txt).
+Pinned: torch==2.15.0 transformers==5.23.0 peft==0.21.2 bitsandbytes==0.50.2 safetensors (see scripts/requirements-fixtures.txt).
 """
 import argparse
 import json
@@ -132,6 +132,7 @@ def build(out):
         print(f"{name}: loss {out_.loss.item():.6f}, {sum(k.endswith('.grad') for k in ref)} LoRA gradients")
     build_dora(out)
     build_pissa(out)
+    versions["bitsandbytes"] = build_nf4(out)
     with open(os.path.join(out, "VERSIONS.json"), "w") as f:
         json.dump(versions, f, indent=2)
         f.write("\n")
@@ -220,6 +221,39 @@ def build_pissa(out):
     print(f"{name}-pissa: loss {o.loss.item():.6f}; converted adapter reproduces it within {d:.1e}")
 
 
+def build_nf4(out):
+    """NF4 codes and scales from bitsandbytes, plain and double-quantised, for three matrices: whole blocks; an odd element count with a
+    partial last block; and heavy tails spanning two double-quantisation groups. The dequantised references use
+    bitsandbytes' portable formula (`_dequantize_4bit_compute`, the CUDA/default path): its C kernel for CPUs
+    without AVX-512 decodes differently (max error 0.11 vs 0.023 on N(0, 0.05²) data, bitsandbytes 0.50.2), so
+    it is not used as the reference."""
+    import bitsandbytes
+    import bitsandbytes.functional as F
+    from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
+
+    set_seed(7)
+    mats = {"a": torch.randn(48, 160) * 0.05, "b": torch.randn(37, 41) * 0.02,
+            "c": torch.distributions.StudentT(3.0).sample((257, 64)) * 0.02}
+    ref = {}
+    for name, w in mats.items():
+        ref[f"{name}.weight"] = w
+        q, st = F.quantize_4bit(w, blocksize=64, compress_statistics=False, quant_type="nf4")
+        ref[f"{name}.codes"] = q.reshape(-1)
+        ref[f"{name}.absmax"] = st.absmax
+        q2, st2 = F.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+        assert torch.equal(q, q2)
+        ref[f"{name}.dq.absmax"] = st2.absmax
+        ref[f"{name}.dq.nested_absmax"] = st2.state2.absmax
+        ref[f"{name}.dq.nested_quant_map"] = st2.state2.code
+        ref[f"{name}.dq.offset"] = st2.offset.reshape(1)
+        absmax = F.dequantize_blockwise(st2.absmax, st2.state2) + st2.offset
+        ref[f"{name}.dequant"] = _dequantize_4bit_compute(q.reshape(-1), absmax, st.code, 64, w.shape,
+                                                          torch.float32)
+    save_file({k: v.clone().contiguous() for k, v in ref.items()}, os.path.join(out, "nf4-reference.safetensors"))
+    print(f"nf4: bitsandbytes {bitsandbytes.__version__}, {len(mats)} matrices")
+    return bitsandbytes.__version__
+
+
 def verify(model_dir, adapter_dir, expect):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -241,6 +275,8 @@ def main():
     sub = ap.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build")
     b.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures"))
+    n = sub.add_parser("build-nf4", help="only the bitsandbytes NF4 fixture")
+    n.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures"))
     v = sub.add_parser("verify")
     v.add_argument("--model", required=True)
     v.add_argument("--adapter")
@@ -249,6 +285,8 @@ def main():
     torch.use_deterministic_algorithms(True)
     if a.cmd == "build":
         build(a.out)
+    elif a.cmd == "build-nf4":
+        build_nf4(a.out)
     else:
         verify(a.model, a.adapter, a.expect)
 

@@ -1,0 +1,358 @@
+//! 4-bit NormalFloat (NF4) weights as QLoRA defines them and bitsandbytes stores them, so a checkpoint
+//! quantised here loads there and the reverse.
+//!
+//! Layout (bitsandbytes' convention): the row-major weight is cut into blocks of 64 values; each block is
+//! scaled by its absmax into [−1, 1] and every value replaced by the index of the nearest of the 16 NF4 levels;
+//! two indices per byte, the first value in the high nibble. With double quantization the per-block absmax
+//! (f32) are themselves quantised: their mean is subtracted (the offset) and the rest is blockwise 8-bit
+//! quantised (block 256) against bitsandbytes' signed dynamic map, so a block costs 8 + 32/256 bits instead of 32.
+
+use factune_io::{Error, Result};
+use rayon::prelude::*;
+
+/// The 16 NF4 levels: quantiles of N(0, 1) normalised to [−1, 1] with an exact zero (QLoRA, appendix E;
+/// bitsandbytes' `get_4bit_type("nf4")`).
+pub const NF4_LEVELS: [f32; 16] = [
+    -1.0,
+    -0.696_192_8,
+    -0.525_073_05,
+    -0.394_917_5,
+    -0.284_441_38,
+    -0.184_773_43,
+    -0.091_050_036,
+    0.0,
+    0.079_580_3,
+    0.160_930_2,
+    0.246_112_3,
+    0.337_915_24,
+    0.440_709_83,
+    0.562_617,
+    0.722_956_84,
+    1.0,
+];
+
+pub const NF4_BLOCK: usize = 64;
+pub const ABSMAX_BLOCK: usize = 256;
+
+/// The per-block scales of an NF4 tensor: plain f32, or double-quantised.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Scales {
+    F32(Vec<f32>),
+    Double {
+        /// 8-bit code of `absmax − offset` per NF4 block.
+        codes: Vec<u8>,
+        /// f32 absmax of each group of [`ABSMAX_BLOCK`] codes.
+        absmax: Vec<f32>,
+        offset: f32,
+        /// The 256-entry map the codes index (bitsandbytes' signed dynamic map; read back from files as stored).
+        map: Vec<f32>,
+    },
+}
+
+impl Scales {
+    /// The f32 absmax of NF4 block `b`.
+    pub fn get(&self, b: usize) -> f32 {
+        match self {
+            Scales::F32(v) => v[b],
+            Scales::Double {
+                codes,
+                absmax,
+                offset,
+                map,
+            } => map[codes[b] as usize] * absmax[b / ABSMAX_BLOCK] + offset,
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Scales::F32(v) => v.len(),
+            Scales::Double { codes, .. } => codes.len(),
+        }
+    }
+}
+
+/// A weight matrix `[rows, cols]` in NF4.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Nf4Matrix {
+    pub rows: usize,
+    pub cols: usize,
+    /// Two 4-bit level indices per byte, first value in the high nibble; `⌈rows·cols / 2⌉` bytes.
+    pub packed: Vec<u8>,
+    pub scales: Scales,
+}
+
+/// bitsandbytes' `create_dynamic_map(signed=True)`: 8-bit codes with a dynamic exponent (powers of ten from
+/// 1e−6 to 1) and a linear fraction, plus 0 and 1, sorted. Computed in f64 and rounded once: bitsandbytes
+/// builds it with torch's f32 `linspace`, whose rounding depends on the CPU's vector width, so its table
+/// differs from this one by at most an ulp per entry and from machine to machine. Files carry the table they
+/// were quantised with, and loading uses that one.
+pub fn dynamic_map() -> Vec<f32> {
+    const BITS: i32 = 7; // non-sign bits; all of them may be exponent
+    let mut data: Vec<f32> = Vec::with_capacity(256);
+    for i in 0..BITS {
+        let items = 2usize.pow(i as u32) + 1;
+        let step = 0.9 / (items - 1) as f64;
+        let scale = 10f64.powi(-(BITS - 1) + i);
+        for k in 0..items - 1 {
+            let mean = 0.1 + step * (k as f64 + 0.5);
+            data.push((scale * mean) as f32);
+            data.push((-scale * mean) as f32);
+        }
+    }
+    data.push(0.0);
+    data.push(1.0);
+    data.resize(256, 0.0);
+    data.sort_by(f32::total_cmp);
+    data
+}
+
+/// Index of the nearest NF4 level: the count of midpoints strictly below `v` (ties go to the lower level, as
+/// bitsandbytes' `bucketize`).
+fn nf4_code(v: f32, mids: &[f32; 15]) -> u8 {
+    mids.iter().take_while(|&&m| m < v).count() as u8
+}
+
+fn nf4_midpoints() -> [f32; 15] {
+    std::array::from_fn(|i| (NF4_LEVELS[i] + NF4_LEVELS[i + 1]) / 2.0)
+}
+
+/// Blockwise 8-bit quantisation against a sorted map (nearest entry, ties to the lower): codes and the
+/// absmax of every block.
+fn quantize_blockwise_8bit(x: &[f32], map: &[f32], block: usize) -> (Vec<u8>, Vec<f32>) {
+    let mut codes = vec![0u8; x.len()];
+    let mut absmax = Vec::with_capacity(x.len().div_ceil(block));
+    for (xb, cb) in x.chunks(block).zip(codes.chunks_mut(block)) {
+        let am = xb.iter().fold(0f32, |a, v| a.max(v.abs()));
+        absmax.push(am);
+        let inv = if am > 0.0 { 1.0 / am } else { 0.0 };
+        for (v, c) in xb.iter().zip(cb) {
+            let v = (v * inv).clamp(-1.0, 1.0);
+            let hi = map.partition_point(|&m| m < v).min(map.len() - 1);
+            let lo = hi.saturating_sub(1);
+            *c = if (map[hi] - v).abs() < (v - map[lo]).abs() {
+                hi
+            } else {
+                lo
+            } as u8;
+        }
+    }
+    (codes, absmax)
+}
+
+impl Nf4Matrix {
+    /// Quantises a row-major `[rows, cols]` matrix; `double_quant` also quantises the block scales (against
+    /// [`dynamic_map`]).
+    pub fn quantize(w: &[f32], rows: usize, cols: usize, double_quant: bool) -> Result<Self> {
+        Self::quantize_with(w, rows, cols, double_quant.then(dynamic_map))
+    }
+
+    /// [`Nf4Matrix::quantize`] with the block scales double-quantised against a given 256-entry map, or kept in
+    /// f32 without one.
+    pub fn quantize_with(
+        w: &[f32],
+        rows: usize,
+        cols: usize,
+        scale_map: Option<Vec<f32>>,
+    ) -> Result<Self> {
+        if w.len() != rows * cols {
+            return Err(Error::config(format!(
+                "NF4: {} values for a [{rows}, {cols}] matrix",
+                w.len()
+            )));
+        }
+        if let Some(i) = w.iter().position(|v| !v.is_finite()) {
+            return Err(Error::config(format!(
+                "NF4: value {} at index {i} of a [{rows}, {cols}] matrix is not finite",
+                w[i]
+            )));
+        }
+        let mids = nf4_midpoints();
+        let blocks: Vec<(f32, Vec<u8>)> = w
+            .par_chunks(NF4_BLOCK)
+            .map(|b| {
+                let am = b.iter().fold(0f32, |a, v| a.max(v.abs()));
+                let inv = 1.0 / am.max(1e-38);
+                let codes = b
+                    .iter()
+                    .map(|v| nf4_code((v * inv).clamp(-1.0, 1.0), &mids))
+                    .collect();
+                (am, codes)
+            })
+            .collect();
+        let mut absmax = Vec::with_capacity(blocks.len());
+        let mut codes = Vec::with_capacity(w.len() + 1);
+        for (am, c) in blocks {
+            absmax.push(am);
+            codes.extend(c);
+        }
+        if codes.len() % 2 == 1 {
+            codes.push(nf4_code(0.0, &mids)); // the pad is a zero, as bitsandbytes writes it
+        }
+        let packed = codes.chunks(2).map(|p| (p[0] << 4) | p[1]).collect();
+        let scales = if let Some(map) = scale_map {
+            let offset =
+                (absmax.iter().map(|&v| v as f64).sum::<f64>() / absmax.len() as f64) as f32;
+            let centred: Vec<f32> = absmax.iter().map(|v| v - offset).collect();
+            let (codes, nested) = quantize_blockwise_8bit(&centred, &map, ABSMAX_BLOCK);
+            Scales::Double {
+                codes,
+                absmax: nested,
+                offset,
+                map,
+            }
+        } else {
+            Scales::F32(absmax)
+        };
+        Self::from_parts(rows, cols, packed, scales)
+    }
+
+    /// Rebuilds a matrix from stored parts, checking that they fit together.
+    pub fn from_parts(rows: usize, cols: usize, packed: Vec<u8>, scales: Scales) -> Result<Self> {
+        let n = rows * cols;
+        let blocks = n.div_ceil(NF4_BLOCK);
+        if packed.len() != n.div_ceil(2) {
+            return Err(Error::config(format!(
+                "NF4 [{rows}, {cols}]: {} packed bytes, expected {}",
+                packed.len(),
+                n.div_ceil(2)
+            )));
+        }
+        if scales.len() != blocks {
+            return Err(Error::config(format!(
+                "NF4 [{rows}, {cols}]: {} block scales, expected {blocks} (block size {NF4_BLOCK})",
+                scales.len()
+            )));
+        }
+        if let Scales::Double { absmax: a, map, .. } = &scales {
+            if map.len() != 256 || a.len() != blocks.div_ceil(ABSMAX_BLOCK) {
+                return Err(Error::config(format!(
+                    "NF4 [{rows}, {cols}]: double-quantised scales need a 256-entry map and {} nested \
+                     absmax, got {} and {}",
+                    blocks.div_ceil(ABSMAX_BLOCK),
+                    map.len(),
+                    a.len()
+                )));
+            }
+        }
+        Ok(Nf4Matrix {
+            rows,
+            cols,
+            packed,
+            scales,
+        })
+    }
+
+    /// The level index of element `i` (row-major).
+    pub fn code(&self, i: usize) -> u8 {
+        (self.packed[i / 2] >> (4 * (1 - (i & 1)))) & 0x0F
+    }
+
+    /// Dequantises rows `start..start + out.len() / cols` into `out` (row-major), a block's scale decoded
+    /// once per block.
+    pub fn dequantize_rows(&self, start: usize, out: &mut [f32]) {
+        let base = start * self.cols;
+        let mut j = 0;
+        while j < out.len() {
+            let i = base + j;
+            let block = i / NF4_BLOCK;
+            let end = ((block + 1) * NF4_BLOCK - base).min(out.len());
+            let scale = self.scales.get(block);
+            for (k, o) in out[j..end].iter_mut().enumerate() {
+                *o = NF4_LEVELS[self.code(i + k) as usize] * scale;
+            }
+            j = end;
+        }
+    }
+
+    pub fn dequantize(&self) -> Vec<f32> {
+        let mut out = vec![0f32; self.rows * self.cols];
+        out.par_chunks_mut(self.cols)
+            .enumerate()
+            .for_each(|(r, row)| self.dequantize_rows(r, row));
+        out
+    }
+
+    /// Storage cost per weight in bits, scales and maps included.
+    pub fn bits_per_param(&self) -> f64 {
+        let scale_bits = match &self.scales {
+            Scales::F32(v) => 32 * v.len(),
+            Scales::Double {
+                codes, absmax, map, ..
+            } => 8 * codes.len() + 32 * (absmax.len() + map.len() + 1),
+        };
+        let bits = 8 * self.packed.len() + scale_bits + 32 * NF4_LEVELS.len();
+        bits as f64 / (self.rows * self.cols) as f64
+    }
+
+    /// Bytes held in memory (packed codes and scales).
+    pub fn storage_bytes(&self) -> usize {
+        self.packed.len()
+            + match &self.scales {
+                Scales::F32(v) => 4 * v.len(),
+                Scales::Double { codes, absmax, .. } => codes.len() + 4 * absmax.len() + 1024,
+            }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    fn gaussian(n: usize, seed: u64) -> Vec<f32> {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        (0..n)
+            .map(|_| {
+                let (u, v): (f64, f64) = (rng.random(), rng.random());
+                ((-2.0 * (1.0 - u).ln()).sqrt() * (std::f64::consts::TAU * v).cos() * 0.02) as f32
+            })
+            .collect()
+    }
+
+    #[test]
+    fn round_trip_error_is_bounded_by_half_the_widest_level_gap() {
+        for double in [false, true] {
+            let w = gaussian(96 * 130, 1);
+            let q = Nf4Matrix::quantize(&w, 96, 130, double).unwrap();
+            let d = q.dequantize();
+            for (b, (wb, db)) in w.chunks(NF4_BLOCK).zip(d.chunks(NF4_BLOCK)).enumerate() {
+                let am = wb.iter().fold(0f32, |a, v| a.max(v.abs()));
+                // widest gap is between −1 and the next level; the double-quantised scale adds its own error
+                let tol = am * 0.152 + if double { am * 0.02 } else { 1e-7 };
+                for (x, y) in wb.iter().zip(db) {
+                    assert!((x - y).abs() <= tol, "block {b}: {x} vs {y}");
+                }
+            }
+            // quantising the dequantised matrix again gives the same codes (the levels are fixed points)
+            if !double {
+                let again = Nf4Matrix::quantize(&d, 96, 130, false).unwrap();
+                assert_eq!(again.packed, q.packed);
+            }
+        }
+    }
+
+    #[test]
+    fn double_quantization_costs_about_4_127_bits_per_parameter() {
+        let w = gaussian(1024 * 1024, 2);
+        let plain = Nf4Matrix::quantize(&w, 1024, 1024, false).unwrap();
+        let double = Nf4Matrix::quantize(&w, 1024, 1024, true).unwrap();
+        assert!(
+            (plain.bits_per_param() - 4.5).abs() < 0.01,
+            "{}",
+            plain.bits_per_param()
+        );
+        assert!(
+            (double.bits_per_param() - 4.127).abs() < 0.01,
+            "{}",
+            double.bits_per_param()
+        );
+    }
+
+    #[test]
+    fn bad_input_is_named() {
+        let e = Nf4Matrix::quantize(&[0.0, f32::NAN], 1, 2, true).unwrap_err();
+        assert!(e.to_string().contains("not finite"), "{e}");
+        let e = Nf4Matrix::from_parts(4, 64, vec![0; 10], Scales::F32(vec![1.0; 4])).unwrap_err();
+        assert!(e.to_string().contains("packed bytes"), "{e}");
+    }
+}
