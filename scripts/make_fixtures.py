@@ -12,7 +12,8 @@
     python scripts/make_fixtures.py verify --model DIR [--adapter ADIR] --expect FILE.safetensors
         Loads an adapter written by factune with PeftModel.from_pretrained (or, without --adapter, a checkpoint
         written by `factune merge` with transformers alone) and checks that the logits for the `input_ids` in
-        FILE match the `logits` factune stored there.
+        FILE match the `logits` factune stored there. A 4-bit DIR (written by `factune quantize`) is loaded by
+        transformers + bitsandbytes and run on bitsandbytes' dequantisation of its weights.
 
 Pinned: torch==2.15.0 transformers==5.23.0 peft==0.21.2 bitsandbytes==0.50.2 safetensors (see scripts/requirements-fixtures.txt).
 """
@@ -254,12 +255,41 @@ def build_nf4(out):
     return bitsandbytes.__version__
 
 
+def dense_from_4bit(model_dir):
+    """A 4-bit checkpoint as transformers + bitsandbytes load it, with every `Linear4bit` replaced by an f32
+    `nn.Linear` holding bitsandbytes' own dequantisation of the stored weight (`dequantize_4bit`). The
+    `Linear4bit` forward itself is not used: on this CPU (AVX2, bitsandbytes 0.50.2) it disagrees with the
+    library's own dequantised weights by up to 14 in the logits of the same model."""
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as F
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(model_dir, device_map="cpu")
+    for mod in list(m.modules()):
+        for name, child in list(mod.named_children()):
+            if isinstance(child, bnb.nn.Linear4bit):
+                w = F.dequantize_4bit(child.weight.data, child.weight.quant_state).float()
+                lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=child.bias is not None)
+                lin.weight.data = w
+                if child.bias is not None:
+                    lin.bias.data = child.bias.data.float()
+                setattr(mod, name, lin)
+    for p in list(m.parameters()) + list(m.buffers()):
+        p.data = p.data.float()
+    return m.eval()
+
+
 def verify(model_dir, adapter_dir, expect):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     exp = load_file(expect)
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with open(os.path.join(model_dir, "config.json")) as f:
+        four_bit = "quantization_config" in json.load(f)
+    if four_bit:
+        base = dense_from_4bit(model_dir)
+    else:
+        base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     pm = PeftModel.from_pretrained(base, adapter_dir).eval() if adapter_dir else base
     with torch.no_grad():
         logits = pm(input_ids=exp["input_ids"].long()).logits.float()

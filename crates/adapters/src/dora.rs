@@ -20,7 +20,12 @@ pub struct Dora {
 impl Dora {
     /// Wraps a LoRA pair; `magnitude` defaults to `‖W + sBA‖_row` (so the layer starts as plain LoRA).
     pub fn new(lora: Lora, base: &FrozenParts, magnitude: Option<Tensor>) -> Result<Self> {
-        let w_row_sq = base.weight.sqr()?.sum(D::Minus1)?;
+        let w_row_sq = base
+            .weight
+            .dense()?
+            .to_dtype(candle_core::DType::F32)?
+            .sqr()?
+            .sum(D::Minus1)?;
         let mut d = Dora {
             lora,
             magnitude: Var::new(&[0f32], base.weight.device())?,
@@ -30,7 +35,7 @@ impl Dora {
             Some(m) => m,
             None => d.row_norm(base)?,
         };
-        let out = base.weight.dims()[0];
+        let out = base.weight.dims().0;
         if m.dims() != [out] {
             candle_core::bail!(
                 "lora_magnitude_vector has shape {:?}, expected [{out}]",
@@ -46,7 +51,8 @@ impl Dora {
         let s = self.lora.scale;
         let a = self.lora.a.as_tensor().detach();
         let b = self.lora.b.as_tensor().detach();
-        let wa = base.weight.matmul(&a.t()?)?; // [out, r]
+        // W Aᵀ = (A Wᵀ)ᵀ through the frozen-linear kernel, so a 4-bit W is never dequantised whole.
+        let wa = factune_model::kernels::frozen_linear(&a, &base.weight, None)?.t()?; // [out, r]
         let cross = (&wa * &b)?.sum(D::Minus1)?;
         let aat = a.matmul(&a.t()?)?; // [r, r]
         let quad = (b.matmul(&aat)? * &b)?.sum(D::Minus1)?;
@@ -88,7 +94,7 @@ impl LinearAdapter for Dora {
     }
 
     fn delta_weight(&self, base: &FrozenParts) -> Result<Tensor> {
-        let w = base.weight.to_dtype(candle_core::DType::F32)?;
+        let w = base.weight.dense()?.to_dtype(candle_core::DType::F32)?;
         let adapted = (&w + self.lora.delta_weight(base)?)?;
         let scale = self
             .magnitude

@@ -151,7 +151,7 @@ pub fn save_portable(model: &Model, cfg: &AdapterConfig, dir: &Path) -> Result<A
         let mut initial = AdaptableLinear::new(
             l.path.clone(),
             l.index,
-            l.original_weight(&original)?,
+            factune_model::BaseWeight::Dense(l.original_weight(&original)?),
             None,
             l.source_key.clone(),
             l.stored_transposed,

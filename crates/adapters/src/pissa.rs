@@ -52,7 +52,7 @@ pub fn init(
     scale: f64,
     svd: Svd,
 ) -> Result<(Tensor, Tensor)> {
-    let w = layer.base.weight.to_dtype(DType::F32)?;
+    let w = layer.base.weight.dense()?.to_dtype(DType::F32)?;
     let t = match svd {
         Svd::Exact => svd_top(&w, r)?,
         Svd::Randomized { niter } => {
@@ -67,7 +67,7 @@ pub fn init(
     let a = t.vt.broadcast_mul(&root_col)?;
     let b = t.u.broadcast_mul(&root_row)?;
     let residual = (&w - (b.matmul(&a)? * scale)?)?;
-    layer.base.weight = residual.to_dtype(layer.base.weight.dtype())?;
+    layer.base.replace_weight(residual)?;
     Ok((a, b))
 }
 

@@ -181,7 +181,7 @@ fn merge_then_unmerge_restores_weights() {
     let before: Vec<Tensor> = model
         .linears()
         .iter()
-        .map(|l| l.base.weight.copy().unwrap())
+        .map(|l| l.base.weight.dense().unwrap().copy().unwrap())
         .collect();
     let mut merged = Vec::new();
     for l in model.linears_mut() {
@@ -197,7 +197,7 @@ fn merge_then_unmerge_restores_weights() {
         l.unmerge(a.unwrap()).unwrap();
     }
     for (l, w0) in model.linears().iter().zip(before) {
-        let d = max_abs(&(&l.base.weight - &w0).unwrap());
+        let d = max_abs(&(&l.base.weight.dense().unwrap() - &w0).unwrap());
         assert!(d < 1e-6, "{}: merge+unmerge changed W by {d}", l.path);
     }
 }
@@ -228,7 +228,10 @@ fn frozen_weights_get_no_gradient_in_a_training_step() {
     let frozen: Vec<Vec<usize>> = model
         .linears()
         .iter()
-        .map(|l| l.base.weight.dims().to_vec())
+        .map(|l| {
+            let (o, i) = l.base.weight.dims();
+            vec![o, i]
+        })
         .collect();
     let params = trainable(&model);
     for (k, v) in &params {
@@ -236,7 +239,7 @@ fn frozen_weights_get_no_gradient_in_a_training_step() {
     }
     for l in model.linears() {
         assert!(
-            grads.get(&l.base.weight).is_none(),
+            grads.get(&l.base.weight.dense().unwrap()).is_none(),
             "{} got a gradient",
             l.path
         );
@@ -314,7 +317,10 @@ fn pissa_init_matches_peft() {
         let delta = a.delta_weight(&l.base).unwrap();
         let d = rel_diff(&delta, &r[&format!("{}.init_delta", l.path)]);
         assert!(d < 1e-4, "{}: s·B₀A₀ differs from PEFT's by {d}", l.path);
-        let d = rel_diff(&l.base.weight, &r[&format!("{}.residual", l.path)]);
+        let d = rel_diff(
+            &l.base.weight.dense().unwrap(),
+            &r[&format!("{}.residual", l.path)],
+        );
         assert!(d < 1e-5, "{}: residual differs from PEFT's by {d}", l.path);
         checked += 1;
     }

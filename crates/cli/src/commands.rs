@@ -6,7 +6,7 @@ use candle_core::{Device, Tensor};
 use factune_adapters::peft;
 use factune_eval::{exact_match, generate as gen, multiple_choice, perplexity, GenConfig};
 use factune_io::{ChatMessage, TextTokenizer, Weights};
-use factune_model::{Ctx, Model};
+use factune_model::{Ctx, Model, Nf4Options};
 use factune_train::pretrain::{init_model, train_tokenizer, ArchSpec, EOS};
 use factune_train::{TrainConfig, TrainJob, TrainOverrides};
 use serde_json::json;
@@ -30,10 +30,41 @@ pub fn device(name: &str) -> Result<Device> {
     }
 }
 
+/// How the base's linear weights are held: `--quantize` if given, else as the adapter's training run held
+/// them (its `run.json` records the config), said out loud when it matters.
+fn base_quantization(args: &ModelArgs) -> Result<Option<Nf4Options>> {
+    let trained = args
+        .adapter
+        .as_ref()
+        .map(|a| a.join("run.json"))
+        .filter(|p| p.exists())
+        .map(|p| -> Result<Option<Nf4Options>> {
+            let meta: serde_json::Value = factune_io::error::read_json(&p)?;
+            let cfg: TrainConfig = serde_json::from_value(meta["config"].clone())
+                .with_context(|| format!("{}: bad `config`", p.display()))?;
+            Ok(cfg.nf4_options())
+        })
+        .transpose()?
+        .flatten();
+    Ok(match args.quantize.as_deref() {
+        Some("nf4") => Some(trained.unwrap_or(Nf4Options { double_quant: true })),
+        Some(_) => None,
+        None => {
+            if trained.is_some() {
+                eprintln!(
+                    "the adapter was trained on a 4-bit NF4 base (its run.json): quantising the base the \
+                     same way (--quantize none for full precision)"
+                );
+            }
+            trained
+        }
+    })
+}
+
 /// Loads the base model and (optionally) an adapter, reporting what the adapter matched.
 pub fn load_model(args: &ModelArgs) -> Result<Model> {
     let dev = device(&args.device)?;
-    let mut model = Model::load(&args.model, &dev)?;
+    let mut model = Model::load_with(&args.model, &dev, base_quantization(args)?)?;
     if let Some(a) = &args.adapter {
         let (cfg, report) = peft::load(&mut model, a, args.allow_partial)?;
         eprintln!(
@@ -66,10 +97,14 @@ pub fn train(
         None => TrainConfig::default(),
     };
     cfg.apply(overrides);
-    if resume.is_some() {
+    if let Some(ckpt) = &resume {
         eprintln!("resuming: the run's own config (saved in the checkpoint) is used");
+        cfg = factune_train::checkpoint_state(ckpt)?.0;
     }
-    let mut model = Model::load(model_dir, &device(dev)?)?;
+    // Quantise while loading, so the dense weights never sit in memory all at once; LoftQ needs them dense
+    // for its init and quantises each layer itself.
+    let quantize = cfg.nf4_options().filter(|_| !cfg.is_loftq());
+    let mut model = Model::load_with(model_dir, &device(dev)?, quantize)?;
     let tok = TextTokenizer::from_dir(model_dir)?;
     let outcome = TrainJob {
         model: &mut model,
@@ -321,6 +356,8 @@ pub fn merge(args: &ModelArgs, output: &Path, verify: bool) -> Result<()> {
     } else {
         None
     };
+    // Held in 4 bits: every weight is written as the dequantised one the adapter was trained on.
+    let quantized = !model.quantized_keys().is_empty();
     let mut merged = 0;
     for l in model.linears_mut() {
         if l.merge()?.is_some() {
@@ -334,11 +371,17 @@ pub fn merge(args: &ModelArgs, output: &Path, verify: bool) -> Result<()> {
         );
     }
     let weights = Weights::from_model_dir(&args.model)?;
-    factune_model::save::save_merged(&model, &weights, output)?;
-    println!(
-        "merged {merged} modules (W + s·BA in f32, cast once to the stored dtype) into {}",
-        output.display()
-    );
+    let into = if quantized {
+        "into the 4-bit base as trained: deq(Q) + s·BA in f32, written dense in f32"
+    } else {
+        "W + s·BA in f32, cast once to the stored dtype"
+    };
+    if quantized {
+        factune_model::save::save_pretrained(&model, output, candle_core::DType::F32, &args.model)?;
+    } else {
+        factune_model::save::save_merged(&model, &weights, output)?;
+    }
+    println!("merged {merged} modules ({into}) into {}", output.display());
     if let Some(before) = before {
         let reloaded = Model::load(output, &model.device)?;
         let after = reloaded.forward(&probe_ids(&reloaded)?, None, &Ctx::default())?;
@@ -349,6 +392,39 @@ pub fn merge(args: &ModelArgs, output: &Path, verify: bool) -> Result<()> {
             .to_scalar::<f32>()?;
         println!("verify: max |logits(merged) - logits(base + adapter)| = {d:.3e}");
     }
+    Ok(())
+}
+
+pub fn quantize(dir: &Path, output: &Path, double_quant: bool) -> Result<()> {
+    let t0 = std::time::Instant::now();
+    let model = Model::load_with(dir, &Device::Cpu, Some(Nf4Options { double_quant }))?;
+    let weights = Weights::from_model_dir(dir)?;
+    let dense_bytes: usize = model
+        .linears()
+        .iter()
+        .filter_map(|l| weights.info(&l.source_key))
+        .map(|(shape, dt)| shape.iter().product::<usize>() * dt.bitsize() / 8)
+        .sum();
+    factune_model::save::save_quantized(&model, &weights, output)?;
+    let (mut bits, mut params) = (0.0, 0usize);
+    for l in model.linears() {
+        if let Some(q) = l.base.weight.nf4() {
+            bits += q.bits_per_param() * (q.rows * q.cols) as f64;
+            params += q.rows * q.cols;
+        }
+    }
+    println!(
+        "quantised {} linear weights ({} parameters) to NF4{}: {:.3} bits per weight, {:.1} MB -> {:.1} MB \
+         in {:.1}s; embeddings, norms and the LM head kept as stored; written to {}",
+        model.quantized_keys().len(),
+        peft::thousands(params),
+        if double_quant { " with double-quantised scales" } else { "" },
+        bits / params.max(1) as f64,
+        dense_bytes as f64 / 1e6,
+        model.linear_weight_bytes() as f64 / 1e6,
+        t0.elapsed().as_secs_f64(),
+        output.display()
+    );
     Ok(())
 }
 
@@ -400,7 +476,7 @@ pub fn inspect(dir: &Path) -> Result<()> {
         cfg.num_parameters()
     );
     println!("  stored dtypes (elements): {:?}", w.dtype_summary());
-    let model = Model::from_weights(cfg, &w, dir, &Device::Cpu)?;
+    let model = Model::from_weights(cfg, &w, dir, &Device::Cpu, None)?;
     let names: std::collections::BTreeSet<String> = model
         .linears()
         .iter()

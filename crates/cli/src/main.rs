@@ -32,6 +32,10 @@ pub struct ModelArgs {
     /// cpu, or cuda[:N] when built with --features cuda
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// Hold the base's linear weights in 4-bit NF4 (nf4) or as stored (none). Default: as the adapter was
+    /// trained (its run.json), else none. A checkpoint already stored in 4 bits stays 4-bit.
+    #[arg(long, value_parser = ["none", "nf4"])]
+    pub quantize: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -120,6 +124,20 @@ enum Command {
         /// Compare merged and unmerged logits on a fixed prompt and print the max abs difference
         #[arg(long)]
         verify: bool,
+        /// For an adapter trained on a 4-bit base: merge into that base, deq(Q) + ΔW, exactly what was trained
+        /// (quantized, the default), or into the full-precision W of --model (original)
+        #[arg(long, value_parser = ["quantized", "original"], default_value = "quantized")]
+        merge_into: String,
+    },
+    /// Write a 4-bit NF4 copy of a model in bitsandbytes' layout (train, eval and generate load it directly)
+    Quantize {
+        /// A local Hugging Face model directory
+        dir: PathBuf,
+        #[arg(long)]
+        output: PathBuf,
+        /// Keep the block scales in f32 (4.5 bits per weight) instead of double-quantising them (≈ 4.127)
+        #[arg(long)]
+        no_double_quant: bool,
     },
     /// Plot one metric of several runs into a PNG (e.g. validation perplexity of full vs LoRA vs ReLoRA)
     Plot {
@@ -251,10 +269,21 @@ fn main() {
             seed,
         ),
         Command::Merge {
-            model,
+            mut model,
             output,
             verify,
-        } => commands::merge(&model, &output, verify),
+            merge_into,
+        } => {
+            if merge_into == "original" {
+                model.quantize = Some("none".into());
+            }
+            commands::merge(&model, &output, verify)
+        }
+        Command::Quantize {
+            dir,
+            output,
+            no_double_quant,
+        } => commands::quantize(&dir, &output, !no_double_quant),
         Command::Inspect { dir } => commands::inspect(&dir),
         Command::Plot {
             runs,

@@ -6,6 +6,10 @@
 //!     (and likewise for target/peft-interop/default-pissa on assets/default-model, and tests/fixtures/llama and tests/fixtures/gpt2 with target/peft-interop/{llama,gpt2});
 //!     python scripts/make_fixtures.py verify --model target/peft-interop/gpt2/merged \
 //!         --expect target/peft-interop/gpt2/expect.safetensors      (a merged checkpoint, transformers alone)
+//!     python scripts/make_fixtures.py verify --model target/peft-interop/default-nf4/model \
+//!         --adapter target/peft-interop/default-nf4/adapter --expect target/peft-interop/default-nf4/expect.safetensors
+//!         (a `factune quantize` checkpoint, loaded by transformers + bitsandbytes, with a QLoRA adapter; likewise
+//!         gpt2-nf4 without an adapter)
 
 use candle_core::{DType, Device, Tensor};
 use factune_adapters::{attach, peft, AdapterConfig, TargetModules};
@@ -108,5 +112,51 @@ fn export_for_peft() {
             .status()
             .unwrap();
         assert!(status.success());
+    }
+
+    // 3. 4-bit checkpoints written by `factune quantize` (bitsandbytes' layout), one with a QLoRA adapter
+    //    trained on it.
+    for (name, src, train) in [
+        ("default-nf4", repo().join("assets/default-model"), true),
+        ("gpt2-nf4", repo().join("tests/fixtures/gpt2"), false),
+    ] {
+        let dir = out.join(name);
+        let _ = std::fs::remove_dir_all(&dir);
+        let q = dir.join("model");
+        let factune = |args: &[&str]| {
+            let status = Command::new(env!("CARGO_BIN_EXE_factune"))
+                .args(args)
+                .status()
+                .unwrap();
+            assert!(status.success(), "factune {args:?}");
+        };
+        factune(&[
+            "quantize",
+            src.to_str().unwrap(),
+            "--output",
+            q.to_str().unwrap(),
+        ]);
+        let mut model = Model::load(&q, &Device::Cpu).unwrap();
+        if train {
+            let adapter = dir.join("adapter");
+            let data = repo().join("assets/data/quickstart-train.jsonl");
+            factune(&[
+                "train",
+                "--model",
+                q.to_str().unwrap(),
+                "--data",
+                data.to_str().unwrap(),
+                "--output",
+                adapter.to_str().unwrap(),
+                "--max-steps",
+                "20",
+                "--target-modules",
+                "all-linear",
+                "--learning-rate",
+                "5e-3",
+            ]);
+            peft::load(&mut model, &adapter, false).unwrap();
+        }
+        write_expect(&model, &dir);
     }
 }

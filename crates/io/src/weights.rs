@@ -115,7 +115,7 @@ impl Weights {
         m
     }
 
-    fn path_of(&self, name: &str) -> &Path {
+    pub fn path_of(&self, name: &str) -> &Path {
         self.index
             .get(name)
             .map(|(i, _)| self.shards[*i].path.as_path())
@@ -125,6 +125,20 @@ impl Weights {
                     .map(|s| s.path.as_path())
                     .unwrap_or(Path::new("<weights>"))
             })
+    }
+
+    /// The stored bytes of a tensor with its dtype and shape (for packed formats such as NF4 codes).
+    pub fn raw(&self, name: &str) -> Result<(&[u8], StDtype, &[usize])> {
+        let (shard, info) = self.index.get(name).ok_or_else(|| {
+            Error::invalid(self.path_of(name), format!("missing tensor `{name}`"))
+        })?;
+        let shard = &self.shards[*shard];
+        let (a, b) = info.data_offsets;
+        Ok((
+            &shard.mmap[shard.data_start + a..shard.data_start + b],
+            info.dtype,
+            &info.shape,
+        ))
     }
 
     /// Reads a tensor, converted to `dtype`.

@@ -10,6 +10,9 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Storage, Tensor, D};
 use rayon::prelude::*;
 
+use crate::linear::BaseWeight;
+use crate::quant::Nf4Matrix;
+
 fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
     let data = match s {
         CpuStorage::F32(v) => v.as_slice(),
@@ -70,8 +73,127 @@ fn last_dim(l: &Layout) -> Result<(usize, usize)> {
 // Frozen linear: y = x Wᵀ + b, x [.., in], W [out, in] frozen, b [out] frozen. Backward: dX = dY W only.
 
 struct FrozenLinear {
-    w: Tensor,
+    w: BaseWeight,
     b: Option<Tensor>,
+}
+
+/// Rows of an NF4 weight dequantised at a time: a tile `[NF4_TILE, in]` stays in cache while gemm reads it,
+/// and no f32 copy of the whole weight ever exists.
+const NF4_TILE: usize = 256;
+
+fn gemm_parallelism() -> gemm::Parallelism {
+    gemm::Parallelism::Rayon(rayon::current_num_threads())
+}
+
+/// Calls `f(first_row, tile)` for consecutive tiles of an NF4 weight's rows, dequantised in parallel.
+fn for_each_nf4_tile(q: &Nf4Matrix, mut f: impl FnMut(usize, &[f32])) {
+    let k = q.cols;
+    let mut tile = vec![0f32; NF4_TILE.min(q.rows) * k];
+    for r0 in (0..q.rows).step_by(NF4_TILE) {
+        let rows = NF4_TILE.min(q.rows - r0);
+        let t = &mut tile[..rows * k];
+        t.par_chunks_mut(k)
+            .enumerate()
+            .for_each(|(i, row)| q.dequantize_rows(r0 + i, row));
+        f(r0, t);
+    }
+}
+
+/// `x [m, k] · Wᵀ → [m, n]` for an NF4 `W [n, k]`.
+fn nf4_matmul_t(x: &[f32], m: usize, q: &Nf4Matrix) -> Vec<f32> {
+    let (n, k) = (q.rows, q.cols);
+    let mut y = vec![0f32; m * n];
+    for_each_nf4_tile(q, |r0, tile| {
+        let rows = tile.len() / k;
+        // SAFETY: y is [m, n] row-major and the tile's columns r0..r0+rows lie inside it; x is [m, k]
+        // row-major; the tile is [rows, k] row-major, read as its transpose [k, rows].
+        unsafe {
+            gemm::gemm(
+                m,
+                rows,
+                k,
+                y.as_mut_ptr().add(r0),
+                1,
+                n as isize,
+                false,
+                x.as_ptr(),
+                1,
+                k as isize,
+                tile.as_ptr(),
+                k as isize,
+                1,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm_parallelism(),
+            )
+        }
+    });
+    y
+}
+
+/// `g [m, n] · W → [m, k]` for an NF4 `W [n, k]`: the input gradient, accumulated tile by tile.
+fn nf4_matmul(g: &[f32], m: usize, q: &Nf4Matrix) -> Vec<f32> {
+    let (n, k) = (q.rows, q.cols);
+    let mut dx = vec![0f32; m * k];
+    for_each_nf4_tile(q, |r0, tile| {
+        let rows = tile.len() / k;
+        // SAFETY: dx is [m, k] row-major; g's columns r0..r0+rows are inside g [m, n]; the tile is [rows, k].
+        unsafe {
+            gemm::gemm(
+                m,
+                k,
+                rows,
+                dx.as_mut_ptr(),
+                1,
+                k as isize,
+                r0 > 0,
+                g.as_ptr().add(r0),
+                1,
+                n as isize,
+                tile.as_ptr(),
+                1,
+                k as isize,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm_parallelism(),
+            )
+        }
+    });
+    dx
+}
+
+/// The input gradient through an NF4 weight, as an op of its own (it is never differentiated again).
+struct Nf4InputGrad(std::sync::Arc<Nf4Matrix>);
+
+impl CustomOp1 for Nf4InputGrad {
+    fn name(&self) -> &'static str {
+        "nf4-input-grad"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let g = f32_slice(s, l, "nf4-input-grad")?;
+        let (m, _) = last_dim(l)?;
+        let dx = nf4_matmul(g, m, &self.0);
+        let mut dims = l.dims().to_vec();
+        *dims.last_mut().expect("rank >= 1") = self.0.cols;
+        Ok((CpuStorage::F32(dx), Shape::from(dims)))
+    }
+}
+
+impl FrozenLinear {
+    /// `dY W`, the only gradient a frozen linear passes back.
+    fn input_grad(&self, g: &Tensor) -> Result<Tensor> {
+        match &self.w {
+            BaseWeight::Dense(w) => g.matmul(w),
+            BaseWeight::Nf4(q, _) => g.contiguous()?.apply_op1_no_bwd(&Nf4InputGrad(q.clone())),
+        }
+    }
 }
 
 impl CustomOp1 for FrozenLinear {
@@ -81,24 +203,32 @@ impl CustomOp1 for FrozenLinear {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let (m, k) = last_dim(l)?;
-        let (n, k2) = self.w.dims2()?;
+        let (n, k2) = self.w.dims();
         if k != k2 {
             candle_core::bail!("frozen-linear: input has {k} features, weight expects {k2}");
         }
         if !l.is_contiguous() {
             candle_core::bail!("frozen-linear: expects a contiguous input");
         }
-        let x_l = Layout::contiguous_with_offset((1, m, k), l.start_offset());
-        let (ws, wl) = self.w.storage_and_layout();
-        let Storage::Cpu(ws) = &*ws else {
-            candle_core::bail!("frozen-linear: weight is not on the CPU")
+        let mut out = match &self.w {
+            BaseWeight::Dense(w) => {
+                let x_l = Layout::contiguous_with_offset((1, m, k), l.start_offset());
+                let (ws, wl) = w.storage_and_layout();
+                let Storage::Cpu(ws) = &*ws else {
+                    candle_core::bail!("frozen-linear: weight is not on the CPU")
+                };
+                if !wl.is_contiguous() {
+                    candle_core::bail!("frozen-linear: weight must be contiguous");
+                }
+                // Wᵀ as a strided view: gemm reads it in place, no transposed copy.
+                let wt_l =
+                    Layout::new(Shape::from((1, k, n)), vec![n * k, 1, k], wl.start_offset());
+                s.matmul(ws, (1, m, n, k), &x_l, &wt_l)?
+            }
+            BaseWeight::Nf4(q, _) => {
+                CpuStorage::F32(nf4_matmul_t(f32_slice(s, l, "frozen-linear")?, m, q))
+            }
         };
-        if !wl.is_contiguous() {
-            candle_core::bail!("frozen-linear: weight must be contiguous");
-        }
-        // Wᵀ as a strided view: gemm reads it in place, no transposed copy.
-        let wt_l = Layout::new(Shape::from((1, k, n)), vec![n * k, 1, k], wl.start_offset());
-        let mut out = s.matmul(ws, (1, m, n, k), &x_l, &wt_l)?;
         if let Some(b) = &self.b {
             let (bs, bl) = b.storage_and_layout();
             let Storage::Cpu(bs) = &*bs else {
@@ -119,21 +249,32 @@ impl CustomOp1 for FrozenLinear {
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let n = self.w.dim(0)?;
+        let (n, _) = self.w.dims();
         let g = grad.contiguous()?.reshape(((), n))?;
-        Ok(Some(g.matmul(&self.w)?.reshape(arg.shape())?))
+        Ok(Some(self.input_grad(&g)?.reshape(arg.shape())?))
     }
 }
 
-/// `x Wᵀ + b` where W and b never receive a gradient.
-pub fn frozen_linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
-    if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 && w.dtype() == x.dtype() {
+/// Whether the fused CPU ops take this weight: a dense f32 or an NF4 weight, on the CPU.
+fn cpu_f32_weight(w: &BaseWeight) -> bool {
+    w.device().is_cpu()
+        && match w {
+            BaseWeight::Dense(t) => t.dtype() == candle_core::DType::F32,
+            BaseWeight::Nf4(..) => true,
+        }
+}
+
+/// `x Wᵀ + b` where W and b never receive a gradient. Off the CPU an NF4 weight is dequantised for the
+/// product (a transient dense copy).
+pub fn frozen_linear(x: &Tensor, w: &BaseWeight, b: Option<&Tensor>) -> Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 && cpu_f32_weight(w) {
         let op = FrozenLinear {
             w: w.clone(),
             b: b.cloned(),
         };
         return x.contiguous()?.apply_op1(op);
     }
+    let w = w.dense()?.to_dtype(x.dtype())?;
     let y = x.broadcast_matmul(&w.t()?)?;
     match b {
         Some(b) => y.broadcast_add(b),
@@ -209,7 +350,7 @@ impl candle_core::CustomOp3 for LoraLinear {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (a, b) = (a.detach(), b.detach());
-        let (n, k) = self.base.w.dims2()?;
+        let (n, k) = self.base.w.dims();
         let g = grad.detach().contiguous()?.reshape(((), n))?;
         let mask = self.mask.as_ref().map(|m| m.reshape(((), k))).transpose()?;
         let mut xd = x.detach().reshape(((), k))?;
@@ -219,7 +360,7 @@ impl candle_core::CustomOp3 for LoraLinear {
             xd = (xd * mask)?;
             dx_lora = (dx_lora * mask)?;
         }
-        let dx = (g.matmul(&self.base.w)? + dx_lora)?.reshape(x.shape())?;
+        let dx = (self.base.input_grad(&g)? + dx_lora)?.reshape(x.shape())?;
         let da = (gb.t()?.matmul(&xd)? * self.scale)?;
         let h = xd.matmul(&a.t()?)?;
         let db = (g.t()?.matmul(&h)? * self.scale)?;
@@ -231,7 +372,7 @@ impl candle_core::CustomOp3 for LoraLinear {
 /// the fused kernel does not apply (not CPU f32, non-contiguous factors): the caller then composes plain ops.
 pub fn lora_linear(
     x: &Tensor,
-    w: &Tensor,
+    w: &BaseWeight,
     bias: Option<&Tensor>,
     a: &Tensor,
     b: &Tensor,
@@ -239,7 +380,11 @@ pub fn lora_linear(
     mask: Option<&Tensor>,
 ) -> Option<Result<Tensor>> {
     let f32_cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == candle_core::DType::F32;
-    if ![x, w, a, b].into_iter().all(f32_cpu) || !a.is_contiguous() || !b.is_contiguous() {
+    if ![x, a, b].into_iter().all(f32_cpu)
+        || !cpu_f32_weight(w)
+        || !a.is_contiguous()
+        || !b.is_contiguous()
+    {
         return None;
     }
     let op = LoraLinear {
@@ -687,22 +832,52 @@ mod tests {
     fn frozen_linear_matches_matmul_and_gives_no_weight_gradient() {
         let w = rand(&[24, 16], 3);
         let b = rand(&[24], 4);
+        let dense = BaseWeight::Dense(w.clone());
         check(
-            |x| frozen_linear(x, &w, Some(&b)),
+            |x| frozen_linear(x, &dense, Some(&b)),
             |x| x.broadcast_matmul(&w.t()?)?.broadcast_add(&b),
             &[2, 5, 16],
         );
         // The weight is not part of the graph: backward from the output reaches only x.
         let x = Var::from_tensor(&rand(&[3, 16], 5)).unwrap();
-        let y = frozen_linear(x.as_tensor(), &w, Some(&b)).unwrap();
+        let y = frozen_linear(x.as_tensor(), &dense, Some(&b)).unwrap();
         let grads = y.sum_all().unwrap().backward().unwrap();
         assert!(grads.get(&w).is_none() && grads.get(&b).is_none());
         assert!(grads.get_ids().all(|id| *id != w.id() && *id != b.id()));
     }
 
     #[test]
+    fn nf4_linear_matches_the_matmul_with_the_dequantised_weight() {
+        // 600 rows span three dequantisation tiles (the last one partial); 40 columns put block edges
+        // mid-row.
+        for (rows, cols) in [(600, 40), (7, 9)] {
+            let w = rand(&[rows, cols], 21);
+            let q = BaseWeight::quantized(&w, true).unwrap();
+            let deq = q.dense().unwrap();
+            let b = rand(&[rows], 22);
+            check(
+                |x| frozen_linear(x, &q, Some(&b)),
+                |x| x.broadcast_matmul(&deq.t()?)?.broadcast_add(&b),
+                &[3, 5, cols],
+            );
+        }
+    }
+
+    #[test]
     fn lora_linear_matches_the_composed_ops_with_and_without_dropout() {
+        for quantized in [false, true] {
+            lora_linear_case(quantized);
+        }
+    }
+
+    fn lora_linear_case(quantized: bool) {
         let (w, bias) = (rand(&[24, 16], 11), rand(&[24], 12));
+        let base = if quantized {
+            BaseWeight::quantized(&w, false).unwrap()
+        } else {
+            BaseWeight::Dense(w.clone())
+        };
+        let w = base.dense().unwrap();
         let a = Var::from_tensor(&rand(&[4, 16], 13)).unwrap();
         let b = Var::from_tensor(&rand(&[24, 4], 14)).unwrap();
         let x = Var::from_tensor(&rand(&[2, 5, 16], 15)).unwrap();
@@ -711,7 +886,7 @@ mod tests {
         for m in [None, Some(&mask)] {
             let fused = lora_linear(
                 x.as_tensor(),
-                &w,
+                &base,
                 Some(&bias),
                 a.as_tensor(),
                 b.as_tensor(),

@@ -12,5 +12,5 @@ pub mod save;
 pub mod spectrum;
 
 pub use attention::KvCache;
-pub use linear::{AdaptableLinear, Ctx, FrozenParts, LinearAdapter};
-pub use model::Model;
+pub use linear::{AdaptableLinear, BaseWeight, Ctx, FrozenParts, LinearAdapter};
+pub use model::{Model, Nf4Options};

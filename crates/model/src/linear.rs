@@ -2,7 +2,9 @@
 //! adapter. Adapter methods live in the `factune-adapters` crate and plug in through [`LinearAdapter`].
 
 use crate::kernels;
-use candle_core::{Result, Tensor, Var};
+use crate::quant::{Nf4Matrix, Scales};
+use candle_core::{DType, Device, Result, Tensor, Var};
+use std::sync::Arc;
 
 /// What a forward pass needs to know beyond its input.
 #[derive(Debug, Clone, Copy, Default)]
@@ -41,10 +43,77 @@ pub trait LinearAdapter: Send + Sync {
     }
 }
 
+/// A frozen weight `[out, in]`: dense (any float dtype), or 4-bit NF4 dequantised on the fly in the matmul
+/// so no f32 copy of it is kept (QLoRA).
+#[derive(Clone)]
+pub enum BaseWeight {
+    Dense(Tensor),
+    Nf4(Arc<Nf4Matrix>, Device),
+}
+
+impl BaseWeight {
+    /// `(out, in)`.
+    pub fn dims(&self) -> (usize, usize) {
+        match self {
+            BaseWeight::Dense(t) => (t.dims()[0], t.dims()[1]),
+            BaseWeight::Nf4(q, _) => (q.rows, q.cols),
+        }
+    }
+
+    pub fn device(&self) -> &Device {
+        match self {
+            BaseWeight::Dense(t) => t.device(),
+            BaseWeight::Nf4(_, d) => d,
+        }
+    }
+
+    /// The weight as a dense tensor: the stored one, or the dequantised NF4 weight in f32 (a full copy; for
+    /// inits, merges and diagnostics, never the training step).
+    pub fn dense(&self) -> Result<Tensor> {
+        match self {
+            BaseWeight::Dense(t) => Ok(t.clone()),
+            BaseWeight::Nf4(q, d) => Tensor::from_vec(q.dequantize(), (q.rows, q.cols), d),
+        }
+    }
+
+    pub fn is_variable(&self) -> bool {
+        matches!(self, BaseWeight::Dense(t) if t.is_variable())
+    }
+
+    pub fn nf4(&self) -> Option<&Nf4Matrix> {
+        match self {
+            BaseWeight::Nf4(q, _) => Some(q),
+            BaseWeight::Dense(_) => None,
+        }
+    }
+
+    /// NF4 form of a weight (`double_quant`: 8-bit block scales).
+    pub fn quantized(w: &Tensor, double_quant: bool) -> factune_io::Result<Self> {
+        let (rows, cols) = w.dims2()?;
+        let v = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let q = Nf4Matrix::quantize(&v, rows, cols, double_quant)?;
+        Ok(BaseWeight::Nf4(Arc::new(q), w.device().clone()))
+    }
+}
+
 /// The frozen part of a linear layer, `y = x Wᵀ + b`, `W: [out, in]`.
 pub struct FrozenParts {
-    pub weight: Tensor,
+    pub weight: BaseWeight,
     pub bias: Option<Tensor>,
+}
+
+impl FrozenParts {
+    /// Replaces W by `w` (f32), keeping its storage: a dense weight keeps its dtype, an NF4 one is quantised
+    /// again with the same scale format (PiSSA/DoTA residuals of a 4-bit base, QDoTA).
+    pub fn replace_weight(&mut self, w: Tensor) -> factune_io::Result<()> {
+        self.weight = match &self.weight {
+            BaseWeight::Dense(old) => BaseWeight::Dense(w.to_dtype(old.dtype())?),
+            BaseWeight::Nf4(q, _) => {
+                BaseWeight::quantized(&w, matches!(q.scales, Scales::Double { .. }))?
+            }
+        };
+        Ok(())
+    }
 }
 
 pub struct AdaptableLinear {
@@ -63,7 +132,7 @@ impl AdaptableLinear {
     pub fn new(
         path: String,
         index: usize,
-        weight: Tensor,
+        weight: BaseWeight,
         bias: Option<Tensor>,
         source_key: String,
         stored_transposed: bool,
@@ -79,34 +148,28 @@ impl AdaptableLinear {
     }
 
     pub fn in_features(&self) -> usize {
-        self.base.weight.dims()[1]
+        self.base.weight.dims().1
     }
 
     pub fn out_features(&self) -> usize {
-        self.base.weight.dims()[0]
+        self.base.weight.dims().0
     }
 
     /// This layer's weight as `checkpoint` stores it under [`AdaptableLinear::source_key`], in the layer's
-    /// `[out, in]` layout and f32: the original W, for inits and diagnostics that need it after training
-    /// changed (or an init replaced) the in-memory one.
+    /// `[out, in]` layout and f32 (dequantised if stored in 4 bits): the original W, for inits and
+    /// diagnostics that need it after training changed (or an init replaced) the in-memory one.
     pub fn original_weight(&self, checkpoint: &factune_io::Weights) -> factune_io::Result<Tensor> {
-        let (o, i) = (self.out_features(), self.in_features());
-        let dims = if self.stored_transposed {
-            [i, o]
-        } else {
-            [o, i]
-        };
-        let w = checkpoint.get_shaped(
+        let (o, i) = self.base.weight.dims();
+        let dev = self.base.weight.device();
+        Ok(read_weight(
+            checkpoint,
             &self.source_key,
-            &dims,
-            candle_core::DType::F32,
-            self.base.weight.device(),
-        )?;
-        Ok(if self.stored_transposed {
-            w.t()?.contiguous()?
-        } else {
-            w
-        })
+            o,
+            i,
+            self.stored_transposed,
+            dev,
+        )?
+        .dense()?)
     }
 
     pub fn forward(&self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
@@ -123,7 +186,10 @@ impl AdaptableLinear {
         }
         // Full-parameter training makes W a `Var`: then it needs the differentiable path.
         let y = if trainable_base {
-            let y = x.broadcast_matmul(&self.base.weight.t()?)?;
+            let BaseWeight::Dense(w) = &self.base.weight else {
+                candle_core::bail!("{}: a 4-bit weight cannot be trained", self.path)
+            };
+            let y = x.broadcast_matmul(&w.t()?)?;
             match &self.base.bias {
                 Some(b) => y.broadcast_add(b)?,
                 None => y,
@@ -137,26 +203,53 @@ impl AdaptableLinear {
         }
     }
 
+    /// `W + sign·ΔW` computed in f32, cast back to a dense weight's dtype; from a 4-bit weight it is
+    /// `deq(Q) + ΔW` in f32, exactly the weight that was trained.
+    fn shifted(&self, delta: &Tensor, sign: f64) -> Result<Tensor> {
+        let w = self.base.weight.dense()?;
+        let dtype = w.dtype();
+        (w.to_dtype(DType::F32)? + (delta * sign)?)?.to_dtype(dtype)
+    }
+
     /// Folds the adapter into W as `W + ΔW` computed in f32 and cast once, detaching the adapter and
-    /// returning it (so it can be unmerged).
+    /// returning it (so it can be unmerged). A 4-bit W becomes dense.
     pub fn merge(&mut self) -> Result<Option<Box<dyn LinearAdapter>>> {
         let Some(a) = self.adapter.take() else {
             return Ok(None);
         };
         let delta = a.delta_weight(&self.base)?;
-        let dtype = self.base.weight.dtype();
-        let w = (self.base.weight.to_dtype(candle_core::DType::F32)? + delta)?;
-        self.base.weight = w.to_dtype(dtype)?;
+        self.base.weight = BaseWeight::Dense(self.shifted(&delta, 1.0)?);
         Ok(Some(a))
     }
 
     /// Subtracts a previously merged adapter's ΔW from W and re-attaches the adapter.
     pub fn unmerge(&mut self, adapter: Box<dyn LinearAdapter>) -> Result<()> {
         let delta = adapter.delta_weight(&self.base)?;
-        let dtype = self.base.weight.dtype();
-        let w = (self.base.weight.to_dtype(candle_core::DType::F32)? - delta)?;
-        self.base.weight = w.to_dtype(dtype)?;
+        self.base.weight = BaseWeight::Dense(self.shifted(&delta, -1.0)?);
         self.adapter = Some(adapter);
         Ok(())
     }
+}
+
+/// A linear weight `[out, in]` as `checkpoint` stores it under `key`: bitsandbytes' 4-bit layout (kept in NF4;
+/// its shape is always `[out, in]`) or a float tensor (f32; stored `[in, out]` when `transposed`).
+pub fn read_weight(
+    checkpoint: &factune_io::Weights,
+    key: &str,
+    out: usize,
+    inp: usize,
+    transposed: bool,
+    dev: &Device,
+) -> factune_io::Result<BaseWeight> {
+    if let Some(q) = crate::quant::read_bnb(checkpoint, key, out, inp)? {
+        return Ok(BaseWeight::Nf4(Arc::new(q), dev.clone()));
+    }
+    Ok(BaseWeight::Dense(if transposed {
+        checkpoint
+            .get_shaped(key, &[inp, out], DType::F32, dev)?
+            .t()?
+            .contiguous()?
+    } else {
+        checkpoint.get_shaped(key, &[out, inp], DType::F32, dev)?
+    }))
 }

@@ -4,7 +4,7 @@
 
 use crate::attention::{causal_attention, causal_mask, KvCache, Rope};
 use crate::kernels;
-use crate::linear::{AdaptableLinear, Ctx};
+use crate::linear::{read_weight, AdaptableLinear, BaseWeight, Ctx};
 use candle_core::{DType, Device, Tensor};
 use factune_io::{Arch, Error, ModelConfig, Result, Weights};
 use std::path::{Path, PathBuf};
@@ -88,6 +88,15 @@ struct Loader<'a> {
     cfg: &'a ModelConfig,
     prefix: &'a str,
     next_index: usize,
+    quantize: Option<Nf4Options>,
+}
+
+/// Quantise the blocks' linear weights to NF4 while loading (QLoRA): each is read, quantised and its f32
+/// copy dropped before the next, so peak memory never holds the dense model. Embeddings, norms and the LM
+/// head stay in full precision, as bitsandbytes leaves them.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Nf4Options {
+    pub double_quant: bool,
 }
 
 impl Loader<'_> {
@@ -108,6 +117,15 @@ impl Loader<'_> {
         }
     }
 
+    /// A linear weight as stored (dense or 4-bit), quantised if the load asks for it.
+    fn weight(&self, key: &str, out: usize, inp: usize, transposed: bool) -> Result<BaseWeight> {
+        let w = read_weight(self.w, key, out, inp, transposed, self.dev)?;
+        match (&w, self.quantize) {
+            (BaseWeight::Dense(t), Some(o)) => BaseWeight::quantized(t, o.double_quant),
+            _ => Ok(w),
+        }
+    }
+
     /// A linear layer stored PyTorch-style `[out, in]`.
     fn linear(
         &mut self,
@@ -116,10 +134,10 @@ impl Loader<'_> {
         inp: usize,
         bias: bool,
     ) -> Result<AdaptableLinear> {
-        let w = self.get(&format!("{path}.weight"), &[out, inp])?;
+        let key = format!("{}{path}.weight", self.prefix);
+        let w = self.weight(&key, out, inp, false)?;
         let b = self.opt(&format!("{path}.bias"), &[out], bias)?;
         self.next_index += 1;
-        let key = format!("{}{path}.weight", self.prefix);
         Ok(AdaptableLinear::new(
             path.to_string(),
             self.next_index - 1,
@@ -132,15 +150,12 @@ impl Loader<'_> {
 
     /// GPT-2's `Conv1D`, stored `[in, out]`; kept as `[out, in]` in memory so every linear is alike.
     fn conv1d(&mut self, path: &str, out: usize, inp: usize) -> Result<AdaptableLinear> {
-        let w = self
-            .get(&format!("{path}.weight"), &[inp, out])?
-            .t()?
-            .contiguous()?;
+        let key = format!("{}{path}.weight", self.prefix);
+        let w = self.weight(&key, out, inp, true)?;
         let b = self.get(&format!("{path}.bias"), &[out])?;
         self.next_index += 1;
         // PEFT names GPT-2 modules under `transformer.` whatever the checkpoint's own prefix.
         let peft_path = format!("transformer.{path}");
-        let key = format!("{}{path}.weight", self.prefix);
         Ok(AdaptableLinear::new(
             peft_path,
             self.next_index - 1,
@@ -171,12 +186,18 @@ impl Loader<'_> {
 impl Model {
     /// Loads a Hugging Face model directory (`config.json` + safetensors).
     pub fn load(dir: &Path, device: &Device) -> Result<Self> {
+        Self::load_with(dir, device, None)
+    }
+
+    /// [`Model::load`], quantising the linear weights to NF4 on the way in when `quantize` is set (weights
+    /// already stored in 4 bits load as they are either way).
+    pub fn load_with(dir: &Path, device: &Device, quantize: Option<Nf4Options>) -> Result<Self> {
         if !dir.is_dir() {
             return Err(Error::invalid(dir, "model directory does not exist"));
         }
         let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
         let weights = Weights::from_model_dir(dir)?;
-        Self::from_weights(cfg, &weights, dir, device)
+        Self::from_weights(cfg, &weights, dir, device, quantize)
     }
 
     pub fn from_weights(
@@ -184,6 +205,7 @@ impl Model {
         weights: &Weights,
         dir: &Path,
         device: &Device,
+        quantize: Option<Nf4Options>,
     ) -> Result<Self> {
         let c = cfg.clone();
         let (h, i, v) = (c.hidden_size, c.intermediate_size, c.vocab_size);
@@ -195,6 +217,7 @@ impl Model {
                     cfg: &c,
                     prefix: "",
                     next_index: 0,
+                    quantize,
                 };
                 let (qd, kvd) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
                 let embed = l.get("model.embed_tokens.weight", &[v, h])?;
@@ -261,6 +284,7 @@ impl Model {
                     cfg: &c,
                     prefix,
                     next_index: 0,
+                    quantize,
                 };
                 let embed = l.get("wte.weight", &[v, h])?;
                 let pos = l.get("wpe.weight", &[c.max_position_embeddings, h])?;
@@ -402,7 +426,11 @@ impl Model {
         if self.lm_head.is_variable() {
             return Ok(hidden.broadcast_matmul(&self.lm_head.t()?)?);
         }
-        Ok(kernels::frozen_linear(hidden, &self.lm_head, None)?)
+        Ok(kernels::frozen_linear(
+            hidden,
+            &BaseWeight::Dense(self.lm_head.clone()),
+            None,
+        )?)
     }
 
     pub fn forward(&self, ids: &Tensor, cache: Option<&mut KvCache>, ctx: &Ctx) -> Result<Tensor> {
@@ -463,7 +491,8 @@ impl Model {
                 .sum::<usize>();
         }
         for l in self.linears() {
-            n += l.base.weight.elem_count() + l.base.bias.as_ref().map_or(0, |b| b.elem_count());
+            let (o, i) = l.base.weight.dims();
+            n += o * i + l.base.bias.as_ref().map_or(0, |b| b.elem_count());
         }
         n + self
             .final_norm
@@ -474,8 +503,13 @@ impl Model {
     }
 
     /// Every tensor of the model under its Hugging Face key and in its stored layout, in a stable order (a
-    /// tied head listed once).
+    /// tied head listed once; 4-bit weights dequantised).
     pub fn named_tensors(&self) -> Vec<(String, Tensor)> {
+        self.named_tensors_with(true)
+    }
+
+    /// [`Model::named_tensors`], without the 4-bit weights unless `dequantize` (then as f32 copies).
+    fn named_tensors_with(&self, dequantize: bool) -> Vec<(String, Tensor)> {
         let mut out = Vec::new();
         let gpt2 = self.cfg.arch == Arch::Gpt2;
         let (embed_key, final_key) = if gpt2 {
@@ -510,13 +544,16 @@ impl Model {
             norm(&mut out, &b.ln2, l2);
         }
         for l in self.linears() {
-            // GPT-2's Conv1D is stored [in, out].
-            let w = if l.stored_transposed {
-                l.base.weight.t().expect("2-D weight")
-            } else {
-                l.base.weight.clone()
-            };
-            out.push((format!("{}.weight", l.path), w));
+            if dequantize || l.base.weight.nf4().is_none() {
+                let w = l.base.weight.dense().expect("NF4 weights dequantise");
+                // GPT-2's Conv1D is stored [in, out].
+                let w = if l.stored_transposed {
+                    w.t().expect("2-D weight")
+                } else {
+                    w
+                };
+                out.push((format!("{}.weight", l.path), w));
+            }
             if let Some(b) = &l.base.bias {
                 out.push((format!("{}.bias", l.path), b.clone()));
             }
@@ -528,8 +565,9 @@ impl Model {
         out
     }
 
-    /// Every tensor in [`Model::named_tensors`]' order (a tied head is the embedding), mutable, with whether it
-    /// is a linear weight kept transposed relative to its stored layout.
+    /// Every tensor in [`Model::named_tensors`]' order (a tied head is the embedding) but the 4-bit weights
+    /// (see [`Model::quantized_keys`]), mutable, with whether it is a linear weight kept transposed relative to
+    /// its stored layout.
     fn tensors_mut(&mut self) -> Vec<(&mut Tensor, bool)> {
         fn norm(n: &mut Norm) -> Vec<(&mut Tensor, bool)> {
             match n {
@@ -557,7 +595,9 @@ impl Model {
             }
         }
         for l in linears {
-            out.push((&mut l.base.weight, l.stored_transposed));
+            if let BaseWeight::Dense(w) = &mut l.base.weight {
+                out.push((w, l.stored_transposed));
+            }
             if let Some(b) = &mut l.base.bias {
                 out.push((b, false));
             }
@@ -577,7 +617,18 @@ impl Model {
     ) -> Result<Vec<(String, candle_core::Var)>> {
         use candle_core::Var;
         let tied = self.lm_head.id() == self.embed.id();
-        let names: Vec<String> = self.named_tensors().into_iter().map(|(k, _)| k).collect();
+        let quantized = self.quantized_keys();
+        if let Some(k) = quantized.iter().find(|k| pick(k)) {
+            return Err(Error::config(format!(
+                "`{k}` is stored in 4 bits and cannot be trained; train adapters on a 4-bit base, or load \
+                 the model without quantisation for full-parameter training"
+            )));
+        }
+        let names: Vec<String> = self
+            .named_tensors_with(false)
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
         let mut vars = Vec::new();
         for (name, (t, _)) in names.into_iter().zip(self.tensors_mut()) {
             if pick(&name) {
@@ -594,6 +645,45 @@ impl Model {
         Ok(vars)
     }
 
+    /// Quantises every dense linear weight of the blocks to NF4 (those already in 4 bits stay as they are);
+    /// returns how many it converted.
+    pub fn quantize_linears(&mut self, opts: Nf4Options) -> Result<usize> {
+        let mut n = 0;
+        for l in self.linears_mut() {
+            if let BaseWeight::Dense(w) = &l.base.weight {
+                if w.is_variable() {
+                    return Err(Error::config(format!(
+                        "`{}` is being trained and cannot be quantised",
+                        l.path
+                    )));
+                }
+                l.base.weight = BaseWeight::quantized(w, opts.double_quant)?;
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    /// Bytes the linear weights of the blocks occupy in memory (NF4 packed or dense).
+    pub fn linear_weight_bytes(&self) -> usize {
+        self.linears()
+            .iter()
+            .map(|l| match &l.base.weight {
+                BaseWeight::Dense(t) => t.elem_count() * t.dtype().size_in_bytes(),
+                BaseWeight::Nf4(q, _) => q.storage_bytes(),
+            })
+            .sum()
+    }
+
+    /// Keys (as in [`Model::named_tensors`]) of the weights held in 4 bits.
+    pub fn quantized_keys(&self) -> std::collections::HashSet<String> {
+        self.linears()
+            .iter()
+            .filter(|l| l.base.weight.nf4().is_some())
+            .map(|l| format!("{}.weight", l.path))
+            .collect()
+    }
+
     /// Whether `key` (as in [`Model::named_tensors`]) is the weight or bias of a linear layer.
     pub fn is_linear_key(&self, key: &str) -> bool {
         self.linears().iter().any(|l| {
@@ -608,7 +698,7 @@ impl Model {
     pub fn load_state(&mut self, weights: &Weights) -> Result<()> {
         let tied = self.lm_head.id() == self.embed.id();
         let dev = self.device.clone();
-        let named = self.named_tensors();
+        let named = self.named_tensors_with(false);
         for ((name, stored), (t, transposed)) in named.into_iter().zip(self.tensors_mut()) {
             let loaded = weights.get_shaped(&name, stored.dims(), DType::F32, &dev)?;
             *t = if transposed {

@@ -7,7 +7,8 @@
 //! (f32) are themselves quantised: their mean is subtracted (the offset) and the rest is blockwise 8-bit
 //! quantised (block 256) against bitsandbytes' signed dynamic map, so a block costs 8 + 32/256 bits instead of 32.
 
-use factune_io::{Error, Result};
+use candle_core::{Device, Tensor};
+use factune_io::{Error, Result, Weights};
 use rayon::prelude::*;
 
 /// The 16 NF4 levels: quantiles of N(0, 1) normalised to [−1, 1] with an exact zero (QLoRA, appendix E;
@@ -292,6 +293,128 @@ impl Nf4Matrix {
                 Scales::Double { codes, absmax, .. } => codes.len() + 4 * absmax.len() + 1024,
             }
     }
+}
+
+/// The tensors bitsandbytes (through transformers' `save_pretrained`) stores for a 4-bit weight `key`:
+/// the packed codes as `[⌈n/2⌉, 1]` u8, the scales, the level map and a JSON blob of the rest.
+pub fn to_bnb_tensors(q: &Nf4Matrix, key: &str) -> Result<Vec<(String, Tensor)>> {
+    let dev = &Device::Cpu;
+    let mut out = vec![
+        (
+            key.to_string(),
+            Tensor::from_vec(q.packed.clone(), (q.packed.len(), 1), dev)?,
+        ),
+        (
+            format!("{key}.quant_map"),
+            Tensor::new(&NF4_LEVELS[..], dev)?,
+        ),
+    ];
+    let mut state = serde_json::json!({
+        "quant_type": "nf4",
+        "blocksize": NF4_BLOCK,
+        "dtype": "float32",
+        "shape": [q.rows, q.cols],
+    });
+    match &q.scales {
+        Scales::F32(v) => out.push((format!("{key}.absmax"), Tensor::new(&v[..], dev)?)),
+        Scales::Double {
+            codes,
+            absmax,
+            offset,
+            map,
+        } => {
+            out.push((format!("{key}.absmax"), Tensor::new(&codes[..], dev)?));
+            out.push((
+                format!("{key}.nested_absmax"),
+                Tensor::new(&absmax[..], dev)?,
+            ));
+            out.push((
+                format!("{key}.nested_quant_map"),
+                Tensor::new(&map[..], dev)?,
+            ));
+            state["nested_blocksize"] = ABSMAX_BLOCK.into();
+            state["nested_dtype"] = "float32".into();
+            state["nested_offset"] = (*offset as f64).into();
+        }
+    }
+    let blob = serde_json::to_vec(&state).map_err(|e| Error::config(e.to_string()))?;
+    let n = blob.len();
+    out.push((
+        format!("{key}.quant_state.bitsandbytes__nf4"),
+        Tensor::from_vec(blob, n, dev)?,
+    ));
+    Ok(out)
+}
+
+/// Reads the 4-bit weight `key` of shape `[rows, cols]` if the checkpoint stores it in bitsandbytes' layout
+/// (`None` when `key` is an ordinary float tensor).
+pub fn read_bnb(w: &Weights, key: &str, rows: usize, cols: usize) -> Result<Option<Nf4Matrix>> {
+    let Some((_, dtype)) = w.info(key) else {
+        return Ok(None);
+    };
+    if dtype != safetensors::Dtype::U8 {
+        return Ok(None);
+    }
+    let file = w.path_of(key).to_path_buf();
+    let bad = |msg: String| Error::invalid(&file, format!("4-bit weight `{key}`: {msg}"));
+    let state_key = format!("{key}.quant_state.bitsandbytes__nf4");
+    if !w.contains(&state_key) {
+        let other = format!("{key}.quant_state.bitsandbytes__fp4");
+        return Err(bad(if w.contains(&other) {
+            "stored as FP4; only NF4 is supported".into()
+        } else {
+            format!("missing `{state_key}`")
+        }));
+    }
+    let state: serde_json::Value = serde_json::from_slice(w.raw(&state_key)?.0)
+        .map_err(|e| bad(format!("`{state_key}` is not JSON: {e}")))?;
+    let blocksize = state["blocksize"].as_u64();
+    if state["quant_type"] != "nf4" || blocksize != Some(NF4_BLOCK as u64) {
+        return Err(bad(format!(
+            "quant_type {} with blocksize {}; supported: nf4 with blocksize {NF4_BLOCK}",
+            state["quant_type"], state["blocksize"]
+        )));
+    }
+    let shape: Vec<u64> = serde_json::from_value(state["shape"].clone())
+        .map_err(|_| bad(format!("bad shape {}", state["shape"])))?;
+    if shape != [rows as u64, cols as u64] {
+        return Err(bad(format!(
+            "shape {shape:?}, but config.json implies [{rows}, {cols}]"
+        )));
+    }
+    let f32s = |name: &str| -> Result<Vec<f32>> {
+        let (bytes, dt, _) = w.raw(name)?;
+        if dt != safetensors::Dtype::F32 {
+            return Err(bad(format!("`{name}` has dtype {dt:?}, expected F32")));
+        }
+        Ok(bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes")))
+            .collect())
+    };
+    let map = f32s(&format!("{key}.quant_map"))?;
+    if map
+        .iter()
+        .zip(NF4_LEVELS)
+        .any(|(a, b)| (a - b).abs() > 1e-6)
+        || map.len() != 16
+    {
+        return Err(bad("`quant_map` is not the NF4 level table".into()));
+    }
+    let absmax_key = format!("{key}.absmax");
+    let scales = if state.get("nested_offset").is_some() {
+        Scales::Double {
+            codes: w.raw(&absmax_key)?.0.to_vec(),
+            absmax: f32s(&format!("{key}.nested_absmax"))?,
+            offset: state["nested_offset"].as_f64().unwrap_or(0.0) as f32,
+            map: f32s(&format!("{key}.nested_quant_map"))?,
+        }
+    } else {
+        Scales::F32(f32s(&absmax_key)?)
+    };
+    Nf4Matrix::from_parts(rows, cols, w.raw(key)?.0.to_vec(), scales)
+        .map(Some)
+        .map_err(|e| bad(e.to_string()))
 }
 
 #[cfg(test)]

@@ -84,7 +84,7 @@ pub fn update_spectra(model: &Model, original: &Weights) -> Result<Vec<(String, 
                 l.path
             )));
         }
-        let w = l.base.weight.to_dtype(DType::F32)?;
+        let w = l.base.weight.dense()?.to_dtype(DType::F32)?;
         let w0 = l.original_weight(original)?;
         out.push((l.path.clone(), Spectrum::of(&(w - w0)?)?));
     }

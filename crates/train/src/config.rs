@@ -153,6 +153,13 @@ train_config! {
     warm_start_steps: usize = 0,
     /// Also train embeddings, norms and the LM head alongside the adapters (output is then a full model)
     train_embeddings_and_norms: bool = false,
+    /// `nf4`: hold the frozen linear weights in 4-bit NF4 and train the adapters on top (QLoRA); `none` keeps
+    /// them as stored. Weights a checkpoint already stores in 4 bits stay 4-bit either way.
+    quantize: String = "none".into(),
+    /// Double quantization of the NF4 block scales (8-bit, block 256): ≈ 4.127 instead of 4.5 bits per weight.
+    double_quant | "bnb_4bit_use_double_quant": bool = true,
+    /// LoftQ (`init_lora_weights = "loftq"`): alternations of quantise / rank-r SVD of the residual.
+    loftq_iter: usize = 1,
 }
 
 impl TrainConfig {
@@ -173,6 +180,18 @@ impl TrainConfig {
             || self.relora_steps > 0
             || self.warm_start_steps > 0
             || self.train_embeddings_and_norms
+    }
+
+    /// How the frozen linears are held in 4 bits, if they are.
+    pub fn nf4_options(&self) -> Option<factune_model::Nf4Options> {
+        (self.quantize == "nf4").then_some(factune_model::Nf4Options {
+            double_quant: self.double_quant,
+        })
+    }
+
+    /// LoftQ computes the 4-bit base from the full-precision weight, so the model loads unquantised.
+    pub fn is_loftq(&self) -> bool {
+        matches!(&self.init_lora_weights, InitWeights::Named(s) if s == "loftq")
     }
 
     pub fn warmup(&self) -> usize {
@@ -246,6 +265,30 @@ impl TrainConfig {
         }
         if self.warm_start_steps >= self.max_steps && self.warm_start_steps > 0 {
             return bad("warm_start_steps", "must be smaller than max_steps");
+        }
+        if !["none", "nf4"].contains(&self.quantize.as_str()) {
+            return bad(
+                "quantize",
+                &format!("`{}` is not a format; expected none or nf4", self.quantize),
+            );
+        }
+        if self.quantize == "nf4"
+            && (self.is_full() || self.relora_steps > 0 || self.warm_start_steps > 0)
+        {
+            return bad(
+                "quantize",
+                "a 4-bit base is frozen: full-parameter training, ReLoRA merges and warm starts need it in \
+                 full precision (set quantize = \"none\")",
+            );
+        }
+        if self.is_loftq() && self.quantize != "nf4" {
+            return bad(
+                "init_lora_weights",
+                "\"loftq\" initialises the adapter against a 4-bit base; set quantize = \"nf4\"",
+            );
+        }
+        if self.is_loftq() && self.loftq_iter == 0 {
+            return bad("loftq_iter", "must be at least 1");
         }
         if !(self.learning_rate.is_finite() && self.learning_rate >= 0.0) {
             return bad("learning_rate", "must be a finite non-negative number");

@@ -10,4 +10,4 @@ pub mod relora;
 pub mod trainer;
 
 pub use config::{TrainConfig, TrainOverrides};
-pub use trainer::{evaluate_loss, TrainJob, TrainOutcome};
+pub use trainer::{checkpoint_state, evaluate_loss, TrainJob, TrainOutcome};

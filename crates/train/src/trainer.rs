@@ -93,19 +93,24 @@ pub fn evaluate_loss(
     Ok((sum / count.max(1) as f64, count))
 }
 
+/// The configuration and step count a checkpoint recorded (a resumed run continues with its own config).
+pub fn checkpoint_state(ckpt: &Path) -> Result<(TrainConfig, usize)> {
+    let state: serde_json::Value = factune_io::error::read_json(&ckpt.join(STATE_FILE))?;
+    let config = serde_json::from_value(state["config"].clone())
+        .map_err(|e| Error::invalid(ckpt.join(STATE_FILE), format!("bad config: {e}")))?;
+    let step = state["step"]
+        .as_u64()
+        .ok_or_else(|| Error::invalid(ckpt.join(STATE_FILE), "missing `step`"))?;
+    Ok((config, step as usize))
+}
+
 impl TrainJob<'_> {
     pub fn run(mut self) -> Result<TrainOutcome> {
         let started = Instant::now();
         std::fs::create_dir_all(&self.out).map_err(|e| Error::io(&self.out, e))?;
         let mut start_step = 0usize;
         if let Some(ckpt) = self.resume.clone() {
-            let state: serde_json::Value = factune_io::error::read_json(&ckpt.join(STATE_FILE))?;
-            self.config = serde_json::from_value(state["config"].clone())
-                .map_err(|e| Error::invalid(ckpt.join(STATE_FILE), format!("bad config: {e}")))?;
-            start_step = state["step"]
-                .as_u64()
-                .ok_or_else(|| Error::invalid(ckpt.join(STATE_FILE), "missing `step`"))?
-                as usize;
+            (self.config, start_step) = checkpoint_state(&ckpt)?;
         }
         let cfg = self.config.clone();
         cfg.validate()?;
@@ -137,8 +142,18 @@ impl TrainJob<'_> {
             None if relora::adapters_on(&cfg, 0) => self.switch_to_adapters()?,
             None => self.model.set_trainable(&|_| true)?,
         };
+        if let Some(o) = cfg.nf4_options() {
+            self.model.quantize_linears(o)?;
+        }
         let summary = self.summary(&params);
         eprintln!("{summary}");
+        if !self.model.quantized_keys().is_empty() {
+            eprintln!(
+                "base: {} linear weights in NF4, {:.0} MB",
+                self.model.quantized_keys().len(),
+                self.model.linear_weight_bytes() as f64 / 1e6
+            );
+        }
         eprintln!(
             "data: {} ({fmt:?}): {} training / {} validation examples",
             self.data.display(),
@@ -337,10 +352,9 @@ impl TrainJob<'_> {
     fn freeze_linears(&mut self) -> Result<Vec<(String, Var)>> {
         let linear_keys: BTreeSet<String> = self
             .model
-            .named_tensors()
-            .into_iter()
-            .map(|(k, _)| k)
-            .filter(|k| self.model.is_linear_key(k))
+            .linears()
+            .iter()
+            .flat_map(|l| [format!("{}.weight", l.path), format!("{}.bias", l.path)])
             .collect();
         let keep = self.config.train_embeddings_and_norms;
         self.model
