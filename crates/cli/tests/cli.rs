@@ -602,3 +602,147 @@ fn pissa_resumes_bit_identically_and_saves_a_portable_lora() {
     ]);
     assert!(out.contains("max"), "{out}");
 }
+
+#[test]
+fn qlora_trains_on_a_4bit_base_resumes_and_merges_into_what_was_trained() {
+    let dir = tempfile::tempdir().unwrap();
+    let qlora = ["--quantize", "nf4", "--save-steps", "3"];
+    let straight = dir.path().join("straight");
+    train(&straight, "6", &qlora);
+    // resuming reads the checkpoint's config and quantises the base again, identically
+    let fresh = dir.path().join("resumed");
+    resume_into(&fresh, &straight.join("checkpoint-3"));
+    let adapter = |d: &Path| sha(&d.join("adapter_model.safetensors"));
+    assert_eq!(
+        adapter(&straight),
+        adapter(&fresh),
+        "QLoRA: 6 steps straight != 3 + resume 3"
+    );
+
+    // a checkpoint written by `factune quantize` trains exactly like quantising on the fly
+    let q = dir.path().join("q");
+    let out = ok(&["quantize", s(&model()), "--output", s(&q)]);
+    assert!(out.contains("bits per weight"), "{out}");
+    let on_disk = dir.path().join("on-disk");
+    let (qd, d) = (q.clone(), data("quickstart-train.jsonl"));
+    ok(&[
+        "train",
+        "--model",
+        s(&qd),
+        "--data",
+        s(&d),
+        "--output",
+        s(&on_disk),
+        "--max-steps",
+        "6",
+        "--micro-batch-size",
+        "2",
+        "--seq-len",
+        "256",
+        "--r",
+        "4",
+        "--lora-dropout",
+        "0.1",
+        "--target-modules",
+        "q_proj,v_proj,down_proj",
+        "--learning-rate",
+        "1e-3",
+        "--validation-split",
+        "0.01",
+    ]);
+    assert_eq!(
+        adapter(&straight),
+        adapter(&on_disk),
+        "pre-quantised base trains differently"
+    );
+
+    // merging: into deq(Q) + ΔW by default (what was trained), into the full-precision W on request
+    let merge = |into: &str, out: &Path| {
+        ok(&[
+            "merge",
+            "--model",
+            s(&model()),
+            "--adapter",
+            s(&straight),
+            "--output",
+            s(out),
+            "--verify",
+            "--merge-into",
+            into,
+        ])
+    };
+    let (mq, mo) = (dir.path().join("mq"), dir.path().join("mo"));
+    let said = merge("quantized", &mq);
+    assert!(said.contains("deq(Q)"), "{said}");
+    let said = merge("original", &mo);
+    assert!(said.contains("W + s·BA"), "{said}");
+    assert_ne!(
+        sha(&mq.join("model.safetensors")),
+        sha(&mo.join("model.safetensors"))
+    );
+    // the quantised checkpoint merges to the same model as the on-the-fly quantised base
+    let mdq = dir.path().join("mdq");
+    ok(&[
+        "merge",
+        "--model",
+        s(&q),
+        "--adapter",
+        s(&straight),
+        "--output",
+        s(&mdq),
+    ]);
+    assert_eq!(
+        sha(&mq.join("model.safetensors")),
+        sha(&mdq.join("model.safetensors"))
+    );
+}
+
+#[test]
+fn quantization_bad_inputs_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let (m, d) = (model(), data("quickstart-train.jsonl"));
+    let base = [
+        "train",
+        "--model",
+        s(&m),
+        "--data",
+        s(&d),
+        "--output",
+        s(&run),
+        "--max-steps",
+        "2",
+    ];
+    fn with<'a>(base: &[&'a str], extra: &[&'a str]) -> Vec<&'a str> {
+        [base, extra].concat()
+    }
+    let e = fails(&with(&base, &["--quantize", "nf3"]));
+    assert!(e.contains("quantize") && e.contains("nf3"), "{e}");
+    let e = fails(&with(&base, &["--quantize", "nf4", "--method", "full"]));
+    assert!(e.contains("quantize") && e.contains("full"), "{e}");
+    let e = fails(&with(&base, &["--init-lora-weights", "loftq"]));
+    assert!(e.contains("loftq") && e.contains("nf4"), "{e}");
+
+    // a 4-bit checkpoint missing its quant state: the file and the tensor are named
+    let q = dir.path().join("q");
+    ok(&["quantize", s(&model()), "--output", s(&q)]);
+    let file = q.join("model.safetensors");
+    let bytes = std::fs::read(&file).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let gone = "model.layers.0.self_attn.q_proj.weight.quant_state.bitsandbytes__nf4";
+    let kept: Vec<(String, safetensors::tensor::TensorView)> = st
+        .tensors()
+        .into_iter()
+        .filter(|(n, _)| n != gone)
+        .collect();
+    let out = safetensors::serialize(kept, None).unwrap();
+    std::fs::write(&file, out).unwrap();
+    let e = fails(&[
+        "eval",
+        "--model",
+        s(&q),
+        "--data",
+        s(&data("quickstart-valid.jsonl")),
+    ]);
+    assert!(e.contains(gone) && e.contains("model.safetensors"), "{e}");
+}
