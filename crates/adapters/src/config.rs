@@ -81,6 +81,9 @@ pub struct AdapterConfig {
     pub inference_mode: Value,
     #[serde(default)]
     pub revision: Option<String>,
+    /// PEFT's `LoftQConfig`: `loftq_bits` (4) and `loftq_iter`, used by `init_lora_weights = "loftq"`.
+    #[serde(default)]
+    pub loftq_config: Map<String, Value>,
 }
 
 /// Keys PEFT writes that factune reads without acting on them when they hold their default (null, empty, false).
@@ -89,7 +92,6 @@ const KNOWN_INERT: &[&str] = &[
     "peft_version",
     "megatron_config",
     "megatron_core",
-    "loftq_config",
     "lora_bias",
     "eva_config",
     "corda_config",
@@ -134,6 +136,30 @@ impl AdapterConfig {
         }
     }
 
+    /// LoftQ's iteration count from `loftq_config` (default 1); only 4-bit LoftQ is implemented.
+    pub fn loftq_iter(&self) -> Result<usize> {
+        let c = &self.loftq_config;
+        if let Some(bits) = c.get("loftq_bits") {
+            if bits.as_u64() != Some(4) {
+                return Err(Error::config(format!(
+                    "loftq_config.loftq_bits = {bits}: only 4-bit (NF4) LoftQ is implemented"
+                )));
+            }
+        }
+        match c.get("loftq_iter") {
+            None => Ok(1),
+            Some(v) => v
+                .as_u64()
+                .filter(|&n| n > 0)
+                .map(|n| n as usize)
+                .ok_or_else(|| {
+                    Error::config(format!(
+                        "loftq_config.loftq_iter = {v}: expected a positive integer"
+                    ))
+                }),
+        }
+    }
+
     /// The rank of the module at `path`: its `rank_pattern` entry, else `r`.
     pub fn rank_for(&self, path: &str) -> usize {
         crate::targets::pattern_lookup(&self.rank_pattern, path)
@@ -169,7 +195,6 @@ impl AdapterConfig {
                 continue;
             }
             if [
-                "loftq_config",
                 "eva_config",
                 "corda_config",
                 "layer_replication",

@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod dora;
+pub mod loftq;
 pub mod lora;
 pub mod peft;
 pub mod pissa;

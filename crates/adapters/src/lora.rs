@@ -3,9 +3,9 @@
 
 use crate::config::AdapterConfig;
 use crate::dora::Dora;
-use crate::pissa;
 use crate::registry::Method;
 use crate::{dropout, kaiming_uniform};
+use crate::{loftq, pissa};
 use candle_core::{Tensor, Var};
 use factune_io::{Error, Result};
 use factune_model::kernels::{self, dropout_mask};
@@ -149,6 +149,9 @@ impl Method for LoraMethod {
         let scale = cfg.scaling(rank, alpha);
         let (a, b) = match (&cfg.init_lora_weights, pissa::variant(&cfg.init_lora_weights)?) {
             (_, Some(svd)) => pissa::init(layer, rank, scale, svd)?,
+            (serde_json::Value::String(s), _) if s == "loftq" => {
+                loftq::init(layer, rank, scale, cfg.loftq_iter()?)?
+            }
             (serde_json::Value::Bool(true), _) => (
                 kaiming_uniform(&[rank, i], i, rng, dev)?,
                 Tensor::zeros((o, rank), candle_core::DType::F32, dev)?,
@@ -159,7 +162,7 @@ impl Method for LoraMethod {
             }
             (other, _) => {
                 return Err(Error::config(format!(
-                    "init_lora_weights: {other} is not implemented (supported: true, false, \"pissa\", \"pissa_niter_K\")"
+                    "init_lora_weights: {other} is not implemented (supported: true, false, \"pissa\", \"pissa_niter_K\", \"loftq\")"
                 )))
             }
         };
@@ -195,6 +198,10 @@ impl Method for LoraMethod {
         if let Some(svd) = pissa::variant(&cfg.init_lora_weights)? {
             // The saved factors were trained against the residual W − s·B₀A₀: rebuild it.
             pissa::init(layer, r, scale, svd)?;
+        }
+        if cfg.init_lora_weights == "loftq" {
+            // ... and these against LoftQ's Q, which is a deterministic function of W: rebuild it.
+            loftq::init(layer, r, scale, cfg.loftq_iter()?)?;
         }
         let lora = Lora {
             a: Var::from_tensor(a)?,

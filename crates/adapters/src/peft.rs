@@ -127,14 +127,33 @@ pub fn save(model: &Model, cfg: &AdapterConfig, dir: &Path) -> Result<()> {
     write(model, cfg, &adapter_bytes(model)?, dir)
 }
 
-/// Writes the adapter in the form PEFT users load onto the original base model: the native form, except for
-/// PiSSA, converted to a rank-2r LoRA relative to the original weights (as PEFT's
-/// `path_initial_model_for_weight_conversion`). Returns the config written.
+/// Where a LoftQ run's final 4-bit base goes, inside the adapter directory.
+pub const LOFTQ_BASE_DIR: &str = "loftq-base";
+
+/// Writes the adapter in the form PEFT users load: the native form, except for PiSSA on a full-precision
+/// base, converted to a rank-2r LoRA relative to the original weights (as PEFT's
+/// `path_initial_model_for_weight_conversion`), and LoftQ, a plain LoRA with its 4-bit base in
+/// [`LOFTQ_BASE_DIR`]. Returns the config written.
 pub fn save_portable(model: &Model, cfg: &AdapterConfig, dir: &Path) -> Result<AdapterConfig> {
+    if cfg.init_lora_weights == "loftq" {
+        // Trained against LoftQ's Q, not NF4(W): a plain LoRA, with Q written beside it as the base to load.
+        let mut plain = cfg.clone();
+        plain.init_lora_weights = serde_json::Value::Bool(true);
+        plain.loftq_config.clear();
+        save(model, &plain, dir)?;
+        let original = Weights::from_model_dir(&model.dir)?;
+        factune_model::save::save_quantized(model, &original, &dir.join(LOFTQ_BASE_DIR))?;
+        return Ok(plain);
+    }
     let Some(svd) = pissa::variant(&cfg.init_lora_weights)? else {
         save(model, cfg, dir)?;
         return Ok(cfg.clone());
     };
+    if !model.quantized_keys().is_empty() {
+        tracing::warn!("PiSSA on a 4-bit base: the residual was quantised, so no plain LoRA on the original W reproduces the trained model; the adapter is saved natively (loads in factune onto the same base and quantisation)");
+        save(model, cfg, dir)?;
+        return Ok(cfg.clone());
+    }
     if cfg.use_dora {
         tracing::warn!("PiSSA + DoRA has no plain-LoRA form: the adapter is saved natively (loads in factune and PEFT onto the same base)");
         save(model, cfg, dir)?;

@@ -42,6 +42,16 @@ fn base_quantization(args: &ModelArgs) -> Result<Option<Nf4Options>> {
             let meta: serde_json::Value = factune_io::error::read_json(&p)?;
             let cfg: TrainConfig = serde_json::from_value(meta["config"].clone())
                 .with_context(|| format!("{}: bad `config`", p.display()))?;
+            let four_bit = Weights::from_model_dir(&args.model)?.dtype_summary().contains_key("U8");
+            if cfg.is_loftq() && !four_bit && args.quantize.as_deref() != Some("none") {
+                let base = p.with_file_name(peft::LOFTQ_BASE_DIR);
+                bail!(
+                    "the adapter was trained with LoftQ against its own 4-bit base, not a quantisation of {}: \
+                     use --model {}",
+                    args.model.display(),
+                    base.display()
+                );
+            }
             Ok(cfg.nf4_options())
         })
         .transpose()?

@@ -746,3 +746,67 @@ fn quantization_bad_inputs_are_named() {
     ]);
     assert!(e.contains(gone) && e.contains("model.safetensors"), "{e}");
 }
+
+#[test]
+fn loftq_beats_plain_nf4_resumes_and_ships_its_base() {
+    let dir = tempfile::tempdir().unwrap();
+    let straight = dir.path().join("straight");
+    let loftq = [
+        "--quantize",
+        "nf4",
+        "--init-lora-weights",
+        "loftq",
+        "--loftq-iter",
+        "2",
+        "--save-steps",
+        "3",
+    ];
+    train(&straight, "6", &loftq);
+    let rows: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(straight.join("loftq_errors.json")).unwrap())
+            .unwrap();
+    assert_eq!(rows.len(), 12, "q_proj, v_proj, down_proj in each of 4 layers");
+    for r in &rows {
+        let (l, n) = (
+            r["loftq_error"].as_f64().unwrap(),
+            r["nf4_error"].as_f64().unwrap(),
+        );
+        assert!(
+            l < n,
+            "{}: LoftQ {l} is not below plain NF4 {n}",
+            r["module"]
+        );
+    }
+    // resuming rebuilds LoftQ's base from W exactly
+    let fresh = dir.path().join("resumed");
+    resume_into(&fresh, &straight.join("checkpoint-3"));
+    let adapter = |d: &Path| sha(&d.join("adapter_model.safetensors"));
+    assert_eq!(
+        adapter(&straight),
+        adapter(&fresh),
+        "LoftQ: 6 steps straight != 3 + resume 3"
+    );
+    // the adapter goes with its own 4-bit base, and a quantisation of the original is refused
+    let valid = data("quickstart-valid.jsonl");
+    let e = fails(&[
+        "eval",
+        "--model",
+        s(&model()),
+        "--adapter",
+        s(&straight),
+        "--data",
+        s(&valid),
+    ]);
+    assert!(e.contains("loftq-base"), "{e}");
+    let base = straight.join("loftq-base");
+    let out = ok(&[
+        "eval",
+        "--model",
+        s(&base),
+        "--adapter",
+        s(&straight),
+        "--data",
+        s(&valid),
+    ]);
+    assert!(out.contains("exact match"), "{out}");
+}

@@ -313,6 +313,14 @@ impl TrainConfig {
                 InitWeights::Flag(b) => serde_json::Value::Bool(*b),
                 InitWeights::Named(s) => serde_json::Value::String(s.clone()),
             },
+            loftq_config: if self.is_loftq() {
+                serde_json::json!({"loftq_bits": 4, "loftq_iter": self.loftq_iter})
+                    .as_object()
+                    .cloned()
+                    .unwrap_or_default()
+            } else {
+                Default::default()
+            },
             ..AdapterConfig::default()
         }
     }

@@ -142,6 +142,9 @@ impl TrainJob<'_> {
             None if relora::adapters_on(&cfg, 0) => self.switch_to_adapters()?,
             None => self.model.set_trainable(&|_| true)?,
         };
+        if cfg.is_loftq() && self.resume.is_none() {
+            self.report_loftq()?;
+        }
         if let Some(o) = cfg.nf4_options() {
             self.model.quantize_linears(o)?;
         }
@@ -307,7 +310,12 @@ impl TrainJob<'_> {
             self.save_full_model()?;
         } else {
             let written = peft::save_portable(self.model, &adapter_cfg, &self.out)?;
-            if written.r != adapter_cfg.r {
+            if cfg.is_loftq() {
+                eprintln!(
+                    "LoftQ: the adapter belongs on its 4-bit base, written to {} (use it as --model)",
+                    self.out.join(peft::LOFTQ_BASE_DIR).display()
+                );
+            } else if written.r != adapter_cfg.r {
                 eprintln!(
                     "PiSSA adapter saved as a rank-{} LoRA relative to the original weights (loads onto the unmodified base in factune and PEFT)",
                     written.r
@@ -331,6 +339,33 @@ impl TrainJob<'_> {
             trainable_summary: summary,
             full_model: cfg.changes_base(),
         })
+    }
+
+    /// LoftQ's reconstruction error per layer against plain NF4, printed in summary and written to
+    /// `loftq_errors.json`.
+    fn report_loftq(&self) -> Result<()> {
+        let original = Weights::from_model_dir(&self.model.dir)?;
+        let mut rows = Vec::new();
+        let (mut nf4, mut loftq) = (0.0, 0.0);
+        for l in self.model.linears() {
+            if l.adapter.is_none() {
+                continue;
+            }
+            let e = factune_adapters::loftq::error(l, &l.original_weight(&original)?)?;
+            nf4 += e.nf4 * e.nf4;
+            loftq += e.loftq * e.loftq;
+            rows.push(json!({"module": l.path, "nf4_error": e.nf4, "loftq_error": e.loftq}));
+        }
+        eprintln!(
+            "LoftQ ({} iterations): ‖W − (deq(Q) + sBA)‖ = {:.4e} over {} layers, plain NF4 {:.4e} ({:+.1}%)",
+            self.config.loftq_iter,
+            loftq.sqrt(),
+            rows.len(),
+            nf4.sqrt(),
+            100.0 * (loftq.sqrt() / nf4.sqrt() - 1.0)
+        );
+        let text = serde_json::to_string_pretty(&rows).map_err(|e| Error::config(e.to_string()))?;
+        atomic::write_atomic(&self.out.join("loftq_errors.json"), text.as_bytes())
     }
 
     /// Freezes the linear weights (keeping embeddings and norms trainable when configured), attaches fresh
