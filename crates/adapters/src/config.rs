@@ -84,6 +84,15 @@ pub struct AdapterConfig {
     /// PEFT's `LoftQConfig`: `loftq_bits` (4) and `loftq_iter`, used by `init_lora_weights = "loftq"`.
     #[serde(default)]
     pub loftq_config: Map<String, Value>,
+    /// MPO adapters (factune's own `peft_type = "MPO"`): bond dimension χ capping every bond.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bond_dim: Option<usize>,
+    /// MPO adapters: number of modes each side of the weight is factored into (3 to 5).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mpo_modes: Option<usize>,
+    /// MPO adapters: `"dota"` (cores from the truncated MPO of W, residual frozen) or `"random"` (last core 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_weights: Option<String>,
 }
 
 /// Keys PEFT writes that factune reads without acting on them when they hold their default (null, empty, false).
@@ -133,6 +142,17 @@ impl AdapterConfig {
             alpha / (r as f64).sqrt()
         } else {
             alpha / r as f64
+        }
+    }
+
+    /// Whether the init derives the adapter (and a new frozen base) from the full-precision weight — PiSSA,
+    /// LoftQ, DoTA — so a 4-bit base must be quantised after it, not before.
+    pub fn init_reads_base(&self) -> bool {
+        let named =
+            |p: &str| matches!(&self.init_lora_weights, Value::String(s) if s.starts_with(p));
+        match self.peft_type.as_str() {
+            "MPO" => self.init_weights.as_deref().unwrap_or("dota") == "dota",
+            _ => named("pissa") || named("loftq"),
         }
     }
 

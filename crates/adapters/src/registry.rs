@@ -31,7 +31,7 @@ pub trait Method: Sync {
     ) -> Result<Box<dyn LinearAdapter>>;
 }
 
-const METHODS: &[&dyn Method] = &[&crate::lora::LoraMethod];
+const METHODS: &[&dyn Method] = &[&crate::lora::LoraMethod, &crate::mpo::MpoMethod];
 
 pub fn method(peft_type: &str) -> Result<&'static dyn Method> {
     METHODS

@@ -74,9 +74,19 @@ fn base_quantization(args: &ModelArgs) -> Result<Option<Nf4Options>> {
 /// Loads the base model and (optionally) an adapter, reporting what the adapter matched.
 pub fn load_model(args: &ModelArgs) -> Result<Model> {
     let dev = device(&args.device)?;
-    let mut model = Model::load_with(&args.model, &dev, base_quantization(args)?)?;
+    let quantize = base_quantization(args)?;
+    // As in training: an init built from the full-precision weights runs before the base is quantised.
+    let after_init = match &args.adapter {
+        Some(a) => factune_adapters::AdapterConfig::from_file(&a.join(peft::CONFIG_FILE))?
+            .init_reads_base(),
+        None => false,
+    };
+    let mut model = Model::load_with(&args.model, &dev, quantize.filter(|_| !after_init))?;
     if let Some(a) = &args.adapter {
         let (cfg, report) = peft::load(&mut model, a, args.allow_partial)?;
+        if let Some(o) = quantize {
+            model.quantize_linears(o)?;
+        }
         eprintln!(
             "adapter {} ({}, r={}): {report}",
             a.display(),
@@ -111,9 +121,11 @@ pub fn train(
         eprintln!("resuming: the run's own config (saved in the checkpoint) is used");
         cfg = factune_train::checkpoint_state(ckpt)?.0;
     }
-    // Quantise while loading, so the dense weights never sit in memory all at once; LoftQ needs them dense
-    // for its init and quantises each layer itself.
-    let quantize = cfg.nf4_options().filter(|_| !cfg.is_loftq());
+    // Quantise while loading, so the dense weights never sit in memory all at once; inits built from the
+    // full-precision weights (PiSSA, LoftQ, DoTA) need them dense, and the trainer quantises after them.
+    let quantize = cfg
+        .nf4_options()
+        .filter(|_| !cfg.adapter_config().init_reads_base());
     let mut model = Model::load_with(model_dir, &device(dev)?, quantize)?;
     let tok = TextTokenizer::from_dir(model_dir)?;
     let outcome = TrainJob {

@@ -765,7 +765,11 @@ fn loftq_beats_plain_nf4_resumes_and_ships_its_base() {
     let rows: Vec<serde_json::Value> =
         serde_json::from_str(&std::fs::read_to_string(straight.join("loftq_errors.json")).unwrap())
             .unwrap();
-    assert_eq!(rows.len(), 12, "q_proj, v_proj, down_proj in each of 4 layers");
+    assert_eq!(
+        rows.len(),
+        12,
+        "q_proj, v_proj, down_proj in each of 4 layers"
+    );
     for r in &rows {
         let (l, n) = (
             r["loftq_error"].as_f64().unwrap(),

@@ -7,6 +7,7 @@ pub mod linalg;
 pub mod linear;
 pub mod loss;
 pub mod model;
+pub mod mpo;
 pub mod quant;
 pub mod save;
 pub mod spectrum;

@@ -160,6 +160,12 @@ train_config! {
     double_quant | "bnb_4bit_use_double_quant": bool = true,
     /// LoftQ (`init_lora_weights = "loftq"`): alternations of quantise / rank-r SVD of the residual.
     loftq_iter: usize = 1,
+    /// MPO adapters (`peft_type = "MPO"`): bond dimension χ.
+    bond_dim: usize = 8,
+    /// MPO adapters: modes each side of a weight is factored into (2 to 5).
+    mpo_modes: usize = 3,
+    /// MPO adapters: `dota` (cores from W's truncated MPO, residual frozen) or `random` (last core zero).
+    init_weights: String = "dota".into(),
 }
 
 impl TrainConfig {
@@ -287,6 +293,15 @@ impl TrainConfig {
                 "\"loftq\" initialises the adapter against a 4-bit base; set quantize = \"nf4\"",
             );
         }
+        if self.use_dora && !self.peft_type.eq_ignore_ascii_case("LORA") {
+            return bad(
+                "use_dora",
+                &format!(
+                    "DoRA splits LoRA factors into magnitude and direction; `{}` has none",
+                    self.peft_type
+                ),
+            );
+        }
         if self.is_loftq() && self.loftq_iter == 0 {
             return bad("loftq_iter", "must be at least 1");
         }
@@ -298,6 +313,7 @@ impl TrainConfig {
 
     /// The adapter part, as PEFT's `LoraConfig`.
     pub fn adapter_config(&self) -> AdapterConfig {
+        let mpo = self.peft_type.eq_ignore_ascii_case("MPO");
         AdapterConfig {
             peft_type: self.peft_type.to_uppercase(),
             r: self.r,
@@ -313,6 +329,9 @@ impl TrainConfig {
                 InitWeights::Flag(b) => serde_json::Value::Bool(*b),
                 InitWeights::Named(s) => serde_json::Value::String(s.clone()),
             },
+            bond_dim: mpo.then_some(self.bond_dim),
+            mpo_modes: mpo.then_some(self.mpo_modes),
+            init_weights: mpo.then(|| self.init_weights.clone()),
             loftq_config: if self.is_loftq() {
                 serde_json::json!({"loftq_bits": 4, "loftq_iter": self.loftq_iter})
                     .as_object()

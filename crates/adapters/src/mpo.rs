@@ -1,0 +1,200 @@
+//! Tensor-train (MPO) adapters, factune's `peft_type = "MPO"` (PEFT has no tensor adapters):
+//! `y = x Wᵀ + x ΔWᵀ` with ΔW a matrix product operator of bond dimension χ (`bond_dim`) over `mpo_modes`
+//! modes, contracted mode by mode so ΔW is never formed while training.
+//!
+//! `init_weights = "dota"` (DoTA): the cores are the truncated MPO of the pretrained W, and the frozen weight
+//! becomes the residual `W − MPO_χ(W)`, so the model is unchanged at step 0 (PiSSA's idea in tensor form).
+//! On a 4-bit base the residual is held in NF4: QDoTA. Loading recomputes the residual from W (TT-SVD is
+//! deterministic), as PiSSA's native form does. `init_weights = "random"`: the same cores drawn at random
+//! with the last one zero, the baseline DoTA is measured against.
+//!
+//! On disk: `base_model.model.<module>.mpo_cores.<k>` of shape `[χ_{k−1}, j_k, i_k, χ_k]`.
+
+use crate::config::AdapterConfig;
+use crate::registry::Method;
+use crate::{dropout, kaiming_uniform};
+use candle_core::{DType, Tensor, Var};
+use factune_io::{Error, Result};
+use factune_model::mpo::{self, Modes};
+use factune_model::{AdaptableLinear, Ctx, FrozenParts, LinearAdapter};
+use rand_chacha::ChaCha8Rng;
+use std::collections::HashMap;
+
+const CORE_NAMES: [&str; 5] = [
+    "mpo_cores.0",
+    "mpo_cores.1",
+    "mpo_cores.2",
+    "mpo_cores.3",
+    "mpo_cores.4",
+];
+
+pub struct MpoAdapter {
+    pub cores: Vec<Var>,
+    pub modes: Modes,
+    pub dropout: f64,
+}
+
+impl LinearAdapter for MpoAdapter {
+    fn method(&self) -> &'static str {
+        "MPO"
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        base_out: Tensor,
+        _base: &FrozenParts,
+        ctx: &Ctx,
+    ) -> candle_core::Result<Tensor> {
+        let x = if ctx.train && self.dropout > 0.0 {
+            dropout(x, self.dropout, ctx.dropout_seed)?
+        } else {
+            x.clone()
+        };
+        let cores: Vec<Tensor> = self.cores.iter().map(|v| v.as_tensor().clone()).collect();
+        base_out + mpo::contract(&x, &cores, &self.modes)?
+    }
+
+    fn parameters(&self) -> Vec<(String, Var)> {
+        self.cores
+            .iter()
+            .enumerate()
+            .map(|(k, v)| (CORE_NAMES[k].to_string(), v.clone()))
+            .collect()
+    }
+
+    fn delta_weight(&self, base: &FrozenParts) -> candle_core::Result<Tensor> {
+        let cores: Vec<Tensor> = self.cores.iter().map(|v| v.as_tensor().clone()).collect();
+        mpo::dense(&cores, &self.modes, base.weight.device())
+    }
+}
+
+pub struct MpoMethod;
+
+struct Settings {
+    chi: usize,
+    modes: Modes,
+    dota: bool,
+}
+
+fn settings(cfg: &AdapterConfig, layer: &AdaptableLinear) -> Result<Settings> {
+    let n = cfg.mpo_modes.unwrap_or(3);
+    if !(2..=CORE_NAMES.len()).contains(&n) {
+        return Err(Error::config(format!(
+            "mpo_modes = {n}: expected 2 to {}",
+            CORE_NAMES.len()
+        )));
+    }
+    let chi = cfg.bond_dim.unwrap_or(8);
+    if chi == 0 {
+        return Err(Error::config("bond_dim must be > 0"));
+    }
+    let dota = match cfg.init_weights.as_deref().unwrap_or("dota") {
+        "dota" => true,
+        "random" => false,
+        other => {
+            return Err(Error::config(format!(
+                "init_weights `{other}` for MPO adapters: expected \"dota\" or \"random\""
+            )))
+        }
+    };
+    let (o, i) = (layer.out_features(), layer.in_features());
+    Ok(Settings {
+        chi,
+        modes: Modes::balanced(o, i, n),
+        dota,
+    })
+}
+
+/// DoTA: cores from TT-SVD of W, the layer's weight replaced by the residual. Returns the cores.
+fn dota_init(layer: &mut AdaptableLinear, s: &Settings) -> Result<Vec<Tensor>> {
+    let w = layer.base.weight.dense()?.to_dtype(DType::F32)?;
+    let t = mpo::tt_svd(&w, &s.modes, s.chi)?;
+    let approx = mpo::dense(&t.cores, &s.modes, w.device())?;
+    layer.base.replace_weight((&w - approx)?)?;
+    Ok(t.cores)
+}
+
+impl Method for MpoMethod {
+    fn peft_type(&self) -> &'static str {
+        "MPO"
+    }
+
+    fn tensor_names(&self, cfg: &AdapterConfig) -> Vec<&'static str> {
+        let n = cfg.mpo_modes.unwrap_or(3).clamp(1, CORE_NAMES.len());
+        CORE_NAMES[..n].to_vec()
+    }
+
+    fn init(
+        &self,
+        cfg: &AdapterConfig,
+        layer: &mut AdaptableLinear,
+        _rank: usize,
+        _alpha: f64,
+        rng: &mut ChaCha8Rng,
+    ) -> Result<Box<dyn LinearAdapter>> {
+        let s = settings(cfg, layer)?;
+        let dev = layer.base.weight.device().clone();
+        let cores = if s.dota {
+            dota_init(layer, &s)?
+        } else {
+            let shapes = s.modes.core_shapes(s.chi);
+            let last = shapes.len() - 1;
+            shapes
+                .iter()
+                .enumerate()
+                .map(|(k, sh)| {
+                    if k == last {
+                        Tensor::zeros(&sh[..], DType::F32, &dev)
+                    } else {
+                        kaiming_uniform(&sh[..], sh[0] * sh[2], rng, &dev)
+                    }
+                })
+                .collect::<candle_core::Result<_>>()?
+        };
+        Ok(Box::new(MpoAdapter {
+            cores: cores
+                .iter()
+                .map(Var::from_tensor)
+                .collect::<candle_core::Result<_>>()?,
+            modes: s.modes,
+            dropout: cfg.lora_dropout,
+        }))
+    }
+
+    fn load_tensors(
+        &self,
+        cfg: &AdapterConfig,
+        layer: &mut AdaptableLinear,
+        _alpha: f64,
+        t: &HashMap<String, Tensor>,
+    ) -> Result<Box<dyn LinearAdapter>> {
+        let s = settings(cfg, layer)?;
+        let want = s.modes.core_shapes(s.chi);
+        let names = self.tensor_names(cfg);
+        for (n, sh) in names.iter().zip(&want) {
+            if t[*n].dims() != sh {
+                return Err(Error::config(format!(
+                    "`{}`: {n} has shape {:?}, expected {sh:?} (bond_dim {}, modes {:?} × {:?})",
+                    layer.path,
+                    t[*n].dims(),
+                    s.chi,
+                    s.modes.out,
+                    s.modes.inp
+                )));
+            }
+        }
+        if s.dota {
+            // the saved cores were trained against the residual W − MPO_χ(W): rebuild it
+            dota_init(layer, &s)?;
+        }
+        Ok(Box::new(MpoAdapter {
+            cores: names
+                .iter()
+                .map(|n| Var::from_tensor(&t[*n]))
+                .collect::<candle_core::Result<_>>()?,
+            modes: s.modes,
+            dropout: cfg.lora_dropout,
+        }))
+    }
+}
