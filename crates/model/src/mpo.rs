@@ -41,7 +41,7 @@ pub fn balanced_factors(n: usize, k: usize) -> Vec<usize> {
             return;
         }
         // the largest remaining factor is at least the k-th root of what is left
-        for d in (1..=cap.min(n)).rev().filter(|d| n % d == 0) {
+        for d in (1..=cap.min(n)).rev().filter(|&d| n.is_multiple_of(d)) {
             if (d as f64) < (n as f64).powf(1.0 / k as f64) - 1e-9 {
                 break;
             }
@@ -163,8 +163,8 @@ pub fn tt_svd(w: &Tensor, modes: &Modes, chi: usize) -> Result<Mpo> {
     let mut cores = Vec::with_capacity(n);
     let mut discarded = 0.0;
     let (mut rest, mut prev) = (m, 1usize);
-    for k in 0..n - 1 {
-        let rows = prev * d[k];
+    for (k, &dk) in d.iter().enumerate().take(n - 1) {
+        let rows = prev * dk;
         let cols = rest.len() / rows;
         let mat = Mat::<f64>::from_fn(rows, cols, |r, c| rest[r * cols + c]);
         let svd = mat.thin_svd().map_err(|e| {
