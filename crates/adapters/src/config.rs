@@ -203,10 +203,12 @@ impl AdapterConfig {
         };
         let cfg: AdapterConfig = serde_json::from_value(raw.clone())
             .map_err(|e| Error::invalid(path, format!("invalid adapter config: {e}")))?;
-        let own: Vec<String> = match serde_json::to_value(AdapterConfig::default()) {
+        let mut own: Vec<String> = match serde_json::to_value(AdapterConfig::default()) {
             Ok(Value::Object(m)) => m.keys().cloned().collect(),
             _ => vec![],
         };
+        // written only for the methods that use them
+        own.extend(["bond_dim", "mpo_modes", "init_weights"].map(String::from));
         for (k, v) in map {
             if own.contains(k) {
                 continue;

@@ -460,7 +460,9 @@ pub fn inspect(dir: &Path) -> Result<()> {
             .filter_map(|n| w.info(n))
             .map(|(s, _)| s.iter().product::<usize>())
             .sum();
-        let modules = w.names().filter(|n| n.ends_with("lora_A.weight")).count();
+        let method = factune_adapters::registry::method(&cfg.peft_type)?;
+        let first = method.tensor_names(&cfg)[0];
+        let modules = w.names().filter(|n| n.ends_with(first)).count();
         println!("adapter: {}", dir.display());
         println!(
             "  method: {}{}",
@@ -471,10 +473,18 @@ pub fn inspect(dir: &Path) -> Result<()> {
                 ""
             }
         );
-        println!(
-            "  r: {}  lora_alpha: {}  lora_dropout: {}",
-            cfg.r, cfg.lora_alpha, cfg.lora_dropout
-        );
+        match cfg.bond_dim {
+            Some(chi) => println!(
+                "  bond_dim: {chi}  mpo_modes: {}  init_weights: {}  dropout: {}",
+                cfg.mpo_modes.unwrap_or(3),
+                cfg.init_weights.as_deref().unwrap_or("dota"),
+                cfg.lora_dropout
+            ),
+            None => println!(
+                "  r: {}  lora_alpha: {}  lora_dropout: {}",
+                cfg.r, cfg.lora_alpha, cfg.lora_dropout
+            ),
+        }
         println!("  target_modules: {:?}", cfg.target_modules);
         println!("  adapted modules: {modules}  trainable params: {params}");
         println!(
@@ -499,6 +509,19 @@ pub fn inspect(dir: &Path) -> Result<()> {
     );
     println!("  stored dtypes (elements): {:?}", w.dtype_summary());
     let model = Model::from_weights(cfg, &w, dir, &Device::Cpu, None)?;
+    let quantized = model.quantized_keys().len();
+    if quantized > 0 {
+        let (mut bits, mut n) = (0.0, 0usize);
+        for q in model.linears().iter().filter_map(|l| l.base.weight.nf4()) {
+            bits += q.bits_per_param() * (q.rows * q.cols) as f64;
+            n += q.rows * q.cols;
+        }
+        println!(
+            "  4-bit NF4 linear weights: {quantized} of {} ({:.3} bits per weight)",
+            model.linears().len(),
+            bits / n as f64
+        );
+    }
     let names: std::collections::BTreeSet<String> = model
         .linears()
         .iter()

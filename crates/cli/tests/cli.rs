@@ -814,3 +814,70 @@ fn loftq_beats_plain_nf4_resumes_and_ships_its_base() {
     ]);
     assert!(out.contains("exact match"), "{out}");
 }
+
+#[test]
+fn qdota_trains_resumes_bit_identically_and_evaluates_on_its_base() {
+    let dir = tempfile::tempdir().unwrap();
+    let straight = dir.path().join("straight");
+    let qdota = [
+        "--method",
+        "mpo",
+        "--bond-dim",
+        "4",
+        "--quantize",
+        "nf4",
+        "--save-steps",
+        "3",
+    ];
+    train(&straight, "6", &qdota);
+    let fresh = dir.path().join("resumed");
+    resume_into(&fresh, &straight.join("checkpoint-3"));
+    let adapter = |d: &Path| sha(&d.join("adapter_model.safetensors"));
+    assert_eq!(
+        adapter(&straight),
+        adapter(&fresh),
+        "QDoTA: 6 steps straight != 3 + resume 3"
+    );
+    let out = ok(&["inspect", s(&straight)]);
+    assert!(out.contains("MPO") && out.contains("bond_dim: 4"), "{out}");
+    let valid = data("quickstart-valid.jsonl");
+    let out = ok(&[
+        "eval",
+        "--model",
+        s(&model()),
+        "--adapter",
+        s(&straight),
+        "--data",
+        s(&valid),
+    ]);
+    assert!(out.contains("exact match"), "{out}");
+}
+
+#[test]
+fn tensor_adapter_bad_options_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let (m, d) = (model(), data("quickstart-train.jsonl"));
+    let base = [
+        "train",
+        "--model",
+        s(&m),
+        "--data",
+        s(&d),
+        "--output",
+        s(&run),
+        "--max-steps",
+        "2",
+        "--method",
+        "mpo",
+    ];
+    for (extra, want) in [
+        (&["--use-dora", "true"][..], "DoRA"),
+        (&["--init-weights", "svd"][..], "init_weights `svd`"),
+        (&["--mpo-modes", "7"][..], "mpo_modes = 7"),
+        (&["--bond-dim", "0"][..], "bond_dim"),
+    ] {
+        let e = fails(&[&base[..], extra].concat());
+        assert!(e.contains(want), "{extra:?}: {e}");
+    }
+}
