@@ -15,7 +15,7 @@
         FILE match the `logits` factune stored there. A 4-bit DIR (written by `factune quantize`) is loaded by
         transformers + bitsandbytes and run on bitsandbytes' dequantisation of its weights.
 
-Pinned: torch==2.15.0 transformers==5.23.0 peft==0.21.2 bitsandbytes==0.50.2 safetensors (see scripts/requirements-fixtures.txt).
+Pinned: torch==2.15.0 transformers==5.23.0 peft==0.21.2 bitsandbytes==0.50.2 tensorly==0.10.0 safetensors (see scripts/requirements-fixtures.txt).
 """
 import argparse
 import json
@@ -134,6 +134,7 @@ def build(out):
     build_dora(out)
     build_pissa(out)
     versions["bitsandbytes"] = build_nf4(out)
+    versions["tensorly"] = build_mpo(out)
     with open(os.path.join(out, "VERSIONS.json"), "w") as f:
         json.dump(versions, f, indent=2)
         f.write("\n")
@@ -279,6 +280,28 @@ def dense_from_4bit(model_dir):
     return m.eval()
 
 
+def build_mpo(out):
+    """TT-SVD references from tensorly: a [24, 36] matrix split into modes (4, 3, 2) x (4, 3, 3), reordered to
+    M[(j1 i1), (j2 i2), (j3 i3)], decomposed by `tensorly.decomposition.tensor_train` with every bond capped at
+    chi, and the reconstruction mapped back to [24, 36]. The truncated reconstruction is unique (distinct
+    singular values), so it is compared directly, free of the cores' gauge freedom."""
+    import tensorly
+    from tensorly.decomposition import tensor_train
+
+    set_seed(11)
+    w = torch.randn(24, 36, dtype=torch.float64)
+    jo, io = (4, 3, 2), (4, 3, 3)
+    m = w.reshape(*jo, *io).permute(0, 3, 1, 4, 2, 5).reshape(16, 9, 6).numpy()
+    ref = {"weight": w.float()}
+    for chi in (1, 2, 4, 8, 64):
+        tt = tensor_train(m, rank=[1, min(chi, 16), min(chi, 6), 1])
+        back = torch.from_numpy(tensorly.tt_to_tensor(tt)).reshape(4, 4, 3, 3, 2, 3)
+        ref[f"chi{chi}"] = back.permute(0, 2, 4, 1, 3, 5).reshape(24, 36).float()
+    save_file({k: v.contiguous() for k, v in ref.items()}, os.path.join(out, "mpo-reference.safetensors"))
+    print(f"mpo: tensorly {tensorly.__version__}")
+    return tensorly.__version__
+
+
 def verify(model_dir, adapter_dir, expect):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -307,6 +330,8 @@ def main():
     b.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures"))
     n = sub.add_parser("build-nf4", help="only the bitsandbytes NF4 fixture")
     n.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures"))
+    t = sub.add_parser("build-mpo", help="only the tensorly TT-SVD fixture")
+    t.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures"))
     v = sub.add_parser("verify")
     v.add_argument("--model", required=True)
     v.add_argument("--adapter")
@@ -317,6 +342,8 @@ def main():
         build(a.out)
     elif a.cmd == "build-nf4":
         build_nf4(a.out)
+    elif a.cmd == "build-mpo":
+        build_mpo(a.out)
     else:
         verify(a.model, a.adapter, a.expect)
 
