@@ -58,8 +58,10 @@ pub fn train(
     steps: usize,
     r: usize,
     init: &str,
+    quantize: bool,
 ) -> Result<()> {
-    let mut model = Model::load(model_dir, &Device::Cpu)?;
+    let nf4 = quantize.then_some(factune_model::Nf4Options { double_quant: true });
+    let mut model = Model::load_with(model_dir, &Device::Cpu, nf4)?;
     let cfg = AdapterConfig {
         r,
         lora_alpha: 2.0 * r as f64,
@@ -122,9 +124,59 @@ pub fn train(
     println!(
         "{}",
         serde_json::json!({"impl": "factune", "seq_len": seq_len, "batch": batch, "r": r, "steps": steps,
-            "init": init, "init_s": init_s,
+            "init": init, "init_s": init_s, "quantize": if quantize { "nf4" } else { "none" },
             "tokens_per_s": tokens / timed, "seconds_per_step": timed / steps as f64,
             "peak_rss_mb": peak_rss_mb(), "loss": last_loss})
+    );
+    Ok(())
+}
+
+/// The frozen linear's forward and input gradient with an f32 weight against the same weight in NF4
+/// (dequantised tile by tile inside the matmul), at the 135M model's layer shapes; prints a table and the
+/// ratios (NF4 speed as a fraction of f32).
+pub fn matmul(tokens: usize, reps: usize) -> Result<()> {
+    use factune_model::kernels::frozen_linear;
+    use factune_model::BaseWeight;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+    let mut rand =
+        |n: usize| -> Vec<f32> { (0..n).map(|_| rng.random_range(-0.05..0.05)).collect() };
+    println!("frozen linear, {tokens} tokens, best of {reps}; GFLOP/s = 2·tokens·out·in / time");
+    println!("| [out, in] | f32 fwd | NF4 fwd | ratio | f32 dX | NF4 dX | ratio |");
+    println!("|---|---|---|---|---|---|---|");
+    let (mut f32_total, mut nf4_total) = (0.0, 0.0);
+    for (out, inp) in [(576, 576), (192, 576), (1536, 576), (576, 1536)] {
+        let w = Tensor::from_vec(rand(out * inp), (out, inp), &Device::Cpu)?;
+        let x = candle_core::Var::from_vec(rand(tokens * inp), (tokens, inp), &Device::Cpu)?;
+        let dense = BaseWeight::Dense(w.clone());
+        let q = BaseWeight::quantized(&w, true)?;
+        let flops = 2.0 * (tokens * out * inp) as f64;
+        let time = |b: &BaseWeight, backward: bool| -> Result<f64> {
+            let mut best = f64::INFINITY;
+            for _ in 0..reps {
+                let y = frozen_linear(x.as_tensor(), b, None)?;
+                let t0 = Instant::now();
+                if backward {
+                    y.sum_all()?.backward()?;
+                } else {
+                    frozen_linear(x.as_tensor(), b, None)?;
+                }
+                best = best.min(t0.elapsed().as_secs_f64());
+            }
+            Ok(flops / best / 1e9)
+        };
+        let (fd, qd) = (time(&dense, false)?, time(&q, false)?);
+        let (fb, qb) = (time(&dense, true)?, time(&q, true)?);
+        f32_total += 1.0 / fd + 1.0 / fb;
+        nf4_total += 1.0 / qd + 1.0 / qb;
+        println!(
+            "| [{out}, {inp}] | {fd:.1} | {qd:.1} | {:.2} | {fb:.1} | {qb:.1} | {:.2} |",
+            qd / fd,
+            qb / fb
+        );
+    }
+    println!(
+        "NF4 / f32 speed over these shapes (forward + input gradient): {:.2}",
+        f32_total / nf4_total
     );
     Ok(())
 }

@@ -196,6 +196,16 @@ enum BenchCommand {
         /// init_lora_weights: true, pissa or pissa_niter_K (init time is reported as init_s)
         #[arg(long, default_value = "true")]
         init: String,
+        /// Hold the frozen linear weights in NF4 (QLoRA)
+        #[arg(long)]
+        nf4: bool,
+    },
+    /// Time the frozen linear (forward and input gradient) with f32 vs NF4 weights at the 135M layer shapes
+    Matmul {
+        #[arg(long, default_value_t = 1024)]
+        tokens: usize,
+        #[arg(long, default_value_t = 5)]
+        reps: usize,
     },
 }
 
@@ -300,7 +310,9 @@ fn main() {
             steps,
             r,
             init,
-        }) => bench::train(&model, seq_len, batch, steps, r, &init),
+            nf4,
+        }) => bench::train(&model, seq_len, batch, steps, r, &init, nf4),
+        Command::Bench(BenchCommand::Matmul { tokens, reps }) => bench::matmul(tokens, reps),
         Command::Quickstart {
             output,
             assets,

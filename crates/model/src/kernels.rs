@@ -81,6 +81,10 @@ struct FrozenLinear {
 /// and no f32 copy of the whole weight ever exists.
 const NF4_TILE: usize = 256;
 
+/// Up to this many input rows (decoding), the NF4 product reads the codes directly instead of dequantising
+/// tiles for gemm: with so few rows the dequantisation, not the arithmetic, is the cost.
+const NF4_DIRECT_ROWS: usize = 4;
+
 fn gemm_parallelism() -> gemm::Parallelism {
     gemm::Parallelism::Rayon(rayon::current_num_threads())
 }
@@ -101,6 +105,9 @@ fn for_each_nf4_tile(q: &Nf4Matrix, mut f: impl FnMut(usize, &[f32])) {
 
 /// `x [m, k] · Wᵀ → [m, n]` for an NF4 `W [n, k]`.
 fn nf4_matmul_t(x: &[f32], m: usize, q: &Nf4Matrix) -> Vec<f32> {
+    if m <= NF4_DIRECT_ROWS {
+        return q.matmul_t_small(x, m);
+    }
     let (n, k) = (q.rows, q.cols);
     let mut y = vec![0f32; m * n];
     for_each_nf4_tile(q, |r0, tile| {
@@ -850,7 +857,13 @@ mod tests {
     fn nf4_linear_matches_the_matmul_with_the_dequantised_weight() {
         // 600 rows span three dequantisation tiles (the last one partial); 40 columns put block edges
         // mid-row.
-        for (rows, cols) in [(600, 40), (7, 9)] {
+        // 1×2 input rows take the direct path for decoding, 3×5 the tiled one.
+        for ((rows, cols), x_shape) in [
+            ((600, 40), [3, 5]),
+            ((7, 9), [3, 5]),
+            ((600, 40), [1, 2]),
+            ((7, 9), [1, 1]),
+        ] {
             let w = rand(&[rows, cols], 21);
             let q = BaseWeight::quantized(&w, true).unwrap();
             let deq = q.dense().unwrap();
@@ -858,7 +871,7 @@ mod tests {
             check(
                 |x| frozen_linear(x, &q, Some(&b)),
                 |x| x.broadcast_matmul(&deq.t()?)?.broadcast_add(&b),
-                &[3, 5, cols],
+                &[x_shape[0], x_shape[1], cols],
             );
         }
     }

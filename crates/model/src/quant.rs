@@ -265,6 +265,50 @@ impl Nf4Matrix {
         }
     }
 
+    /// `x [m, cols] · Wᵀ → [m, rows]` straight from the codes, for a few rows of x (decoding): each block's
+    /// dot product runs over the unscaled levels, two codes per byte, and is scaled once. No dequantised copy.
+    pub fn matmul_t_small(&self, x: &[f32], m: usize) -> Vec<f32> {
+        let (n, k) = (self.rows, self.cols);
+        let mut y = vec![0f32; m * n];
+        let rows: Vec<Vec<f32>> = (0..n)
+            .into_par_iter()
+            .map(|r| {
+                let mut acc = vec![0f32; m];
+                let (start, end) = (r * k, (r + 1) * k);
+                let mut i = start;
+                while i < end {
+                    let block = i / NF4_BLOCK;
+                    let stop = ((block + 1) * NF4_BLOCK).min(end);
+                    let scale = self.scales.get(block);
+                    for (t, a) in acc.iter_mut().enumerate() {
+                        let xr = &x[t * k + (i - start)..t * k + (stop - start)];
+                        let mut part = 0f32;
+                        if i % 2 == 0 && (stop - i) % 2 == 0 {
+                            for (pair, &b) in xr.chunks_exact(2).zip(&self.packed[i / 2..stop / 2])
+                            {
+                                part += pair[0] * NF4_LEVELS[(b >> 4) as usize]
+                                    + pair[1] * NF4_LEVELS[(b & 0x0F) as usize];
+                            }
+                        } else {
+                            for (j, xv) in xr.iter().enumerate() {
+                                part += xv * NF4_LEVELS[self.code(i + j) as usize];
+                            }
+                        }
+                        *a += scale * part;
+                    }
+                    i = stop;
+                }
+                acc
+            })
+            .collect();
+        for (r, acc) in rows.into_iter().enumerate() {
+            for (t, v) in acc.into_iter().enumerate() {
+                y[t * n + r] = v;
+            }
+        }
+        y
+    }
+
     pub fn dequantize(&self) -> Vec<f32> {
         let mut out = vec![0f32; self.rows * self.cols];
         out.par_chunks_mut(self.cols)
