@@ -5,6 +5,7 @@ pub mod config;
 pub mod dora;
 pub mod loftq;
 pub mod lora;
+pub mod lqlora;
 pub mod mpo;
 pub mod peft;
 pub mod pissa;

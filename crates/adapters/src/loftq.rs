@@ -14,7 +14,8 @@ use factune_io::Result;
 use factune_model::linalg::svd_top;
 use factune_model::{AdaptableLinear, BaseWeight};
 
-/// What LoftQ achieved on one layer: Frobenius errors of plain NF4 and of LoftQ's `deq(Q) + s·BA`.
+/// What LoftQ achieved on one layer: Frobenius errors of plain quantisation (NF4, or the layer's planned
+/// width) and of LoftQ's `deq(Q) + s·BA`.
 #[derive(Debug, Clone, Copy)]
 pub struct LoftqError {
     pub nf4: f64,
@@ -31,7 +32,7 @@ fn fro(t: &Tensor) -> Result<f64> {
 
 /// The errors of `layer` (LoftQ-initialised, adapter untrained) against its full-precision weight `w`.
 pub fn error(layer: &AdaptableLinear, w: &Tensor) -> Result<LoftqError> {
-    let plain = BaseWeight::quantized(w, false)?.dense()?;
+    let plain = BaseWeight::nf(w, layer.planned_bits.unwrap_or(4), false)?.dense()?;
     let delta = match &layer.adapter {
         Some(a) => a.delta_weight(&layer.base)?,
         None => Tensor::zeros(w.shape(), DType::F32, w.device())?,
@@ -51,7 +52,8 @@ pub fn init(
     iters: usize,
 ) -> Result<(Tensor, Tensor)> {
     let w = layer.base.weight.dense()?.to_dtype(DType::F32)?;
-    let quantize = |t: &Tensor| BaseWeight::quantized(t, false);
+    let bits = layer.planned_bits.unwrap_or(4);
+    let quantize = |t: &Tensor| BaseWeight::nf(t, bits, false);
     let dev = w.device();
     let mut low_rank = Tensor::zeros(w.shape(), DType::F32, dev)?;
     let mut q = None;

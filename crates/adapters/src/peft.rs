@@ -135,6 +135,15 @@ pub const LOFTQ_BASE_DIR: &str = "loftq-base";
 /// `path_initial_model_for_weight_conversion`), and LoftQ, a plain LoRA with its 4-bit base in
 /// [`LOFTQ_BASE_DIR`]. Returns the config written.
 pub fn save_portable(model: &Model, cfg: &AdapterConfig, dir: &Path) -> Result<AdapterConfig> {
+    let all_nf4 = model
+        .linears()
+        .iter()
+        .all(|l| l.base.weight.as_nf().is_none_or(|q| q.bits == 4));
+    if cfg.init_lora_weights == "loftq" && !all_nf4 {
+        tracing::warn!("LoftQ on a mixed-precision base (LQ-LoRA) is saved natively: bitsandbytes' format has no NF3/NF8, and factune rebuilds the base from the original weights when it loads the adapter");
+        save(model, cfg, dir)?;
+        return Ok(cfg.clone());
+    }
     if cfg.init_lora_weights == "loftq" {
         // Trained against LoftQ's Q, not NF4(W): a plain LoRA, with Q written beside it as the base to load.
         let mut plain = cfg.clone();

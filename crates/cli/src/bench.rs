@@ -148,7 +148,7 @@ pub fn matmul(tokens: usize, reps: usize) -> Result<()> {
         let w = Tensor::from_vec(rand(out * inp), (out, inp), &Device::Cpu)?;
         let x = candle_core::Var::from_vec(rand(tokens * inp), (tokens, inp), &Device::Cpu)?;
         let dense = BaseWeight::Dense(w.clone());
-        let q = BaseWeight::quantized(&w, true)?;
+        let q = BaseWeight::nf4(&w, true)?;
         let flops = 2.0 * (tokens * out * inp) as f64;
         let time = |b: &BaseWeight, backward: bool| -> Result<f64> {
             let mut best = f64::INFINITY;

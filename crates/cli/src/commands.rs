@@ -31,20 +31,21 @@ pub fn device(name: &str) -> Result<Device> {
 }
 
 /// How the base's linear weights are held: `--quantize` if given, else as the adapter's training run held
-/// them (its `run.json` records the config), said out loud when it matters.
-fn base_quantization(args: &ModelArgs) -> Result<Option<Nf4Options>> {
+/// them (its `run.json` records the config), said out loud when it matters. The second value is the budget of
+/// a mixed-precision base, whose layout is planned again from the full-precision weights.
+fn base_quantization(args: &ModelArgs) -> Result<(Option<Nf4Options>, Option<f64>)> {
     let trained = args
         .adapter
         .as_ref()
         .map(|a| a.join("run.json"))
         .filter(|p| p.exists())
-        .map(|p| -> Result<Option<Nf4Options>> {
+        .map(|p| -> Result<TrainConfig> {
             let meta: serde_json::Value = factune_io::error::read_json(&p)?;
             let cfg: TrainConfig = serde_json::from_value(meta["config"].clone())
                 .with_context(|| format!("{}: bad `config`", p.display()))?;
+            let base = p.with_file_name(peft::LOFTQ_BASE_DIR);
             let four_bit = Weights::from_model_dir(&args.model)?.dtype_summary().contains_key("U8");
-            if cfg.is_loftq() && !four_bit && args.quantize.as_deref() != Some("none") {
-                let base = p.with_file_name(peft::LOFTQ_BASE_DIR);
+            if base.exists() && !four_bit && args.quantize.as_deref() != Some("none") {
                 bail!(
                     "the adapter was trained with LoftQ against its own 4-bit base, not a quantisation of {}: \
                      use --model {}",
@@ -52,21 +53,22 @@ fn base_quantization(args: &ModelArgs) -> Result<Option<Nf4Options>> {
                     base.display()
                 );
             }
-            Ok(cfg.nf4_options())
+            Ok(cfg)
         })
-        .transpose()?
-        .flatten();
+        .transpose()?;
+    let nf4 = trained.as_ref().and_then(|c| c.nf4_options());
+    let mixed = trained.as_ref().and_then(|c| c.mixed_budget());
     Ok(match args.quantize.as_deref() {
-        Some("nf4") => Some(trained.unwrap_or(Nf4Options { double_quant: true })),
-        Some(_) => None,
+        Some("nf4") => (Some(nf4.unwrap_or(Nf4Options { double_quant: true })), None),
+        Some(_) => (None, None),
         None => {
-            if trained.is_some() {
+            if nf4.is_some() {
                 eprintln!(
-                    "the adapter was trained on a 4-bit NF4 base (its run.json): quantising the base the \
-                     same way (--quantize none for full precision)"
+                    "the adapter was trained on a quantised base (its run.json): quantising the base the same \
+                     way (--quantize none for full precision)"
                 );
             }
-            trained
+            (nf4, mixed)
         }
     })
 }
@@ -74,14 +76,20 @@ fn base_quantization(args: &ModelArgs) -> Result<Option<Nf4Options>> {
 /// Loads the base model and (optionally) an adapter, reporting what the adapter matched.
 pub fn load_model(args: &ModelArgs) -> Result<Model> {
     let dev = device(&args.device)?;
-    let quantize = base_quantization(args)?;
-    // As in training: an init built from the full-precision weights runs before the base is quantised.
-    let after_init = match &args.adapter {
-        Some(a) => factune_adapters::AdapterConfig::from_file(&a.join(peft::CONFIG_FILE))?
-            .init_reads_base(),
-        None => false,
+    let (quantize, mixed) = base_quantization(args)?;
+    // As in training: an init built from the full-precision weights, and a mixed-precision plan, run before
+    // the base is quantised.
+    let adapter_cfg = match &args.adapter {
+        Some(a) => Some(factune_adapters::AdapterConfig::from_file(
+            &a.join(peft::CONFIG_FILE),
+        )?),
+        None => None,
     };
+    let after_init = adapter_cfg.as_ref().is_some_and(|c| c.init_reads_base()) || mixed.is_some();
     let mut model = Model::load_with(&args.model, &dev, quantize.filter(|_| !after_init))?;
+    if let (Some(budget), Some(c), Some(o)) = (mixed, &adapter_cfg, quantize) {
+        factune_adapters::lqlora::plan(&mut model, c, budget, o.double_quant)?;
+    }
     if let Some(a) = &args.adapter {
         let (cfg, report) = peft::load(&mut model, a, args.allow_partial)?;
         if let Some(o) = quantize {
@@ -125,7 +133,7 @@ pub fn train(
     // full-precision weights (PiSSA, LoftQ, DoTA) need them dense, and the trainer quantises after them.
     let quantize = cfg
         .nf4_options()
-        .filter(|_| !cfg.adapter_config().init_reads_base());
+        .filter(|_| !cfg.adapter_config().init_reads_base() && cfg.mixed_budget().is_none());
     let mut model = Model::load_with(model_dir, &device(dev)?, quantize)?;
     let tok = TextTokenizer::from_dir(model_dir)?;
     let outcome = TrainJob {
@@ -430,7 +438,7 @@ pub fn quantize(dir: &Path, output: &Path, double_quant: bool) -> Result<()> {
     factune_model::save::save_quantized(&model, &weights, output)?;
     let (mut bits, mut params) = (0.0, 0usize);
     for l in model.linears() {
-        if let Some(q) = l.base.weight.nf4() {
+        if let Some(q) = l.base.weight.as_nf() {
             bits += q.bits_per_param() * (q.rows * q.cols) as f64;
             params += q.rows * q.cols;
         }
@@ -512,7 +520,7 @@ pub fn inspect(dir: &Path) -> Result<()> {
     let quantized = model.quantized_keys().len();
     if quantized > 0 {
         let (mut bits, mut n) = (0.0, 0usize);
-        for q in model.linears().iter().filter_map(|l| l.base.weight.nf4()) {
+        for q in model.linears().iter().filter_map(|l| l.base.weight.as_nf()) {
             bits += q.bits_per_param() * (q.rows * q.cols) as f64;
             n += q.rows * q.cols;
         }

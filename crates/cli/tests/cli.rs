@@ -881,3 +881,94 @@ fn tensor_adapter_bad_options_are_named() {
         assert!(e.contains(want), "{extra:?}: {e}");
     }
 }
+
+#[test]
+fn mixed_precision_fits_the_budget_and_lq_lora_resumes_bit_identically() {
+    let dir = tempfile::tempdir().unwrap();
+    let layout = |d: &Path| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(d.join("quant_layout.json")).unwrap())
+            .unwrap()
+    };
+    let error = |l: &serde_json::Value| -> f64 {
+        l["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["relative_error"].as_f64().unwrap().powi(2))
+            .sum()
+    };
+    let (tight, loose) = (dir.path().join("tight"), dir.path().join("loose"));
+    train(
+        &tight,
+        "1",
+        &["--quantize", "mixed", "--quant-budget-bits", "3.6"],
+    );
+    train(
+        &loose,
+        "1",
+        &["--quantize", "mixed", "--quant-budget-bits", "5"],
+    );
+    let (t, l) = (layout(&tight), layout(&loose));
+    for (x, budget) in [(&t, 3.6), (&l, 5.0)] {
+        let avg = x["bits_per_weight"].as_f64().unwrap();
+        assert!(
+            avg <= budget && avg > budget - 1.0,
+            "{avg} bits for a budget of {budget}"
+        );
+    }
+    assert!(
+        error(&l) < error(&t),
+        "a larger budget must lower the error"
+    );
+
+    // LQ-LoRA: LoftQ at each layer's width; the plan and the base are rebuilt on resume
+    let straight = dir.path().join("lq");
+    let lq = [
+        "--quantize",
+        "mixed",
+        "--quant-budget-bits",
+        "3.6",
+        "--init-lora-weights",
+        "loftq",
+        "--save-steps",
+        "3",
+    ];
+    train(&straight, "6", &lq);
+    let fresh = dir.path().join("lq-resumed");
+    resume_into(&fresh, &straight.join("checkpoint-3"));
+    let adapter = |d: &Path| sha(&d.join("adapter_model.safetensors"));
+    assert_eq!(
+        adapter(&straight),
+        adapter(&fresh),
+        "LQ-LoRA: 6 steps straight != 3 + resume 3"
+    );
+    let valid = data("quickstart-valid.jsonl");
+    ok(&[
+        "eval",
+        "--model",
+        s(&model()),
+        "--adapter",
+        s(&straight),
+        "--data",
+        s(&valid),
+    ]);
+
+    let run = dir.path().join("impossible");
+    let (m, d) = (model(), data("quickstart-train.jsonl"));
+    let e = fails(&[
+        "train",
+        "--model",
+        s(&m),
+        "--data",
+        s(&d),
+        "--output",
+        s(&run),
+        "--max-steps",
+        "1",
+        "--quantize",
+        "mixed",
+        "--quant-budget-bits",
+        "2",
+    ]);
+    assert!(e.contains("quant_budget_bits") && e.contains("NF3"), "{e}");
+}

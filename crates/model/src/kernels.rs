@@ -11,7 +11,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Stora
 use rayon::prelude::*;
 
 use crate::linear::BaseWeight;
-use crate::quant::Nf4Matrix;
+use crate::quant::NfMatrix;
 
 fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
     let data = match s {
@@ -90,7 +90,7 @@ fn gemm_parallelism() -> gemm::Parallelism {
 }
 
 /// Calls `f(first_row, tile)` for consecutive tiles of an NF4 weight's rows, dequantised in parallel.
-fn for_each_nf4_tile(q: &Nf4Matrix, mut f: impl FnMut(usize, &[f32])) {
+fn for_each_nf4_tile(q: &NfMatrix, mut f: impl FnMut(usize, &[f32])) {
     let k = q.cols;
     let mut tile = vec![0f32; NF4_TILE.min(q.rows) * k];
     for r0 in (0..q.rows).step_by(NF4_TILE) {
@@ -104,7 +104,7 @@ fn for_each_nf4_tile(q: &Nf4Matrix, mut f: impl FnMut(usize, &[f32])) {
 }
 
 /// `x [m, k] · Wᵀ → [m, n]` for an NF4 `W [n, k]`.
-fn nf4_matmul_t(x: &[f32], m: usize, q: &Nf4Matrix) -> Vec<f32> {
+fn nf4_matmul_t(x: &[f32], m: usize, q: &NfMatrix) -> Vec<f32> {
     if m <= NF4_DIRECT_ROWS {
         return q.matmul_t_small(x, m);
     }
@@ -142,7 +142,7 @@ fn nf4_matmul_t(x: &[f32], m: usize, q: &Nf4Matrix) -> Vec<f32> {
 }
 
 /// `g [m, n] · W → [m, k]` for an NF4 `W [n, k]`: the input gradient, accumulated tile by tile.
-fn nf4_matmul(g: &[f32], m: usize, q: &Nf4Matrix) -> Vec<f32> {
+fn nf4_matmul(g: &[f32], m: usize, q: &NfMatrix) -> Vec<f32> {
     let (n, k) = (q.rows, q.cols);
     let mut dx = vec![0f32; m * k];
     for_each_nf4_tile(q, |r0, tile| {
@@ -176,7 +176,7 @@ fn nf4_matmul(g: &[f32], m: usize, q: &Nf4Matrix) -> Vec<f32> {
 }
 
 /// The input gradient through an NF4 weight, as an op of its own (it is never differentiated again).
-struct Nf4InputGrad(std::sync::Arc<Nf4Matrix>);
+struct Nf4InputGrad(std::sync::Arc<NfMatrix>);
 
 impl CustomOp1 for Nf4InputGrad {
     fn name(&self) -> &'static str {
@@ -198,7 +198,7 @@ impl FrozenLinear {
     fn input_grad(&self, g: &Tensor) -> Result<Tensor> {
         match &self.w {
             BaseWeight::Dense(w) => g.matmul(w),
-            BaseWeight::Nf4(q, _) => g.contiguous()?.apply_op1_no_bwd(&Nf4InputGrad(q.clone())),
+            BaseWeight::Nf(q, _) => g.contiguous()?.apply_op1_no_bwd(&Nf4InputGrad(q.clone())),
         }
     }
 }
@@ -232,7 +232,7 @@ impl CustomOp1 for FrozenLinear {
                     Layout::new(Shape::from((1, k, n)), vec![n * k, 1, k], wl.start_offset());
                 s.matmul(ws, (1, m, n, k), &x_l, &wt_l)?
             }
-            BaseWeight::Nf4(q, _) => {
+            BaseWeight::Nf(q, _) => {
                 CpuStorage::F32(nf4_matmul_t(f32_slice(s, l, "frozen-linear")?, m, q))
             }
         };
@@ -267,7 +267,7 @@ fn cpu_f32_weight(w: &BaseWeight) -> bool {
     w.device().is_cpu()
         && match w {
             BaseWeight::Dense(t) => t.dtype() == candle_core::DType::F32,
-            BaseWeight::Nf4(..) => true,
+            BaseWeight::Nf(..) => true,
         }
 }
 
@@ -865,7 +865,7 @@ mod tests {
             ((7, 9), [1, 1]),
         ] {
             let w = rand(&[rows, cols], 21);
-            let q = BaseWeight::quantized(&w, true).unwrap();
+            let q = BaseWeight::nf4(&w, true).unwrap();
             let deq = q.dense().unwrap();
             let b = rand(&[rows], 22);
             check(
@@ -886,7 +886,7 @@ mod tests {
     fn lora_linear_case(quantized: bool) {
         let (w, bias) = (rand(&[24, 16], 11), rand(&[24], 12));
         let base = if quantized {
-            BaseWeight::quantized(&w, false).unwrap()
+            BaseWeight::nf4(&w, false).unwrap()
         } else {
             BaseWeight::Dense(w.clone())
         };

@@ -2,7 +2,7 @@
 //! adapter. Adapter methods live in the `factune-adapters` crate and plug in through [`LinearAdapter`].
 
 use crate::kernels;
-use crate::quant::{Nf4Matrix, Scales};
+use crate::quant::{NfMatrix, Scales};
 use candle_core::{DType, Device, Result, Tensor, Var};
 use std::sync::Arc;
 
@@ -48,7 +48,7 @@ pub trait LinearAdapter: Send + Sync {
 #[derive(Clone)]
 pub enum BaseWeight {
     Dense(Tensor),
-    Nf4(Arc<Nf4Matrix>, Device),
+    Nf(Arc<NfMatrix>, Device),
 }
 
 impl BaseWeight {
@@ -56,14 +56,14 @@ impl BaseWeight {
     pub fn dims(&self) -> (usize, usize) {
         match self {
             BaseWeight::Dense(t) => (t.dims()[0], t.dims()[1]),
-            BaseWeight::Nf4(q, _) => (q.rows, q.cols),
+            BaseWeight::Nf(q, _) => (q.rows, q.cols),
         }
     }
 
     pub fn device(&self) -> &Device {
         match self {
             BaseWeight::Dense(t) => t.device(),
-            BaseWeight::Nf4(_, d) => d,
+            BaseWeight::Nf(_, d) => d,
         }
     }
 
@@ -72,7 +72,7 @@ impl BaseWeight {
     pub fn dense(&self) -> Result<Tensor> {
         match self {
             BaseWeight::Dense(t) => Ok(t.clone()),
-            BaseWeight::Nf4(q, d) => Tensor::from_vec(q.dequantize(), (q.rows, q.cols), d),
+            BaseWeight::Nf(q, d) => Tensor::from_vec(q.dequantize(), (q.rows, q.cols), d),
         }
     }
 
@@ -80,19 +80,30 @@ impl BaseWeight {
         matches!(self, BaseWeight::Dense(t) if t.is_variable())
     }
 
-    pub fn nf4(&self) -> Option<&Nf4Matrix> {
+    pub fn as_nf(&self) -> Option<&NfMatrix> {
         match self {
-            BaseWeight::Nf4(q, _) => Some(q),
+            BaseWeight::Nf(q, _) => Some(q),
             BaseWeight::Dense(_) => None,
         }
     }
 
     /// NF4 form of a weight (`double_quant`: 8-bit block scales).
-    pub fn quantized(w: &Tensor, double_quant: bool) -> factune_io::Result<Self> {
+    pub fn nf4(w: &Tensor, double_quant: bool) -> factune_io::Result<Self> {
+        Self::nf(w, 4, double_quant)
+    }
+
+    /// NormalFloat form of a weight with `bits` per code (2 to 8).
+    pub fn nf(w: &Tensor, bits: u8, double_quant: bool) -> factune_io::Result<Self> {
         let (rows, cols) = w.dims2()?;
         let v = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-        let q = Nf4Matrix::quantize(&v, rows, cols, double_quant)?;
-        Ok(BaseWeight::Nf4(Arc::new(q), w.device().clone()))
+        let q = NfMatrix::quantize_bits(
+            &v,
+            rows,
+            cols,
+            bits,
+            double_quant.then(crate::quant::dynamic_map),
+        )?;
+        Ok(BaseWeight::Nf(Arc::new(q), w.device().clone()))
     }
 }
 
@@ -108,8 +119,8 @@ impl FrozenParts {
     pub fn replace_weight(&mut self, w: Tensor) -> factune_io::Result<()> {
         self.weight = match &self.weight {
             BaseWeight::Dense(old) => BaseWeight::Dense(w.to_dtype(old.dtype())?),
-            BaseWeight::Nf4(q, _) => {
-                BaseWeight::quantized(&w, matches!(q.scales, Scales::Double { .. }))?
+            BaseWeight::Nf(q, _) => {
+                BaseWeight::nf(&w, q.bits, matches!(q.scales, Scales::Double { .. }))?
             }
         };
         Ok(())
@@ -126,6 +137,9 @@ pub struct AdaptableLinear {
     pub source_key: String,
     pub stored_transposed: bool,
     pub adapter: Option<Box<dyn LinearAdapter>>,
+    /// NormalFloat width this layer's weight gets when the base is quantised (a mixed-precision plan);
+    /// `None` is NF4.
+    pub planned_bits: Option<u8>,
 }
 
 impl AdaptableLinear {
@@ -144,6 +158,7 @@ impl AdaptableLinear {
             source_key,
             stored_transposed,
             adapter: None,
+            planned_bits: None,
         }
     }
 
@@ -242,7 +257,7 @@ pub fn read_weight(
     dev: &Device,
 ) -> factune_io::Result<BaseWeight> {
     if let Some(q) = crate::quant::read_bnb(checkpoint, key, out, inp)? {
-        return Ok(BaseWeight::Nf4(Arc::new(q), dev.clone()));
+        return Ok(BaseWeight::Nf(Arc::new(q), dev.clone()));
     }
     Ok(BaseWeight::Dense(if transposed {
         checkpoint

@@ -121,7 +121,7 @@ impl Loader<'_> {
     fn weight(&self, key: &str, out: usize, inp: usize, transposed: bool) -> Result<BaseWeight> {
         let w = read_weight(self.w, key, out, inp, transposed, self.dev)?;
         match (&w, self.quantize) {
-            (BaseWeight::Dense(t), Some(o)) => BaseWeight::quantized(t, o.double_quant),
+            (BaseWeight::Dense(t), Some(o)) => BaseWeight::nf4(t, o.double_quant),
             _ => Ok(w),
         }
     }
@@ -544,7 +544,7 @@ impl Model {
             norm(&mut out, &b.ln2, l2);
         }
         for l in self.linears() {
-            if dequantize || l.base.weight.nf4().is_none() {
+            if dequantize || l.base.weight.as_nf().is_none() {
                 let w = l.base.weight.dense().expect("NF4 weights dequantise");
                 // GPT-2's Conv1D is stored [in, out].
                 let w = if l.stored_transposed {
@@ -645,8 +645,8 @@ impl Model {
         Ok(vars)
     }
 
-    /// Quantises every dense linear weight of the blocks to NF4 (those already in 4 bits stay as they are);
-    /// returns how many it converted.
+    /// Quantises every dense linear weight of the blocks to NF4, or to its planned width (those already
+    /// quantised stay as they are); returns how many it converted.
     pub fn quantize_linears(&mut self, opts: Nf4Options) -> Result<usize> {
         let mut n = 0;
         for l in self.linears_mut() {
@@ -657,7 +657,7 @@ impl Model {
                         l.path
                     )));
                 }
-                l.base.weight = BaseWeight::quantized(w, opts.double_quant)?;
+                l.base.weight = BaseWeight::nf(w, l.planned_bits.unwrap_or(4), opts.double_quant)?;
                 n += 1;
             }
         }
@@ -670,7 +670,7 @@ impl Model {
             .iter()
             .map(|l| match &l.base.weight {
                 BaseWeight::Dense(t) => t.elem_count() * t.dtype().size_in_bytes(),
-                BaseWeight::Nf4(q, _) => q.storage_bytes(),
+                BaseWeight::Nf(q, _) => q.storage_bytes(),
             })
             .sum()
     }
@@ -679,7 +679,7 @@ impl Model {
     pub fn quantized_keys(&self) -> std::collections::HashSet<String> {
         self.linears()
             .iter()
-            .filter(|l| l.base.weight.nf4().is_some())
+            .filter(|l| l.base.weight.as_nf().is_some())
             .map(|l| format!("{}.weight", l.path))
             .collect()
     }

@@ -72,14 +72,96 @@ impl Scales {
     }
 }
 
-/// A weight matrix `[rows, cols]` in NF4.
+/// A weight matrix `[rows, cols]` in NormalFloat with `bits` per value (NF4 by default; 2 to 8 for mixed
+/// precision).
 #[derive(Clone, Debug, PartialEq)]
-pub struct Nf4Matrix {
+pub struct NfMatrix {
     pub rows: usize,
     pub cols: usize,
-    /// Two 4-bit level indices per byte, first value in the high nibble; `⌈rows·cols / 2⌉` bytes.
+    pub bits: u8,
+    /// Level indices as a bit stream, most significant bit first: for NF4 two per byte, the first value in the
+    /// high nibble (bitsandbytes' layout). Padded with zero-level codes to a whole byte.
     pub packed: Vec<u8>,
     pub scales: Scales,
+    levels: Vec<f32>,
+}
+
+/// Φ⁻¹(p), the standard normal quantile (Acklam's rational approximation, relative error below 1.2e−9).
+fn normal_quantile(p: f64) -> f64 {
+    const A: [f64; 6] = [
+        -3.969683028665376e1,
+        2.209460984245205e2,
+        -2.759285104469687e2,
+        1.38357751867269e2,
+        -3.066479806614716e1,
+        2.506628277459239,
+    ];
+    const B: [f64; 5] = [
+        -5.447609879822406e1,
+        1.615858368580409e2,
+        -1.556989798598866e2,
+        6.680131188771972e1,
+        -1.328068155288572e1,
+    ];
+    const C: [f64; 6] = [
+        -7.784894002430293e-3,
+        -3.223964580411365e-1,
+        -2.400758277161838,
+        -2.549732539343734,
+        4.374664141464968,
+        2.938163982698783,
+    ];
+    const D: [f64; 4] = [
+        7.784695709041462e-3,
+        3.224671290700398e-1,
+        2.445134137142996,
+        3.754408661907416,
+    ];
+    let tail = |q: f64| {
+        (((((C[0] * q + C[1]) * q + C[2]) * q + C[3]) * q + C[4]) * q + C[5])
+            / ((((D[0] * q + D[1]) * q + D[2]) * q + D[3]) * q + 1.0)
+    };
+    const LOW: f64 = 0.02425;
+    if p < LOW {
+        tail((-2.0 * p.ln()).sqrt())
+    } else if p > 1.0 - LOW {
+        -tail((-2.0 * (1.0 - p).ln()).sqrt())
+    } else {
+        let q = p - 0.5;
+        let r = q * q;
+        (((((A[0] * r + A[1]) * r + A[2]) * r + A[3]) * r + A[4]) * r + A[5]) * q
+            / (((((B[0] * r + B[1]) * r + B[2]) * r + B[3]) * r + B[4]) * r + 1.0)
+    }
+}
+
+/// The 2^bits NormalFloat levels, QLoRA's construction for any width: 2^(bits−1) quantiles of N(0, 1) on the
+/// positive side and 2^(bits−1) − 1 on the negative, equally spaced in probability from `offset` to ½, an
+/// exact zero, all divided by the largest. `offset` sits halfway between the outermost quantiles of
+/// 2^bits − 1 and 2^bits equal bins (0.9677 for 4 bits). For 4 bits the result is [`NF4_LEVELS`] (tested).
+pub fn nf_levels(bits: u8) -> Vec<f32> {
+    let n = 1usize << bits;
+    let offset = 1.0 - 0.5 * (1.0 / (2.0 * (n - 1) as f64) + 1.0 / (2.0 * n as f64));
+    let side = |count: usize| -> Vec<f64> {
+        (0..count)
+            .map(|i| normal_quantile(offset + (0.5 - offset) * i as f64 / count as f64))
+            .collect()
+    };
+    let mut v: Vec<f64> = side(n / 2);
+    v.extend(side(n / 2 - 1).into_iter().map(|x| -x));
+    v.push(0.0);
+    let max = v.iter().cloned().fold(f64::MIN, f64::max);
+    let mut out: Vec<f32> = v.into_iter().map(|x| (x / max) as f32).collect();
+    out.sort_by(f32::total_cmp);
+    out
+}
+
+/// The levels a `bits`-wide matrix indexes: bitsandbytes' exact NF4 table for 4 bits.
+fn levels_for(bits: u8) -> Vec<f32> {
+    if bits == 4 {
+        NF4_LEVELS.to_vec()
+    } else {
+        nf_levels(bits)
+    }
 }
 
 /// bitsandbytes' `create_dynamic_map(signed=True)`: 8-bit codes with a dynamic exponent (powers of ten from
@@ -107,14 +189,10 @@ pub fn dynamic_map() -> Vec<f32> {
     data
 }
 
-/// Index of the nearest NF4 level: the count of midpoints strictly below `v` (ties go to the lower level, as
+/// Index of the nearest level: the count of midpoints strictly below `v` (ties go to the lower level, as
 /// bitsandbytes' `bucketize`).
-fn nf4_code(v: f32, mids: &[f32; 15]) -> u8 {
-    mids.iter().take_while(|&&m| m < v).count() as u8
-}
-
-fn nf4_midpoints() -> [f32; 15] {
-    std::array::from_fn(|i| (NF4_LEVELS[i] + NF4_LEVELS[i + 1]) / 2.0)
+fn level_code(v: f32, mids: &[f32]) -> u8 {
+    mids.partition_point(|&m| m < v) as u8
 }
 
 /// Blockwise 8-bit quantisation against a sorted map (nearest entry, ties to the lower): codes and the
@@ -140,14 +218,14 @@ fn quantize_blockwise_8bit(x: &[f32], map: &[f32], block: usize) -> (Vec<u8>, Ve
     (codes, absmax)
 }
 
-impl Nf4Matrix {
-    /// Quantises a row-major `[rows, cols]` matrix; `double_quant` also quantises the block scales (against
-    /// [`dynamic_map`]).
+impl NfMatrix {
+    /// Quantises a row-major `[rows, cols]` matrix to NF4; `double_quant` also quantises the block scales
+    /// (against [`dynamic_map`]).
     pub fn quantize(w: &[f32], rows: usize, cols: usize, double_quant: bool) -> Result<Self> {
         Self::quantize_with(w, rows, cols, double_quant.then(dynamic_map))
     }
 
-    /// [`Nf4Matrix::quantize`] with the block scales double-quantised against a given 256-entry map, or kept in
+    /// [`NfMatrix::quantize`] with the block scales double-quantised against a given 256-entry map, or kept in
     /// f32 without one.
     pub fn quantize_with(
         w: &[f32],
@@ -155,9 +233,25 @@ impl Nf4Matrix {
         cols: usize,
         scale_map: Option<Vec<f32>>,
     ) -> Result<Self> {
+        Self::quantize_bits(w, rows, cols, 4, scale_map)
+    }
+
+    /// Quantises to `bits`-wide NormalFloat (2 to 8), block scales as in [`NfMatrix::quantize_with`].
+    pub fn quantize_bits(
+        w: &[f32],
+        rows: usize,
+        cols: usize,
+        bits: u8,
+        scale_map: Option<Vec<f32>>,
+    ) -> Result<Self> {
+        if !(2..=8).contains(&bits) {
+            return Err(Error::config(format!(
+                "NormalFloat width {bits} bits: expected 2 to 8"
+            )));
+        }
         if w.len() != rows * cols {
             return Err(Error::config(format!(
-                "NF4: {} values for a [{rows}, {cols}] matrix",
+                "NF{bits}: {} values for a [{rows}, {cols}] matrix",
                 w.len()
             )));
         }
@@ -167,7 +261,8 @@ impl Nf4Matrix {
                 w[i]
             )));
         }
-        let mids = nf4_midpoints();
+        let levels = levels_for(bits);
+        let mids: Vec<f32> = levels.windows(2).map(|p| (p[0] + p[1]) / 2.0).collect();
         let blocks: Vec<(f32, Vec<u8>)> = w
             .par_chunks(NF4_BLOCK)
             .map(|b| {
@@ -175,7 +270,7 @@ impl Nf4Matrix {
                 let inv = 1.0 / am.max(1e-38);
                 let codes = b
                     .iter()
-                    .map(|v| nf4_code((v * inv).clamp(-1.0, 1.0), &mids))
+                    .map(|v| level_code((v * inv).clamp(-1.0, 1.0), &mids))
                     .collect();
                 (am, codes)
             })
@@ -186,10 +281,23 @@ impl Nf4Matrix {
             absmax.push(am);
             codes.extend(c);
         }
-        if codes.len() % 2 == 1 {
-            codes.push(nf4_code(0.0, &mids)); // the pad is a zero, as bitsandbytes writes it
+        // the last byte's spare bits hold a zero code, as bitsandbytes pads NF4's odd last value
+        let bytes = (codes.len() * bits as usize).div_ceil(8);
+        while codes.len() * (bits as usize) < bytes * 8 {
+            codes.push(level_code(0.0, &mids));
         }
-        let packed = codes.chunks(2).map(|p| (p[0] << 4) | p[1]).collect();
+        let mut packed = vec![0u8; bytes];
+        for (i, &c) in codes.iter().enumerate() {
+            let bit = i * bits as usize;
+            let word = (c as u16) << (16 - bits as usize - bit % 8);
+            let Some(first) = packed.get_mut(bit / 8) else {
+                break;
+            };
+            *first |= (word >> 8) as u8;
+            if let Some(next) = packed.get_mut(bit / 8 + 1) {
+                *next |= word as u8;
+            }
+        }
         let scales = if let Some(map) = scale_map {
             let offset =
                 (absmax.iter().map(|&v| v as f64).sum::<f64>() / absmax.len() as f64) as f32;
@@ -204,18 +312,28 @@ impl Nf4Matrix {
         } else {
             Scales::F32(absmax)
         };
-        Self::from_parts(rows, cols, packed, scales)
+        Self::from_parts_bits(rows, cols, bits, packed, scales)
     }
 
-    /// Rebuilds a matrix from stored parts, checking that they fit together.
+    /// Rebuilds an NF4 matrix from stored parts, checking that they fit together.
     pub fn from_parts(rows: usize, cols: usize, packed: Vec<u8>, scales: Scales) -> Result<Self> {
+        Self::from_parts_bits(rows, cols, 4, packed, scales)
+    }
+
+    fn from_parts_bits(
+        rows: usize,
+        cols: usize,
+        bits: u8,
+        packed: Vec<u8>,
+        scales: Scales,
+    ) -> Result<Self> {
         let n = rows * cols;
         let blocks = n.div_ceil(NF4_BLOCK);
-        if packed.len() != n.div_ceil(2) {
+        let bytes = (n * bits as usize).div_ceil(8);
+        if packed.len() != bytes {
             return Err(Error::config(format!(
-                "NF4 [{rows}, {cols}]: {} packed bytes, expected {}",
+                "NF{bits} [{rows}, {cols}]: {} packed bytes, expected {bytes}",
                 packed.len(),
-                n.div_ceil(2)
             )));
         }
         if scales.len() != blocks {
@@ -235,17 +353,27 @@ impl Nf4Matrix {
                 )));
             }
         }
-        Ok(Nf4Matrix {
+        Ok(NfMatrix {
             rows,
             cols,
+            bits,
             packed,
             scales,
+            levels: levels_for(bits),
         })
     }
 
     /// The level index of element `i` (row-major).
     pub fn code(&self, i: usize) -> u8 {
-        (self.packed[i / 2] >> (4 * (1 - (i & 1)))) & 0x0F
+        let (b, bit) = (self.bits as usize, i * self.bits as usize);
+        let hi = (self.packed[bit / 8] as u16) << 8;
+        let lo = self.packed.get(bit / 8 + 1).copied().unwrap_or(0) as u16;
+        (((hi | lo) >> (16 - b - bit % 8)) & ((1 << b) - 1)) as u8
+    }
+
+    /// The level table the codes index.
+    pub fn levels(&self) -> &[f32] {
+        &self.levels
     }
 
     /// Dequantises rows `start..start + out.len() / cols` into `out` (row-major), a block's scale decoded
@@ -259,7 +387,7 @@ impl Nf4Matrix {
             let end = ((block + 1) * NF4_BLOCK - base).min(out.len());
             let scale = self.scales.get(block);
             for (k, o) in out[j..end].iter_mut().enumerate() {
-                *o = NF4_LEVELS[self.code(i + k) as usize] * scale;
+                *o = self.levels[self.code(i + k) as usize] * scale;
             }
             j = end;
         }
@@ -283,7 +411,7 @@ impl Nf4Matrix {
                     for (t, a) in acc.iter_mut().enumerate() {
                         let xr = &x[t * k + (i - start)..t * k + (stop - start)];
                         let mut part = 0f32;
-                        if i % 2 == 0 && (stop - i) % 2 == 0 {
+                        if self.bits == 4 && i % 2 == 0 && (stop - i) % 2 == 0 {
                             for (pair, &b) in xr.chunks_exact(2).zip(&self.packed[i / 2..stop / 2])
                             {
                                 part += pair[0] * NF4_LEVELS[(b >> 4) as usize]
@@ -291,7 +419,7 @@ impl Nf4Matrix {
                             }
                         } else {
                             for (j, xv) in xr.iter().enumerate() {
-                                part += xv * NF4_LEVELS[self.code(i + j) as usize];
+                                part += xv * self.levels[self.code(i + j) as usize];
                             }
                         }
                         *a += scale * part;
@@ -325,7 +453,7 @@ impl Nf4Matrix {
                 codes, absmax, map, ..
             } => 8 * codes.len() + 32 * (absmax.len() + map.len() + 1),
         };
-        let bits = 8 * self.packed.len() + scale_bits + 32 * NF4_LEVELS.len();
+        let bits = 8 * self.packed.len() + scale_bits + 32 * self.levels.len();
         bits as f64 / (self.rows * self.cols) as f64
     }
 
@@ -341,7 +469,13 @@ impl Nf4Matrix {
 
 /// The tensors bitsandbytes (through transformers' `save_pretrained`) stores for a 4-bit weight `key`:
 /// the packed codes as `[⌈n/2⌉, 1]` u8, the scales, the level map and a JSON blob of the rest.
-pub fn to_bnb_tensors(q: &Nf4Matrix, key: &str) -> Result<Vec<(String, Tensor)>> {
+pub fn to_bnb_tensors(q: &NfMatrix, key: &str) -> Result<Vec<(String, Tensor)>> {
+    if q.bits != 4 {
+        return Err(Error::config(format!(
+            "`{key}` is held in NF{}; bitsandbytes' format stores NF4 only",
+            q.bits
+        )));
+    }
     let dev = &Device::Cpu;
     let mut out = vec![
         (
@@ -392,7 +526,7 @@ pub fn to_bnb_tensors(q: &Nf4Matrix, key: &str) -> Result<Vec<(String, Tensor)>>
 
 /// Reads the 4-bit weight `key` of shape `[rows, cols]` if the checkpoint stores it in bitsandbytes' layout
 /// (`None` when `key` is an ordinary float tensor).
-pub fn read_bnb(w: &Weights, key: &str, rows: usize, cols: usize) -> Result<Option<Nf4Matrix>> {
+pub fn read_bnb(w: &Weights, key: &str, rows: usize, cols: usize) -> Result<Option<NfMatrix>> {
     let Some((_, dtype)) = w.info(key) else {
         return Ok(None);
     };
@@ -456,7 +590,7 @@ pub fn read_bnb(w: &Weights, key: &str, rows: usize, cols: usize) -> Result<Opti
     } else {
         Scales::F32(f32s(&absmax_key)?)
     };
-    Nf4Matrix::from_parts(rows, cols, w.raw(key)?.0.to_vec(), scales)
+    NfMatrix::from_parts(rows, cols, w.raw(key)?.0.to_vec(), scales)
         .map(Some)
         .map_err(|e| bad(e.to_string()))
 }
@@ -480,7 +614,7 @@ mod tests {
     fn round_trip_error_is_bounded_by_half_the_widest_level_gap() {
         for double in [false, true] {
             let w = gaussian(96 * 130, 1);
-            let q = Nf4Matrix::quantize(&w, 96, 130, double).unwrap();
+            let q = NfMatrix::quantize(&w, 96, 130, double).unwrap();
             let d = q.dequantize();
             for (b, (wb, db)) in w.chunks(NF4_BLOCK).zip(d.chunks(NF4_BLOCK)).enumerate() {
                 let am = wb.iter().fold(0f32, |a, v| a.max(v.abs()));
@@ -492,7 +626,7 @@ mod tests {
             }
             // quantising the dequantised matrix again gives the same codes (the levels are fixed points)
             if !double {
-                let again = Nf4Matrix::quantize(&d, 96, 130, false).unwrap();
+                let again = NfMatrix::quantize(&d, 96, 130, false).unwrap();
                 assert_eq!(again.packed, q.packed);
             }
         }
@@ -501,8 +635,8 @@ mod tests {
     #[test]
     fn double_quantization_costs_about_4_127_bits_per_parameter() {
         let w = gaussian(1024 * 1024, 2);
-        let plain = Nf4Matrix::quantize(&w, 1024, 1024, false).unwrap();
-        let double = Nf4Matrix::quantize(&w, 1024, 1024, true).unwrap();
+        let plain = NfMatrix::quantize(&w, 1024, 1024, false).unwrap();
+        let double = NfMatrix::quantize(&w, 1024, 1024, true).unwrap();
         assert!(
             (plain.bits_per_param() - 4.5).abs() < 0.01,
             "{}",
@@ -516,10 +650,48 @@ mod tests {
     }
 
     #[test]
+    fn normalfloat_construction_reproduces_the_nf4_table() {
+        for (a, b) in nf_levels(4).iter().zip(NF4_LEVELS) {
+            assert!((a - b).abs() < 2e-6, "{a} vs {b}");
+        }
+        for bits in 2..=8 {
+            let l = nf_levels(bits);
+            assert_eq!(l.len(), 1 << bits);
+            assert!(
+                l.windows(2).all(|p| p[0] < p[1]),
+                "NF{bits} levels not increasing"
+            );
+            assert_eq!((l[0], l[l.len() - 1]), (-1.0, 1.0));
+            assert!(l.contains(&0.0));
+        }
+    }
+
+    #[test]
+    fn every_width_round_trips_and_error_falls_with_bits() {
+        let w = gaussian(33 * 70, 3);
+        let mut last = f64::INFINITY;
+        for bits in [2u8, 3, 4, 5, 8] {
+            let q = NfMatrix::quantize_bits(&w, 33, 70, bits, None).unwrap();
+            assert_eq!(q.packed.len(), (33 * 70 * bits as usize).div_ceil(8));
+            // codes are the nearest levels: quantising the dequantised matrix again changes nothing
+            let d = q.dequantize();
+            let again = NfMatrix::quantize_bits(&d, 33, 70, bits, None).unwrap();
+            assert_eq!(again.packed, q.packed, "NF{bits}");
+            let err: f64 = w
+                .iter()
+                .zip(&d)
+                .map(|(a, b)| ((a - b) as f64).powi(2))
+                .sum();
+            assert!(err < last, "NF{bits}: error {err} not below {last}");
+            last = err;
+        }
+    }
+
+    #[test]
     fn bad_input_is_named() {
-        let e = Nf4Matrix::quantize(&[0.0, f32::NAN], 1, 2, true).unwrap_err();
+        let e = NfMatrix::quantize(&[0.0, f32::NAN], 1, 2, true).unwrap_err();
         assert!(e.to_string().contains("not finite"), "{e}");
-        let e = Nf4Matrix::from_parts(4, 64, vec![0; 10], Scales::F32(vec![1.0; 4])).unwrap_err();
+        let e = NfMatrix::from_parts(4, 64, vec![0; 10], Scales::F32(vec![1.0; 4])).unwrap_err();
         assert!(e.to_string().contains("packed bytes"), "{e}");
     }
 }

@@ -60,7 +60,7 @@ pub fn save_quantized(model: &Model, src: &factune_io::Weights, dest: &Path) -> 
     let mut double_quant = true;
     let mut quantized_keys = Vec::new();
     for l in model.linears() {
-        let Some(q) = l.base.weight.nf4() else {
+        let Some(q) = l.base.weight.as_nf() else {
             continue;
         };
         double_quant &= matches!(q.scales, crate::quant::Scales::Double { .. });

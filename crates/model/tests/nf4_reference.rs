@@ -1,7 +1,7 @@
 //! NF4 quantisation against bitsandbytes 0.50.2 (`scripts/make_fixtures.py build-nf4`): identical 4-bit codes
 //! and block scales, identical double-quantised scales, and the same dequantised values.
 
-use factune_model::quant::{dynamic_map, Nf4Matrix, Scales};
+use factune_model::quant::{dynamic_map, NfMatrix, Scales};
 use safetensors::SafeTensors;
 use std::path::PathBuf;
 
@@ -33,7 +33,7 @@ fn nf4_codes_scales_and_values_match_bitsandbytes() {
         let (w, shape) = f32s(&st, &format!("{name}.weight"));
         let (rows, cols) = (shape[0], shape[1]);
 
-        let plain = Nf4Matrix::quantize(&w, rows, cols, false).unwrap();
+        let plain = NfMatrix::quantize(&w, rows, cols, false).unwrap();
         assert_eq!(
             plain.packed,
             u8s(&st, &format!("{name}.codes")),
@@ -56,7 +56,7 @@ fn nf4_codes_scales_and_values_match_bitsandbytes() {
                 "dynamic map: {a} vs {b}"
             );
         }
-        let dq = Nf4Matrix::quantize_with(&w, rows, cols, Some(bnb_map.clone())).unwrap();
+        let dq = NfMatrix::quantize_with(&w, rows, cols, Some(bnb_map.clone())).unwrap();
         assert_eq!(dq.packed, plain.packed);
         let Scales::Double {
             codes,
@@ -104,7 +104,7 @@ fn nf4_codes_scales_and_values_match_bitsandbytes() {
         );
 
         // dequantisation of bitsandbytes' own codes gives its values
-        let theirs = Nf4Matrix::from_parts(
+        let theirs = NfMatrix::from_parts(
             rows,
             cols,
             dq.packed.clone(),

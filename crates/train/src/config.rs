@@ -153,9 +153,12 @@ train_config! {
     warm_start_steps: usize = 0,
     /// Also train embeddings, norms and the LM head alongside the adapters (output is then a full model)
     train_embeddings_and_norms: bool = false,
-    /// `nf4`: hold the frozen linear weights in 4-bit NF4 and train the adapters on top (QLoRA); `none` keeps
+    /// `nf4`: hold the frozen linear weights in 4-bit NF4 and train the adapters on top (QLoRA); `mixed`: a
+    /// NormalFloat width per weight (NF3/NF4/NF8) chosen to fit `quant_budget_bits` (LQ-LoRA); `none` keeps
     /// them as stored. Weights a checkpoint already stores in 4 bits stay 4-bit either way.
     quantize: String = "none".into(),
+    /// `quantize = "mixed"`: average stored bits per frozen linear weight, block scales included.
+    quant_budget_bits: f64 = 4.0,
     /// Double quantization of the NF4 block scales (8-bit, block 256): ≈ 4.127 instead of 4.5 bits per weight.
     double_quant | "bnb_4bit_use_double_quant": bool = true,
     /// LoftQ (`init_lora_weights = "loftq"`): alternations of quantise / rank-r SVD of the residual.
@@ -190,9 +193,14 @@ impl TrainConfig {
 
     /// How the frozen linears are held in 4 bits, if they are.
     pub fn nf4_options(&self) -> Option<factune_model::Nf4Options> {
-        (self.quantize == "nf4").then_some(factune_model::Nf4Options {
+        (self.quantize == "nf4" || self.quantize == "mixed").then_some(factune_model::Nf4Options {
             double_quant: self.double_quant,
         })
+    }
+
+    /// The memory budget of a mixed-precision base, if the base is mixed.
+    pub fn mixed_budget(&self) -> Option<f64> {
+        (self.quantize == "mixed").then_some(self.quant_budget_bits)
     }
 
     /// LoftQ computes the 4-bit base from the full-precision weight, so the model loads unquantised.
@@ -272,13 +280,24 @@ impl TrainConfig {
         if self.warm_start_steps >= self.max_steps && self.warm_start_steps > 0 {
             return bad("warm_start_steps", "must be smaller than max_steps");
         }
-        if !["none", "nf4"].contains(&self.quantize.as_str()) {
+        if !["none", "nf4", "mixed"].contains(&self.quantize.as_str()) {
             return bad(
                 "quantize",
-                &format!("`{}` is not a format; expected none or nf4", self.quantize),
+                &format!(
+                    "`{}` is not a format; expected none, nf4 or mixed",
+                    self.quantize
+                ),
             );
         }
-        if self.quantize == "nf4"
+        if self.quantize == "mixed"
+            && !(self.quant_budget_bits.is_finite() && self.quant_budget_bits > 0.0)
+        {
+            return bad(
+                "quant_budget_bits",
+                "must be a positive number of bits per weight",
+            );
+        }
+        if self.quantize != "none"
             && (self.is_full() || self.relora_steps > 0 || self.warm_start_steps > 0)
         {
             return bad(
@@ -287,10 +306,10 @@ impl TrainConfig {
                  full precision (set quantize = \"none\")",
             );
         }
-        if self.is_loftq() && self.quantize != "nf4" {
+        if self.is_loftq() && self.quantize == "none" {
             return bad(
                 "init_lora_weights",
-                "\"loftq\" initialises the adapter against a 4-bit base; set quantize = \"nf4\"",
+                "\"loftq\" initialises the adapter against a quantised base; set quantize = \"nf4\" or \"mixed\"",
             );
         }
         if self.use_dora && !self.peft_type.eq_ignore_ascii_case("LORA") {

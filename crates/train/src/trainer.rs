@@ -137,6 +137,12 @@ impl TrainJob<'_> {
             );
         }
         let adapter_cfg = cfg.adapter_config();
+        if let Some(budget) = cfg.mixed_budget() {
+            let t0 = Instant::now();
+            let layout =
+                factune_adapters::lqlora::plan(self.model, &adapter_cfg, budget, cfg.double_quant)?;
+            self.report_layout(&layout, budget, t0.elapsed().as_secs_f64())?;
+        }
         let mut params = match self.resume.clone() {
             Some(ckpt) => self.restore(&ckpt, start_step)?,
             None if relora::adapters_on(&cfg, 0) => self.switch_to_adapters()?,
@@ -152,7 +158,7 @@ impl TrainJob<'_> {
         eprintln!("{summary}");
         if !self.model.quantized_keys().is_empty() {
             eprintln!(
-                "base: {} linear weights in NF4, {:.0} MB",
+                "base: {} linear weights quantised, {:.1} MB",
                 self.model.quantized_keys().len(),
                 self.model.linear_weight_bytes() as f64 / 1e6
             );
@@ -310,7 +316,7 @@ impl TrainJob<'_> {
             self.save_full_model()?;
         } else {
             let written = peft::save_portable(self.model, &adapter_cfg, &self.out)?;
-            if cfg.is_loftq() {
+            if self.out.join(peft::LOFTQ_BASE_DIR).exists() {
                 eprintln!(
                     "LoftQ: the adapter belongs on its 4-bit base, written to {} (use it as --model)",
                     self.out.join(peft::LOFTQ_BASE_DIR).display()
@@ -341,6 +347,38 @@ impl TrainJob<'_> {
         })
     }
 
+    /// The mixed-precision layout: widths chosen, printed in summary and written to `quant_layout.json`.
+    fn report_layout(
+        &self,
+        layout: &[factune_adapters::lqlora::Choice],
+        budget: f64,
+        secs: f64,
+    ) -> Result<()> {
+        let total: usize = layout.iter().map(|c| c.params).sum();
+        let bits: f64 = layout
+            .iter()
+            .map(|c| c.bits_per_param * c.params as f64)
+            .sum();
+        let mut counts = std::collections::BTreeMap::new();
+        for c in layout {
+            *counts.entry(c.bits).or_insert(0) += 1;
+        }
+        let widths: Vec<String> = counts.iter().map(|(b, n)| format!("{n}× NF{b}")).collect();
+        eprintln!(
+            "mixed precision for {budget} bits/weight: {} → {:.3} bits/weight on average (planned in {secs:.1}s; \
+             layout in quant_layout.json)",
+            widths.join(", "),
+            bits / total.max(1) as f64
+        );
+        let text = serde_json::to_string_pretty(&json!({
+            "budget_bits_per_weight": budget,
+            "bits_per_weight": bits / total.max(1) as f64,
+            "layers": layout,
+        }))
+        .map_err(|e| Error::config(e.to_string()))?;
+        atomic::write_atomic(&self.out.join("quant_layout.json"), text.as_bytes())
+    }
+
     /// LoftQ's reconstruction error per layer against plain NF4, printed in summary and written to
     /// `loftq_errors.json`.
     fn report_loftq(&self) -> Result<()> {
@@ -357,7 +395,7 @@ impl TrainJob<'_> {
             rows.push(json!({"module": l.path, "nf4_error": e.nf4, "loftq_error": e.loftq}));
         }
         eprintln!(
-            "LoftQ ({} iterations): ‖W − (deq(Q) + sBA)‖ = {:.4e} over {} layers, plain NF4 {:.4e} ({:+.1}%)",
+            "LoftQ ({} iterations): ‖W − (deq(Q) + sBA)‖ = {:.4e} over {} layers, plain quantisation {:.4e} ({:+.1}%)",
             self.config.loftq_iter,
             loftq.sqrt(),
             rows.len(),
