@@ -90,6 +90,10 @@ pub struct AdapterConfig {
     /// MPO adapters: number of modes each side of the weight is factored into (3 to 5).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mpo_modes: Option<usize>,
+    /// MPO adapters: mode factorisations given per layer shape, `"OUTxIN": [[j_1, …], [i_1, …]]`; other shapes
+    /// are factored automatically.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mpo_factors: Option<BTreeMap<String, [Vec<usize>; 2]>>,
     /// MPO adapters: `"dota"` (cores from the truncated MPO of W, residual frozen) or `"random"` (last core 0).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub init_weights: Option<String>,
@@ -156,6 +160,33 @@ impl AdapterConfig {
         }
     }
 
+    /// Parses the `mpo_factors` flag / TOML string `"192x512=8*8*3/8*8*8, 192x192=4*6*8/4*6*8"`.
+    pub fn parse_mpo_factors(spec: &str) -> Result<BTreeMap<String, [Vec<usize>; 2]>> {
+        let bad = |part: &str| {
+            Error::config(format!(
+                "mpo_factors `{part}`: expected OUTxIN=j1*j2*…/i1*i2*… (e.g. 192x512=8*8*3/8*8*8)"
+            ))
+        };
+        let nums = |s: &str| -> Option<Vec<usize>> {
+            s.split('*').map(|n| n.trim().parse().ok()).collect()
+        };
+        spec.split(',')
+            .map(str::trim)
+            .filter(|p| !p.is_empty())
+            .map(|part| {
+                let (shape, f) = part.split_once('=').ok_or_else(|| bad(part))?;
+                let (o, i) = f.split_once('/').ok_or_else(|| bad(part))?;
+                Ok((
+                    shape.trim().to_string(),
+                    [
+                        nums(o).ok_or_else(|| bad(part))?,
+                        nums(i).ok_or_else(|| bad(part))?,
+                    ],
+                ))
+            })
+            .collect()
+    }
+
     /// LoftQ's iteration count from `loftq_config` (default 1); only 4-bit LoftQ is implemented.
     pub fn loftq_iter(&self) -> Result<usize> {
         let c = &self.loftq_config;
@@ -208,7 +239,7 @@ impl AdapterConfig {
             _ => vec![],
         };
         // written only for the methods that use them
-        own.extend(["bond_dim", "mpo_modes", "init_weights"].map(String::from));
+        own.extend(["bond_dim", "mpo_modes", "mpo_factors", "init_weights"].map(String::from));
         for (k, v) in map {
             if own.contains(k) {
                 continue;

@@ -99,11 +99,23 @@ fn settings(cfg: &AdapterConfig, layer: &AdaptableLinear) -> Result<Settings> {
         }
     };
     let (o, i) = (layer.out_features(), layer.in_features());
-    Ok(Settings {
-        chi,
-        modes: Modes::balanced(o, i, n),
-        dota,
-    })
+    let modes = match cfg
+        .mpo_factors
+        .as_ref()
+        .and_then(|m| m.get(&format!("{o}x{i}")))
+    {
+        Some([jo, io]) => {
+            if jo.len() != n {
+                return Err(Error::config(format!(
+                    "mpo_factors for {o}x{i} has {} modes, mpo_modes is {n}",
+                    jo.len()
+                )));
+            }
+            Modes::given(o, i, jo, io)?
+        }
+        None => Modes::balanced(o, i, n),
+    };
+    Ok(Settings { chi, modes, dota })
 }
 
 /// DoTA: cores from TT-SVD of W, the layer's weight replaced by the residual. Returns the cores.

@@ -876,10 +876,41 @@ fn tensor_adapter_bad_options_are_named() {
         (&["--init-weights", "svd"][..], "init_weights `svd`"),
         (&["--mpo-modes", "7"][..], "mpo_modes = 7"),
         (&["--bond-dim", "0"][..], "bond_dim"),
+        (
+            &["--mpo-factors", "192x192=8*8*4/8*8*3"][..],
+            "do not factor",
+        ),
+        (
+            &["--mpo-factors", "512x192=8*8*8"][..],
+            "mpo_factors `512x192=8*8*8`",
+        ),
     ] {
         let e = fails(&[&base[..], extra].concat());
         assert!(e.contains(want), "{extra:?}: {e}");
     }
+    // factors given for one shape are used for it; the other shapes are factored automatically
+    ok(&[
+        &base[..],
+        &[
+            "--mpo-factors",
+            "512x192=2*16*16/3*8*8",
+            "--bond-dim",
+            "4",
+            "--target-modules",
+            "all-linear",
+        ],
+    ]
+    .concat());
+    let bytes = std::fs::read(run.join("adapter_model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let core = |m: &str| {
+        st.tensor(&format!("base_model.model.model.layers.0.{m}.mpo_cores.0"))
+            .unwrap()
+            .shape()
+            .to_vec()
+    };
+    assert_eq!(core("mlp.up_proj"), vec![1, 2, 3, 4]);
+    assert_eq!(core("mlp.down_proj"), vec![1, 8, 8, 4]);
 }
 
 #[test]

@@ -167,6 +167,8 @@ train_config! {
     bond_dim: usize = 8,
     /// MPO adapters: modes each side of a weight is factored into (2 to 5).
     mpo_modes: usize = 3,
+    /// MPO adapters: mode factorisations per layer shape, `OUTxIN=j1*j2*j3/i1*i2*i3, …` (others automatic).
+    mpo_factors: String = String::new(),
     /// MPO adapters: `dota` (cores from W's truncated MPO, residual frozen) or `random` (last core zero).
     init_weights: String = "dota".into(),
 }
@@ -312,6 +314,7 @@ impl TrainConfig {
                 "\"loftq\" initialises the adapter against a quantised base; set quantize = \"nf4\" or \"mixed\"",
             );
         }
+        AdapterConfig::parse_mpo_factors(&self.mpo_factors)?;
         if self.use_dora && !self.peft_type.eq_ignore_ascii_case("LORA") {
             return bad(
                 "use_dora",
@@ -349,6 +352,8 @@ impl TrainConfig {
                 InitWeights::Named(s) => serde_json::Value::String(s.clone()),
             },
             bond_dim: mpo.then_some(self.bond_dim),
+            mpo_factors: (mpo && !self.mpo_factors.is_empty())
+                .then(|| AdapterConfig::parse_mpo_factors(&self.mpo_factors).unwrap_or_default()),
             mpo_modes: mpo.then_some(self.mpo_modes),
             init_weights: mpo.then(|| self.init_weights.clone()),
             loftq_config: if self.is_loftq() {
