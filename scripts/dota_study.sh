@@ -29,6 +29,9 @@ for task in $TASKS; do
       esac
       for seed in $SEEDS; do
         run="$OUT/$task-r$r-chi$chi-$method-s$seed"
+        # finished runs are kept: the study can be stopped and continued
+        grep -qs "\"run\":\"$run\"" "$OUT/summary.jsonl" && continue
+        rm -rf "$run"
         echo "== $run" >&2
         start=$(date +%s.%N)
         "$F" train --model assets/default-model --data "assets/data/$task-train.jsonl" --output "$run" \
