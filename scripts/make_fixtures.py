@@ -133,6 +133,7 @@ def build(out):
         print(f"{name}: loss {out_.loss.item():.6f}, {sum(k.endswith('.grad') for k in ref)} LoRA gradients")
     build_dora(out)
     build_pissa(out)
+    build_vera(out)
     versions["bitsandbytes"] = build_nf4(out)
     versions["tensorly"] = build_mpo(out)
     with open(os.path.join(out, "VERSIONS.json"), "w") as f:
@@ -173,6 +174,38 @@ def build_dora(out):
         pm.save_pretrained(os.path.join(out, f"{name}-dora"))
         save_file({k: v.clone().contiguous() for k, v in ref.items()}, os.path.join(out, f"{name}-dora-reference.safetensors"))
         print(f"{name}-dora: loss {o.loss.item():.6f}")
+
+
+def build_vera(out):
+    """VeRA on the fixture Llama and GPT-2 (one shared projection pair, saved with the adapter): lambda_b moved off
+    zero and lambda_d off d_initial so the update is non-zero, with logits, loss and the gradients of every
+    lambda."""
+    from peft import VeraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    for name, targets, fan in [("llama", ["q_proj", "v_proj", "down_proj"], False), ("gpt2", ["c_attn", "c_fc"], True)]:
+        model = AutoModelForCausalLM.from_pretrained(os.path.join(out, name), dtype=torch.float32).eval()
+        ids = input_ids()
+        labels = ids.clone()
+        labels[:, :3] = -100
+        set_seed(3)
+        cfg = VeraConfig(task_type="CAUSAL_LM", r=8, target_modules=targets, projection_prng_key=5,
+                         save_projection=True, vera_dropout=0.0, d_initial=0.1, fan_in_fan_out=fan)
+        pm = get_peft_model(model, cfg)
+        with torch.no_grad():
+            for pname, p in pm.named_parameters():
+                if "vera_lambda" in pname:
+                    p.add_(0.5 * torch.randn_like(p))
+        o = pm(input_ids=ids, labels=labels)
+        o.loss.backward()
+        ref = {"input_ids": ids.clone(), "labels": labels.clone(), "logits": o.logits.detach().float(),
+               "loss": o.loss.detach().reshape(1).float()}
+        for pname, p in pm.named_parameters():
+            if p.requires_grad:
+                ref[pname.replace(".default", "") + ".grad"] = p.grad.detach().float().contiguous()
+        pm.save_pretrained(os.path.join(out, f"{name}-vera"))
+        save_file({k: v.clone().contiguous() for k, v in ref.items()}, os.path.join(out, f"{name}-vera-reference.safetensors"))
+        print(f"{name}-vera: loss {o.loss.item():.6f}")
 
 
 def build_pissa(out):
@@ -330,6 +363,8 @@ def main():
     b.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures"))
     n = sub.add_parser("build-nf4", help="only the bitsandbytes NF4 fixture")
     n.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures"))
+    v2 = sub.add_parser("build-vera", help="only the PEFT VeRA fixtures")
+    v2.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures"))
     t = sub.add_parser("build-mpo", help="only the tensorly TT-SVD fixture")
     t.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures"))
     v = sub.add_parser("verify")
@@ -344,6 +379,8 @@ def main():
         build_nf4(a.out)
     elif a.cmd == "build-mpo":
         build_mpo(a.out)
+    elif a.cmd == "build-vera":
+        build_vera(a.out)
     else:
         verify(a.model, a.adapter, a.expect)
 

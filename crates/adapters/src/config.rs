@@ -96,7 +96,19 @@ pub struct AdapterConfig {
     pub mpo_factors: Option<BTreeMap<String, [Vec<usize>; 2]>>,
     /// MPO adapters: `"dota"` (cores from the truncated MPO of W, residual frozen) or `"random"` (last core 0).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub init_weights: Option<String>,
+    pub init_weights: Option<Value>,
+    /// VeRA: initial value of every `vera_lambda_d` entry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub d_initial: Option<f64>,
+    /// VeRA: seed of the shared random projections.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub projection_prng_key: Option<u64>,
+    /// VeRA: whether the shared projections are stored in the adapter file (factune always stores them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub save_projection: Option<bool>,
+    /// VeRA's dropout on the adapter input (PEFT's name for it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vera_dropout: Option<f64>,
 }
 
 /// Keys PEFT writes that factune reads without acting on them when they hold their default (null, empty, false).
@@ -155,7 +167,7 @@ impl AdapterConfig {
         let named =
             |p: &str| matches!(&self.init_lora_weights, Value::String(s) if s.starts_with(p));
         match self.peft_type.as_str() {
-            "MPO" => self.init_weights.as_deref().unwrap_or("dota") == "dota",
+            "MPO" => self.mpo_init() == "dota",
             _ => named("pissa") || named("loftq"),
         }
     }
@@ -185,6 +197,19 @@ impl AdapterConfig {
                 ))
             })
             .collect()
+    }
+
+    /// MPO adapters' init: `dota` unless `init_weights` names another.
+    pub fn mpo_init(&self) -> &str {
+        match &self.init_weights {
+            Some(Value::String(s)) => s,
+            _ => "dota",
+        }
+    }
+
+    /// The dropout on the adapter's input: `vera_dropout` for VeRA, `lora_dropout` otherwise.
+    pub fn dropout(&self) -> f64 {
+        self.vera_dropout.unwrap_or(self.lora_dropout)
     }
 
     /// LoftQ's iteration count from `loftq_config` (default 1); only 4-bit LoftQ is implemented.
@@ -239,7 +264,19 @@ impl AdapterConfig {
             _ => vec![],
         };
         // written only for the methods that use them
-        own.extend(["bond_dim", "mpo_modes", "mpo_factors", "init_weights"].map(String::from));
+        own.extend(
+            [
+                "bond_dim",
+                "mpo_modes",
+                "mpo_factors",
+                "init_weights",
+                "d_initial",
+                "projection_prng_key",
+                "save_projection",
+                "vera_dropout",
+            ]
+            .map(String::from),
+        );
         for (k, v) in map {
             if own.contains(k) {
                 continue;
@@ -298,9 +335,26 @@ impl AdapterConfig {
         Ok(())
     }
 
-    /// The JSON factune writes: only keys PEFT >= 0.10 accepts.
+    /// The JSON factune writes: only keys PEFT >= 0.10 accepts for the method (a VeRA config has no LoRA keys).
     pub fn to_json(&self) -> Result<String> {
-        serde_json::to_string_pretty(self)
-            .map_err(|e| Error::config(format!("adapter config: {e}")))
+        let mut v = serde_json::to_value(self)
+            .map_err(|e| Error::config(format!("adapter config: {e}")))?;
+        if self.peft_type == "VERA" {
+            if let Value::Object(m) = &mut v {
+                for k in [
+                    "lora_alpha",
+                    "lora_dropout",
+                    "use_rslora",
+                    "use_dora",
+                    "init_lora_weights",
+                    "rank_pattern",
+                    "alpha_pattern",
+                    "loftq_config",
+                ] {
+                    m.remove(k);
+                }
+            }
+        }
+        serde_json::to_string_pretty(&v).map_err(|e| Error::config(format!("adapter config: {e}")))
     }
 }

@@ -11,6 +11,7 @@ pub mod peft;
 pub mod pissa;
 pub mod registry;
 pub mod targets;
+pub mod vera;
 
 pub use config::{AdapterConfig, TargetModules};
 pub use peft::{attach, load, save, trainable, trainable_summary, LoadReport};

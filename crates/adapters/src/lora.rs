@@ -142,6 +142,7 @@ impl Method for LoraMethod {
         rank: usize,
         alpha: f64,
         rng: &mut ChaCha8Rng,
+        _shared: &HashMap<String, Tensor>,
     ) -> Result<Box<dyn LinearAdapter>> {
         check_rank(layer, rank)?;
         let (o, i) = (layer.out_features(), layer.in_features());
@@ -170,7 +171,7 @@ impl Method for LoraMethod {
             a: Var::from_tensor(&a)?,
             b: Var::from_tensor(&b)?,
             scale,
-            dropout: cfg.lora_dropout,
+            dropout: cfg.dropout(),
         };
         with_dora(cfg, lora, layer, None)
     }
@@ -207,7 +208,7 @@ impl Method for LoraMethod {
             a: Var::from_tensor(a)?,
             b: Var::from_tensor(b)?,
             scale,
-            dropout: cfg.lora_dropout,
+            dropout: cfg.dropout(),
         };
         with_dora(cfg, lora, layer, t.get("lora_magnitude_vector").cloned())
     }

@@ -89,7 +89,7 @@ fn settings(cfg: &AdapterConfig, layer: &AdaptableLinear) -> Result<Settings> {
     if chi == 0 {
         return Err(Error::config("bond_dim must be > 0"));
     }
-    let dota = match cfg.init_weights.as_deref().unwrap_or("dota") {
+    let dota = match cfg.mpo_init() {
         "dota" => true,
         "random" => false,
         other => {
@@ -144,6 +144,7 @@ impl Method for MpoMethod {
         _rank: usize,
         _alpha: f64,
         rng: &mut ChaCha8Rng,
+        _shared: &HashMap<String, Tensor>,
     ) -> Result<Box<dyn LinearAdapter>> {
         let s = settings(cfg, layer)?;
         let dev = layer.base.weight.device().clone();
@@ -170,7 +171,7 @@ impl Method for MpoMethod {
                 .map(Var::from_tensor)
                 .collect::<candle_core::Result<_>>()?,
             modes: s.modes,
-            dropout: cfg.lora_dropout,
+            dropout: cfg.dropout(),
         }))
     }
 
@@ -206,7 +207,7 @@ impl Method for MpoMethod {
                 .map(|n| Var::from_tensor(&t[*n]))
                 .collect::<candle_core::Result<_>>()?,
             modes: s.modes,
-            dropout: cfg.lora_dropout,
+            dropout: cfg.dropout(),
         }))
     }
 }

@@ -27,13 +27,21 @@ pub fn attach(model: &mut Model, cfg: &AdapterConfig, seed: u64) -> Result<Vec<S
     let paths: Vec<String> = model.linears().iter().map(|l| l.path.clone()).collect();
     matcher.check_all_used(&paths.iter().map(String::as_str).collect::<Vec<_>>())?;
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let (max_out, max_in) = model
+        .linears()
+        .iter()
+        .filter(|l| matcher.matches(&l.path))
+        .fold((0, 0), |(o, i), l| {
+            (o.max(l.out_features()), i.max(l.in_features()))
+        });
+    let shared = m.init_shared(cfg, max_out, max_in, &model.device.clone())?;
     let mut wrapped = Vec::new();
     for layer in model.linears_mut() {
         if !matcher.matches(&layer.path) {
             continue;
         }
         let (r, alpha) = (cfg.rank_for(&layer.path), cfg.alpha_for(&layer.path));
-        layer.adapter = Some(m.init(cfg, layer, r, alpha, &mut rng)?);
+        layer.adapter = Some(m.init(cfg, layer, r, alpha, &mut rng, &shared)?);
         wrapped.push(layer.path.clone());
     }
     Ok(wrapped)
@@ -100,6 +108,14 @@ pub fn adapter_bytes(model: &Model) -> Result<Vec<u8>> {
     let mut tensors = BTreeMap::new();
     for (k, v) in trainable(model) {
         tensors.insert(k, v.as_tensor().clone());
+    }
+    // shared tensors once, at the top level (PEFT's `base_model.vera_A`)
+    for l in model.linears() {
+        if let Some(a) = &l.adapter {
+            for (name, t) in a.shared() {
+                tensors.entry(format!("base_model.{name}")).or_insert(t);
+            }
+        }
     }
     tensors_bytes(tensors)
 }
@@ -238,7 +254,30 @@ pub fn load(
     // Group tensors by module path.
     let mut by_module: HashMap<String, HashMap<String, String>> = HashMap::new();
     let mut report = LoadReport::default();
+    let dev = model.device.clone();
+    let mut shared = HashMap::new();
+    for name in m.shared_names() {
+        let key = format!("base_model.{name}");
+        if !weights.contains(&key) {
+            return Err(Error::invalid(
+                &wpath,
+                format!(
+                    "missing the shared tensor `{key}` ({} adapters saved with save_projection = false rely on \
+                     PyTorch's random generator, which factune cannot reproduce: save them with \
+                     save_projection = true)",
+                    cfg.peft_type
+                ),
+            ));
+        }
+        shared.insert(name.to_string(), weights.get(&key, DType::F32, &dev)?);
+    }
     for key in weights.names() {
+        if m.shared_names()
+            .iter()
+            .any(|n| key == format!("base_model.{n}"))
+        {
+            continue;
+        }
         let rest = key.strip_prefix(KEY_PREFIX).unwrap_or(key);
         match m
             .tensor_names(&cfg)
@@ -256,7 +295,6 @@ pub fn load(
         }
     }
     let matcher = TargetMatcher::new(&cfg.target_modules)?;
-    let dev = model.device.clone();
     let mut seen = BTreeSet::new();
     for layer in model.linears_mut() {
         let Some(names) = by_module.get(&layer.path) else {
@@ -270,7 +308,7 @@ pub fn load(
             report.missing_modules.push(layer.path.clone());
             continue;
         }
-        let mut tensors = HashMap::new();
+        let mut tensors = shared.clone();
         for (n, key) in names {
             tensors.insert(n.clone(), weights.get(key, DType::F32, &dev)?);
         }

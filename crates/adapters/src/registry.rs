@@ -20,7 +20,23 @@ pub trait Method: Sync {
         rank: usize,
         alpha: f64,
         rng: &mut ChaCha8Rng,
+        shared: &HashMap<String, Tensor>,
     ) -> Result<Box<dyn LinearAdapter>>;
+    /// Names of tensors shared by every adapted layer (VeRA's projections), stored once in the file as
+    /// `base_model.<name>` and handed to `load_tensors` among the module's own.
+    fn shared_names(&self) -> &'static [&'static str] {
+        &[]
+    }
+    /// The shared tensors for a model whose adapted layers are at most `[max_out, max_in]`.
+    fn init_shared(
+        &self,
+        _cfg: &AdapterConfig,
+        _max_out: usize,
+        _max_in: usize,
+        _dev: &candle_core::Device,
+    ) -> Result<HashMap<String, Tensor>> {
+        Ok(HashMap::new())
+    }
     /// An adapter rebuilt from saved tensors (every name of `tensor_names` is present).
     fn load_tensors(
         &self,
@@ -31,7 +47,11 @@ pub trait Method: Sync {
     ) -> Result<Box<dyn LinearAdapter>>;
 }
 
-const METHODS: &[&dyn Method] = &[&crate::lora::LoraMethod, &crate::mpo::MpoMethod];
+const METHODS: &[&dyn Method] = &[
+    &crate::lora::LoraMethod,
+    &crate::mpo::MpoMethod,
+    &crate::vera::VeraMethod,
+];
 
 pub fn method(peft_type: &str) -> Result<&'static dyn Method> {
     METHODS

@@ -40,7 +40,7 @@ fn cfg(init: &str, chi: usize) -> AdapterConfig {
         peft_type: "MPO".into(),
         bond_dim: Some(chi),
         mpo_modes: Some(3),
-        init_weights: Some(init.into()),
+        init_weights: Some(serde_json::Value::String(init.into())),
         target_modules: TargetModules::Pattern("all-linear".into()),
         ..AdapterConfig::default()
     }

@@ -390,3 +390,68 @@ fn randomised_pissa_is_a_no_op_at_init_and_captures_the_top_directions() {
         "randomised top-4 energy {fast} vs exact {exact}"
     );
 }
+
+#[test]
+fn llama_vera_matches_peft() {
+    check_kind("llama", "vera", "llama-vera");
+}
+
+#[test]
+fn gpt2_vera_matches_peft() {
+    check_kind("gpt2", "vera", "gpt2-vera");
+}
+
+#[test]
+fn vera_init_is_a_no_op_saves_its_projections_once_and_merges_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut model = Model::load(&fixtures().join("llama"), &Device::Cpu).unwrap();
+    let r = reference("llama-vera");
+    let ids = r["input_ids"].to_dtype(DType::U32).unwrap();
+    let base = model.forward(&ids, None, &Ctx::default()).unwrap();
+    let cfg = AdapterConfig {
+        peft_type: "VERA".into(),
+        r: 8,
+        target_modules: TargetModules::Pattern("all-linear".into()),
+        projection_prng_key: Some(3),
+        d_initial: Some(0.1),
+        ..AdapterConfig::default()
+    };
+    attach(&mut model, &cfg, 0).unwrap();
+    let d = max_abs(&(model.forward(&ids, None, &Ctx::default()).unwrap() - &base).unwrap());
+    assert!(
+        d == 0.0,
+        "λ_b = 0 must leave the model unchanged, moved by {d}"
+    );
+    // r + out parameters per layer
+    let n: usize = trainable(&model).iter().map(|(_, v)| v.elem_count()).sum();
+    let want: usize = model.linears().iter().map(|l| 8 + l.out_features()).sum();
+    assert_eq!(n, want);
+    for (_, v) in trainable(&model) {
+        v.set(&(v.as_tensor() + 0.3).unwrap()).unwrap();
+    }
+    let adapted = model.forward(&ids, None, &Ctx::default()).unwrap();
+    save(&model, &cfg, dir.path()).unwrap();
+    let st =
+        candle_core::safetensors::load(dir.path().join("adapter_model.safetensors"), &Device::Cpu)
+            .unwrap();
+    let (a, b) = (&st["base_model.vera_A"], &st["base_model.vera_B"]);
+    assert_eq!(
+        (a.dims(), b.dims()),
+        (&[8, 96][..], &[96, 8][..]),
+        "one pair sized to the largest layer"
+    );
+    let json = std::fs::read_to_string(dir.path().join("adapter_config.json")).unwrap();
+    assert!(
+        json.contains("\"peft_type\": \"VERA\"") && !json.contains("lora_alpha"),
+        "{json}"
+    );
+    let mut fresh = Model::load(&fixtures().join("llama"), &Device::Cpu).unwrap();
+    load(&mut fresh, dir.path(), false).unwrap();
+    let d = max_abs(&(fresh.forward(&ids, None, &Ctx::default()).unwrap() - &adapted).unwrap());
+    assert!(d < 1e-6, "reloaded VeRA differs by {d}");
+    for l in fresh.linears_mut() {
+        l.merge().unwrap();
+    }
+    let d = max_abs(&(fresh.forward(&ids, None, &Ctx::default()).unwrap() - &adapted).unwrap());
+    assert!(d < 1e-4, "merged VeRA differs by {d}");
+}

@@ -485,7 +485,7 @@ pub fn inspect(dir: &Path) -> Result<()> {
             Some(chi) => println!(
                 "  bond_dim: {chi}  mpo_modes: {}  init_weights: {}  dropout: {}",
                 cfg.mpo_modes.unwrap_or(3),
-                cfg.init_weights.as_deref().unwrap_or("dota"),
+                cfg.mpo_init(),
                 cfg.lora_dropout
             ),
             None => println!(

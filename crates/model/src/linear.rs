@@ -31,6 +31,10 @@ pub trait LinearAdapter: Send + Sync {
     fn parameters(&self) -> Vec<(String, Var)>;
     /// The dense update ΔW `[out, in]` this adapter adds to the weight.
     fn delta_weight(&self, base: &FrozenParts) -> Result<Tensor>;
+    /// Tensors this adapter shares with every other layer's (VeRA's projections), by name, for saving once.
+    fn shared(&self) -> Vec<(String, Tensor)> {
+        Vec::new()
+    }
     /// The whole adapted layer as one fused op over a frozen base, where the method has one (fewer autograd
     /// nodes); `None` falls back to the frozen output followed by [`LinearAdapter::forward`].
     fn forward_fused(

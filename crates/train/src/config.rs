@@ -171,6 +171,10 @@ train_config! {
     mpo_factors: String = String::new(),
     /// MPO adapters: `dota` (cores from W's truncated MPO, residual frozen) or `random` (last core zero).
     init_weights: String = "dota".into(),
+    /// VeRA (`peft_type = "VERA"`): initial value of the λ_d scaling vectors.
+    d_initial: f64 = 0.1,
+    /// VeRA: seed of the shared random projections.
+    projection_prng_key: u64 = 0,
 }
 
 impl TrainConfig {
@@ -336,6 +340,7 @@ impl TrainConfig {
     /// The adapter part, as PEFT's `LoraConfig`.
     pub fn adapter_config(&self) -> AdapterConfig {
         let mpo = self.peft_type.eq_ignore_ascii_case("MPO");
+        let vera = self.peft_type.eq_ignore_ascii_case("VERA");
         AdapterConfig {
             peft_type: self.peft_type.to_uppercase(),
             r: self.r,
@@ -355,7 +360,15 @@ impl TrainConfig {
             mpo_factors: (mpo && !self.mpo_factors.is_empty())
                 .then(|| AdapterConfig::parse_mpo_factors(&self.mpo_factors).unwrap_or_default()),
             mpo_modes: mpo.then_some(self.mpo_modes),
-            init_weights: mpo.then(|| self.init_weights.clone()),
+            init_weights: if mpo {
+                Some(serde_json::Value::String(self.init_weights.clone()))
+            } else {
+                vera.then_some(serde_json::Value::Bool(true))
+            },
+            d_initial: vera.then_some(self.d_initial),
+            projection_prng_key: vera.then_some(self.projection_prng_key),
+            save_projection: vera.then_some(true),
+            vera_dropout: vera.then_some(self.lora_dropout),
             loftq_config: if self.is_loftq() {
                 serde_json::json!({"loftq_bits": 4, "loftq_iter": self.loftq_iter})
                     .as_object()
