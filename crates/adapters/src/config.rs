@@ -106,6 +106,12 @@ pub struct AdapterConfig {
     /// VeRA: whether the shared projections are stored in the adapter file (factune always stores them).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub save_projection: Option<bool>,
+    /// Sparse + low-rank (`peft_type = "ROSA"`): fraction of each weight's entries in the sparse part.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sparse_density: Option<f64>,
+    /// Sparse + low-rank: how the support is chosen, `"weight"` (largest |W|).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sparse_init: Option<String>,
     /// VeRA's dropout on the adapter input (PEFT's name for it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vera_dropout: Option<f64>,
@@ -274,6 +280,8 @@ impl AdapterConfig {
                 "projection_prng_key",
                 "save_projection",
                 "vera_dropout",
+                "sparse_density",
+                "sparse_init",
             ]
             .map(String::from),
         );

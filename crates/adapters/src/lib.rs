@@ -10,6 +10,7 @@ pub mod mpo;
 pub mod peft;
 pub mod pissa;
 pub mod registry;
+pub mod rosa;
 pub mod targets;
 pub mod vera;
 

@@ -110,7 +110,7 @@ fn with_dora(
     Ok(Box::new(d))
 }
 
-fn check_rank(layer: &AdaptableLinear, r: usize) -> Result<()> {
+pub(crate) fn check_rank(layer: &AdaptableLinear, r: usize) -> Result<()> {
     let (o, i) = (layer.out_features(), layer.in_features());
     if r == 0 || r > o.min(i) {
         return Err(Error::config(format!(

@@ -109,9 +109,13 @@ pub fn adapter_bytes(model: &Model) -> Result<Vec<u8>> {
     for (k, v) in trainable(model) {
         tensors.insert(k, v.as_tensor().clone());
     }
-    // shared tensors once, at the top level (PEFT's `base_model.vera_A`)
+    // fixed per-module tensors beside the parameters; shared ones once, at the top level (PEFT's
+    // `base_model.vera_A`)
     for l in model.linears() {
         if let Some(a) = &l.adapter {
+            for (name, t) in a.buffers() {
+                tensors.insert(format!("{KEY_PREFIX}{}.{name}", l.path), t);
+            }
             for (name, t) in a.shared() {
                 tensors.entry(format!("base_model.{name}")).or_insert(t);
             }
@@ -123,7 +127,10 @@ pub fn adapter_bytes(model: &Model) -> Result<Vec<u8>> {
 fn tensors_bytes(tensors: BTreeMap<String, Tensor>) -> Result<Vec<u8>> {
     let tensors = tensors
         .into_iter()
-        .map(|(k, t)| Ok((k, t.to_dtype(DType::F32)?)))
+        .map(|(k, t)| match t.dtype() {
+            DType::I64 => Ok((k, t)),
+            _ => Ok((k, t.to_dtype(DType::F32)?)),
+        })
         .collect::<Result<BTreeMap<_, _>>>()?;
     let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
     to_safetensors_bytes(&tensors, Some(meta))
@@ -310,7 +317,11 @@ pub fn load(
         }
         let mut tensors = shared.clone();
         for (n, key) in names {
-            tensors.insert(n.clone(), weights.get(key, DType::F32, &dev)?);
+            let integer = weights
+                .info(key)
+                .is_some_and(|(_, d)| d == safetensors::Dtype::I64);
+            let dtype = if integer { DType::I64 } else { DType::F32 };
+            tensors.insert(n.clone(), weights.get(key, dtype, &dev)?);
         }
         let alpha = cfg.alpha_for(&layer.path);
         layer.adapter = Some(

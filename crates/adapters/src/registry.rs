@@ -51,6 +51,7 @@ const METHODS: &[&dyn Method] = &[
     &crate::lora::LoraMethod,
     &crate::mpo::MpoMethod,
     &crate::vera::VeraMethod,
+    &crate::rosa::RosaMethod,
 ];
 
 pub fn method(peft_type: &str) -> Result<&'static dyn Method> {

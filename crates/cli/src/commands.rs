@@ -463,8 +463,10 @@ pub fn inspect(dir: &Path) -> Result<()> {
     if adapter_cfg.exists() {
         let cfg = factune_adapters::AdapterConfig::from_file(&adapter_cfg)?;
         let w = Weights::from_files(&[dir.join(peft::WEIGHTS_FILE)])?;
+        // trainable values only: shared projections and sparse indices are not parameters
         let params: usize = w
             .names()
+            .filter(|n| !n.starts_with("base_model.vera_") && !n.ends_with("sparse_indices"))
             .filter_map(|n| w.info(n))
             .map(|(s, _)| s.iter().product::<usize>())
             .sum();

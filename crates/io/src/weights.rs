@@ -162,10 +162,12 @@ impl Weights {
                 shape,
                 device,
             )?,
+            // integer tensors (sparse indices) are read exactly, as i64
+            StDtype::I64 => Tensor::from_vec(le_values(bytes, i64::from_le_bytes), shape, device)?,
             other => {
                 return Err(Error::invalid(
                     &shard.path,
-                    format!("tensor `{name}` has dtype {other:?}; supported: F32, F16, BF16"),
+                    format!("tensor `{name}` has dtype {other:?}; supported: F32, F16, BF16, I64"),
                 ))
             }
         };

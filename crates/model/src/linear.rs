@@ -31,6 +31,10 @@ pub trait LinearAdapter: Send + Sync {
     fn parameters(&self) -> Vec<(String, Var)>;
     /// The dense update ΔW `[out, in]` this adapter adds to the weight.
     fn delta_weight(&self, base: &FrozenParts) -> Result<Tensor>;
+    /// Fixed (untrained) tensors of this layer's adapter saved beside its parameters, e.g. a sparse support.
+    fn buffers(&self) -> Vec<(String, Tensor)> {
+        Vec::new()
+    }
     /// Tensors this adapter shares with every other layer's (VeRA's projections), by name, for saving once.
     fn shared(&self) -> Vec<(String, Tensor)> {
         Vec::new()

@@ -175,6 +175,10 @@ train_config! {
     d_initial: f64 = 0.1,
     /// VeRA: seed of the shared random projections.
     projection_prng_key: u64 = 0,
+    /// Sparse + low-rank (`peft_type = "ROSA"`): fraction of each weight's entries in the trained sparse part.
+    sparse_density: f64 = 0.01,
+    /// Sparse + low-rank: support of the sparse part, `weight` (largest |W| entries).
+    sparse_init: String = "weight".into(),
 }
 
 impl TrainConfig {
@@ -341,6 +345,7 @@ impl TrainConfig {
     pub fn adapter_config(&self) -> AdapterConfig {
         let mpo = self.peft_type.eq_ignore_ascii_case("MPO");
         let vera = self.peft_type.eq_ignore_ascii_case("VERA");
+        let rosa = self.peft_type.eq_ignore_ascii_case("ROSA");
         AdapterConfig {
             peft_type: self.peft_type.to_uppercase(),
             r: self.r,
@@ -369,6 +374,8 @@ impl TrainConfig {
             projection_prng_key: vera.then_some(self.projection_prng_key),
             save_projection: vera.then_some(true),
             vera_dropout: vera.then_some(self.lora_dropout),
+            sparse_density: rosa.then_some(self.sparse_density),
+            sparse_init: rosa.then(|| self.sparse_init.clone()),
             loftq_config: if self.is_loftq() {
                 serde_json::json!({"loftq_bits": 4, "loftq_iter": self.loftq_iter})
                     .as_object()
