@@ -112,6 +112,9 @@ pub struct AdapterConfig {
     /// Sparse + low-rank: how the support is chosen, `"weight"` (largest |W|).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sparse_init: Option<String>,
+    /// MultiLoRA (`peft_type = "MULTILORA"`): parallel LoRA branches per layer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub multilora_branches: Option<usize>,
     /// VeRA's dropout on the adapter input (PEFT's name for it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vera_dropout: Option<f64>,
@@ -282,6 +285,7 @@ impl AdapterConfig {
                 "vera_dropout",
                 "sparse_density",
                 "sparse_init",
+                "multilora_branches",
             ]
             .map(String::from),
         );

@@ -7,6 +7,7 @@ pub mod loftq;
 pub mod lora;
 pub mod lqlora;
 pub mod mpo;
+pub mod multilora;
 pub mod peft;
 pub mod pissa;
 pub mod registry;

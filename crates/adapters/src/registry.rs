@@ -52,6 +52,7 @@ const METHODS: &[&dyn Method] = &[
     &crate::mpo::MpoMethod,
     &crate::vera::VeraMethod,
     &crate::rosa::RosaMethod,
+    &crate::multilora::MultiLoraMethod,
 ];
 
 pub fn method(peft_type: &str) -> Result<&'static dyn Method> {

@@ -179,6 +179,8 @@ train_config! {
     sparse_density: f64 = 0.01,
     /// Sparse + low-rank: support of the sparse part, `weight` (largest |W| entries).
     sparse_init: String = "weight".into(),
+    /// MultiLoRA (`peft_type = "MULTILORA"`): parallel LoRA branches per layer, each of rank `r`.
+    multilora_branches: usize = 2,
 }
 
 impl TrainConfig {
@@ -346,6 +348,7 @@ impl TrainConfig {
         let mpo = self.peft_type.eq_ignore_ascii_case("MPO");
         let vera = self.peft_type.eq_ignore_ascii_case("VERA");
         let rosa = self.peft_type.eq_ignore_ascii_case("ROSA");
+        let multi = self.peft_type.eq_ignore_ascii_case("MULTILORA");
         AdapterConfig {
             peft_type: self.peft_type.to_uppercase(),
             r: self.r,
@@ -376,6 +379,7 @@ impl TrainConfig {
             vera_dropout: vera.then_some(self.lora_dropout),
             sparse_density: rosa.then_some(self.sparse_density),
             sparse_init: rosa.then(|| self.sparse_init.clone()),
+            multilora_branches: multi.then_some(self.multilora_branches),
             loftq_config: if self.is_loftq() {
                 serde_json::json!({"loftq_bits": 4, "loftq_iter": self.loftq_iter})
                     .as_object()
