@@ -115,6 +115,9 @@ pub struct AdapterConfig {
     /// MultiLoRA (`peft_type = "MULTILORA"`): parallel LoRA branches per layer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub multilora_branches: Option<usize>,
+    /// GLoRA (`peft_type = "GLORA"`): which of the parts A, B, C, D, E train.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub glora_parts: Option<String>,
     /// VeRA's dropout on the adapter input (PEFT's name for it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vera_dropout: Option<f64>,
@@ -286,6 +289,7 @@ impl AdapterConfig {
                 "sparse_density",
                 "sparse_init",
                 "multilora_branches",
+                "glora_parts",
             ]
             .map(String::from),
         );

@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod dora;
+pub mod glora;
 pub mod loftq;
 pub mod lora;
 pub mod lqlora;

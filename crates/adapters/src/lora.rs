@@ -220,7 +220,7 @@ impl Method for LoraMethod {
 pub fn merge_and_reinit(model: &mut Model, rng: &mut ChaCha8Rng) -> Result<usize> {
     let mut merged = 0;
     for layer in model.linears_mut() {
-        let Some(adapter) = layer.merge()? else {
+        let Some(adapter) = layer.fold()? else {
             continue;
         };
         let params = adapter.parameters();

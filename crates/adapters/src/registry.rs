@@ -53,6 +53,7 @@ const METHODS: &[&dyn Method] = &[
     &crate::vera::VeraMethod,
     &crate::rosa::RosaMethod,
     &crate::multilora::MultiLoraMethod,
+    &crate::glora::GloraMethod,
 ];
 
 pub fn method(peft_type: &str) -> Result<&'static dyn Method> {

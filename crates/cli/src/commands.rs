@@ -390,7 +390,7 @@ pub fn merge(args: &ModelArgs, output: &Path, verify: bool) -> Result<()> {
     let quantized = !model.quantized_keys().is_empty();
     let mut merged = 0;
     for l in model.linears_mut() {
-        if l.merge()?.is_some() {
+        if l.fold()?.is_some() {
             merged += 1;
         }
     }

@@ -31,6 +31,10 @@ pub trait LinearAdapter: Send + Sync {
     fn parameters(&self) -> Vec<(String, Var)>;
     /// The dense update ΔW `[out, in]` this adapter adds to the weight.
     fn delta_weight(&self, base: &FrozenParts) -> Result<Tensor>;
+    /// The update this adapter adds to the bias `[out]`, where it has one (GLoRA).
+    fn delta_bias(&self, _base: &FrozenParts) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
     /// Fixed (untrained) tensors of this layer's adapter saved beside its parameters, e.g. a sparse support.
     fn buffers(&self) -> Vec<(String, Tensor)> {
         Vec::new()
@@ -145,6 +149,9 @@ pub struct AdaptableLinear {
     pub source_key: String,
     pub stored_transposed: bool,
     pub adapter: Option<Box<dyn LinearAdapter>>,
+    /// The frozen parts before the last merge, so unmerging restores them exactly (an update like GLoRA's
+    /// `W·A` depends on the weight it was merged into).
+    premerge: Option<(BaseWeight, Option<Tensor>)>,
     /// NormalFloat width this layer's weight gets when the base is quantised (a mixed-precision plan);
     /// `None` is NF4.
     pub planned_bits: Option<u8>,
@@ -166,6 +173,7 @@ impl AdaptableLinear {
             source_key,
             stored_transposed,
             adapter: None,
+            premerge: None,
             planned_bits: None,
         }
     }
@@ -241,14 +249,43 @@ impl AdaptableLinear {
             return Ok(None);
         };
         let delta = a.delta_weight(&self.base)?;
-        self.base.weight = BaseWeight::Dense(self.shifted(&delta, 1.0)?);
+        let bias = match (a.delta_bias(&self.base)?, &self.base.bias) {
+            (None, b) => b.clone(),
+            (Some(db), Some(b)) => Some((b + db)?),
+            (Some(db), None) if db.abs()?.max_all()?.to_scalar::<f32>()? == 0.0 => None,
+            (Some(_), None) => {
+                let path = self.path.clone();
+                self.adapter = Some(a);
+                candle_core::bail!(
+                    "{path}: the adapter updates the bias, and this layer has none in the architecture, so the \
+                     update cannot be merged"
+                )
+            }
+        };
+        let weight = BaseWeight::Dense(self.shifted(&delta, 1.0)?);
+        let old_weight = std::mem::replace(&mut self.base.weight, weight);
+        let old_bias = std::mem::replace(&mut self.base.bias, bias);
+        self.premerge = Some((old_weight, old_bias));
         Ok(Some(a))
     }
 
-    /// Subtracts a previously merged adapter's ΔW from W and re-attaches the adapter.
+    /// [`AdaptableLinear::merge`] for good: the previous weight is dropped, not kept for an unmerge (exports,
+    /// ReLoRA restarts).
+    pub fn fold(&mut self) -> Result<Option<Box<dyn LinearAdapter>>> {
+        let a = self.merge()?;
+        self.premerge = None;
+        Ok(a)
+    }
+
+    /// Restores the frozen parts from before the last merge and re-attaches the adapter.
     pub fn unmerge(&mut self, adapter: Box<dyn LinearAdapter>) -> Result<()> {
-        let delta = adapter.delta_weight(&self.base)?;
-        self.base.weight = BaseWeight::Dense(self.shifted(&delta, -1.0)?);
+        match self.premerge.take() {
+            Some((w, b)) => {
+                self.base.weight = w;
+                self.base.bias = b;
+            }
+            None => candle_core::bail!("{}: unmerge without a merge", self.path),
+        }
         self.adapter = Some(adapter);
         Ok(())
     }

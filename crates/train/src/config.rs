@@ -181,6 +181,8 @@ train_config! {
     sparse_init: String = "weight".into(),
     /// MultiLoRA (`peft_type = "MULTILORA"`): parallel LoRA branches per layer, each of rank `r`.
     multilora_branches: usize = 2,
+    /// GLoRA (`peft_type = "GLORA"`): the parts that train, a selection of `ABCDE` (W·A, B, W·C, b⊙D, E).
+    glora_parts: String = "ABCDE".into(),
 }
 
 impl TrainConfig {
@@ -349,6 +351,7 @@ impl TrainConfig {
         let vera = self.peft_type.eq_ignore_ascii_case("VERA");
         let rosa = self.peft_type.eq_ignore_ascii_case("ROSA");
         let multi = self.peft_type.eq_ignore_ascii_case("MULTILORA");
+        let glora = self.peft_type.eq_ignore_ascii_case("GLORA");
         AdapterConfig {
             peft_type: self.peft_type.to_uppercase(),
             r: self.r,
@@ -380,6 +383,7 @@ impl TrainConfig {
             sparse_density: rosa.then_some(self.sparse_density),
             sparse_init: rosa.then(|| self.sparse_init.clone()),
             multilora_branches: multi.then_some(self.multilora_branches),
+            glora_parts: glora.then(|| self.glora_parts.clone()),
             loftq_config: if self.is_loftq() {
                 serde_json::json!({"loftq_bits": 4, "loftq_iter": self.loftq_iter})
                     .as_object()

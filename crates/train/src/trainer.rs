@@ -476,7 +476,7 @@ impl TrainJob<'_> {
     /// update `W − W₀` measured (ReLoRA's rank diagnostic), and a full Hugging Face checkpoint written.
     fn save_full_model(&mut self) -> Result<()> {
         for l in self.model.linears_mut() {
-            l.merge()?;
+            l.fold()?;
         }
         let original = Weights::from_model_dir(&self.model.dir)?;
         let spectra = update_spectra(self.model, &original)?;
