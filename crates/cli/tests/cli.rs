@@ -1003,3 +1003,40 @@ fn mixed_precision_fits_the_budget_and_lq_lora_resumes_bit_identically() {
     ]);
     assert!(e.contains("quant_budget_bits") && e.contains("NF3"), "{e}");
 }
+
+#[test]
+fn unknown_methods_are_named_in_files_and_flags() {
+    let dir = tempfile::tempdir().unwrap();
+    let adapter = dir.path().join("adapter");
+    train(&adapter, "1", &[]);
+    let cfg_path = adapter.join("adapter_config.json");
+    let text = std::fs::read_to_string(&cfg_path).unwrap();
+    std::fs::write(&cfg_path, text.replace("\"LORA\"", "\"IA3\"")).unwrap();
+    let e = fails(&[
+        "eval",
+        "--model",
+        s(&model()),
+        "--adapter",
+        s(&adapter),
+        "--data",
+        s(&data("quickstart-valid.jsonl")),
+    ]);
+    assert!(
+        e.contains("adapter_config.json") && e.contains("IA3") && e.contains("VERA"),
+        "{e}"
+    );
+    let (m, d) = (model(), data("quickstart-train.jsonl"));
+    let out = dir.path().join("run");
+    let e = fails(&[
+        "train",
+        "--model",
+        s(&m),
+        "--data",
+        s(&d),
+        "--output",
+        s(&out),
+        "--method",
+        "boft",
+    ]);
+    assert!(e.contains("BOFT") && e.contains("supported"), "{e}");
+}
