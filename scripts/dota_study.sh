@@ -4,7 +4,7 @@
 # budgets (MPO bond dimension CHI vs LoRA rank R, MPO never larger), on the quickstart task and on a harder one
 # (reverse the words of a sentence, scripts/make_reverse_task.py); same steps, data order and seeds 0 1 2.
 #   BUDGETS="2:4 4:6" TASKS="quickstart reverse" SEEDS="0 1 2" scripts/dota_study.sh
-# Writes runs under $OUT and one summary line per run to $OUT/summary.jsonl; scripts/dota_report.py makes the doc.
+# Writes runs under $OUT and one summary line per run to $OUT/summary.jsonl; scripts/study_report.py makes the tables and plots.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release -q -p factune

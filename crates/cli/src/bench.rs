@@ -50,22 +50,39 @@ pub fn peak_rss_mb() -> f64 {
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
+/// What `factune bench train` runs.
+#[derive(Debug, clap::Args)]
+pub struct TrainOpts {
+    #[arg(long, default_value_t = 256)]
+    pub seq_len: usize,
+    #[arg(long, default_value_t = 4)]
+    pub batch: usize,
+    #[arg(long, default_value_t = 3)]
+    pub steps: usize,
+    #[arg(long, default_value_t = 16)]
+    pub r: usize,
+    /// init_lora_weights: true, pissa or pissa_niter_K (init time is reported as init_s)
+    #[arg(long, default_value = "true")]
+    pub init: String,
+    /// Hold the frozen linear weights in NF4 (QLoRA)
+    #[arg(long)]
+    pub nf4: bool,
+    /// DoRA instead of plain LoRA (its step time and memory against LoRA's)
+    #[arg(long)]
+    pub dora: bool,
+}
+
 /// Times `steps` LoRA training steps (forward, backward, AdamW) after one warm-up step.
-pub fn train(
-    model_dir: &Path,
-    seq_len: usize,
-    batch: usize,
-    steps: usize,
-    r: usize,
-    init: &str,
-    quantize: bool,
-) -> Result<()> {
+pub fn train(model_dir: &Path, o: &TrainOpts) -> Result<()> {
+    let (seq_len, batch, steps, r, init) = (o.seq_len, o.batch, o.steps, o.r, o.init.as_str());
+    let (quantize, dora) = (o.nf4, o.dora);
     let nf4 = quantize.then_some(factune_model::Nf4Options { double_quant: true });
     let mut model = Model::load_with(model_dir, &Device::Cpu, nf4)?;
     let cfg = AdapterConfig {
         r,
         lora_alpha: 2.0 * r as f64,
         lora_dropout: 0.0,
+        use_dora: dora,
         target_modules: TargetModules::Pattern("all-linear".into()),
         init_lora_weights: match init {
             "true" => serde_json::Value::Bool(true),
@@ -124,7 +141,7 @@ pub fn train(
     println!(
         "{}",
         serde_json::json!({"impl": "factune", "seq_len": seq_len, "batch": batch, "r": r, "steps": steps,
-            "init": init, "init_s": init_s, "quantize": if quantize { "nf4" } else { "none" },
+            "init": init, "init_s": init_s, "quantize": if quantize { "nf4" } else { "none" }, "dora": dora,
             "tokens_per_s": tokens / timed, "seconds_per_step": timed / steps as f64,
             "peak_rss_mb": peak_rss_mb(), "loss": last_loss})
     );

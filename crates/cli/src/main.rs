@@ -185,20 +185,8 @@ enum BenchCommand {
     Train {
         #[arg(long)]
         model: PathBuf,
-        #[arg(long, default_value_t = 256)]
-        seq_len: usize,
-        #[arg(long, default_value_t = 4)]
-        batch: usize,
-        #[arg(long, default_value_t = 3)]
-        steps: usize,
-        #[arg(long, default_value_t = 16)]
-        r: usize,
-        /// init_lora_weights: true, pissa or pissa_niter_K (init time is reported as init_s)
-        #[arg(long, default_value = "true")]
-        init: String,
-        /// Hold the frozen linear weights in NF4 (QLoRA)
-        #[arg(long)]
-        nf4: bool,
+        #[command(flatten)]
+        opts: bench::TrainOpts,
     },
     /// Time the frozen linear (forward and input gradient) with f32 vs NF4 weights at the 135M layer shapes
     Matmul {
@@ -303,15 +291,7 @@ fn main() {
             output,
         } => commands::plot(&runs, &key, exp, &title, &output),
         Command::Bench(BenchCommand::Init { output }) => bench::init(&output),
-        Command::Bench(BenchCommand::Train {
-            model,
-            seq_len,
-            batch,
-            steps,
-            r,
-            init,
-            nf4,
-        }) => bench::train(&model, seq_len, batch, steps, r, &init, nf4),
+        Command::Bench(BenchCommand::Train { model, opts }) => bench::train(&model, &opts),
         Command::Bench(BenchCommand::Matmul { tokens, reps }) => bench::matmul(tokens, reps),
         Command::Quickstart {
             output,
