@@ -134,6 +134,7 @@ def build(out):
     build_dora(out)
     build_pissa(out)
     build_vera(out)
+    build_adalora(out)
     versions["bitsandbytes"] = build_nf4(out)
     versions["tensorly"] = build_mpo(out)
     with open(os.path.join(out, "VERSIONS.json"), "w") as f:
@@ -206,6 +207,55 @@ def build_vera(out):
         pm.save_pretrained(os.path.join(out, f"{name}-vera"))
         save_file({k: v.clone().contiguous() for k, v in ref.items()}, os.path.join(out, f"{name}-vera-reference.safetensors"))
         print(f"{name}-vera: loss {o.loss.item():.6f}")
+
+
+def build_adalora(out):
+    """AdaLoRA on the fixture Llama: (1) logits, loss including the orthogonal regulariser, and the gradients
+    of A, E, B at a state with non-zero E; (2) the rank allocator: ten steps of forward, backward and
+    `update_and_allocate` (no optimizer step, so every step sees the same parameters and gradients) with a cubic
+    budget from init_r = 6 to target_r = 2 between steps 2 and 8; the E masks after each step and the final
+    rank pattern; the adapter saved by PEFT (resized to the rank pattern)."""
+    from peft import AdaLoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(os.path.join(out, "llama"), dtype=torch.float32).eval()
+    ids = input_ids()
+    labels = ids.clone()
+    labels[:, :3] = -100
+    set_seed(4)
+    cfg = AdaLoraConfig(task_type="CAUSAL_LM", init_r=6, target_r=2, tinit=2, tfinal=2, deltaT=1, beta1=0.85,
+                        beta2=0.85, orth_reg_weight=0.5, total_step=10, lora_alpha=12, lora_dropout=0.0,
+                        target_modules=["q_proj", "v_proj", "down_proj"])
+    pm = get_peft_model(model, cfg)
+    with torch.no_grad():
+        for pname, p in pm.named_parameters():
+            if "lora_E" in pname:
+                p.normal_(0.0, 0.5)
+    o = pm(input_ids=ids, labels=labels)
+    o.loss.backward()
+    ref = {"input_ids": ids.clone(), "labels": labels.clone(), "logits": o.logits.detach().float(),
+           "loss": o.loss.detach().reshape(1).float()}
+    for pname, p in pm.named_parameters():
+        if p.requires_grad:
+            # copies: the allocator steps below mask E in place and zero the gradients
+            ref[pname.replace(".default", "") + ".grad"] = p.grad.detach().float().clone()
+            ref[pname.replace(".default", "") + ".value"] = p.detach().float().clone()
+    for step in range(10):
+        pm.zero_grad()
+        o = pm(input_ids=ids, labels=labels)
+        o.loss.backward()
+        pm.base_model.update_and_allocate(step)
+        total = 0
+        for pname, p in pm.named_parameters():
+            if "lora_E" in pname:
+                total += int((p != 0).sum())
+        ref[f"rank_after_step{step}"] = torch.tensor([total], dtype=torch.int64)
+    for pname, p in pm.named_parameters():
+        if "lora_E" in pname:
+            ref[pname.replace(".default", "") + ".final"] = p.detach().float().clone()
+    pm.save_pretrained(os.path.join(out, "llama-adalora"))
+    save_file({k: v.clone().contiguous() for k, v in ref.items()}, os.path.join(out, "llama-adalora-reference.safetensors"))
+    print(f"llama-adalora: final rank {int(ref['rank_after_step9'][0])}")
 
 
 def build_pissa(out):
@@ -363,6 +413,8 @@ def main():
     b.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures"))
     n = sub.add_parser("build-nf4", help="only the bitsandbytes NF4 fixture")
     n.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures"))
+    a2 = sub.add_parser("build-adalora", help="only the PEFT AdaLoRA fixture")
+    a2.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures"))
     v2 = sub.add_parser("build-vera", help="only the PEFT VeRA fixtures")
     v2.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures"))
     t = sub.add_parser("build-mpo", help="only the tensorly TT-SVD fixture")
@@ -381,6 +433,8 @@ def main():
         build_mpo(a.out)
     elif a.cmd == "build-vera":
         build_vera(a.out)
+    elif a.cmd == "build-adalora":
+        build_adalora(a.out)
     else:
         verify(a.model, a.adapter, a.expect)
 

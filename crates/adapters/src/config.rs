@@ -21,6 +21,24 @@ impl Default for TargetModules {
     }
 }
 
+/// A `rank_pattern` value: a rank (LoRA), or AdaLoRA's mask of the singular values kept (keyed by
+/// `<module>.lora_E`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum RankEntry {
+    Rank(usize),
+    Mask(Vec<bool>),
+}
+
+impl RankEntry {
+    pub fn rank(&self) -> usize {
+        match self {
+            RankEntry::Rank(r) => *r,
+            RankEntry::Mask(m) => m.iter().filter(|&&b| b).count(),
+        }
+    }
+}
+
 fn default_r() -> usize {
     8
 }
@@ -74,7 +92,7 @@ pub struct AdapterConfig {
     #[serde(default)]
     pub layers_pattern: Option<Value>,
     #[serde(default)]
-    pub rank_pattern: BTreeMap<String, usize>,
+    pub rank_pattern: BTreeMap<String, RankEntry>,
     #[serde(default)]
     pub alpha_pattern: BTreeMap<String, f64>,
     #[serde(default = "default_true")]
@@ -112,6 +130,27 @@ pub struct AdapterConfig {
     /// Sparse + low-rank: how the support is chosen, `"weight"` (largest |W|).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sparse_init: Option<String>,
+    /// AdaLoRA (`peft_type = "ADALORA"`): PEFT's schedule keys — ranks start at `init_r` and the total is cut
+    /// to `target_r` per module on a cubic schedule between steps `tinit` and `total_step − tfinal`, masking
+    /// every `deltaT` steps, importance EMAs `beta1`/`beta2`, orthogonality penalty weight `orth_reg_weight`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_r: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_r: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tinit: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tfinal: Option<usize>,
+    #[serde(default, rename = "deltaT", skip_serializing_if = "Option::is_none")]
+    pub delta_t: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub beta1: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub beta2: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub orth_reg_weight: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total_step: Option<usize>,
     /// MultiLoRA (`peft_type = "MULTILORA"`): parallel LoRA branches per layer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub multilora_branches: Option<usize>,
@@ -251,7 +290,7 @@ impl AdapterConfig {
     /// The rank of the module at `path`: its `rank_pattern` entry, else `r`.
     pub fn rank_for(&self, path: &str) -> usize {
         crate::targets::pattern_lookup(&self.rank_pattern, path)
-            .copied()
+            .map(RankEntry::rank)
             .unwrap_or(self.r)
     }
 
@@ -290,6 +329,15 @@ impl AdapterConfig {
                 "sparse_init",
                 "multilora_branches",
                 "glora_parts",
+                "init_r",
+                "target_r",
+                "tinit",
+                "tfinal",
+                "deltaT",
+                "beta1",
+                "beta2",
+                "orth_reg_weight",
+                "total_step",
             ]
             .map(String::from),
         );

@@ -1,6 +1,7 @@
 //! Parameter-efficient adapters for factune models, in PEFT's layout: one file per method family
 //! (config, init, forward, merge), a registry by `peft_type`, and the PEFT on-disk format.
 
+pub mod adalora;
 pub mod config;
 pub mod dora;
 pub mod glora;
@@ -16,7 +17,7 @@ pub mod rosa;
 pub mod targets;
 pub mod vera;
 
-pub use config::{AdapterConfig, TargetModules};
+pub use config::{AdapterConfig, RankEntry, TargetModules};
 pub use peft::{attach, load, save, trainable, trainable_summary, LoadReport};
 
 use candle_core::{Device, Tensor};

@@ -136,6 +136,17 @@ fn tensors_bytes(tensors: BTreeMap<String, Tensor>) -> Result<Vec<u8>> {
     to_safetensors_bytes(&tensors, Some(meta))
 }
 
+/// Writes given adapter tensors (PEFT keys) with `cfg`, for forms other than the live parameters (AdaLoRA's
+/// resized final adapter).
+pub fn write_tensors(
+    model: &Model,
+    cfg: &AdapterConfig,
+    tensors: BTreeMap<String, Tensor>,
+    dir: &Path,
+) -> Result<()> {
+    write(model, cfg, &tensors_bytes(tensors)?, dir)
+}
+
 fn write(model: &Model, cfg: &AdapterConfig, bytes: &[u8], dir: &Path) -> Result<()> {
     atomic::write_atomic(&dir.join(WEIGHTS_FILE), bytes)?;
     atomic::write_atomic(

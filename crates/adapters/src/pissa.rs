@@ -89,7 +89,11 @@ pub fn lora_config(cfg: &AdapterConfig) -> AdapterConfig {
     out.r *= 2;
     let f = if cfg.use_rslora { 2f64.sqrt() } else { 2.0 };
     out.lora_alpha *= f;
-    out.rank_pattern.values_mut().for_each(|r| *r *= 2);
+    for r in out.rank_pattern.values_mut() {
+        if let crate::config::RankEntry::Rank(n) = r {
+            *n *= 2;
+        }
+    }
     out.alpha_pattern.values_mut().for_each(|a| *a *= f);
     out
 }

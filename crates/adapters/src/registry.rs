@@ -54,6 +54,7 @@ const METHODS: &[&dyn Method] = &[
     &crate::rosa::RosaMethod,
     &crate::multilora::MultiLoraMethod,
     &crate::glora::GloraMethod,
+    &crate::adalora::AdaLoraMethod,
 ];
 
 pub fn method(peft_type: &str) -> Result<&'static dyn Method> {
