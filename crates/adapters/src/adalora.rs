@@ -12,9 +12,8 @@
 //!   is held.
 //!
 //! The trainer drives the allocator after each optimizer step; the final adapter is saved as PEFT saves it,
-//! tensors cut to the kept triplets (a module may keep none) with `rank_pattern` in the config. On loading, PEFT
-//! scales by `α/(kept rank + 1e−5)`, not by the `init_r` training used, so the saved E is rescaled by
-//! `(kept + 1e−5)/(init_r + 1e−5)`: the loaded adapter is the trained one, in factune and in PEFT.
+//! tensors cut to the kept triplets (a module may keep none) with `rank_pattern` in the config. Loaded, the
+//! scale stays `α/(init_r + 1e−5)` whatever was kept, as in PEFT (checked: PEFT loads ours to our logits).
 
 use crate::config::{AdapterConfig, RankEntry};
 use crate::dropout;
@@ -142,7 +141,8 @@ impl Method for AdaLoraMethod {
         let (o, i) = (layer.out_features(), layer.in_features());
         let (a, b, e) = (&t["lora_A"], &t["lora_B"], &t["lora_E"]);
         let r = e.dims().first().copied().unwrap_or(0);
-        if a.dims() != [r, i] || b.dims() != [o, r] || e.dims() != [r, 1] {
+        let init_r = cfg.init_r.unwrap_or(r);
+        if a.dims() != [r, i] || b.dims() != [o, r] || e.dims() != [r, 1] || r > init_r {
             return Err(Error::config(format!(
                 "`{}`: lora_A {:?} / lora_E {:?} / lora_B {:?} do not fit a layer of shape [{o}, {i}]",
                 layer.path,
@@ -155,7 +155,7 @@ impl Method for AdaLoraMethod {
             a: Var::from_tensor(a)?,
             b: Var::from_tensor(b)?,
             e: Var::from_tensor(e)?,
-            scale: alpha / (r as f64 + 1e-5),
+            scale: alpha / (init_r as f64 + 1e-5),
             dropout: cfg.dropout(),
         }))
     }
@@ -370,6 +370,70 @@ impl RankAllocator {
     }
 }
 
+impl RankAllocator {
+    /// The importance EMAs as tensors and the final mask, for checkpoints (a resumed run allocates exactly as
+    /// a straight one).
+    pub fn state(&self) -> Result<(BTreeMap<String, Tensor>, serde_json::Value)> {
+        let mut t = BTreeMap::new();
+        for (name, e) in &self.ema {
+            let n = e.ipt.len();
+            t.insert(
+                format!("{name}.ipt"),
+                Tensor::from_vec(e.ipt.clone(), n, &candle_core::Device::Cpu)?,
+            );
+            t.insert(
+                format!("{name}.unc"),
+                Tensor::from_vec(e.unc.clone(), n, &candle_core::Device::Cpu)?,
+            );
+        }
+        Ok((t, serde_json::json!({ "final_mask": self.final_mask })))
+    }
+
+    pub fn restore(
+        &mut self,
+        tensors: &HashMap<String, Tensor>,
+        meta: &serde_json::Value,
+    ) -> Result<()> {
+        self.ema.clear();
+        for (k, t) in tensors {
+            if let Some(name) = k.strip_suffix(".ipt") {
+                let unc = tensors.get(&format!("{name}.unc")).ok_or_else(|| {
+                    Error::config(format!("AdaLoRA state: `{name}.ipt` without `{name}.unc`"))
+                })?;
+                self.ema.insert(
+                    name.to_string(),
+                    Ema {
+                        ipt: t.to_vec1()?,
+                        unc: unc.to_vec1()?,
+                    },
+                );
+            }
+        }
+        self.final_mask = serde_json::from_value(meta["final_mask"].clone())
+            .map_err(|e| Error::config(format!("AdaLoRA state: bad final_mask: {e}")))?;
+        Ok(())
+    }
+
+    /// The kept triplets now: the final mask once fixed, else E's non-zero entries.
+    pub fn current_mask(&self, model: &Model) -> Result<BTreeMap<String, Vec<bool>>> {
+        if let Some(m) = &self.final_mask {
+            return Ok(m.clone());
+        }
+        let mut out = BTreeMap::new();
+        for l in model.linears() {
+            if let Some(ad) = l.adapter.as_ref().filter(|a| a.method() == "ADALORA") {
+                let e = ad.parameters()[2]
+                    .1
+                    .as_tensor()
+                    .flatten_all()?
+                    .to_vec1::<f32>()?;
+                out.insert(l.path.clone(), e.iter().map(|&x| x != 0.0).collect());
+            }
+        }
+        Ok(out)
+    }
+}
+
 /// `(name, Var)` of every AdaLoRA parameter, names as `<module path>.<lora_A|lora_B|lora_E>`.
 fn adalora_params(model: &Model) -> Vec<(String, Var)> {
     let mut out = Vec::new();
@@ -417,8 +481,7 @@ pub fn total_rank(model: &Model) -> Result<usize> {
 }
 
 /// The adapter as PEFT saves a finished AdaLoRA run: per module only the kept triplets (rows of A and E,
-/// columns of B), E rescaled so PEFT's load-time scale `α/(kept + 1e−5)` reproduces the trained `α/(init_r +
-/// 1e−5)`; and the `rank_pattern` (`<module>.lora_E` → kept mask) for the config.
+/// columns of B), and the `rank_pattern` (`<module>.lora_E` → kept mask) for the config.
 pub fn resized(
     model: &Model,
     masks: &BTreeMap<String, Vec<bool>>,
@@ -435,7 +498,6 @@ pub fn resized(
         let mask = masks.get(&l.path).cloned().unwrap_or_else(|| vec![true; r]);
         let keep: Vec<u32> = (0..r as u32).filter(|&k| mask[k as usize]).collect();
         let n = keep.len();
-        let rescale = (n as f64 + 1e-5) / (r as f64 + 1e-5);
         let prefix = format!("base_model.model.{}", l.path);
         let (i, o) = (a.dim(1)?, b.dim(0)?);
         let (ka, ke, kb) = if n == 0 {
@@ -446,7 +508,7 @@ pub fn resized(
             let idx = Tensor::from_vec(keep, n, a.device())?;
             (
                 a.index_select(&idx, 0)?,
-                (e.index_select(&idx, 0)? * rescale)?,
+                e.index_select(&idx, 0)?,
                 b.index_select(&idx, 1)?.contiguous()?,
             )
         };

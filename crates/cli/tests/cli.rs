@@ -1040,3 +1040,78 @@ fn unknown_methods_are_named_in_files_and_flags() {
     ]);
     assert!(e.contains("BOFT") && e.contains("supported"), "{e}");
 }
+
+#[test]
+fn adalora_reaches_its_budget_logs_the_rank_and_resumes_bit_identically() {
+    let dir = tempfile::tempdir().unwrap();
+    let straight = dir.path().join("straight");
+    let ada = [
+        "--method",
+        "adalora",
+        "--init-r",
+        "6",
+        "--target-r",
+        "2",
+        "--tinit",
+        "2",
+        "--tfinal",
+        "2",
+        "--lora-alpha",
+        "12",
+        "--save-steps",
+        "4",
+    ];
+    train(&straight, "10", &ada);
+    let cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(straight.join("adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(cfg["peft_type"], "ADALORA");
+    let pattern = cfg["rank_pattern"].as_object().unwrap();
+    let modules = pattern.len();
+    let kept: usize = pattern
+        .values()
+        .map(|m| {
+            m.as_array()
+                .unwrap()
+                .iter()
+                .filter(|b| b == &&serde_json::Value::Bool(true))
+                .count()
+        })
+        .sum();
+    assert_eq!(
+        (modules, kept),
+        (12, 2 * 12),
+        "final total rank = target_r × modules"
+    );
+    let ranks: Vec<u64> = std::fs::read_to_string(straight.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["rank"].as_u64())
+        .collect();
+    assert_eq!(
+        (ranks.len(), ranks[0], ranks[9]),
+        (10, 72, 24),
+        "rank logged every step: {ranks:?}"
+    );
+    assert!(ranks.windows(2).all(|w| w[1] <= w[0]), "{ranks:?}");
+    // checkpoint-4 lies inside the pruning phase: the importance EMAs travel with it
+    let fresh = dir.path().join("resumed");
+    resume_into(&fresh, &straight.join("checkpoint-4"));
+    let adapter = |d: &Path| sha(&d.join("adapter_model.safetensors"));
+    assert_eq!(
+        adapter(&straight),
+        adapter(&fresh),
+        "AdaLoRA: 10 steps straight != 4 + resume 6"
+    );
+    let out = ok(&[
+        "eval",
+        "--model",
+        s(&model()),
+        "--adapter",
+        s(&straight),
+        "--data",
+        s(&data("quickstart-valid.jsonl")),
+    ]);
+    assert!(out.contains("exact match"), "{out}");
+}

@@ -181,6 +181,22 @@ train_config! {
     sparse_init: String = "weight".into(),
     /// MultiLoRA (`peft_type = "MULTILORA"`): parallel LoRA branches per layer, each of rank `r`.
     multilora_branches: usize = 2,
+    /// AdaLoRA (`peft_type = "ADALORA"`): starting rank of every module.
+    init_r: usize = 12,
+    /// AdaLoRA: average rank per module at the end (the total budget is target_r × modules).
+    target_r: usize = 8,
+    /// AdaLoRA: steps at full budget before pruning starts.
+    tinit: usize = 0,
+    /// AdaLoRA: final steps with the budget fixed.
+    tfinal: usize = 0,
+    /// AdaLoRA: prune every this many steps while the budget shrinks.
+    delta_t | "deltaT": usize = 1,
+    /// AdaLoRA: EMA factor of the sensitivity.
+    beta1: f64 = 0.85,
+    /// AdaLoRA: EMA factor of the uncertainty.
+    beta2: f64 = 0.85,
+    /// AdaLoRA: weight of the orthogonality penalty on A and B.
+    orth_reg_weight: f64 = 0.5,
     /// GLoRA (`peft_type = "GLORA"`): the parts that train, a selection of `ABCDE` (W·A, B, W·C, b⊙D, E).
     glora_parts: String = "ABCDE".into(),
 }
@@ -352,6 +368,7 @@ impl TrainConfig {
         let rosa = self.peft_type.eq_ignore_ascii_case("ROSA");
         let multi = self.peft_type.eq_ignore_ascii_case("MULTILORA");
         let glora = self.peft_type.eq_ignore_ascii_case("GLORA");
+        let ada = self.peft_type.eq_ignore_ascii_case("ADALORA");
         AdapterConfig {
             peft_type: self.peft_type.to_uppercase(),
             r: self.r,
@@ -384,6 +401,16 @@ impl TrainConfig {
             sparse_init: rosa.then(|| self.sparse_init.clone()),
             multilora_branches: multi.then_some(self.multilora_branches),
             glora_parts: glora.then(|| self.glora_parts.clone()),
+            init_r: ada.then_some(self.init_r),
+            target_r: ada.then_some(self.target_r),
+            tinit: ada.then_some(self.tinit),
+            tfinal: ada.then_some(self.tfinal),
+            delta_t: ada.then_some(self.delta_t),
+            beta1: ada.then_some(self.beta1),
+            beta2: ada.then_some(self.beta2),
+            orth_reg_weight: ada.then_some(self.orth_reg_weight),
+            // the trainer drives the schedule over the whole run
+            total_step: ada.then_some(self.max_steps),
             loftq_config: if self.is_loftq() {
                 serde_json::json!({"loftq_bits": 4, "loftq_iter": self.loftq_iter})
                     .as_object()

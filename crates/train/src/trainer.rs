@@ -7,6 +7,7 @@ use crate::metrics::{plot_curves, series, MetricsLog, LOSS_AXES};
 use crate::optim::{clip_grad_norm, AdamW};
 use crate::relora;
 use candle_core::{Device, Tensor, Var};
+use factune_adapters::adalora::{orth_penalty, resized, RankAllocator};
 use factune_adapters::peft::thousands;
 use factune_adapters::{attach, lora, peft, trainable, trainable_summary};
 use factune_io::weights::to_safetensors_bytes;
@@ -16,7 +17,7 @@ use factune_model::spectrum::update_spectra;
 use factune_model::{Ctx, Model};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -24,6 +25,7 @@ const STATE_FILE: &str = "trainer_state.json";
 const OPTIM_FILE: &str = "optimizer.safetensors";
 /// Every model tensor, for runs that change the base (full, ReLoRA, warm start, trained embeddings).
 const MODEL_STATE_FILE: &str = "model.safetensors";
+const ADALORA_FILE: &str = "adalora_state.safetensors";
 
 /// A line above the progress bar, or on stderr when there is no bar (not a terminal).
 fn say(bar: &ProgressBar, msg: String) {
@@ -179,6 +181,27 @@ impl TrainJob<'_> {
         if let Some(ckpt) = &self.resume {
             load_optimizer(&mut opt, &params, &ckpt.join(OPTIM_FILE))?;
         }
+        // AdaLoRA's rank schedule is the trainer's job: no user hook to forget.
+        let mut allocator = if adapter_cfg.peft_type == "ADALORA" {
+            let mut a = RankAllocator::new(&adapter_cfg, self.model)?;
+            if let Some(ckpt) = &self.resume {
+                let w = Weights::from_files(&[ckpt.join(ADALORA_FILE)])?;
+                let tensors: HashMap<String, Tensor> = w
+                    .names()
+                    .map(|n| {
+                        Ok((
+                            n.to_string(),
+                            w.get(n, candle_core::DType::F32, &Device::Cpu)?,
+                        ))
+                    })
+                    .collect::<Result<_>>()?;
+                let meta: serde_json::Value = factune_io::error::read_json(&ckpt.join(STATE_FILE))?;
+                a.restore(&tensors, &meta["adalora"])?;
+            }
+            Some(a)
+        } else {
+            None
+        };
         let metrics_path = self.out.join("metrics.jsonl");
         let mut log = MetricsLog::open(&metrics_path, self.resume.is_none())?;
         self.write_run_metadata(&train, &val)?;
@@ -252,6 +275,10 @@ impl TrainJob<'_> {
                 };
                 let logits = self.model.forward(&to_tensor(&ids, &dev)?, None, &ctx)?;
                 let (loss, _) = causal_lm_loss(&logits, &labels)?;
+                let loss = match orth_penalty(self.model, cfg.orth_reg_weight)? {
+                    Some(p) if allocator.is_some() => (loss + p)?,
+                    _ => loss,
+                };
                 let l = loss.to_scalar::<f32>()? as f64;
                 if !l.is_finite() {
                     return Err(Error::config(format!(
@@ -292,11 +319,31 @@ impl TrainJob<'_> {
             for ((_, var), val) in params.iter().zip(values) {
                 var.set(&Tensor::from_vec(val, var.shape(), &dev)?)?;
             }
+            let rank = match &mut allocator {
+                Some(a) => {
+                    let grads: HashMap<String, Vec<f32>> = names
+                        .iter()
+                        .zip(&acc)
+                        .map(|(n, g)| {
+                            (
+                                n.trim_start_matches("base_model.model.").to_string(),
+                                g.clone(),
+                            )
+                        })
+                        .collect();
+                    Some(a.update_and_allocate(self.model, &grads, step)?)
+                }
+                None => None,
+            };
             updated_with_lr |= lr > 0.0;
             last_loss = loss_sum / cfg.gradient_accumulation_steps as f64;
             total_tokens += tokens;
             let tps = tokens as f64 / t0.elapsed().as_secs_f64();
-            log.write(&json!({"step": step + 1, "loss": last_loss, "lr": lr, "grad_norm": norm, "tokens": tokens, "tokens_per_s": tps}))?;
+            let mut entry = json!({"step": step + 1, "loss": last_loss, "lr": lr, "grad_norm": norm, "tokens": tokens, "tokens_per_s": tps});
+            if let Some(r) = rank {
+                entry["rank"] = r.into();
+            }
+            log.write(&entry)?;
             bar.set_message(format!("loss {last_loss:.4} lr {lr:.2e} {tps:.0} tok/s"));
             bar.inc(1);
             let done = step + 1 == cfg.max_steps;
@@ -308,11 +355,19 @@ impl TrainJob<'_> {
                 last_val = Some(vl);
             }
             if cfg.save_steps > 0 && (step + 1) % cfg.save_steps == 0 {
-                self.save_checkpoint(step + 1, &opt, &params)?;
+                self.save_checkpoint(step + 1, &opt, &params, allocator.as_ref())?;
             }
         }
         bar.finish_and_clear();
-        if cfg.changes_base() {
+        if let Some(a) = &allocator {
+            // as PEFT saves a finished AdaLoRA run: cut to the kept triplets, rank_pattern in the config
+            let (tensors, pattern) = resized(self.model, &a.current_mask(self.model)?)?;
+            let total: usize = pattern.values().map(|p| p.rank()).sum();
+            let mut c = adapter_cfg.clone();
+            c.rank_pattern = pattern;
+            peft::write_tensors(self.model, &c, tensors, &self.out)?;
+            eprintln!("AdaLoRA: {total} singular values kept over all modules (rank_pattern in adapter_config.json)");
+        } else if cfg.changes_base() {
             self.save_full_model()?;
         } else {
             let written = peft::save_portable(self.model, &adapter_cfg, &self.out)?;
@@ -508,7 +563,13 @@ impl TrainJob<'_> {
     }
 
     /// `OUT/checkpoint-N/`: adapter, optimizer moments, step and config, published as a whole directory.
-    fn save_checkpoint(&self, step: usize, opt: &AdamW, params: &[(String, Var)]) -> Result<()> {
+    fn save_checkpoint(
+        &self,
+        step: usize,
+        opt: &AdamW,
+        params: &[(String, Var)],
+        allocator: Option<&RankAllocator>,
+    ) -> Result<()> {
         let dest = self.out.join(format!("checkpoint-{step}"));
         let staging = self
             .out
@@ -547,7 +608,15 @@ impl TrainJob<'_> {
             &staging.join(OPTIM_FILE),
             &to_safetensors_bytes(&tensors, None)?,
         )?;
-        let state = json!({"step": step, "optimizer_t": opt.t, "config": self.config});
+        let mut state = json!({"step": step, "optimizer_t": opt.t, "config": self.config});
+        if let Some(a) = allocator {
+            let (tensors, meta) = a.state()?;
+            atomic::write_atomic(
+                &staging.join(ADALORA_FILE),
+                &to_safetensors_bytes(&tensors, None)?,
+            )?;
+            state["adalora"] = meta;
+        }
         let text =
             serde_json::to_string_pretty(&state).map_err(|e| Error::config(e.to_string()))?;
         atomic::write_atomic(&staging.join(STATE_FILE), text.as_bytes())?;
