@@ -16,7 +16,6 @@
 //! scale stays `α/(init_r + 1e−5)` whatever was kept, as in PEFT (checked: PEFT loads ours to our logits).
 
 use crate::config::{AdapterConfig, RankEntry};
-use crate::dropout;
 use crate::registry::Method;
 use candle_core::{DType, Tensor, Var};
 use factune_io::{Error, Result};
@@ -48,11 +47,7 @@ impl LinearAdapter for AdaLora {
         if self.e.elem_count() == 0 {
             return Ok(base_out);
         }
-        let x = if ctx.train && self.dropout > 0.0 {
-            dropout(x, self.dropout, ctx.dropout_seed)?
-        } else {
-            x.clone()
-        };
+        let x = crate::adapter_input(x, self.dropout, ctx)?;
         let ae = self.a.as_tensor().broadcast_mul(self.e.as_tensor())?;
         let inp = *x.dims().last().expect("rank >= 1");
         let d = x

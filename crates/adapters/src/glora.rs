@@ -10,8 +10,8 @@
 //! it is refused, since the architecture has no bias to hold them.
 
 use crate::config::AdapterConfig;
+use crate::kaiming_uniform;
 use crate::registry::Method;
-use crate::{dropout, kaiming_uniform};
 use candle_core::{DType, Tensor, Var};
 use factune_io::{Error, Result};
 use factune_model::kernels::frozen_linear;
@@ -69,11 +69,7 @@ impl LinearAdapter for Glora {
         base: &FrozenParts,
         ctx: &Ctx,
     ) -> candle_core::Result<Tensor> {
-        let x = if ctx.train && self.dropout > 0.0 {
-            dropout(x, self.dropout, ctx.dropout_seed)?
-        } else {
-            x.clone()
-        };
+        let x = crate::adapter_input(x, self.dropout, ctx)?;
         let inp = *x.dims().last().expect("rank >= 1");
         let x2 = x.reshape(((), inp))?;
         let mut y = base_out.reshape(((), base_out.dim(candle_core::D::Minus1)?))?;

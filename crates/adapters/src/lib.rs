@@ -43,3 +43,16 @@ pub(crate) fn dropout(x: &Tensor, p: f64, seed: u64) -> candle_core::Result<Tens
     let mask = factune_model::kernels::dropout_mask(x.elem_count(), p, seed);
     x.mul(&Tensor::from_vec(mask, x.shape(), x.device())?)
 }
+
+/// The adapter path's input: `x` with dropout `p` while training, `x` itself otherwise.
+pub(crate) fn adapter_input(
+    x: &Tensor,
+    p: f64,
+    ctx: &factune_model::Ctx,
+) -> candle_core::Result<Tensor> {
+    if ctx.train && p > 0.0 {
+        dropout(x, p, ctx.dropout_seed)
+    } else {
+        Ok(x.clone())
+    }
+}

@@ -3,8 +3,8 @@
 
 use crate::config::AdapterConfig;
 use crate::dora::Dora;
+use crate::kaiming_uniform;
 use crate::registry::Method;
-use crate::{dropout, kaiming_uniform};
 use crate::{loftq, pissa};
 use candle_core::{Tensor, Var};
 use factune_io::{Error, Result};
@@ -29,11 +29,7 @@ impl Lora {
         ctx: &Ctx,
     ) -> candle_core::Result<Tensor> {
         let inp = *x.dims().last().expect("rank >= 1");
-        let x = if ctx.train && self.dropout > 0.0 {
-            dropout(x, self.dropout, ctx.dropout_seed)?
-        } else {
-            x.clone()
-        };
+        let x = crate::adapter_input(x, self.dropout, ctx)?;
         let h = x.reshape(((), inp))?.matmul(&self.a.t()?)?;
         h.matmul(&self.b.t()?)?.reshape(out_shape)
     }

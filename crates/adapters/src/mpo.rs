@@ -11,8 +11,8 @@
 //! On disk: `base_model.model.<module>.mpo_cores.<k>` of shape `[χ_{k−1}, j_k, i_k, χ_k]`.
 
 use crate::config::AdapterConfig;
+use crate::kaiming_uniform;
 use crate::registry::Method;
-use crate::{dropout, kaiming_uniform};
 use candle_core::{DType, Tensor, Var};
 use factune_io::{Error, Result};
 use factune_model::mpo::{self, Modes};
@@ -46,11 +46,7 @@ impl LinearAdapter for MpoAdapter {
         _base: &FrozenParts,
         ctx: &Ctx,
     ) -> candle_core::Result<Tensor> {
-        let x = if ctx.train && self.dropout > 0.0 {
-            dropout(x, self.dropout, ctx.dropout_seed)?
-        } else {
-            x.clone()
-        };
+        let x = crate::adapter_input(x, self.dropout, ctx)?;
         let cores: Vec<Tensor> = self.cores.iter().map(|v| v.as_tensor().clone()).collect();
         base_out + mpo::contract(&x, &cores, &self.modes)?
     }

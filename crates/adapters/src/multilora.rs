@@ -9,8 +9,8 @@
 //! `[out, n·r]`.
 
 use crate::config::AdapterConfig;
+use crate::kaiming_uniform;
 use crate::registry::Method;
-use crate::{dropout, kaiming_uniform};
 use candle_core::{DType, Tensor, Var};
 use factune_io::{Error, Result};
 use factune_model::{AdaptableLinear, Ctx, FrozenParts, LinearAdapter};
@@ -83,11 +83,7 @@ impl LinearAdapter for MultiLora {
         _base: &FrozenParts,
         ctx: &Ctx,
     ) -> candle_core::Result<Tensor> {
-        let x = if ctx.train && self.dropout > 0.0 {
-            dropout(x, self.dropout, ctx.dropout_seed)?
-        } else {
-            x.clone()
-        };
+        let x = crate::adapter_input(x, self.dropout, ctx)?;
         let (a, b) = self.stacked()?;
         let inp = *x.dims().last().expect("rank >= 1");
         let d = x.reshape(((), inp))?.matmul(&a.t()?)?.matmul(&b.t()?)?;

@@ -8,8 +8,8 @@
 //! since their values come from PyTorch's generator).
 
 use crate::config::AdapterConfig;
+use crate::kaiming_uniform;
 use crate::registry::Method;
-use crate::{dropout, kaiming_uniform};
 use candle_core::{DType, Device, Tensor, Var};
 use factune_io::{Error, Result};
 use factune_model::{AdaptableLinear, Ctx, FrozenParts, LinearAdapter};
@@ -40,11 +40,7 @@ impl LinearAdapter for Vera {
         _base: &FrozenParts,
         ctx: &Ctx,
     ) -> candle_core::Result<Tensor> {
-        let x = if ctx.train && self.dropout > 0.0 {
-            dropout(x, self.dropout, ctx.dropout_seed)?
-        } else {
-            x.clone()
-        };
+        let x = crate::adapter_input(x, self.dropout, ctx)?;
         let inp = *x.dims().last().expect("rank >= 1");
         let h = x.reshape(((), inp))?.matmul(&self.a.t()?)?;
         let h = h.broadcast_mul(self.lambda_d.as_tensor())?;
