@@ -135,6 +135,7 @@ def build(out):
     build_pissa(out)
     build_vera(out)
     build_adalora(out)
+    build_eva(out)
     versions["bitsandbytes"] = build_nf4(out)
     versions["tensorly"] = build_mpo(out)
     with open(os.path.join(out, "VERSIONS.json"), "w") as f:
@@ -256,6 +257,36 @@ def build_adalora(out):
     pm.save_pretrained(os.path.join(out, "llama-adalora"))
     save_file({k: v.clone().contiguous() for k, v in ref.items()}, os.path.join(out, "llama-adalora-reference.safetensors"))
     print(f"llama-adalora: final rank {int(ref['rank_after_step9'][0])}")
+
+
+def build_eva(out):
+    """EVA on the fixture Llama from one batch (PEFT cycles it until the components converge, which from one
+    batch is the PCA of that batch's layer inputs at labelled positions): rho = 2 rank redistribution, scaling
+    adjusted; the initialised lora_A of every module and the resulting rank and alpha patterns."""
+    from peft import EvaConfig, LoraConfig, get_peft_model
+    from peft.tuners.lora.eva import initialize_lora_eva_weights
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(os.path.join(out, "llama"), dtype=torch.float32).eval()
+    set_seed(6)
+    ids = torch.randint(0, 256, (4, 24))
+    labels = ids.clone()
+    labels[:, :5] = -100
+    cfg = LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights="eva",
+                     eva_config=EvaConfig(rho=2.0, tau=0.99), target_modules=["q_proj", "o_proj", "down_proj"])
+    pm = get_peft_model(model, cfg, low_cpu_mem_usage=True)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    initialize_lora_eva_weights(pm, dataloader=[batch], show_progress_bar=False)
+    ref = {"input_ids": ids.clone(), "labels": labels.clone()}
+    for pname, p in pm.named_parameters():
+        if "lora_A" in pname:
+            ref[pname.replace(".default", "")] = p.detach().float().clone()
+    c = pm.peft_config["default"]
+    with open(os.path.join(out, "llama-eva-patterns.json"), "w") as f:
+        json.dump({"rank_pattern": c.rank_pattern, "alpha_pattern": c.alpha_pattern}, f, indent=2, sort_keys=True)
+        f.write("\n")
+    save_file({k: v.contiguous() for k, v in ref.items()}, os.path.join(out, "llama-eva-reference.safetensors"))
+    print(f"llama-eva: rank_pattern {c.rank_pattern}")
 
 
 def build_pissa(out):
@@ -413,6 +444,8 @@ def main():
     b.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures"))
     n = sub.add_parser("build-nf4", help="only the bitsandbytes NF4 fixture")
     n.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures"))
+    e2 = sub.add_parser("build-eva", help="only the PEFT EVA fixture")
+    e2.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures"))
     a2 = sub.add_parser("build-adalora", help="only the PEFT AdaLoRA fixture")
     a2.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures"))
     v2 = sub.add_parser("build-vera", help="only the PEFT VeRA fixtures")
@@ -435,6 +468,8 @@ def main():
         build_vera(a.out)
     elif a.cmd == "build-adalora":
         build_adalora(a.out)
+    elif a.cmd == "build-eva":
+        build_eva(a.out)
     else:
         verify(a.model, a.adapter, a.expect)
 

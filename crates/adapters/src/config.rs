@@ -250,6 +250,11 @@ impl AdapterConfig {
             .collect()
     }
 
+    /// Whether `target_modules` selects the module at `path`.
+    pub fn target_modules_match(&self, path: &str) -> bool {
+        crate::targets::TargetMatcher::new(&self.target_modules).is_ok_and(|m| m.matches(path))
+    }
+
     /// MPO adapters' init: `dota` unless `init_weights` names another.
     pub fn mpo_init(&self) -> &str {
         match &self.init_weights {

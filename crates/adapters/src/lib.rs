@@ -4,6 +4,7 @@
 pub mod adalora;
 pub mod config;
 pub mod dora;
+pub mod eva;
 pub mod glora;
 pub mod loftq;
 pub mod lora;

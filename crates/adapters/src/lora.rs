@@ -159,7 +159,7 @@ impl Method for LoraMethod {
             }
             (other, _) => {
                 return Err(Error::config(format!(
-                    "init_lora_weights: {other} is not implemented (supported: true, false, \"pissa\", \"pissa_niter_K\", \"loftq\")"
+                    "init_lora_weights: {other} is not implemented here (supported: true, false, \"pissa\", \"pissa_niter_K\", \"loftq\"; \"eva\" reads training data, so the trainer or adapters::eva runs it)"
                 )))
             }
         };

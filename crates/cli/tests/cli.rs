@@ -1115,3 +1115,47 @@ fn adalora_reaches_its_budget_logs_the_rank_and_resumes_bit_identically() {
     ]);
     assert!(out.contains("exact match"), "{out}");
 }
+
+#[test]
+fn eva_redistributes_ranks_within_the_budget_and_resumes_bit_identically() {
+    let dir = tempfile::tempdir().unwrap();
+    let straight = dir.path().join("straight");
+    train(
+        &straight,
+        "6",
+        &[
+            "--init-lora-weights",
+            "eva",
+            "--eva-batches",
+            "2",
+            "--save-steps",
+            "3",
+        ],
+    );
+    let cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(straight.join("adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        cfg["init_lora_weights"], true,
+        "saved as plain LoRA with patterns"
+    );
+    let ranks = cfg["rank_pattern"].as_object().unwrap();
+    assert!(
+        !ranks.is_empty(),
+        "the redistribution moved some ranks: {cfg}"
+    );
+    // q_proj, v_proj, down_proj in 4 layers at r = 4: the budget is 48 however it is spread
+    let modules = 12;
+    let total: u64 = ranks.values().map(|v| v.as_u64().unwrap()).sum::<u64>()
+        + 4 * (modules - ranks.len() as u64);
+    assert_eq!(total, 48, "{ranks:?}");
+    let fresh = dir.path().join("resumed");
+    resume_into(&fresh, &straight.join("checkpoint-3"));
+    let adapter = |d: &Path| sha(&d.join("adapter_model.safetensors"));
+    assert_eq!(
+        adapter(&straight),
+        adapter(&fresh),
+        "EVA: 6 steps straight != 3 + resume 3"
+    );
+}

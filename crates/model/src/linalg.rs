@@ -86,6 +86,46 @@ pub fn svd_top_randomized(
     truncate(u.as_ref(), s, svd.V(), r.min(q), t.device())
 }
 
+/// Principal components from streamed second moments: `gram = Σ xxᵀ` (`[dim, dim]`, row-major), `sum = Σ x`
+/// over `n` samples. The scatter `gram − n·μμᵀ` is eigendecomposed (f64); returns the top `k` directions as
+/// rows (sign: largest-magnitude entry positive), their eigenvalues (squared singular values of the centred
+/// data) and the total (the trace), so that `eigenvalue / total` is the explained-variance ratio.
+pub fn pca_from_moments(
+    gram: &[f64],
+    sum: &[f64],
+    n: usize,
+    k: usize,
+) -> Result<(Vec<Vec<f64>>, Vec<f64>, f64)> {
+    let dim = sum.len();
+    let mean: Vec<f64> = sum.iter().map(|s| s / n.max(1) as f64).collect();
+    let scatter = Mat::<f64>::from_fn(dim, dim, |i, j| {
+        gram[i * dim + j] - n as f64 * mean[i] * mean[j]
+    });
+    let total: f64 = (0..dim).map(|i| scatter[(i, i)]).sum();
+    let evd = scatter.self_adjoint_eigen(faer::Side::Lower).map_err(|e| {
+        Error::config(format!(
+            "eigendecomposition of a [{dim}, {dim}] covariance failed: {e:?}"
+        ))
+    })?;
+    let (u, s) = (evd.U(), evd.S());
+    // eigenvalues ascending: the top k are the last k
+    let mut rows = Vec::with_capacity(k);
+    let mut values = Vec::with_capacity(k);
+    for c in (0..dim).rev().take(k) {
+        let mut v: Vec<f64> = (0..dim).map(|r| u[(r, c)]).collect();
+        let big = v
+            .iter()
+            .cloned()
+            .fold(0f64, |m, x| if x.abs() > m.abs() { x } else { m });
+        if big < 0.0 {
+            v.iter_mut().for_each(|x| *x = -*x);
+        }
+        rows.push(v);
+        values.push(s[c].max(0.0));
+    }
+    Ok((rows, values, total))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -55,6 +55,9 @@ pub trait LinearAdapter: Send + Sync {
     }
 }
 
+/// Where a layer's inputs are collected while capturing (see [`AdaptableLinear::capture`]).
+pub type Capture = Arc<std::sync::Mutex<Vec<Tensor>>>;
+
 /// A frozen weight `[out, in]`: dense (any float dtype), or 4-bit NF4 dequantised on the fly in the matmul
 /// so no f32 copy of it is kept (QLoRA).
 #[derive(Clone)]
@@ -152,6 +155,9 @@ pub struct AdaptableLinear {
     /// The frozen parts before the last merge, so unmerging restores them exactly (an update like GLoRA's
     /// `W·A` depends on the weight it was merged into).
     premerge: Option<(BaseWeight, Option<Tensor>)>,
+    /// When set, every forward appends its input (detached, `[rows, in]`) here: data-driven inits (EVA) read
+    /// the layer inputs this way.
+    pub capture: Option<Capture>,
     /// NormalFloat width this layer's weight gets when the base is quantised (a mixed-precision plan);
     /// `None` is NF4.
     pub planned_bits: Option<u8>,
@@ -174,6 +180,7 @@ impl AdaptableLinear {
             stored_transposed,
             adapter: None,
             premerge: None,
+            capture: None,
             planned_bits: None,
         }
     }
@@ -204,6 +211,10 @@ impl AdaptableLinear {
     }
 
     pub fn forward(&self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
+        if let Some(c) = &self.capture {
+            let rows = x.detach().reshape(((), self.in_features()))?;
+            c.lock().expect("capture lock").push(rows);
+        }
         let ctx = Ctx {
             dropout_seed: ctx.dropout_seed
                 ^ (self.index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),

@@ -181,6 +181,12 @@ train_config! {
     sparse_init: String = "weight".into(),
     /// MultiLoRA (`peft_type = "MULTILORA"`): parallel LoRA branches per layer, each of rank `r`.
     multilora_branches: usize = 2,
+    /// EVA (`init_lora_weights = "eva"`): micro-batches whose layer inputs give the principal directions.
+    eva_batches: usize = 4,
+    /// EVA: each layer may take up to round(r · eva_rho) components in the rank redistribution (1: none).
+    eva_rho: f64 = 2.0,
+    /// EVA: divide each direction by the square root of its singular value.
+    eva_whiten: bool = false,
     /// AdaLoRA (`peft_type = "ADALORA"`): starting rank of every module.
     init_r: usize = 12,
     /// AdaLoRA: average rank per module at the end (the total budget is target_r × modules).
@@ -350,6 +356,17 @@ impl TrainConfig {
                     "DoRA splits LoRA factors into magnitude and direction; `{}` has none",
                     self.peft_type
                 ),
+            );
+        }
+        if self.init_lora_weights == InitWeights::Named("eva".into())
+            && (self.eva_batches == 0
+                || self.eva_rho.is_nan()
+                || self.eva_rho < 1.0
+                || !self.peft_type.eq_ignore_ascii_case("LORA"))
+        {
+            return bad(
+                "init_lora_weights",
+                "\"eva\" needs peft_type = \"LORA\", eva_batches >= 1 and eva_rho >= 1",
             );
         }
         if self.is_loftq() && self.loftq_iter == 0 {

@@ -27,6 +27,9 @@ const OPTIM_FILE: &str = "optimizer.safetensors";
 const MODEL_STATE_FILE: &str = "model.safetensors";
 const ADALORA_FILE: &str = "adalora_state.safetensors";
 
+/// The trainable tensors of a phase, by name, in a fixed order (the optimizer's).
+type Params = Vec<(String, Var)>;
+
 /// A line above the progress bar, or on stderr when there is no bar (not a terminal).
 fn say(bar: &ProgressBar, msg: String) {
     if bar.is_hidden() {
@@ -138,7 +141,7 @@ impl TrainJob<'_> {
                 cfg.seq_len
             );
         }
-        let adapter_cfg = cfg.adapter_config();
+        let mut adapter_cfg = cfg.adapter_config();
         if let Some(budget) = cfg.mixed_budget() {
             let t0 = Instant::now();
             let layout =
@@ -146,8 +149,19 @@ impl TrainJob<'_> {
             self.report_layout(&layout, budget, t0.elapsed().as_secs_f64())?;
         }
         let mut params = match self.resume.clone() {
-            Some(ckpt) => self.restore(&ckpt, start_step)?,
-            None if relora::adapters_on(&cfg, 0) => self.switch_to_adapters()?,
+            Some(ckpt) => {
+                let (params, saved) = self.restore(&ckpt, start_step)?;
+                // EVA's redistributed ranks live in the checkpoint's config, not in the run's settings
+                if let Some(saved) = saved.filter(|_| adapter_cfg.init_lora_weights == "eva") {
+                    adapter_cfg = saved;
+                }
+                params
+            }
+            None if relora::adapters_on(&cfg, 0) => {
+                let (params, used) = self.switch_to_adapters(&train)?;
+                adapter_cfg = used;
+                params
+            }
             None => self.model.set_trainable(&|_| true)?,
         };
         if cfg.is_loftq() && self.resume.is_none() {
@@ -226,7 +240,8 @@ impl TrainJob<'_> {
         let (mut last_loss, mut last_val, mut total_tokens) = (f64::NAN, None, 0usize);
         for step in start_step..cfg.max_steps {
             if cfg.warm_start_steps > 0 && step == cfg.warm_start_steps {
-                let next = self.switch_to_adapters()?;
+                let (next, used) = self.switch_to_adapters(&train)?;
+                adapter_cfg = used;
                 opt = opt.remapped(&names_of(&params), &names_of(&next), &sizes(&next));
                 params = next;
                 (checked_grads, updated_with_lr) = (false, false);
@@ -355,7 +370,7 @@ impl TrainJob<'_> {
                 last_val = Some(vl);
             }
             if cfg.save_steps > 0 && (step + 1) % cfg.save_steps == 0 {
-                self.save_checkpoint(step + 1, &opt, &params, allocator.as_ref())?;
+                self.save_checkpoint(step + 1, &opt, &params, &adapter_cfg, allocator.as_ref())?;
             }
         }
         bar.finish_and_clear();
@@ -463,17 +478,71 @@ impl TrainJob<'_> {
 
     /// Freezes the linear weights (keeping embeddings and norms trainable when configured), attaches fresh
     /// adapters, and returns the trainable tensors: base tensors first, then adapters in module order.
-    fn switch_to_adapters(&mut self) -> Result<Vec<(String, Var)>> {
+    /// Also returns the adapter config in use (EVA's redistributes the ranks).
+    fn switch_to_adapters(
+        &mut self,
+        train: &[Example],
+    ) -> Result<(Params, factune_adapters::AdapterConfig)> {
         let mut params = self.freeze_linears()?;
         let t0 = Instant::now();
-        let wrapped = attach(self.model, &self.config.adapter_config(), self.config.seed)?;
+        let mut cfg = self.config.adapter_config();
+        if cfg.init_lora_weights == "eva" {
+            cfg = self.eva_init(&cfg, train)?;
+        } else {
+            attach(self.model, &cfg, self.config.seed)?;
+        }
+        let wrapped = self
+            .model
+            .linears()
+            .iter()
+            .filter(|l| l.adapter.is_some())
+            .count();
         eprintln!(
-            "adapters: {} modules initialised in {:.2}s",
-            wrapped.len(),
+            "adapters: {wrapped} modules initialised in {:.2}s",
             t0.elapsed().as_secs_f64()
         );
         params.extend(trainable(self.model));
-        Ok(params)
+        Ok((params, cfg))
+    }
+
+    /// EVA: the targeted layers' inputs over the first `eva_batches` micro-batches of the training order
+    /// (positions with labels), then A from their principal directions.
+    fn eva_init(
+        &mut self,
+        cfg: &factune_adapters::AdapterConfig,
+        train: &[Example],
+    ) -> Result<factune_adapters::AdapterConfig> {
+        let c = self.config.clone();
+        let mut collector = factune_adapters::eva::Collector::start(self.model, cfg)?;
+        let batches = Batches::new(train.len(), c.data_seed, c.micro_batch_size);
+        let pad = pad_id(self.tokenizer);
+        let dev = self.model.device.clone();
+        for j in 0..c.eva_batches {
+            let exs: Vec<&Example> = batches.indices(j).into_iter().map(|i| &train[i]).collect();
+            let (ids, labels) = collate(&exs, pad);
+            let keep: Vec<bool> = labels.iter().flatten().map(|&l| l != -100).collect();
+            self.model
+                .forward(&to_tensor(&ids, &dev)?, None, &Ctx::default())?;
+            collector.absorb(&keep)?;
+        }
+        let out =
+            factune_adapters::eva::attach(self.model, cfg, collector, c.eva_rho, c.eva_whiten)?;
+        let ranks: Vec<usize> = self
+            .model
+            .linears()
+            .iter()
+            .filter(|l| cfg.target_modules_match(&l.path))
+            .map(|l| out.rank_for(&l.path) * usize::from(l.adapter.is_some()))
+            .collect();
+        eprintln!(
+            "EVA: ranks from {} batches (rho {}): min {} / max {} over {} modules",
+            c.eva_batches,
+            c.eva_rho,
+            ranks.iter().min().unwrap_or(&0),
+            ranks.iter().max().unwrap_or(&0),
+            ranks.len()
+        );
+        Ok(out)
     }
 
     /// The adapter phase's base trainables: embeddings and norms when configured, never linear weights.
@@ -491,19 +560,24 @@ impl TrainJob<'_> {
 
     /// Puts the model in the state checkpoint `ckpt` recorded after `steps_done` steps and returns the
     /// trainable tensors in the same order a straight run has them.
-    fn restore(&mut self, ckpt: &Path, steps_done: usize) -> Result<Vec<(String, Var)>> {
+    /// Also returns the adapter config the checkpoint holds, if it holds an adapter.
+    fn restore(
+        &mut self,
+        ckpt: &Path,
+        steps_done: usize,
+    ) -> Result<(Params, Option<factune_adapters::AdapterConfig>)> {
         let cfg = self.config.clone();
         if cfg.changes_base() {
             let w = Weights::from_files(&[ckpt.join(MODEL_STATE_FILE)])?;
             self.model.load_state(&w)?;
         }
         if !relora::adapters_on(&cfg, steps_done) {
-            return self.model.set_trainable(&|_| true);
+            return Ok((self.model.set_trainable(&|_| true)?, None));
         }
         let mut params = self.freeze_linears()?;
-        peft::load(self.model, ckpt, false)?;
+        let (saved, _) = peft::load(self.model, ckpt, false)?;
         params.extend(trainable(self.model));
-        Ok(params)
+        Ok((params, Some(saved)))
     }
 
     /// PEFT's trainable-parameter line, or its full-model form when base tensors train too.
@@ -568,6 +642,7 @@ impl TrainJob<'_> {
         step: usize,
         opt: &AdamW,
         params: &[(String, Var)],
+        adapter_cfg: &factune_adapters::AdapterConfig,
         allocator: Option<&RankAllocator>,
     ) -> Result<()> {
         let dest = self.out.join(format!("checkpoint-{step}"));
@@ -577,7 +652,7 @@ impl TrainJob<'_> {
         let _ = std::fs::remove_dir_all(&staging);
         std::fs::create_dir_all(&staging).map_err(|e| Error::io(&staging, e))?;
         if self.model.linears().iter().any(|l| l.adapter.is_some()) {
-            let mut cfg = self.config.adapter_config();
+            let mut cfg = adapter_cfg.clone();
             if self.config.changes_base() {
                 // model.safetensors holds the current base (a PiSSA residual included): the adapter is plain
                 // LoRA on top of it, and loading must not re-derive an init from that base.
