@@ -26,6 +26,7 @@ for task in $TASKS; do
       study_run "$task" "$budget" loraplus "$seed" -- --r "$r" --lora-alpha "$((2 * r))" --loraplus-lr-ratio 16
       study_run "$task" "$budget" dora "$seed" -- --r "$r" --lora-alpha "$((2 * r))" --use-dora true
       study_run "$task" "$budget" pissa "$seed" -- --r "$r" --lora-alpha "$((2 * r))" --init-lora-weights pissa_niter_4
+      study_run "$task" "$budget" eva "$seed" -- --r "$r" --lora-alpha "$((2 * r))" --init-lora-weights eva
       study_run "$task" "$budget" vera "$seed" -- --method vera --r "$vr"
       study_run "$task" "$budget" rosa "$seed" -- --method rosa --r "$r1" --lora-alpha "$((2 * r1))" --sparse-density "$dens"
       study_run "$task" "$budget" multilora "$seed" -- --method multilora --r "$r1" --lora-alpha "$((2 * r1))"
