@@ -376,7 +376,7 @@ mod tests {
         let mut m = BTreeMap::new();
         m.insert(
             "ids".to_string(),
-            Tensor::new(&[1i64, 2], &Device::Cpu).unwrap(),
+            Tensor::new(&[1u8, 2], &Device::Cpu).unwrap(),
         );
         let p = write(
             dir.path(),
@@ -388,6 +388,6 @@ mod tests {
             .get("ids", DType::F32, &Device::Cpu)
             .unwrap_err()
             .to_string();
-        assert!(e.contains("I64") && e.contains("ids"), "{e}");
+        assert!(e.contains("U8") && e.contains("ids"), "{e}");
     }
 }
