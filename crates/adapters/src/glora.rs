@@ -6,8 +6,8 @@
 //! `glora_Au`, `glora_Ad`, `glora_Bu`, `glora_Bd`, `glora_C`, `glora_D`, `glora_E`.
 //!
 //! Forward without forming W': `x(W·A)ᵀ = ((x A_dᵀ) A_uᵀ) Wᵀ` goes through the frozen linear, `W·C` is the
-//! frozen linear of C. A layer without a bias (Llama's) has no `b⊙D` term, and merging a non-zero E or W·C into
-//! it is refused, since the architecture has no bias to hold them.
+//! frozen linear of C. A layer without a bias (Llama's) has no `b⊙D` term (and no D), and merging a non-zero E or
+//! W·C into it is refused, since the architecture has no bias to hold them.
 
 use crate::config::AdapterConfig;
 use crate::kaiming_uniform;
@@ -139,6 +139,10 @@ impl Method for GloraMethod {
         "GLORA"
     }
 
+    fn optional_names(&self) -> &'static [&'static str] {
+        &["glora_D"]
+    }
+
     fn tensor_names(&self, cfg: &AdapterConfig) -> Vec<&'static str> {
         let p = parts(cfg).unwrap_or_default();
         let mut n = Vec::new();
@@ -190,7 +194,12 @@ impl Method for GloraMethod {
             a,
             b,
             c: vec_part('C', i)?,
-            d: vec_part('D', o)?,
+            // b⊙D needs a bias: a bias-free layer (Llama's) has no D to train
+            d: if layer.base.bias.is_some() {
+                vec_part('D', o)?
+            } else {
+                None
+            },
             e: vec_part('E', o)?,
             dropout: cfg.dropout(),
         }))

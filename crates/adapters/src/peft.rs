@@ -323,7 +323,18 @@ pub fn load(
             continue;
         };
         seen.insert(layer.path.clone());
-        if names.len() < m.tensor_names(&cfg).len() {
+        let optional = m.optional_names();
+        let required = m
+            .tensor_names(&cfg)
+            .iter()
+            .filter(|n| !optional.contains(n))
+            .count();
+        if names
+            .keys()
+            .filter(|n| !optional.contains(&n.as_str()))
+            .count()
+            < required
+        {
             report.missing_modules.push(layer.path.clone());
             continue;
         }

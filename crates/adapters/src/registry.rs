@@ -22,6 +22,10 @@ pub trait Method: Sync {
         rng: &mut ChaCha8Rng,
         shared: &HashMap<String, Tensor>,
     ) -> Result<Box<dyn LinearAdapter>>;
+    /// Names among `tensor_names` a module may lack (a part that does not apply to its layer).
+    fn optional_names(&self) -> &'static [&'static str] {
+        &[]
+    }
     /// Names of tensors shared by every adapted layer (VeRA's projections), stored once in the file as
     /// `base_model.<name>` and handed to `load_tensors` among the module's own.
     fn shared_names(&self) -> &'static [&'static str] {
