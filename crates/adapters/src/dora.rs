@@ -87,6 +87,28 @@ impl LinearAdapter for Dora {
         base_out + extra
     }
 
+    /// The same output as `forward`, `(m/‖W + sBA‖) ⊙ (xWᵀ + s·dropout(x)AᵀBᵀ) + b`, with the LoRA part as the
+    /// fused LoRA op: two graph nodes per layer instead of a dozen, which is what DoRA's step time and memory
+    /// over LoRA's come down to.
+    fn forward_fused(&self, x: &Tensor, base: &FrozenParts, ctx: &Ctx) -> Option<Result<Tensor>> {
+        let unbiased = FrozenParts {
+            weight: base.weight.clone(),
+            bias: None,
+        };
+        let y = self.lora.forward_fused(x, &unbiased, ctx)?;
+        Some(y.and_then(|y| {
+            let scale = self
+                .magnitude
+                .as_tensor()
+                .broadcast_div(&self.row_norm(base)?)?;
+            let y = y.broadcast_mul(&scale)?;
+            match &base.bias {
+                Some(b) => y.broadcast_add(b),
+                None => Ok(y),
+            }
+        }))
+    }
+
     fn parameters(&self) -> Vec<(String, Var)> {
         let mut p = self.lora.parameters();
         p.push(("lora_magnitude_vector".into(), self.magnitude.clone()));
