@@ -3,28 +3,15 @@
 //! step, and final singular values, are PEFT's (ending at the target budget); PEFT's saved adapter, with a
 //! module pruned to rank 0, loads; ours saves resized and loads back to the same logits.
 
+mod common;
+use common::*;
+
 use candle_core::{DType, Device, Tensor};
 use factune_adapters::adalora::{orth_penalty, resized, total_rank, RankAllocator};
 use factune_adapters::{attach, load, trainable, AdapterConfig, TargetModules};
 use factune_model::loss::causal_lm_loss;
 use factune_model::{Ctx, Model};
 use std::collections::HashMap;
-use std::path::PathBuf;
-
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
-
-fn max_abs(t: &Tensor) -> f32 {
-    t.abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
 
 fn cfg() -> AdapterConfig {
     AdapterConfig {
@@ -60,11 +47,11 @@ fn loss(m: &Model, r: &HashMap<String, Tensor>) -> (Tensor, Tensor) {
 #[test]
 fn adalora_forward_penalty_gradients_and_allocator_match_peft() {
     let r = candle_core::safetensors::load(
-        fixtures().join("llama-adalora-reference.safetensors"),
+        fixture("llama-adalora-reference.safetensors"),
         &Device::Cpu,
     )
     .unwrap();
-    let mut m = Model::load(&fixtures().join("llama"), &Device::Cpu).unwrap();
+    let mut m = Model::load(&fixture("llama"), &Device::Cpu).unwrap();
     attach(&mut m, &cfg(), 0).unwrap();
     for (k, v) in trainable(&m) {
         v.set(&r[&format!("{k}.value")]).unwrap();
@@ -133,14 +120,14 @@ fn adalora_forward_penalty_gradients_and_allocator_match_peft() {
     let mut c = cfg();
     c.rank_pattern = pattern;
     factune_adapters::peft::write_tensors(&m, &c, tensors, dir.path()).unwrap();
-    let mut fresh = Model::load(&fixtures().join("llama"), &Device::Cpu).unwrap();
+    let mut fresh = Model::load(&fixture("llama"), &Device::Cpu).unwrap();
     load(&mut fresh, dir.path(), false).unwrap();
     let d = max_abs(&(fresh.forward(&ids, None, &Ctx::default()).unwrap() - &trained).unwrap());
     assert!(d < 1e-5, "reloaded AdaLoRA differs by {d}");
 
     // PEFT's own file (same run) loads, rank-0 module included
-    let mut theirs = Model::load(&fixtures().join("llama"), &Device::Cpu).unwrap();
-    let (c, report) = load(&mut theirs, &fixtures().join("llama-adalora"), false).unwrap();
+    let mut theirs = Model::load(&fixture("llama"), &Device::Cpu).unwrap();
+    let (c, report) = load(&mut theirs, &fixture("llama-adalora"), false).unwrap();
     assert!(
         report.unmatched_tensors.is_empty() && report.missing_modules.is_empty(),
         "{report}"

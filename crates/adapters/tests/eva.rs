@@ -1,27 +1,22 @@
 //! EVA against PEFT 0.21.2 (`scripts/make_fixtures.py build-eva`, one batch): the same rank redistribution
 //! (rank and alpha patterns) and the same principal directions as lora_A, row by row.
 
+mod common;
+use common::*;
+
 use candle_core::{DType, Device};
 use factune_adapters::{eva, trainable, AdapterConfig, RankEntry, TargetModules};
 use factune_model::{Ctx, Model};
-use std::path::PathBuf;
-
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
 
 #[test]
 fn eva_init_matches_peft() {
-    let r = candle_core::safetensors::load(
-        fixtures().join("llama-eva-reference.safetensors"),
-        &Device::Cpu,
-    )
-    .unwrap();
-    let want: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(fixtures().join("llama-eva-patterns.json")).unwrap(),
-    )
-    .unwrap();
-    let mut m = Model::load(&fixtures().join("llama"), &Device::Cpu).unwrap();
+    let r =
+        candle_core::safetensors::load(fixture("llama-eva-reference.safetensors"), &Device::Cpu)
+            .unwrap();
+    let want: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("llama-eva-patterns.json")).unwrap())
+            .unwrap();
+    let mut m = Model::load(&fixture("llama"), &Device::Cpu).unwrap();
     let cfg = AdapterConfig {
         r: 4,
         lora_alpha: 8.0,

@@ -2,27 +2,12 @@
 //! equal in values and gradients to the dense `x(W + W·A + B)ᵀ + b + b⊙D + E + W·C`, save/load exact, merge
 //! exact where a bias exists and refused where the architecture has none.
 
+mod common;
+use common::*;
+
 use candle_core::{DType, Device, Tensor, Var};
 use factune_adapters::{attach, load, save, trainable, AdapterConfig, TargetModules};
 use factune_model::{Ctx, Model};
-use std::path::PathBuf;
-
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures")
-        .join(name)
-}
-
-fn max_abs(t: &Tensor) -> f32 {
-    t.abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
 
 fn cfg(parts: &str) -> AdapterConfig {
     AdapterConfig {
@@ -32,10 +17,6 @@ fn cfg(parts: &str) -> AdapterConfig {
         target_modules: TargetModules::Pattern("all-linear".into()),
         ..AdapterConfig::default()
     }
-}
-
-fn ids() -> Tensor {
-    Tensor::new(&[[3u32, 17, 42, 99, 5, 250, 31, 8]], &Device::Cpu).unwrap()
 }
 
 #[test]

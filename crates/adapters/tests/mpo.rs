@@ -3,36 +3,15 @@
 //! zero); gradients reach the cores and nothing frozen; merge and unmerge are exact; an adapter saved here
 //! loads back to the same logits, rebuilding DoTA's residual from W.
 
+mod common;
+use common::*;
+
 use candle_core::{DType, Device, Tensor};
 use factune_adapters::{attach, load, save, trainable, AdapterConfig, TargetModules};
 use factune_model::{Ctx, Model, Nf4Options};
-use std::path::PathBuf;
-
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures")
-        .join(name)
-}
-
-fn ids() -> Tensor {
-    Tensor::new(&[[3u32, 17, 42, 99, 5, 250, 31, 8]], &Device::Cpu).unwrap()
-}
 
 fn logits(m: &Model) -> Tensor {
     m.forward(&ids(), None, &Ctx::default()).unwrap()
-}
-
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 fn cfg(init: &str, chi: usize) -> AdapterConfig {

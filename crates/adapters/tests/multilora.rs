@@ -1,25 +1,12 @@
 //! MultiLoRA on the fixture Llama: unchanged at step 0, branches decorrelated at init, the stacked forward
 //! equal (values and gradients) to the branches computed one by one, save/load and merge exact.
 
+mod common;
+use common::*;
+
 use candle_core::{Device, Tensor};
 use factune_adapters::{attach, load, save, trainable, AdapterConfig, TargetModules};
 use factune_model::{Ctx, Model};
-use std::path::PathBuf;
-
-fn fixture() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/llama")
-}
-
-fn max_abs(t: &Tensor) -> f32 {
-    t.abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
 
 fn cfg() -> AdapterConfig {
     AdapterConfig {
@@ -35,7 +22,7 @@ fn cfg() -> AdapterConfig {
 #[test]
 fn multilora_is_the_sum_of_its_scaled_branches() {
     let ids = Tensor::new(&[[3u32, 17, 42, 99, 5, 250, 31, 8]], &Device::Cpu).unwrap();
-    let mut m = Model::load(&fixture(), &Device::Cpu).unwrap();
+    let mut m = Model::load(&fixture("llama"), &Device::Cpu).unwrap();
     let before = m.forward(&ids, None, &Ctx::default()).unwrap();
     attach(&mut m, &cfg(), 4).unwrap();
     assert_eq!(
@@ -114,7 +101,7 @@ fn multilora_is_the_sum_of_its_scaled_branches() {
     let want = m.forward(&ids, None, &Ctx::default()).unwrap();
     let dir = tempfile::tempdir().unwrap();
     save(&m, &cfg(), dir.path()).unwrap();
-    let mut fresh = Model::load(&fixture(), &Device::Cpu).unwrap();
+    let mut fresh = Model::load(&fixture("llama"), &Device::Cpu).unwrap();
     let (_, report) = load(&mut fresh, dir.path(), false).unwrap();
     assert!(
         report.unmatched_tensors.is_empty() && report.missing_modules.is_empty(),

@@ -2,32 +2,13 @@
 //! unchanged at step 0, the sparse values get exactly the full weight gradient at their positions, and
 //! save/load and merge are exact.
 
+mod common;
+use common::*;
+
 use candle_core::{DType, Device, Tensor};
 use factune_adapters::{attach, load, save, trainable, AdapterConfig, TargetModules};
 use factune_model::loss::causal_lm_loss;
 use factune_model::{Ctx, Model};
-use std::path::PathBuf;
-
-fn fixture() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/llama")
-}
-
-fn ids() -> Tensor {
-    Tensor::new(&[[3u32, 17, 42, 99, 5, 250, 31, 8]], &Device::Cpu).unwrap()
-}
-
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
 
 fn cfg() -> AdapterConfig {
     AdapterConfig {
@@ -53,7 +34,7 @@ fn loss(m: &Model) -> Tensor {
 
 #[test]
 fn sparse_values_train_exactly_the_full_gradient_at_the_largest_weights() {
-    let mut m = Model::load(&fixture(), &Device::Cpu).unwrap();
+    let mut m = Model::load(&fixture("llama"), &Device::Cpu).unwrap();
     let before = m.forward(&ids(), None, &Ctx::default()).unwrap();
     attach(&mut m, &cfg(), 0).unwrap();
     assert_eq!(
@@ -62,7 +43,7 @@ fn sparse_values_train_exactly_the_full_gradient_at_the_largest_weights() {
     );
 
     // the same loss with every weight trainable: its gradient at the support is the sparse values' gradient
-    let mut full = Model::load(&fixture(), &Device::Cpu).unwrap();
+    let mut full = Model::load(&fixture("llama"), &Device::Cpu).unwrap();
     let vars = full.set_trainable(&|_| true).unwrap();
     let gfull = loss(&full).backward().unwrap();
     let g = loss(&m).backward().unwrap();
@@ -135,14 +116,14 @@ fn sparse_values_train_exactly_the_full_gradient_at_the_largest_weights() {
 #[test]
 fn sparse_lora_saves_loads_and_merges_exactly() {
     let dir = tempfile::tempdir().unwrap();
-    let mut m = Model::load(&fixture(), &Device::Cpu).unwrap();
+    let mut m = Model::load(&fixture("llama"), &Device::Cpu).unwrap();
     attach(&mut m, &cfg(), 0).unwrap();
     for (_, v) in trainable(&m) {
         v.set(&(v.as_tensor() + 0.05).unwrap()).unwrap();
     }
     let want = m.forward(&ids(), None, &Ctx::default()).unwrap();
     save(&m, &cfg(), dir.path()).unwrap();
-    let mut fresh = Model::load(&fixture(), &Device::Cpu).unwrap();
+    let mut fresh = Model::load(&fixture("llama"), &Device::Cpu).unwrap();
     let (c, report) = load(&mut fresh, dir.path(), false).unwrap();
     assert_eq!(c.peft_type, "ROSA");
     assert!(
