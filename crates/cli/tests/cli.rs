@@ -57,11 +57,16 @@ fn sha(p: &Path) -> String {
 
 /// A short LoRA run on the quickstart data.
 fn train(out: &Path, steps: &str, extra: &[&str]) -> String {
-    let (m, d) = (model(), data("quickstart-train.jsonl"));
+    train_on(&model(), out, steps, extra)
+}
+
+/// [`train`] on another base model directory (e.g. a 4-bit copy).
+fn train_on(m: &Path, out: &Path, steps: &str, extra: &[&str]) -> String {
+    let d = data("quickstart-train.jsonl");
     let mut args = vec![
         "train",
         "--model",
-        s(&m),
+        s(m),
         "--data",
         s(&d),
         "--output",
@@ -624,32 +629,7 @@ fn qlora_trains_on_a_4bit_base_resumes_and_merges_into_what_was_trained() {
     let out = ok(&["quantize", s(&model()), "--output", s(&q)]);
     assert!(out.contains("bits per weight"), "{out}");
     let on_disk = dir.path().join("on-disk");
-    let (qd, d) = (q.clone(), data("quickstart-train.jsonl"));
-    ok(&[
-        "train",
-        "--model",
-        s(&qd),
-        "--data",
-        s(&d),
-        "--output",
-        s(&on_disk),
-        "--max-steps",
-        "6",
-        "--micro-batch-size",
-        "2",
-        "--seq-len",
-        "256",
-        "--r",
-        "4",
-        "--lora-dropout",
-        "0.1",
-        "--target-modules",
-        "q_proj,v_proj,down_proj",
-        "--learning-rate",
-        "1e-3",
-        "--validation-split",
-        "0.01",
-    ]);
+    train_on(&q, &on_disk, "6", &[]);
     assert_eq!(
         adapter(&straight),
         adapter(&on_disk),

@@ -580,11 +580,16 @@ pub fn read_bnb(w: &Weights, key: &str, rows: usize, cols: usize) -> Result<Opti
         return Err(bad("`quant_map` is not the NF4 level table".into()));
     }
     let absmax_key = format!("{key}.absmax");
-    let scales = if state.get("nested_offset").is_some() {
+    let scales = if let Some(off) = state.get("nested_offset") {
+        let offset = off.as_f64().ok_or_else(|| {
+            bad(format!(
+                "`{state_key}`: nested_offset {off} is not a number"
+            ))
+        })?;
         Scales::Double {
             codes: w.raw(&absmax_key)?.0.to_vec(),
             absmax: f32s(&format!("{key}.nested_absmax"))?,
-            offset: state["nested_offset"].as_f64().unwrap_or(0.0) as f32,
+            offset: offset as f32,
             map: f32s(&format!("{key}.nested_quant_map"))?,
         }
     } else {

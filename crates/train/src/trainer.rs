@@ -290,9 +290,13 @@ impl TrainJob<'_> {
                 };
                 let logits = self.model.forward(&to_tensor(&ids, &dev)?, None, &ctx)?;
                 let (loss, _) = causal_lm_loss(&logits, &labels)?;
-                let loss = match orth_penalty(self.model, cfg.orth_reg_weight)? {
-                    Some(p) if allocator.is_some() => (loss + p)?,
-                    _ => loss,
+                let penalty = match allocator {
+                    Some(_) => orth_penalty(self.model, cfg.orth_reg_weight)?,
+                    None => None,
+                };
+                let loss = match penalty {
+                    Some(p) => (loss + p)?,
+                    None => loss,
                 };
                 let l = loss.to_scalar::<f32>()? as f64;
                 if !l.is_finite() {
