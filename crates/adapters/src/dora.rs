@@ -87,26 +87,28 @@ impl LinearAdapter for Dora {
         base_out + extra
     }
 
-    /// The same output as `forward`, `(m/‖W + sBA‖) ⊙ (xWᵀ + s·dropout(x)AᵀBᵀ) + b`, with the LoRA part as the
-    /// fused LoRA op: two graph nodes per layer instead of a dozen, which is what DoRA's step time and memory
-    /// over LoRA's come down to.
+    /// The same output as `forward`, `(m/‖W + sBA‖) ⊙ (xWᵀ + s·dropout(x)AᵀBᵀ) + b`, as one fused op (the
+    /// magnitude's gradient included): one graph node and one kept activation per layer, as for LoRA.
     fn forward_fused(&self, x: &Tensor, base: &FrozenParts, ctx: &Ctx) -> Option<Result<Tensor>> {
-        let unbiased = FrozenParts {
-            weight: base.weight.clone(),
-            bias: None,
+        let mask = match self.lora.train_mask(x, ctx) {
+            Ok(m) => m,
+            Err(e) => return Some(Err(e)),
         };
-        let y = self.lora.forward_fused(x, &unbiased, ctx)?;
-        Some(y.and_then(|y| {
-            let scale = self
-                .magnitude
-                .as_tensor()
-                .broadcast_div(&self.row_norm(base)?)?;
-            let y = y.broadcast_mul(&scale)?;
-            match &base.bias {
-                Some(b) => y.broadcast_add(b),
-                None => Ok(y),
-            }
-        }))
+        let norm = match self.row_norm(base) {
+            Ok(n) => n,
+            Err(e) => return Some(Err(e)),
+        };
+        factune_model::kernels::dora_linear(
+            x,
+            &base.weight,
+            base.bias.as_ref(),
+            self.lora.a.as_tensor(),
+            self.lora.b.as_tensor(),
+            self.magnitude.as_tensor(),
+            &norm,
+            self.lora.scale,
+            mask.as_ref(),
+        )
     }
 
     fn parameters(&self) -> Vec<(String, Var)> {

@@ -14,13 +14,17 @@
 use crate::config::{AdapterConfig, RankEntry};
 use crate::lora::Lora;
 use crate::targets::TargetMatcher;
-use candle_core::{DType, Tensor, Var};
+use candle_core::{DType, Tensor, TensorId, Var};
 use factune_io::{Error, Result};
 use factune_model::linalg::pca_from_moments;
 use factune_model::linear::Capture;
 use factune_model::Model;
-use std::collections::BTreeMap;
+use std::collections::hash_map::Entry;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
+
+/// Top components (rows), their variances, and the total variance, of one group's inputs.
+type Pca = (Vec<Vec<f64>>, Vec<f64>, f64);
 
 /// One layer's input moments over the labelled positions seen so far (`[in, in]` Gram, sum, count): memory
 /// bounded by the layer width, not by the number of tokens.
@@ -30,9 +34,13 @@ pub struct Moments {
     n: usize,
 }
 
-/// Capture buffers on the targeted layers and their running moments, by module path.
+/// Capture buffers on the targeted layers and the running moments of their inputs. Layers fed the same
+/// tensor (q/k/v, gate/up) share one set of moments and later one eigendecomposition: their inputs are equal.
 pub struct Collector {
-    layers: BTreeMap<String, (Capture, Moments)>,
+    layers: BTreeMap<String, Capture>,
+    /// Each layer's index into `groups`, fixed by the first batch.
+    group_of: BTreeMap<String, usize>,
+    groups: Vec<Moments>,
 }
 
 impl Collector {
@@ -44,23 +52,62 @@ impl Collector {
             if matcher.matches(&l.path) {
                 let buf = Arc::new(Mutex::new(Vec::new()));
                 l.capture = Some(buf.clone());
-                let d = l.in_features();
-                let m = Moments {
-                    gram: vec![0.0; d * d],
-                    sum: vec![0.0; d],
-                    n: 0,
-                };
-                layers.insert(l.path.clone(), (buf, m));
+                layers.insert(l.path.clone(), buf);
             }
         }
-        Ok(Collector { layers })
+        Ok(Collector {
+            layers,
+            group_of: BTreeMap::new(),
+            groups: Vec::new(),
+        })
     }
 
     /// Folds the inputs captured by one forward pass into the moments, rows where `keep` is false dropped.
     pub fn absorb(&mut self, keep: &[bool]) -> Result<()> {
-        for (path, (buf, m)) in &mut self.layers {
-            let rows = std::mem::take(&mut *buf.lock().expect("capture lock"));
-            let x = Tensor::cat(&rows, 0)?;
+        let mut taken: BTreeMap<String, (Vec<TensorId>, Vec<Tensor>)> = BTreeMap::new();
+        for (path, buf) in &self.layers {
+            let entries = std::mem::take(&mut *buf.lock().expect("capture lock"));
+            taken.insert(path.clone(), entries.into_iter().unzip());
+        }
+        if let Some((path, _)) = taken.iter().find(|(_, (ids, _))| ids.is_empty()) {
+            return Err(Error::config(format!(
+                "EVA: no inputs were captured for `{path}` (it never ran in the forward pass)"
+            )));
+        }
+        if self.group_of.is_empty() {
+            let mut by_input: HashMap<&[TensorId], usize> = HashMap::new();
+            for (path, (ids, rows)) in &taken {
+                let next = by_input.len();
+                let g = *by_input.entry(ids.as_slice()).or_insert(next);
+                if g == self.groups.len() {
+                    let d = rows[0].dim(1)?;
+                    self.groups.push(Moments {
+                        gram: vec![0.0; d * d],
+                        sum: vec![0.0; d],
+                        n: 0,
+                    });
+                }
+                self.group_of.insert(path.clone(), g);
+            }
+        }
+        let mut done = vec![false; self.groups.len()];
+        for (path, (ids, rows)) in &taken {
+            let g = self.group_of[path];
+            let first = self
+                .group_of
+                .iter()
+                .find(|(_, &h)| h == g)
+                .expect("listed")
+                .0;
+            if taken[first].0 != *ids {
+                return Err(Error::config(format!(
+                    "EVA: `{path}` and `{first}` shared an input in the first batch but not in this one"
+                )));
+            }
+            if std::mem::replace(&mut done[g], true) {
+                continue;
+            }
+            let x = Tensor::cat(rows, 0)?;
             if x.dim(0)? != keep.len() {
                 return Err(Error::config(format!(
                     "EVA: `{path}` saw {} input rows, the label mask has {}",
@@ -75,12 +122,17 @@ impl Collector {
                 .map(|(i, _)| i as u32)
                 .collect();
             let n = idx.len();
+            // One batch's Gram in f32 (the gemm's fast path), accumulated over batches in f64.
             let x = x
                 .index_select(&Tensor::from_vec(idx, n, x.device())?, 0)?
-                .to_dtype(DType::F64)?;
-            let g = x.t()?.matmul(&x)?.flatten_all()?.to_vec1::<f64>()?;
-            let s = x.sum(0)?.to_vec1::<f64>()?;
-            m.gram.iter_mut().zip(g).for_each(|(a, b)| *a += b);
+                .to_dtype(DType::F32)?;
+            let gram = x.t()?.matmul(&x)?.flatten_all()?.to_vec1::<f32>()?;
+            let s = x.to_dtype(DType::F64)?.sum(0)?.to_vec1::<f64>()?;
+            let m = &mut self.groups[g];
+            m.gram
+                .iter_mut()
+                .zip(gram)
+                .for_each(|(a, b)| *a += b as f64);
             m.sum.iter_mut().zip(s).for_each(|(a, b)| *a += b);
             m.n += n;
         }
@@ -116,10 +168,12 @@ pub fn attach(
     let max_k = ((cfg.r as f64) * rho).round() as usize;
     let mut comps = BTreeMap::new();
     let mut ratios = Vec::new();
+    let mut pcas: HashMap<usize, Pca> = HashMap::new();
     for l in model.linears() {
-        let Some((_, m)) = collector.layers.get(&l.path) else {
+        let Some(&g) = collector.group_of.get(&l.path) else {
             continue;
         };
+        let m = &collector.groups[g];
         let k = max_k.min(l.in_features()).min(m.n.saturating_sub(1));
         if k == 0 {
             return Err(Error::config(format!(
@@ -127,7 +181,11 @@ pub fn attach(
                 m.n, l.path
             )));
         }
-        let (rows, values, total) = pca_from_moments(&m.gram, &m.sum, m.n, k)?;
+        let pca = match pcas.entry(g) {
+            Entry::Occupied(e) => e.into_mut(),
+            Entry::Vacant(e) => e.insert(pca_from_moments(&m.gram, &m.sum, m.n, k)?),
+        };
+        let (rows, values, total) = pca.clone();
         ratios.push((
             l.path.clone(),
             values

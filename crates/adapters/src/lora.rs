@@ -35,6 +35,18 @@ impl Lora {
     }
 }
 
+impl Lora {
+    /// The dropout mask the fused kernels apply to the adapter input while training (the same one
+    /// `adapter_input` draws), `None` when evaluating or without dropout.
+    pub fn train_mask(&self, x: &Tensor, ctx: &Ctx) -> candle_core::Result<Option<Tensor>> {
+        if !(ctx.train && self.dropout > 0.0) {
+            return Ok(None);
+        }
+        let m = dropout_mask(x.elem_count(), self.dropout, ctx.dropout_seed);
+        Tensor::from_vec(m, x.shape(), x.device()).map(Some)
+    }
+}
+
 impl LinearAdapter for Lora {
     fn method(&self) -> &'static str {
         "LORA"
@@ -68,14 +80,9 @@ impl LinearAdapter for Lora {
         base: &FrozenParts,
         ctx: &Ctx,
     ) -> Option<candle_core::Result<Tensor>> {
-        let mask = if ctx.train && self.dropout > 0.0 {
-            let m = dropout_mask(x.elem_count(), self.dropout, ctx.dropout_seed);
-            match Tensor::from_vec(m, x.shape(), x.device()) {
-                Ok(m) => Some(m),
-                Err(e) => return Some(Err(e)),
-            }
-        } else {
-            None
+        let mask = match self.train_mask(x, ctx) {
+            Ok(m) => m,
+            Err(e) => return Some(Err(e)),
         };
         kernels::lora_linear(
             x,

@@ -50,6 +50,9 @@ pub fn peak_rss_mb() -> f64 {
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
+/// EVA's collection batches in the benchmark: the training default (`eva_batches`).
+const EVA_BATCHES: usize = 4;
+
 /// What `factune bench train` runs.
 #[derive(Debug, clap::Args)]
 pub struct TrainOpts {
@@ -61,7 +64,8 @@ pub struct TrainOpts {
     pub steps: usize,
     #[arg(long, default_value_t = 16)]
     pub r: usize,
-    /// init_lora_weights: true, pissa or pissa_niter_K (init time is reported as init_s)
+    /// init_lora_weights: true, pissa, pissa_niter_K or eva (init time is reported as init_s; EVA's includes
+    /// its forward passes over 4 batches of the benchmark's shape, as `eva_batches` = 4 does in training)
     #[arg(long, default_value = "true")]
     pub init: String,
     /// Hold the frozen linear weights in NF4 (QLoRA)
@@ -90,30 +94,40 @@ pub fn train(model_dir: &Path, o: &TrainOpts) -> Result<()> {
         },
         ..AdapterConfig::default()
     };
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+    let vocab = model.cfg.vocab_size as u32;
+    let mut random_batch = || {
+        let ids: Vec<u32> = (0..batch * seq_len)
+            .map(|_| rng.random_range(0..vocab))
+            .collect();
+        Tensor::from_vec(ids, (batch, seq_len), &Device::Cpu)
+    };
     let t0 = Instant::now();
-    attach(&mut model, &cfg, 0)?;
+    if init == "eva" {
+        let mut collector = factune_adapters::eva::Collector::start(&mut model, &cfg)?;
+        for _ in 0..EVA_BATCHES {
+            model.forward(&random_batch()?, None, &Ctx::default())?;
+            collector.absorb(&vec![true; batch * seq_len])?;
+        }
+        factune_adapters::eva::attach(&mut model, &cfg, collector, 2.0, false)?;
+    } else {
+        attach(&mut model, &cfg, 0)?;
+    }
     let init_s = t0.elapsed().as_secs_f64();
     let params = trainable(&model);
     let sizes: Vec<usize> = params.iter().map(|(_, v)| v.elem_count()).collect();
     let mut opt = AdamW::new(&sizes, 0.9, 0.999, 1e-8, 0.0);
     let scales = vec![1.0; params.len()];
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
-    let vocab = model.cfg.vocab_size as u32;
     let (mut timed, mut last_loss) = (0f64, 0f64);
     for step in 0..=steps {
-        let ids: Vec<u32> = (0..batch * seq_len)
-            .map(|_| rng.random_range(0..vocab))
-            .collect();
+        let ids = random_batch()?;
         let labels: Vec<Vec<i64>> = ids
-            .chunks(seq_len)
-            .map(|c| c.iter().map(|&x| x as i64).collect())
+            .to_vec2::<u32>()?
+            .into_iter()
+            .map(|c| c.into_iter().map(i64::from).collect())
             .collect();
         let t0 = Instant::now();
-        let logits = model.forward(
-            &Tensor::from_vec(ids, (batch, seq_len), &Device::Cpu)?,
-            None,
-            &Ctx::default(),
-        )?;
+        let logits = model.forward(&ids, None, &Ctx::default())?;
         let (loss, _) = causal_lm_loss(&logits, &labels)?;
         let grads = loss.backward()?;
         let mut values = Vec::with_capacity(params.len());

@@ -294,11 +294,70 @@ pub fn frozen_linear(x: &Tensor, w: &BaseWeight, b: Option<&Tensor>) -> Result<T
 // inverted-dropout mask. One graph node instead of six: candle's autograd allocates and zero-fills a buffer per
 // node before accumulating into it, which dominated small LoRA steps. Backward, with g = dY and gB = g B:
 // dX = g W + s · m ⊙ (gB A), dA = s · gBᵀ (m ⊙ x), dB = s · gᵀ ((m ⊙ x) Aᵀ).
+//
+// DoRA runs through the same op: y = c ⊙ y₀ + b with y₀ the bias-free LoRA output and c = mag / ‖W + sBA‖_row
+// (the norm a constant, as in the paper). The magnitude rides as an extra column of the third input ([B | mag]),
+// so the op yields its gradient too, dmag_i = Σ_t g[t,i] y₀[t,i] / norm_i, with y₀ recovered from the op's own
+// output instead of being kept: DoRA then holds one [tokens, out] activation per layer, as LoRA does.
 
 struct LoraLinear {
     base: FrozenLinear,
     scale: f64,
     mask: Option<Tensor>,
+    dora: Option<DoraScale>,
+}
+
+/// DoRA's part of the op: the detached row norm of `W + sBA` and the bias, added after the magnitude scale.
+struct DoraScale {
+    norm: Tensor,
+    bias: Option<Tensor>,
+}
+
+/// Below this |mag / norm| the output no longer carries y₀ precisely enough to be divided back out of it, and
+/// the backward recomputes y₀ instead.
+const DORA_RECOVER_MIN: f32 = 1e-3;
+
+impl LoraLinear {
+    /// B and, under DoRA, the magnitude, from the third input (`[out, r]`, or `[out, r + 1]` under DoRA).
+    fn split_b(&self, bm: &Tensor, r: usize) -> Result<(Tensor, Option<Tensor>)> {
+        match self.dora {
+            None => Ok((bm.clone(), None)),
+            Some(_) => Ok((
+                bm.narrow(1, 0, r)?.contiguous()?,
+                Some(bm.narrow(1, r, 1)?.squeeze(1)?.contiguous()?),
+            )),
+        }
+    }
+
+    /// The LoRA gradients (dX, dA, dB) for an output gradient `g` `[tokens, out]`.
+    fn lora_grads(&self, x: &Tensor, a: &Tensor, b: &Tensor, g: &Tensor) -> Result<[Tensor; 3]> {
+        let k = self.base.w.dims().1;
+        let mask = self.mask.as_ref().map(|m| m.reshape(((), k))).transpose()?;
+        let mut xd = x.detach().reshape(((), k))?;
+        let gb = g.matmul(b)?;
+        let mut dx_lora = (gb.matmul(a)? * self.scale)?;
+        if let Some(mask) = &mask {
+            xd = (xd * mask)?;
+            dx_lora = (dx_lora * mask)?;
+        }
+        let dx = (self.base.input_grad(g)? + dx_lora)?.reshape(x.shape())?;
+        let da = (gb.t()?.matmul(&xd)? * self.scale)?;
+        let h = xd.matmul(&a.t()?)?;
+        let db = (g.t()?.matmul(&h)? * self.scale)?;
+        Ok([dx, da, db])
+    }
+
+    /// y₀ = x Wᵀ + s (m ⊙ x) Aᵀ Bᵀ from scratch, `[tokens, out]`.
+    fn recompute_plain(&self, x: &Tensor, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        let k = self.base.w.dims().1;
+        let x = x.detach().reshape(((), k))?;
+        let xd = match &self.mask {
+            Some(m) => (&x * m.reshape(((), k))?)?,
+            None => x.clone(),
+        };
+        let base = frozen_linear(&x, &self.base.w, None)?;
+        base + (xd.matmul(&a.t()?)?.matmul(&b.t()?)? * self.scale)?
+    }
 }
 
 impl candle_core::CustomOp3 for LoraLinear {
@@ -333,11 +392,34 @@ impl candle_core::CustomOp3 for LoraLinear {
             }
             None => (xs, x_l),
         };
+        // Under DoRA the third input is [B | mag]: B is copied out (out × r, small) and mag kept aside.
+        let b_owned;
+        let (b_src, b_off, magnitude) = match &self.dora {
+            None => (b_s, bl.start_offset(), None),
+            Some(_) => {
+                let bm = f32_slice(b_s, bl, "lora-linear [B | magnitude]")?;
+                if bl.dims() != [n, r + 1] {
+                    candle_core::bail!(
+                        "lora-linear: [B | magnitude] has shape {:?}, expected [{n}, {}]",
+                        bl.dims(),
+                        r + 1
+                    );
+                }
+                let b: Vec<f32> = bm
+                    .chunks(r + 1)
+                    .flat_map(|row| &row[..r])
+                    .copied()
+                    .collect();
+                let mag: Vec<f32> = bm.chunks(r + 1).map(|row| row[r]).collect();
+                b_owned = CpuStorage::F32(b);
+                (&b_owned, 0, Some(mag))
+            }
+        };
         // Aᵀ and Bᵀ as strided views: gemm reads them in place.
         let at_l = Layout::new(Shape::from((1, k, r)), vec![r * k, 1, k], al.start_offset());
         let h = x_src.matmul(a_s, (1, m, r, k), &x_lay, &at_l)?;
-        let bt_l = Layout::new(Shape::from((1, r, n)), vec![n * r, 1, r], bl.start_offset());
-        let d = h.matmul(b_s, (1, m, n, r), &Layout::contiguous((1, m, r)), &bt_l)?;
+        let bt_l = Layout::new(Shape::from((1, r, n)), vec![n * r, 1, r], b_off);
+        let d = h.matmul(b_src, (1, m, n, r), &Layout::contiguous((1, m, r)), &bt_l)?;
         let (CpuStorage::F32(y), CpuStorage::F32(d)) = (&mut out, &d) else {
             candle_core::bail!("lora-linear: expects f32")
         };
@@ -345,6 +427,16 @@ impl candle_core::CustomOp3 for LoraLinear {
         y.par_iter_mut()
             .zip(d.par_iter())
             .for_each(|(y, d)| *y += s * d);
+        if let (Some(dora), Some(mag)) = (&self.dora, magnitude) {
+            let norm = dora.norm.to_vec1::<f32>()?;
+            let c: Vec<f32> = mag.iter().zip(&norm).map(|(m, nr)| m / nr).collect();
+            let bias = dora.bias.as_ref().map(|b| b.to_vec1::<f32>()).transpose()?;
+            y.par_chunks_mut(n).for_each(|row| {
+                for (j, v) in row.iter_mut().enumerate() {
+                    *v = *v * c[j] + bias.as_ref().map_or(0.0, |b| b[j]);
+                }
+            });
+        }
         Ok((out, shape))
     }
 
@@ -352,27 +444,45 @@ impl candle_core::CustomOp3 for LoraLinear {
         &self,
         x: &Tensor,
         a: &Tensor,
-        b: &Tensor,
-        _res: &Tensor,
+        bm: &Tensor,
+        res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (a, b) = (a.detach(), b.detach());
-        let (n, k) = self.base.w.dims();
+        let (n, _) = self.base.w.dims();
+        let r = a.dims()[0];
+        let a = a.detach();
+        let (b, magnitude) = self.split_b(&bm.detach(), r)?;
         let g = grad.detach().contiguous()?.reshape(((), n))?;
-        let mask = self.mask.as_ref().map(|m| m.reshape(((), k))).transpose()?;
-        let mut xd = x.detach().reshape(((), k))?;
-        let gb = g.matmul(&b)?;
-        let mut dx_lora = (gb.matmul(&a)? * self.scale)?;
-        if let Some(mask) = &mask {
-            xd = (xd * mask)?;
-            dx_lora = (dx_lora * mask)?;
-        }
-        let dx = (self.base.input_grad(&g)? + dx_lora)?.reshape(x.shape())?;
-        let da = (gb.t()?.matmul(&xd)? * self.scale)?;
-        let h = xd.matmul(&a.t()?)?;
-        let db = (g.t()?.matmul(&h)? * self.scale)?;
-        Ok((Some(dx), Some(da), Some(db)))
+        let (Some(dora), Some(mag)) = (&self.dora, magnitude) else {
+            let [dx, da, db] = self.lora_grads(x, &a, &b, &g)?;
+            return Ok((Some(dx), Some(da), Some(db)));
+        };
+        let c = (&mag / &dora.norm)?;
+        let [dx, da, db] = self.lora_grads(x, &a, &b, &g.broadcast_mul(&c)?)?;
+        let recoverable = c.abs()?.min(0)?.to_scalar::<f32>()? >= DORA_RECOVER_MIN;
+        let plain = if recoverable {
+            let y = res.detach().reshape(((), n))?;
+            let y = match &dora.bias {
+                Some(bias) => y.broadcast_sub(bias)?,
+                None => y,
+            };
+            y.broadcast_div(&c)?
+        } else {
+            self.recompute_plain(x, &a, &b)?
+        };
+        let dmag = ((g * plain)?.sum(0)? / &dora.norm)?;
+        let dbm = Tensor::cat(&[db, dmag.unsqueeze(1)?], 1)?;
+        Ok((Some(dx), Some(da), Some(dbm)))
     }
+}
+
+/// Whether the fused LoRA kernel applies: CPU f32 operands, contiguous factors.
+fn lora_fusable(x: &Tensor, w: &BaseWeight, a: &Tensor, b: &Tensor) -> bool {
+    let f32_cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == candle_core::DType::F32;
+    [x, a, b].into_iter().all(f32_cpu)
+        && cpu_f32_weight(w)
+        && a.is_contiguous()
+        && b.is_contiguous()
 }
 
 /// `x Wᵀ + b + scale · (mask ⊙ x) Aᵀ Bᵀ` as one op whose backward yields dX, dA and dB only. `None` where
@@ -386,12 +496,7 @@ pub fn lora_linear(
     scale: f64,
     mask: Option<&Tensor>,
 ) -> Option<Result<Tensor>> {
-    let f32_cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == candle_core::DType::F32;
-    if ![x, a, b].into_iter().all(f32_cpu)
-        || !cpu_f32_weight(w)
-        || !a.is_contiguous()
-        || !b.is_contiguous()
-    {
+    if !lora_fusable(x, w, a, b) {
         return None;
     }
     let op = LoraLinear {
@@ -401,8 +506,44 @@ pub fn lora_linear(
         },
         scale,
         mask: mask.cloned(),
+        dora: None,
     };
     Some(x.contiguous().and_then(|x| x.apply_op3(a, b, op)))
+}
+
+/// DoRA's layer, `(mag / norm) ⊙ (x Wᵀ + scale · (mask ⊙ x) Aᵀ Bᵀ) + b`, as one op whose backward yields dX,
+/// dA, dB and dmag (`norm`, the row norm of `W + sBA`, is a constant). `None` where the kernel does not apply.
+#[allow(clippy::too_many_arguments)]
+pub fn dora_linear(
+    x: &Tensor,
+    w: &BaseWeight,
+    bias: Option<&Tensor>,
+    a: &Tensor,
+    b: &Tensor,
+    magnitude: &Tensor,
+    norm: &Tensor,
+    scale: f64,
+    mask: Option<&Tensor>,
+) -> Option<Result<Tensor>> {
+    if !lora_fusable(x, w, a, b) || !norm.device().is_cpu() {
+        return None;
+    }
+    let op = LoraLinear {
+        base: FrozenLinear {
+            w: w.clone(),
+            b: None,
+        },
+        scale,
+        mask: mask.cloned(),
+        dora: Some(DoraScale {
+            norm: norm.detach(),
+            bias: bias.cloned(),
+        }),
+    };
+    let bm = magnitude
+        .unsqueeze(1)
+        .and_then(|m| Tensor::cat(&[b, &m], 1));
+    Some(bm.and_then(|bm| x.contiguous()?.apply_op3(a, &bm, op)))
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -1051,6 +1192,78 @@ mod tests {
     fn lora_linear_matches_the_composed_ops_with_and_without_dropout() {
         for quantized in [false, true] {
             lora_linear_case(quantized);
+        }
+    }
+
+    #[test]
+    fn dora_linear_matches_the_composed_ops() {
+        // Magnitudes near the norm recover y₀ from the output; tiny ones make the backward recompute it.
+        for (quantized, mag_scale) in [(false, 1.0), (true, 1.0), (false, 1e-5)] {
+            dora_linear_case(quantized, mag_scale);
+        }
+    }
+
+    fn dora_linear_case(quantized: bool, mag_scale: f32) {
+        let (w, bias) = (rand(&[24, 16], 31), rand(&[24], 32));
+        let base = if quantized {
+            BaseWeight::nf4(&w, false).unwrap()
+        } else {
+            BaseWeight::Dense(w.clone())
+        };
+        let w = base.dense().unwrap();
+        let a = Var::from_tensor(&rand(&[4, 16], 33)).unwrap();
+        let b = Var::from_tensor(&rand(&[24, 4], 34)).unwrap();
+        let norm = (rand(&[24], 35).abs().unwrap() + 0.5).unwrap();
+        let mag = rand(&[24], 36).abs().unwrap() + 0.5;
+        let mag = Var::from_tensor(&(mag.unwrap() * mag_scale as f64).unwrap()).unwrap();
+        let x = Var::from_tensor(&rand(&[2, 5, 16], 37)).unwrap();
+        let mask =
+            Tensor::from_vec(dropout_mask(2 * 5 * 16, 0.3, 8), (2, 5, 16), &Device::Cpu).unwrap();
+        for (bias, m) in [(None, None), (Some(&bias), Some(&mask))] {
+            let fused = dora_linear(
+                x.as_tensor(),
+                &base,
+                bias,
+                a.as_tensor(),
+                b.as_tensor(),
+                mag.as_tensor(),
+                &norm,
+                0.7,
+                m,
+            )
+            .expect("CPU f32")
+            .unwrap();
+            let reference = || -> Result<Tensor> {
+                let xd = match m {
+                    Some(m) => (x.as_tensor() * m)?,
+                    None => x.as_tensor().clone(),
+                };
+                let plain = (x.as_tensor().broadcast_matmul(&w.t()?)?
+                    + (xd.broadcast_matmul(&a.t()?)?.broadcast_matmul(&b.t()?)? * 0.7)?)?;
+                let y = plain.broadcast_mul(&mag.as_tensor().broadcast_div(&norm)?)?;
+                match bias {
+                    Some(bias) => y.broadcast_add(bias),
+                    None => Ok(y),
+                }
+            };
+            let reference = reference().unwrap();
+            assert!(max_diff(&fused, &reference) < 1e-5);
+            let wts = rand(&[2, 5, 24], 38);
+            let grads = |y: Tensor| (y * &wts).unwrap().sum_all().unwrap().backward().unwrap();
+            let (gf, gr) = (grads(fused), grads(reference));
+            for v in [&x, &a, &b, &mag] {
+                let (f, r) = (
+                    gf.get(v.as_tensor()).unwrap(),
+                    gr.get(v.as_tensor()).unwrap(),
+                );
+                let tol = 1e-4 * (1.0 + max_diff(r, &r.zeros_like().unwrap()));
+                assert!(
+                    max_diff(f, r) < tol,
+                    "gradient differs by {}",
+                    max_diff(f, r)
+                );
+            }
+            assert!(gf.get(&w).is_none() && gf.get(&norm).is_none());
         }
     }
 

@@ -56,7 +56,9 @@ pub trait LinearAdapter: Send + Sync {
 }
 
 /// Where a layer's inputs are collected while capturing (see [`AdaptableLinear::capture`]).
-pub type Capture = Arc<std::sync::Mutex<Vec<Tensor>>>;
+/// Each entry: the input's tensor id (layers fed the same tensor, such as q/k/v, can share their statistics)
+/// and its rows `[tokens, in]`.
+pub type Capture = Arc<std::sync::Mutex<Vec<(candle_core::TensorId, Tensor)>>>;
 
 /// A frozen weight `[out, in]`: dense (any float dtype), or 4-bit NF4 dequantised on the fly in the matmul
 /// so no f32 copy of it is kept (QLoRA).
@@ -213,7 +215,7 @@ impl AdaptableLinear {
     pub fn forward(&self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
         if let Some(c) = &self.capture {
             let rows = x.detach().reshape(((), self.in_features()))?;
-            c.lock().expect("capture lock").push(rows);
+            c.lock().expect("capture lock").push((x.id(), rows));
         }
         let ctx = Ctx {
             dropout_seed: ctx.dropout_seed
