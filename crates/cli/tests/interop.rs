@@ -3,7 +3,7 @@
 //!     cargo test -p factune --test interop -- --ignored
 //!     python scripts/make_fixtures.py verify --model assets/default-model \
 //!         --adapter target/peft-interop/default/adapter --expect target/peft-interop/default/expect.safetensors
-//!     (and likewise for target/peft-interop/default-pissa, default-vera, default-eva and default-adalora on assets/default-model, and tests/fixtures/llama and tests/fixtures/gpt2 with target/peft-interop/{llama,gpt2});
+//!     (and likewise for target/peft-interop/default-pissa, default-vera, default-dora, default-eva and default-adalora on assets/default-model, and tests/fixtures/llama and tests/fixtures/gpt2 with target/peft-interop/{llama,gpt2});
 //!     python scripts/make_fixtures.py verify --model target/peft-interop/gpt2/merged \
 //!         --expect target/peft-interop/gpt2/expect.safetensors      (a merged checkpoint, transformers alone)
 //!     python scripts/make_fixtures.py verify --model target/peft-interop/default-nf4/model \
@@ -56,6 +56,7 @@ fn export_for_peft() {
             &["--init-lora-weights", "pissa_niter_2"][..],
         ),
         ("default-vera", &["--method", "vera"][..]),
+        ("default-dora", &["--use-dora", "true"][..]),
         ("default-eva", &["--init-lora-weights", "eva"][..]),
         (
             "default-adalora",
