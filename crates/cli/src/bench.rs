@@ -4,7 +4,6 @@
 use anyhow::Result;
 use candle_core::{Device, Tensor};
 use factune_adapters::{attach, trainable, AdapterConfig, TargetModules};
-use factune_model::loss::causal_lm_loss;
 use factune_model::{Ctx, Model};
 use factune_train::optim::AdamW;
 use factune_train::pretrain::{init_model, ArchSpec};
@@ -74,6 +73,9 @@ pub struct TrainOpts {
     /// DoRA instead of plain LoRA (its step time and memory against LoRA's)
     #[arg(long)]
     pub dora: bool,
+    /// Recompute each block in the backward instead of keeping its activations
+    #[arg(long)]
+    pub gradient_checkpointing: bool,
 }
 
 /// Times `steps` LoRA training steps (forward, backward, AdamW) after one warm-up step.
@@ -127,20 +129,21 @@ pub fn train(model_dir: &Path, o: &TrainOpts) -> Result<()> {
             .map(|c| c.into_iter().map(i64::from).collect())
             .collect();
         let t0 = Instant::now();
-        let logits = model.forward(&ids, None, &Ctx::default())?;
-        let (loss, _) = causal_lm_loss(&logits, &labels)?;
-        let grads = loss.backward()?;
+        let wanted: Vec<&Tensor> = params.iter().map(|(_, v)| v.as_tensor()).collect();
+        let (loss, _, grads) = model.loss_and_grads(
+            &ids,
+            &labels,
+            &Ctx::default(),
+            o.gradient_checkpointing,
+            &wanted,
+        )?;
         let mut values = Vec::with_capacity(params.len());
         let mut gs = Vec::with_capacity(params.len());
-        for (_, v) in &params {
+        for ((_, v), g) in params.iter().zip(&grads) {
             values.push(v.as_tensor().flatten_all()?.to_vec1::<f32>()?);
-            gs.push(
-                grads
-                    .get(v.as_tensor())
-                    .map_or(Ok(vec![0.0; v.elem_count()]), |g| {
-                        g.flatten_all()?.to_vec1::<f32>()
-                    })?,
-            );
+            gs.push(g.as_ref().map_or(Ok(vec![0.0; v.elem_count()]), |g| {
+                g.flatten_all()?.to_vec1::<f32>()
+            })?);
         }
         opt.step(&mut values, &gs, 1e-4, &scales);
         for ((_, v), val) in params.iter().zip(values) {
@@ -156,6 +159,7 @@ pub fn train(model_dir: &Path, o: &TrainOpts) -> Result<()> {
         "{}",
         serde_json::json!({"impl": "factune", "seq_len": seq_len, "batch": batch, "r": r, "steps": steps,
             "init": init, "init_s": init_s, "quantize": if quantize { "nf4" } else { "none" }, "dora": dora,
+            "gradient_checkpointing": o.gradient_checkpointing,
             "tokens_per_s": tokens / timed, "seconds_per_step": timed / steps as f64,
             "peak_rss_mb": peak_rss_mb(), "loss": last_loss})
     );

@@ -65,7 +65,7 @@ impl Rope {
     }
 
     /// Rotates `x: [B, H, T, D]` for positions `offset..offset+T`.
-    pub fn apply(&self, x: &Tensor, offset: usize) -> Result<Tensor> {
+    fn apply(&self, x: &Tensor, offset: usize) -> Result<Tensor> {
         let (_, _, t, d) = x.dims4()?;
         let cos = self.cos.narrow(0, offset, t)?;
         let sin = self.sin.narrow(0, offset, t)?;
@@ -74,6 +74,22 @@ impl Rope {
         let rot = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
         x.broadcast_mul(&cos)?
             .broadcast_add(&rot.broadcast_mul(&sin)?)
+    }
+
+    /// Splits a projection's output `x: [B, T, H·D]` into heads `[B, H, T, D]` and rotates them for positions
+    /// `offset..offset+T`: one fused op on the CPU.
+    pub fn apply_heads(&self, x: &Tensor, heads: usize, offset: usize) -> Result<Tensor> {
+        let (b, t, hd) = x.dims3()?;
+        let cos = self.cos.narrow(0, offset, t)?;
+        let sin = self.sin.narrow(0, offset, t)?;
+        if let Some(y) = kernels::rope_heads(x, &cos, &sin, heads) {
+            return y;
+        }
+        let x = x
+            .reshape((b, t, heads, hd / heads))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        self.apply(&x, offset)
     }
 
     pub fn max_positions(&self) -> usize {
@@ -118,7 +134,8 @@ impl KvCache {
 }
 
 /// Causal attention. `q: [B, Hq, T, D]`, `k, v: [B, Hkv, T, D]` (new positions only); `mask` from
-/// [`causal_mask`], built once per forward and shared by every layer. Returns `[B, T, Hq·D]`.
+/// [`causal_mask`], built once per forward and shared by every layer, used where the fused kernel does not
+/// apply (off the CPU). Returns `[B, T, Hq·D]`.
 pub fn causal_attention(
     q: &Tensor,
     k: Tensor,
@@ -131,6 +148,9 @@ pub fn causal_attention(
         Some((c, layer)) => c.append(layer, k, v)?,
         None => (k, v),
     };
+    if let Some(y) = kernels::attention::causal_attention(q, &k, &v) {
+        return y?.reshape((b, t, hq * d));
+    }
     let hkv = k.dims()[1];
     let rep = hq / hkv;
     // Heads sharing a KV head are consecutive: fold them into the query length instead of copying K and V.
@@ -157,4 +177,59 @@ pub fn causal_mask(t: usize, offset: usize, rep: usize, dev: &Device) -> Result<
         }
     }
     Tensor::from_vec(m, (rep * t, tk), dev)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Var;
+
+    #[test]
+    fn fused_rope_heads_match_the_composed_rotation() {
+        let dev = Device::Cpu;
+        let rope = Rope::new(8, 32, 10000.0, None, &dev).unwrap();
+        let (b, t, nh, d) = (2, 5, 3, 8);
+        let vals: Vec<f32> = (0..b * t * nh * d)
+            .map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0)
+            .collect();
+        let x = Var::from_tensor(&Tensor::from_vec(vals, (b, t, nh * d), &dev).unwrap()).unwrap();
+        for offset in [0, 7] {
+            let fused = rope.apply_heads(x.as_tensor(), nh, offset).unwrap();
+            let split = x
+                .as_tensor()
+                .reshape((b, t, nh, d))
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap();
+            let composed = rope.apply(&split.contiguous().unwrap(), offset).unwrap();
+            let diff = |a: &Tensor, c: &Tensor| -> f32 {
+                (a - c)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .max(0)
+                    .unwrap()
+                    .to_scalar()
+                    .unwrap()
+            };
+            assert!(diff(&fused, &composed) < 1e-6);
+            let w = Tensor::from_vec(
+                (0..b * nh * t * d)
+                    .map(|i| (i % 13) as f32 - 6.0)
+                    .collect::<Vec<f32>>(),
+                (b, nh, t, d),
+                &dev,
+            )
+            .unwrap();
+            let g = |y: &Tensor| (y * &w).unwrap().sum_all().unwrap().backward().unwrap();
+            let (gf, gc) = (g(&fused), g(&composed));
+            let (f, c) = (
+                gf.get(x.as_tensor()).unwrap(),
+                gc.get(x.as_tensor()).unwrap(),
+            );
+            assert!(diff(f, c) < 1e-5, "gradient differs by {}", diff(f, c));
+        }
+    }
 }

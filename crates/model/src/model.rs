@@ -5,7 +5,8 @@
 use crate::attention::{causal_attention, causal_mask, KvCache, Rope};
 use crate::kernels;
 use crate::linear::{read_weight, AdaptableLinear, BaseWeight, Ctx};
-use candle_core::{DType, Device, Tensor};
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Device, Tensor, Var};
 use factune_io::{Arch, Error, ModelConfig, Result, Weights};
 use std::path::{Path, PathBuf};
 
@@ -68,6 +69,26 @@ pub struct Block {
     pub attn: Attn,
     pub ln2: Norm,
     pub mlp: Mlp,
+}
+
+/// Adds the gradients `store` holds for `wanted` into `acc` (same order), detached, and returns the store. Call
+/// it on every store a backward yields and drop the store soon: candle also keeps gradients for operands that
+/// never needed one (masks, frozen tables), and those still reference the forward graph.
+pub fn take_grads(
+    mut store: GradStore,
+    wanted: &[&Tensor],
+    acc: &mut [Option<Tensor>],
+) -> candle_core::Result<GradStore> {
+    for (t, slot) in wanted.iter().zip(acc.iter_mut()) {
+        if let Some(g) = store.remove(t) {
+            let g = g.detach();
+            *slot = Some(match slot.take() {
+                Some(a) => (a + g)?,
+                None => g,
+            });
+        }
+    }
+    Ok(store)
 }
 
 pub struct Model {
@@ -337,8 +358,20 @@ impl Model {
         mut cache: Option<&mut KvCache>,
         ctx: &Ctx,
     ) -> Result<Tensor> {
-        let (b, t) = ids.dims2()?;
         let offset = cache.as_ref().map_or(0, |c| c.len());
+        let mut x = self.embed_tokens(ids, offset)?;
+        let mask = self.mask_for(ids.dim(1)?, offset)?;
+        for (n, blk) in self.blocks.iter().enumerate() {
+            let layer_cache = cache.as_deref_mut().map(|c| (c, n));
+            x = self.block_forward(blk, &x, layer_cache, offset, &mask, ctx)?;
+        }
+        Ok(self.final_norm.forward(&x)?)
+    }
+
+    /// Token (and, for GPT-2, position) embeddings `[B, T, H]` of ids `[B, T]` at positions `offset..`,
+    /// after checking the ids and the length against the model.
+    fn embed_tokens(&self, ids: &Tensor, offset: usize) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
         if offset + t > self.max_positions() {
             return Err(Error::config(format!(
                 "sequence of {} tokens exceeds the model's context of {} positions (max_position_embeddings in {})",
@@ -370,24 +403,90 @@ impl Model {
         if let Some(pe) = &self.pos_embed {
             x = x.broadcast_add(&pe.narrow(0, offset, t)?)?;
         }
+        Ok(x)
+    }
+
+    fn mask_for(&self, t: usize, offset: usize) -> Result<Tensor> {
         let rep = self.cfg.num_heads / self.cfg.num_kv_heads;
-        let mask = causal_mask(t, offset, rep, &self.device)?;
-        for (n, blk) in self.blocks.iter().enumerate() {
-            let h = blk.ln1.forward(&x)?;
-            let layer_cache = cache.as_deref_mut().map(|c| (c, n));
-            let a = self.attention(&blk.attn, &h, layer_cache, offset, &mask, ctx)?;
-            x = (x + a)?;
-            let h = blk.ln2.forward(&x)?;
-            let m = match &blk.mlp {
-                Mlp::SwiGlu { gate, up, down } => {
-                    let g = gate.forward(&h, ctx)?.silu()?;
-                    down.forward(&(g * up.forward(&h, ctx)?)?, ctx)?
-                }
-                Mlp::Gelu { fc, proj } => proj.forward(&fc.forward(&h, ctx)?.gelu()?, ctx)?,
-            };
-            x = (x + m)?;
+        Ok(causal_mask(t, offset, rep, &self.device)?)
+    }
+
+    /// One block: `x + attn(ln1(x))`, then `+ mlp(ln2(·))`.
+    fn block_forward(
+        &self,
+        blk: &Block,
+        x: &Tensor,
+        cache: Option<(&mut KvCache, usize)>,
+        offset: usize,
+        mask: &Tensor,
+        ctx: &Ctx,
+    ) -> candle_core::Result<Tensor> {
+        let h = blk.ln1.forward(x)?;
+        let a = self.attention(&blk.attn, &h, cache, offset, mask, ctx)?;
+        let x = (x + a)?;
+        let h = blk.ln2.forward(&x)?;
+        let m = match &blk.mlp {
+            Mlp::SwiGlu { gate, up, down } => {
+                let g = gate.forward(&h, ctx)?.silu()?;
+                down.forward(&(g * up.forward(&h, ctx)?)?, ctx)?
+            }
+            Mlp::Gelu { fc, proj } => proj.forward(&fc.forward(&h, ctx)?.gelu()?, ctx)?,
+        };
+        x + m
+    }
+
+    /// One training micro-batch: the mean next-token loss over `labels` (a value, detached), the number of
+    /// labelled tokens, and the gradients of `wanted` (the trainable tensors), in their order. With
+    /// `checkpoint`, activations are kept only at block boundaries: each block is run again during the
+    /// backward, one at a time, and differentiated there (gradient checkpointing: one extra forward, the
+    /// activation memory of one block).
+    pub fn loss_and_grads(
+        &self,
+        ids: &Tensor,
+        labels: &[Vec<i64>],
+        ctx: &Ctx,
+        checkpoint: bool,
+        wanted: &[&Tensor],
+    ) -> Result<(Tensor, usize, Vec<Option<Tensor>>)> {
+        let mut out = vec![None; wanted.len()];
+        if !checkpoint {
+            let hidden = self.forward_hidden(ids, None, ctx)?;
+            let (loss, n) = self.lm_loss(&hidden, labels)?;
+            take_grads(loss.backward()?, wanted, &mut out)?;
+            return Ok((loss.detach(), n, out));
         }
-        Ok(self.final_norm.forward(&x)?)
+        let x0 = self.embed_tokens(ids, 0)?;
+        let mask = self.mask_for(ids.dim(1)?, 0)?;
+        // Forward, keeping each block's input only; the graph of a block is dropped as soon as it has run.
+        let mut inputs = Vec::with_capacity(self.blocks.len());
+        let mut x = x0.detach();
+        for blk in &self.blocks {
+            let y = self.block_forward(blk, &x, None, 0, &mask, ctx)?.detach();
+            inputs.push(std::mem::replace(&mut x, y));
+        }
+        // The head and the loss, differentiated with respect to the last block's output.
+        let top = Var::from_tensor(&x)?;
+        drop(x);
+        let (loss, n) = self.lm_loss(&self.final_norm.forward(top.as_tensor())?, labels)?;
+        let mut g = take_grads(loss.backward()?, wanted, &mut out)?
+            .remove(top.as_tensor())
+            .map(|t| t.detach());
+        let loss = loss.detach();
+        // Blocks from the top down: recompute, differentiate <output, dY>, pass dX down.
+        for (blk, input) in self.blocks.iter().zip(inputs).rev() {
+            let Some(dy) = g else { break };
+            let xv = Var::from_tensor(&input)?;
+            drop(input);
+            let y = self.block_forward(blk, xv.as_tensor(), None, 0, &mask, ctx)?;
+            let bg = (y * dy)?.sum_all()?.backward()?;
+            g = take_grads(bg, wanted, &mut out)?
+                .remove(xv.as_tensor())
+                .map(|t| t.detach());
+        }
+        if let (Some(dx), true) = (g, x0.track_op()) {
+            take_grads((x0 * dx)?.sum_all()?.backward()?, wanted, &mut out)?;
+        }
+        Ok((loss, n, out))
     }
 
     fn attention(
@@ -405,8 +504,8 @@ impl Model {
         match attn {
             Attn::Split { q, k, v, o } => {
                 let rope = self.rope.as_ref().expect("llama-family models have RoPE");
-                let qh = rope.apply(&heads(q.forward(h, ctx)?, nh)?, offset)?;
-                let kh = rope.apply(&heads(k.forward(h, ctx)?, nkv)?, offset)?;
+                let qh = rope.apply_heads(&q.forward(h, ctx)?, nh, offset)?;
+                let kh = rope.apply_heads(&k.forward(h, ctx)?, nkv, offset)?;
                 let vh = heads(v.forward(h, ctx)?, nkv)?;
                 o.forward(&causal_attention(&qh, kh, vh, cache, mask)?, ctx)
             }
@@ -430,6 +529,16 @@ impl Model {
             hidden,
             &BaseWeight::Dense(self.lm_head.clone()),
             None,
+        )?)
+    }
+
+    /// Mean next-token loss over `labels` (and the count of labelled tokens) from final hidden states, the LM
+    /// head fused into the loss (no full logits tensor).
+    pub fn lm_loss(&self, hidden: &Tensor, labels: &[Vec<i64>]) -> Result<(Tensor, usize)> {
+        Ok(crate::loss::causal_lm_loss_from_hidden(
+            hidden,
+            &self.lm_head,
+            labels,
         )?)
     }
 

@@ -121,6 +121,9 @@ train_config! {
     max_steps: usize = 100,
     /// Clip the global gradient norm (0 disables)
     max_grad_norm: f64 = 1.0,
+    /// Keep activations only at block boundaries and recompute each block in the backward (one extra forward
+    /// per step for a fraction of the activation memory; same results)
+    gradient_checkpointing: bool = false,
     /// Micro-batches per optimizer step
     gradient_accumulation_steps: usize = 1,
     /// Sequences per micro-batch

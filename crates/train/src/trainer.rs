@@ -12,9 +12,8 @@ use factune_adapters::peft::thousands;
 use factune_adapters::{attach, lora, peft, trainable, trainable_summary};
 use factune_io::weights::to_safetensors_bytes;
 use factune_io::{atomic, Error, Result, TextTokenizer, Weights};
-use factune_model::loss::causal_lm_loss;
 use factune_model::spectrum::update_spectra;
-use factune_model::{Ctx, Model};
+use factune_model::{take_grads, Ctx, Model};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -90,8 +89,9 @@ pub fn evaluate_loss(
     for chunk in examples.chunks(batch.max(1)) {
         let refs: Vec<&Example> = chunk.iter().collect();
         let (ids, labels) = collate(&refs, pad);
-        let logits = model.forward(&to_tensor(&ids, &model.device)?, None, &Ctx::default())?;
-        let (loss, n) = causal_lm_loss(&logits.detach(), &labels)?;
+        let hidden =
+            model.forward_hidden(&to_tensor(&ids, &model.device)?, None, &Ctx::default())?;
+        let (loss, n) = model.lm_loss(&hidden.detach(), &labels)?;
         sum += loss.to_scalar::<f32>()? as f64 * n as f64;
         count += n;
     }
@@ -288,14 +288,23 @@ impl TrainJob<'_> {
                         .wrapping_mul(0x2545_F491_4F6C_DD1D)
                         .wrapping_add(j as u64),
                 };
-                let logits = self.model.forward(&to_tensor(&ids, &dev)?, None, &ctx)?;
-                let (loss, _) = causal_lm_loss(&logits, &labels)?;
+                let wanted: Vec<&Tensor> = params.iter().map(|(_, v)| v.as_tensor()).collect();
+                let (loss, _, mut grads) = self.model.loss_and_grads(
+                    &to_tensor(&ids, &dev)?,
+                    &labels,
+                    &ctx,
+                    cfg.gradient_checkpointing,
+                    &wanted,
+                )?;
                 let penalty = match allocator {
                     Some(_) => orth_penalty(self.model, cfg.orth_reg_weight)?,
                     None => None,
                 };
                 let loss = match penalty {
-                    Some(p) => (loss + p)?,
+                    Some(p) => {
+                        take_grads(p.backward()?, &wanted, &mut grads)?;
+                        (loss + p.detach())?
+                    }
                     None => loss,
                 };
                 let l = loss.to_scalar::<f32>()? as f64;
@@ -307,9 +316,8 @@ impl TrainJob<'_> {
                     )));
                 }
                 loss_sum += l;
-                let grads = loss.backward()?;
-                for (i, (_, v)) in params.iter().enumerate() {
-                    if let Some(g) = grads.get(v.as_tensor()) {
+                for (i, g) in grads.iter().enumerate() {
+                    if let Some(g) = g {
                         got[i] = true;
                         let g = g.flatten_all()?.to_vec1::<f32>()?;
                         acc[i].iter_mut().zip(g).for_each(|(a, g)| *a += g);

@@ -6,6 +6,8 @@
 //! the backward yields dX alone. On non-CPU devices each entry point falls back to plain candle ops (correct,
 //! without those savings).
 
+pub mod attention;
+
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Storage, Tensor, D};
 use rayon::prelude::*;
@@ -87,6 +89,81 @@ const NF4_DIRECT_ROWS: usize = 4;
 
 fn gemm_parallelism() -> gemm::Parallelism {
     gemm::Parallelism::Rayon(rayon::current_num_threads())
+}
+
+/// A read-only f32 matrix in a slice: element (i, j) at `i · rs + j · cs`.
+#[derive(Clone, Copy)]
+struct MatRef<'a> {
+    data: &'a [f32],
+    rs: usize,
+    cs: usize,
+}
+
+impl<'a> MatRef<'a> {
+    /// Row-major rows `rs` apart.
+    fn rows(data: &'a [f32], rs: usize) -> Self {
+        MatRef { data, rs, cs: 1 }
+    }
+
+    /// The transpose of a row-major matrix whose rows are `rs` apart.
+    fn transposed(data: &'a [f32], rs: usize) -> Self {
+        MatRef {
+            data,
+            rs: 1,
+            cs: rs,
+        }
+    }
+
+    fn fits(&self, r: usize, c: usize) -> bool {
+        r == 0 || c == 0 || (r - 1) * self.rs + (c - 1) * self.cs < self.data.len()
+    }
+}
+
+/// `dst [m, n] (rows dst_rs apart) = (dst if acc else 0) + beta · lhs [m, k] · rhs [k, n]`, on the calling
+/// thread (callers parallelise over heads or rows).
+#[allow(clippy::too_many_arguments)]
+fn gemm_into(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    dst_rs: usize,
+    acc: bool,
+    lhs: MatRef,
+    rhs: MatRef,
+    beta: f32,
+) {
+    assert!(
+        lhs.fits(m, k) && rhs.fits(k, n) && (m == 0 || (m - 1) * dst_rs + n <= dst.len()),
+        "gemm_into: operands out of bounds"
+    );
+    if m == 0 || n == 0 {
+        return;
+    }
+    // SAFETY: the assertion above keeps every element gemm reads or writes inside its slice.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            dst_rs as isize,
+            acc,
+            lhs.data.as_ptr(),
+            lhs.cs as isize,
+            lhs.rs as isize,
+            rhs.data.as_ptr(),
+            rhs.cs as isize,
+            rhs.rs as isize,
+            1.0,
+            beta,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
+    }
 }
 
 /// Calls `f(first_row, tile)` for consecutive tiles of an NF4 weight's rows, dequantised in parallel.
@@ -957,6 +1034,95 @@ pub fn softmax_reference(x: &Tensor) -> Result<Tensor> {
 }
 
 // ---------------------------------------------------------------------------------------------------------
+// RoPE with the head split: x [B, T, H·D] (a projection's output) → y [B, H, T, D] rotated, HF's "rotate half"
+// layout: for i < D/2, y_i = x_i cos_i − x_{i+D/2} sin_i; for i ≥ D/2, y_i = x_i cos_i + x_{i−D/2} sin_i.
+// One op instead of reshape, transpose copy, two narrows, neg, cat, two products and a sum; backward is the
+// inverse rotation: dx_i = dy_i cos_i + dy_{i+D/2} sin_{i+D/2} (i < D/2), dy_i cos_i − dy_{i−D/2} sin_{i−D/2}.
+
+struct RopeHeads {
+    /// `[T, D]` tables for the positions of this call.
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    heads: usize,
+}
+
+impl RopeHeads {
+    /// Rotates one head-row: `src` and `dst` hold D values; `inverse` applies the transpose rotation.
+    fn rotate(&self, src: &[f32], dst: &mut [f32], pos: usize, inverse: bool) {
+        let d = src.len();
+        let h = d / 2;
+        let (c, s) = (&self.cos[pos * d..][..d], &self.sin[pos * d..][..d]);
+        for i in 0..h {
+            let (a, b) = (src[i], src[i + h]);
+            if inverse {
+                dst[i] = a * c[i] + b * s[i + h];
+                dst[i + h] = b * c[i + h] - a * s[i];
+            } else {
+                dst[i] = a * c[i] - b * s[i];
+                dst[i + h] = b * c[i + h] + a * s[i + h];
+            }
+        }
+    }
+}
+
+impl CustomOp1 for RopeHeads {
+    fn name(&self) -> &'static str {
+        "rope-heads"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s, l, "rope-heads")?;
+        let (b, t, hd) = l.shape().dims3()?;
+        let (nh, d) = (self.heads, hd / self.heads);
+        if nh * d != hd || d % 2 != 0 || self.cos.len() != t * d {
+            candle_core::bail!("rope-heads: [{b}, {t}, {hd}] does not split into {nh} even-sized heads over the tables");
+        }
+        let mut y = vec![0f32; x.len()];
+        // y is [B, H, T, D]: each (b, h) block of T rows reads rows of x D·H apart.
+        y.par_chunks_mut(t * d).enumerate().for_each(|(bh, blk)| {
+            let (bi, h) = (bh / nh, bh % nh);
+            for (p, row) in blk.chunks_mut(d).enumerate() {
+                let src = &x[(bi * t + p) * hd + h * d..][..d];
+                self.rotate(src, row, p, false);
+            }
+        });
+        Ok((CpuStorage::F32(y), Shape::from((b, nh, t, d))))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let (b, t, hd) = arg.dims3()?;
+        let (nh, d) = (self.heads, hd / self.heads);
+        let g = grad.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let mut dx = vec![0f32; g.len()];
+        dx.par_chunks_mut(hd).enumerate().for_each(|(bt, row)| {
+            let (bi, p) = (bt / t, bt % t);
+            for h in 0..nh {
+                let src = &g[((bi * nh + h) * t + p) * d..][..d];
+                self.rotate(src, &mut row[h * d..(h + 1) * d], p, true);
+            }
+        });
+        Ok(Some(Tensor::from_vec(dx, (b, t, hd), arg.device())?))
+    }
+}
+
+/// Splits `x [B, T, H·D]` into heads `[B, H, T, D]` and applies RoPE with the `[T, D]` tables `cos`, `sin`
+/// (already narrowed to this call's positions). `None` off the CPU or for non-f32 input.
+pub fn rope_heads(x: &Tensor, cos: &Tensor, sin: &Tensor, heads: usize) -> Option<Result<Tensor>> {
+    if !(x.device().is_cpu() && x.dtype() == candle_core::DType::F32) {
+        return None;
+    }
+    let run = || {
+        let op = RopeHeads {
+            cos: cos.flatten_all()?.to_vec1::<f32>()?,
+            sin: sin.flatten_all()?.to_vec1::<f32>()?,
+            heads,
+        };
+        x.contiguous()?.apply_op1(op)
+    };
+    Some(run())
+}
+
+// ---------------------------------------------------------------------------------------------------------
 // Cross-entropy over rows of logits [N, V] with per-row targets and weights (0 for ignored rows), averaged
 // over `count`: loss = Σ_i w_i (lse_i − x_i[t_i]) / count. Backward: dx_i = g · w_i (softmax(x_i) − onehot(t_i))
 // / count, written into one buffer (the unfused graph keeps several [N, V] temporaries alive).
@@ -1035,6 +1201,194 @@ pub fn cross_entropy(
         return logits.contiguous()?.apply_op1(op);
     }
     cross_entropy_reference(logits, targets, weights, count)
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// LM head fused with the cross-entropy: loss = Σ_i w_i (lse(h_i Wᵀ) − h_i·W_{t_i}) / count over rows of h [N, d],
+// W [V, d]. The logits exist only for a chunk of rows at a time (never [N × V] for the whole batch); while a
+// chunk's logits are at hand they are turned into the gradient coefficients P = (softmax − onehot)·w/count, and
+// dH = P W (and dW += Pᵀ H when W is trained) are taken there, so backward only scales them by the incoming
+// gradient. Same FLOPs as the unfused head, a fraction of its memory.
+
+struct LinearCrossEntropy {
+    targets: Vec<u32>,
+    weights: Vec<f32>,
+    count: f32,
+    chunk_rows: usize,
+    want_dh: bool,
+    want_dw: bool,
+    /// dH and dW for an upstream gradient of 1, filled by the forward.
+    grads: std::sync::Mutex<Option<HeadGrads>>,
+}
+
+/// dH `[N, d]` and, when the head is trained, dW `[V, d]`.
+type HeadGrads = (Vec<f32>, Option<Vec<f32>>);
+
+/// Logit elements per chunk: 8M f32 (32 MB) whatever the vocabulary.
+const LCE_CHUNK_ELEMS: usize = 8 << 20;
+
+impl CustomOp2 for LinearCrossEntropy {
+    fn name(&self) -> &'static str {
+        "linear-cross-entropy"
+    }
+
+    fn cpu_fwd(
+        &self,
+        hs: &CpuStorage,
+        hl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (n, d) = last_dim(hl)?;
+        let v = wl.dims()[0];
+        if wl.dims() != [v, d] || !wl.is_contiguous() || !hl.is_contiguous() {
+            candle_core::bail!(
+                "linear-cross-entropy: expects contiguous hidden [{n}, {d}] and head [V, {d}], got {:?}",
+                wl.dims()
+            );
+        }
+        if self.targets.len() != n || self.targets.iter().any(|&t| t as usize >= v) {
+            candle_core::bail!(
+                "linear-cross-entropy: targets do not fit [{n}] rows over {v} classes"
+            );
+        }
+        let mut dh = if self.want_dh {
+            vec![0f32; n * d]
+        } else {
+            Vec::new()
+        };
+        let mut dw = self.want_dw.then(|| vec![0f32; v * d]);
+        let mut total = 0f64;
+        let wt_l = Layout::new(Shape::from((1, d, v)), vec![v * d, 1, d], wl.start_offset());
+        let w_l = Layout::contiguous_with_offset((1, v, d), wl.start_offset());
+        for start in (0..n).step_by(self.chunk_rows) {
+            let c = self.chunk_rows.min(n - start);
+            let (tg, wg) = (
+                &self.targets[start..start + c],
+                &self.weights[start..start + c],
+            );
+            if wg.iter().all(|&w| w == 0.0) {
+                continue;
+            }
+            let h_l = Layout::contiguous_with_offset((1, c, d), hl.start_offset() + start * d);
+            let CpuStorage::F32(mut logits) = hs.matmul(ws, (1, c, v, d), &h_l, &wt_l)? else {
+                candle_core::bail!("linear-cross-entropy: expects f32")
+            };
+            let grad = self.want_dh || self.want_dw;
+            total += logits
+                .par_chunks_mut(v)
+                .zip(tg.par_iter().zip(wg.par_iter()))
+                .map(|(row, (&t, &w))| {
+                    if w == 0.0 {
+                        row.fill(0.0);
+                        return 0.0;
+                    }
+                    let lse = log_sum_exp(row);
+                    let loss = (w * (lse - row[t as usize])) as f64;
+                    if grad {
+                        let cf = w / self.count;
+                        row.iter_mut().for_each(|x| *x = cf * (*x - lse).exp());
+                        row[t as usize] -= cf;
+                    }
+                    loss
+                })
+                .sum::<f64>();
+            if !grad {
+                continue;
+            }
+            let p = CpuStorage::F32(logits);
+            if self.want_dh {
+                let CpuStorage::F32(dc) =
+                    p.matmul(ws, (1, c, d, v), &Layout::contiguous((1, c, v)), &w_l)?
+                else {
+                    candle_core::bail!("linear-cross-entropy: expects f32")
+                };
+                dh[start * d..(start + c) * d].copy_from_slice(&dc);
+            }
+            if let Some(dw) = dw.as_mut() {
+                let pt_l = Layout::new(Shape::from((1, v, c)), vec![c * v, 1, v], 0);
+                let CpuStorage::F32(part) = p.matmul(hs, (1, v, d, c), &pt_l, &h_l)? else {
+                    candle_core::bail!("linear-cross-entropy: expects f32")
+                };
+                dw.par_iter_mut()
+                    .zip(part.par_iter())
+                    .for_each(|(a, b)| *a += b);
+            }
+        }
+        *self.grads.lock().expect("linear-cross-entropy lock") = Some((dh, dw));
+        Ok((
+            CpuStorage::F32(vec![(total / self.count as f64) as f32]),
+            Shape::from(()),
+        ))
+    }
+
+    fn bwd(
+        &self,
+        h: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let g = grad.to_scalar::<f32>()? as f64;
+        let Some((dh, dw)) = self.grads.lock().expect("linear-cross-entropy lock").take() else {
+            candle_core::bail!("linear-cross-entropy: backward ran twice or without a forward")
+        };
+        let dh = if self.want_dh {
+            Some((Tensor::from_vec(dh, h.shape(), h.device())? * g)?)
+        } else {
+            None
+        };
+        let dw = dw
+            .map(|dw| Tensor::from_vec(dw, w.shape(), w.device())? * g)
+            .transpose()?;
+        Ok((dh, dw))
+    }
+}
+
+/// Mean cross-entropy of the logits `h Wᵀ` (`h: [N, d]`, `W: [V, d]`) against `targets`, rows weighted by
+/// `weights` (0 = ignored) and divided by `count`, without ever holding all `[N, V]` logits. A scalar in the
+/// autograd graph; gradients for h, and for W only where W is trained.
+pub fn linear_cross_entropy(
+    h: &Tensor,
+    w: &Tensor,
+    targets: Vec<u32>,
+    weights: Vec<f32>,
+    count: usize,
+) -> Result<Tensor> {
+    let v = w.dim(0)?;
+    linear_cross_entropy_chunked(
+        h,
+        w,
+        targets,
+        weights,
+        count,
+        (LCE_CHUNK_ELEMS / v.max(1)).max(1),
+    )
+}
+
+fn linear_cross_entropy_chunked(
+    h: &Tensor,
+    w: &Tensor,
+    targets: Vec<u32>,
+    weights: Vec<f32>,
+    count: usize,
+    chunk_rows: usize,
+) -> Result<Tensor> {
+    let f32_cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == candle_core::DType::F32;
+    if !(f32_cpu(h) && f32_cpu(w)) {
+        let logits = h.matmul(&w.t()?)?;
+        return cross_entropy(&logits, targets, weights, count);
+    }
+    let op = LinearCrossEntropy {
+        targets,
+        weights,
+        count: count.max(1) as f32,
+        chunk_rows,
+        want_dh: h.track_op(),
+        want_dw: w.track_op(),
+        grads: std::sync::Mutex::new(None),
+    };
+    h.contiguous()?.apply_op2(&w.contiguous()?, op)
 }
 
 pub fn cross_entropy_reference(
@@ -1358,6 +1712,52 @@ mod tests {
             |x| layer_norm_reference(x, &w, &b, 1e-5),
             &[3, 4, 32],
         );
+    }
+
+    #[test]
+    fn linear_cross_entropy_matches_the_head_then_the_loss() {
+        let targets = vec![3, 0, 6, 2, 5, 1, 4];
+        let weights = vec![1.0, 0.0, 1.0, 1.0, 0.0, 1.0, 1.0];
+        // 7 rows in chunks of 3: a partial last chunk, and a chunk holding an ignored row.
+        for trained_head in [false, true] {
+            let h = Var::from_tensor(&rand(&[7, 5], 41)).unwrap();
+            let w = rand(&[9, 5], 42);
+            let wv = Var::from_tensor(&w).unwrap();
+            let w = if trained_head {
+                wv.as_tensor().clone()
+            } else {
+                w
+            };
+            let fused = linear_cross_entropy_chunked(
+                h.as_tensor(),
+                &w,
+                targets.clone(),
+                weights.clone(),
+                5,
+                3,
+            )
+            .unwrap();
+            let logits = h.as_tensor().matmul(&w.t().unwrap()).unwrap();
+            let reference =
+                cross_entropy_reference(&logits, targets.clone(), weights.clone(), 5).unwrap();
+            assert!(max_diff(&fused, &reference) < 1e-5);
+            let (gf, gr) = (
+                (fused * 0.7).unwrap().backward().unwrap(),
+                (reference * 0.7).unwrap().backward().unwrap(),
+            );
+            let (f, r) = (
+                gf.get(h.as_tensor()).unwrap(),
+                gr.get(h.as_tensor()).unwrap(),
+            );
+            assert!(max_diff(f, r) < 1e-5, "dH differs by {}", max_diff(f, r));
+            match trained_head {
+                true => {
+                    let (f, r) = (gf.get(&w).unwrap(), gr.get(&w).unwrap());
+                    assert!(max_diff(f, r) < 1e-5, "dW differs by {}", max_diff(f, r));
+                }
+                false => assert!(gf.get(&w).is_none()),
+            }
+        }
     }
 
     #[test]
