@@ -186,6 +186,13 @@ fn merge_then_unmerge_restores_weights() {
     let mut merged = Vec::new();
     for l in model.linears_mut() {
         merged.push(l.merge().unwrap());
+        // A merged weight that kept the adapter's graph would pin the old W and ΔW's temporaries.
+        let w = l.base.weight.dense().unwrap();
+        assert!(
+            !w.track_op(),
+            "{}: the merged weight tracks the adapter's graph",
+            l.path
+        );
     }
     let logits = model.forward(&ids, None, &Ctx::default()).unwrap();
     let d = max_abs(&(&logits - &r["logits"]).unwrap());

@@ -78,6 +78,22 @@ pub struct TrainOpts {
     pub gradient_checkpointing: bool,
 }
 
+/// Model FLOPs per token, the accounting written out in docs/performance.md: a frozen linear weight costs 2
+/// FLOPs forward and 2 for the input gradient, a trainable adapter weight 6 (forward, input and weight
+/// gradients); the LM head is frozen; causal attention averages T/2 keys per query, 4·(T/2)·Hq·D per layer
+/// forward, twice that backward. Recomputation (the attention backward, gradient checkpointing) is not counted.
+pub fn train_flops_per_token(model: &Model, trainable_params: usize, seq_len: usize) -> f64 {
+    let c = &model.cfg;
+    let frozen: usize = model
+        .linears()
+        .iter()
+        .map(|l| l.in_features() * l.out_features())
+        .sum::<usize>()
+        + c.vocab_size * c.hidden_size;
+    let attn = c.num_layers as f64 * 2.0 * seq_len as f64 * (c.num_heads * c.head_dim) as f64;
+    4.0 * frozen as f64 + 6.0 * trainable_params as f64 + 3.0 * attn
+}
+
 /// Times `steps` LoRA training steps (forward, backward, AdamW) after one warm-up step.
 pub fn train(model_dir: &Path, o: &TrainOpts) -> Result<()> {
     let (seq_len, batch, steps, r, init) = (o.seq_len, o.batch, o.steps, o.r, o.init.as_str());
@@ -155,12 +171,14 @@ pub fn train(model_dir: &Path, o: &TrainOpts) -> Result<()> {
         }
     }
     let tokens = (batch * seq_len * steps) as f64;
+    let flops = train_flops_per_token(&model, sizes.iter().sum(), seq_len);
     println!(
         "{}",
         serde_json::json!({"impl": "factune", "seq_len": seq_len, "batch": batch, "r": r, "steps": steps,
             "init": init, "init_s": init_s, "quantize": if quantize { "nf4" } else { "none" }, "dora": dora,
             "gradient_checkpointing": o.gradient_checkpointing,
             "tokens_per_s": tokens / timed, "seconds_per_step": timed / steps as f64,
+            "flops_per_token": flops, "gflops": flops * tokens / timed / 1e9,
             "peak_rss_mb": peak_rss_mb(), "loss": last_loss})
     );
     Ok(())
@@ -214,4 +232,131 @@ pub fn matmul(tokens: usize, reps: usize) -> Result<()> {
         f32_total / nf4_total
     );
     Ok(())
+}
+
+/// What `factune bench infer` runs.
+#[derive(Debug, clap::Args)]
+pub struct InferOpts {
+    /// Prompt tokens per sequence (the prefill)
+    #[arg(long, default_value_t = 256)]
+    pub prompt_len: usize,
+    /// Tokens generated after the prompt, one forward each (the decode)
+    #[arg(long, default_value_t = 32)]
+    pub new_tokens: usize,
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
+    #[arg(long, default_value_t = 16)]
+    pub r: usize,
+    /// Timed repetitions of the whole prefill + decode (after one warm-up); the best is reported
+    #[arg(long, default_value_t = 2)]
+    pub reps: usize,
+}
+
+/// Greedy generation with a merged LoRA adapter (r all-linear, random B so the merge changes every weight):
+/// prefill tokens/s (one forward over the prompts, filling the KV cache) and decode tokens/s (one token per
+/// sequence per forward, with the cache).
+pub fn infer(model_dir: &Path, o: &InferOpts) -> Result<()> {
+    let mut model = Model::load(model_dir, &Device::Cpu)?;
+    let cfg = AdapterConfig {
+        r: o.r,
+        lora_alpha: 2.0 * o.r as f64,
+        target_modules: TargetModules::Pattern("all-linear".into()),
+        init_lora_weights: serde_json::Value::Bool(false),
+        ..AdapterConfig::default()
+    };
+    attach(&mut model, &cfg, 0)?;
+    for l in model.linears_mut() {
+        l.fold()?;
+    }
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+    let vocab = model.cfg.vocab_size as u32;
+    let ids: Vec<u32> = (0..o.batch * o.prompt_len)
+        .map(|_| rng.random_range(0..vocab))
+        .collect();
+    let prompt = Tensor::from_vec(ids, (o.batch, o.prompt_len), &Device::Cpu)?;
+    let (mut best_prefill, mut best_decode) = (f64::MAX, f64::MAX);
+    let mut last = Vec::new();
+    for rep in 0..=o.reps {
+        let mut cache = model.new_cache();
+        let t0 = Instant::now();
+        let hidden = model.forward_hidden(&prompt, Some(&mut cache), &Ctx::default())?;
+        let mut next = greedy(&model, &hidden.narrow(1, o.prompt_len - 1, 1)?)?;
+        let prefill = t0.elapsed().as_secs_f64();
+        let t1 = Instant::now();
+        let mut out = vec![next.to_vec2::<u32>()?];
+        for _ in 1..o.new_tokens {
+            let hidden = model.forward_hidden(&next, Some(&mut cache), &Ctx::default())?;
+            next = greedy(&model, &hidden)?;
+            out.push(next.to_vec2::<u32>()?);
+        }
+        let decode = t1.elapsed().as_secs_f64();
+        if rep > 0 {
+            best_prefill = best_prefill.min(prefill);
+            best_decode = best_decode.min(decode);
+        }
+        last = out;
+    }
+    let first_seq: Vec<u32> = last.iter().map(|step| step[0][0]).collect();
+    let (b, p, n) = (o.batch as f64, o.prompt_len as f64, o.new_tokens as f64);
+    println!(
+        "{}",
+        serde_json::json!({"impl": "factune", "batch": o.batch, "prompt_len": o.prompt_len,
+            "new_tokens": o.new_tokens, "r": o.r, "prefill_tokens_per_s": b * p / best_prefill,
+            // the first new token comes with the prefill; the decode times the other n − 1 forwards
+            "decode_tokens_per_s": b * (n - 1.0) / best_decode, "peak_rss_mb": peak_rss_mb(),
+            "tokens": first_seq})
+    );
+    Ok(())
+}
+
+/// The argmax token of the last position's logits, `[B, 1]`.
+fn greedy(model: &Model, hidden: &Tensor) -> Result<Tensor> {
+    let last = hidden.narrow(1, hidden.dim(1)? - 1, 1)?;
+    Ok(model
+        .logits(&last)?
+        .argmax(candle_core::D::Minus1)?
+        .to_dtype(candle_core::DType::U32)?)
+}
+
+/// The sgemm peak probe: `[m, k] · [k, n]` f32 products through candle's matmul (the gemm path every factune
+/// linear uses) at the 135M model's training shapes, best of `reps`; prints one JSON line.
+pub fn peak(tokens: usize, reps: usize) -> Result<()> {
+    let shapes = [
+        (tokens, 576, 576),
+        (tokens, 1536, 576),
+        (tokens, 576, 1536),
+        (tokens, 8192, 576),
+    ];
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+    let mut rand = |r: usize, c: usize| -> candle_core::Result<Tensor> {
+        let v: Vec<f32> = (0..r * c).map(|_| rng.random_range(-1.0..1.0)).collect();
+        Tensor::from_vec(v, (r, c), &Device::Cpu)
+    };
+    let mut rows = Vec::new();
+    for (m, n, k) in shapes {
+        let (a, w) = (rand(m, k)?, rand(n, k)?);
+        let wt = w.t()?;
+        let mut best = f64::MAX;
+        for _ in 0..=reps {
+            let t0 = Instant::now();
+            let y = a.matmul(&wt)?;
+            best = best.min(t0.elapsed().as_secs_f64());
+            drop(y);
+        }
+        rows.push(serde_json::json!({"m": m, "n": n, "k": k,
+            "gflops": 2.0 * (m * n * k) as f64 / best / 1e9}));
+    }
+    let peak = rows
+        .iter()
+        .filter_map(|r| r["gflops"].as_f64())
+        .fold(0.0, f64::max);
+    println!(
+        "{}",
+        serde_json::json!({"impl": "factune (candle gemm)", "threads": rayon_threads(), "shapes": rows, "peak_gflops": peak})
+    );
+    Ok(())
+}
+
+fn rayon_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }

@@ -248,11 +248,15 @@ impl AdaptableLinear {
     }
 
     /// `W + sign·ΔW` computed in f32, cast back to a dense weight's dtype; from a 4-bit weight it is
-    /// `deq(Q) + ΔW` in f32, exactly the weight that was trained.
+    /// `deq(Q) + ΔW` in f32, exactly the weight that was trained. Detached: ΔW comes from the adapter's
+    /// variables, and a merged weight that kept that graph would pin the old W and ΔW's temporaries (4× the
+    /// layer's memory, and a chain across ReLoRA restarts).
     fn shifted(&self, delta: &Tensor, sign: f64) -> Result<Tensor> {
         let w = self.base.weight.dense()?;
         let dtype = w.dtype();
-        (w.to_dtype(DType::F32)? + (delta * sign)?)?.to_dtype(dtype)
+        Ok((w.to_dtype(DType::F32)? + (delta.detach() * sign)?)?
+            .to_dtype(dtype)?
+            .detach())
     }
 
     /// Folds the adapter into W as `W + ΔW` computed in f32 and cast once, detaching the adapter and
