@@ -37,10 +37,19 @@ pub fn init(output: &Path) -> Result<()> {
 
 /// Peak resident set size of this process, from /proc (Linux); 0 elsewhere.
 pub fn peak_rss_mb() -> f64 {
+    status_mb("VmHWM:")
+}
+
+fn current_rss_mb() -> f64 {
+    status_mb("VmRSS:")
+}
+
+/// A `/proc/self/status` memory line in MB (0 where there is none).
+fn status_mb(key: &str) -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
-            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| {
+            s.lines().find(|l| l.starts_with(key)).and_then(|l| {
                 l.split_whitespace()
                     .nth(1)
                     .and_then(|kb| kb.parse::<f64>().ok())
@@ -135,6 +144,10 @@ pub fn train(model_dir: &Path, o: &TrainOpts) -> Result<()> {
     let params = trainable(&model);
     let sizes: Vec<usize> = params.iter().map(|(_, v)| v.elem_count()).collect();
     let mut opt = AdamW::new(&sizes, 0.9, 0.999, 1e-8, 0.0);
+    // The steps' own peak, apart from loading's: reset the high-water mark (Linux) and note the resident base.
+    let load_peak = peak_rss_mb();
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+    let base_rss = current_rss_mb();
     let scales = vec![1.0; params.len()];
     let (mut timed, mut last_loss) = (0f64, 0f64);
     for step in 0..=steps {
@@ -179,7 +192,8 @@ pub fn train(model_dir: &Path, o: &TrainOpts) -> Result<()> {
             "gradient_checkpointing": o.gradient_checkpointing,
             "tokens_per_s": tokens / timed, "seconds_per_step": timed / steps as f64,
             "flops_per_token": flops, "gflops": flops * tokens / timed / 1e9,
-            "peak_rss_mb": peak_rss_mb(), "loss": last_loss})
+            "peak_rss_mb": peak_rss_mb().max(load_peak), "step_peak_rss_mb": peak_rss_mb(),
+            "base_rss_mb": base_rss, "loss": last_loss})
     );
     Ok(())
 }
