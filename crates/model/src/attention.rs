@@ -182,6 +182,7 @@ pub fn causal_mask(t: usize, offset: usize, rep: usize, dev: &Device) -> Result<
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::testing::{max_diff as diff, rand};
     use candle_core::Var;
 
     #[test]
@@ -189,10 +190,7 @@ mod tests {
         let dev = Device::Cpu;
         let rope = Rope::new(8, 32, 10000.0, None, &dev).unwrap();
         let (b, t, nh, d) = (2, 5, 3, 8);
-        let vals: Vec<f32> = (0..b * t * nh * d)
-            .map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0)
-            .collect();
-        let x = Var::from_tensor(&Tensor::from_vec(vals, (b, t, nh * d), &dev).unwrap()).unwrap();
+        let x = Var::from_tensor(&rand(&[b, t, nh * d], 5)).unwrap();
         for offset in [0, 7] {
             let fused = rope.apply_heads(x.as_tensor(), nh, offset).unwrap();
             let split = x
@@ -202,27 +200,8 @@ mod tests {
                 .transpose(1, 2)
                 .unwrap();
             let composed = rope.apply(&split.contiguous().unwrap(), offset).unwrap();
-            let diff = |a: &Tensor, c: &Tensor| -> f32 {
-                (a - c)
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .max(0)
-                    .unwrap()
-                    .to_scalar()
-                    .unwrap()
-            };
             assert!(diff(&fused, &composed) < 1e-6);
-            let w = Tensor::from_vec(
-                (0..b * nh * t * d)
-                    .map(|i| (i % 13) as f32 - 6.0)
-                    .collect::<Vec<f32>>(),
-                (b, nh, t, d),
-                &dev,
-            )
-            .unwrap();
+            let w = rand(&[b, nh, t, d], 6);
             let g = |y: &Tensor| (y * &w).unwrap().sum_all().unwrap().backward().unwrap();
             let (gf, gc) = (g(&fused), g(&composed));
             let (f, c) = (

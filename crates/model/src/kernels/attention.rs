@@ -314,35 +314,9 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Option<Result<Ten
 
 #[cfg(test)]
 mod tests {
+    use super::super::testing::{max_diff, rand};
     use super::*;
     use candle_core::{Device, Var, D};
-
-    fn rand(shape: &[usize], seed: u64) -> Tensor {
-        let n: usize = shape.iter().product();
-        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        let v: Vec<f32> = (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                (s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
-            })
-            .collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-    }
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap()
-    }
 
     /// The composed definition: scores, additive causal mask, softmax, weighted sum; GQA by repeating K, V.
     fn reference(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {

@@ -1407,12 +1407,12 @@ pub fn cross_entropy_reference(
     (nll * Tensor::from_vec(weights, n, dev)?)?.sum_all()? / count.max(1) as f64
 }
 
+/// Test helpers shared by the kernel tests here, in `attention`, and in the model's attention module.
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use candle_core::{Device, Var};
+pub(crate) mod testing {
+    use candle_core::{Device, Tensor};
 
-    fn rand(shape: &[usize], seed: u64) -> Tensor {
+    pub fn rand(shape: &[usize], seed: u64) -> Tensor {
         // A fixed pseudo-random fill, so the test does not depend on candle's RNG.
         let n: usize = shape.iter().product();
         let mut s = seed
@@ -1429,7 +1429,7 @@ mod tests {
         Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
     }
 
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    pub fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
         (a - b)
             .unwrap()
             .abs()
@@ -1441,6 +1441,13 @@ mod tests {
             .to_scalar::<f32>()
             .unwrap()
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::{max_diff, rand};
+    use super::*;
+    use candle_core::{Device, Var};
 
     /// Compares a fused op and its reference: outputs, and the gradient of a weighted sum w.r.t. the input.
     fn check(
