@@ -427,8 +427,8 @@ impl Model {
         let h = blk.ln2.forward(&x)?;
         let m = match &blk.mlp {
             Mlp::SwiGlu { gate, up, down } => {
-                let g = gate.forward(&h, ctx)?.silu()?;
-                down.forward(&(g * up.forward(&h, ctx)?)?, ctx)?
+                let g = gate.forward(&h, ctx)?;
+                down.forward(&kernels::swiglu(&g, &up.forward(&h, ctx)?)?, ctx)?
             }
             Mlp::Gelu { fc, proj } => proj.forward(&fc.forward(&h, ctx)?.gelu()?, ctx)?,
         };

@@ -1034,6 +1034,77 @@ pub fn softmax_reference(x: &Tensor) -> Result<Tensor> {
 }
 
 // ---------------------------------------------------------------------------------------------------------
+// SwiGLU: y = silu(g) ⊙ u with silu(g) = g σ(g). One op keeps g and u (the projections' outputs) and no
+// silu(g) buffer. Backward: dg = dy ⊙ u ⊙ σ(g) (1 + g (1 − σ(g))), du = dy ⊙ silu(g).
+
+struct SwiGlu;
+
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+impl CustomOp2 for SwiGlu {
+    fn name(&self) -> &'static str {
+        "swiglu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        gs: &CpuStorage,
+        gl: &Layout,
+        us: &CpuStorage,
+        ul: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        if gl.dims() != ul.dims() {
+            candle_core::bail!("swiglu: gate {:?} and up {:?} differ", gl.dims(), ul.dims());
+        }
+        map_rows2((gs, gl), (us, ul), "swiglu", |g, u, y| {
+            for ((y, &g), &u) in y.iter_mut().zip(g).zip(u) {
+                *y = g * sigmoid(g) * u;
+            }
+        })
+    }
+
+    fn bwd(
+        &self,
+        g: &Tensor,
+        u: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let host =
+            |x: &Tensor| -> Result<Vec<f32>> { x.contiguous()?.flatten_all()?.to_vec1::<f32>() };
+        let (gv, uv, dy) = (host(g)?, host(u)?, host(grad)?);
+        let mut dg = vec![0f32; gv.len()];
+        let mut du = vec![0f32; gv.len()];
+        dg.par_chunks_mut(4096)
+            .zip(du.par_chunks_mut(4096))
+            .enumerate()
+            .for_each(|(c, (dgc, duc))| {
+                let at = c * 4096;
+                for i in 0..dgc.len() {
+                    let (x, s) = (gv[at + i], sigmoid(gv[at + i]));
+                    dgc[i] = dy[at + i] * uv[at + i] * s * (1.0 + x * (1.0 - s));
+                    duc[i] = dy[at + i] * x * s;
+                }
+            });
+        Ok((
+            Some(Tensor::from_vec(dg, g.shape(), g.device())?),
+            Some(Tensor::from_vec(du, u.shape(), u.device())?),
+        ))
+    }
+}
+
+/// `silu(gate) ⊙ up` as one op (composed ops off the CPU or for non-f32 inputs).
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    let f32_cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == candle_core::DType::F32;
+    if f32_cpu(gate) && f32_cpu(up) {
+        return gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGlu);
+    }
+    gate.silu()? * up
+}
+
+// ---------------------------------------------------------------------------------------------------------
 // RoPE with the head split: x [B, T, H·D] (a projection's output) → y [B, H, T, D] rotated, HF's "rotate half"
 // layout: for i < D/2, y_i = x_i cos_i − x_{i+D/2} sin_i; for i ≥ D/2, y_i = x_i cos_i + x_{i−D/2} sin_i.
 // One op instead of reshape, transpose copy, two narrows, neg, cat, two products and a sum; backward is the
@@ -1719,6 +1790,29 @@ mod tests {
             |x| layer_norm_reference(x, &w, &b, 1e-5),
             &[3, 4, 32],
         );
+    }
+
+    #[test]
+    fn swiglu_matches_the_composed_ops() {
+        let g = Var::from_tensor(&(rand(&[3, 7, 10], 51) * 4.0).unwrap()).unwrap();
+        let u = Var::from_tensor(&rand(&[3, 7, 10], 52)).unwrap();
+        let fused = swiglu(g.as_tensor(), u.as_tensor()).unwrap();
+        let reference = (g.as_tensor().silu().unwrap() * u.as_tensor()).unwrap();
+        assert!(max_diff(&fused, &reference) < 1e-6);
+        let w = rand(&[3, 7, 10], 53);
+        let grads = |y: &Tensor| (y * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        let (gf, gr) = (grads(&fused), grads(&reference));
+        for v in [&g, &u] {
+            let (f, r) = (
+                gf.get(v.as_tensor()).unwrap(),
+                gr.get(v.as_tensor()).unwrap(),
+            );
+            assert!(
+                max_diff(f, r) < 1e-5,
+                "gradient differs by {}",
+                max_diff(f, r)
+            );
+        }
     }
 
     #[test]
