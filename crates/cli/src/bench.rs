@@ -85,6 +85,9 @@ pub struct TrainOpts {
     /// Recompute each block in the backward instead of keeping its activations
     #[arg(long)]
     pub gradient_checkpointing: bool,
+    /// LoRA dropout on the adapter input (masks drawn each step, as in training)
+    #[arg(long, default_value_t = 0.0)]
+    pub lora_dropout: f64,
 }
 
 /// Model FLOPs per token, the accounting written out in docs/performance.md: a frozen linear weight costs 2
@@ -112,7 +115,7 @@ pub fn train(model_dir: &Path, o: &TrainOpts) -> Result<()> {
     let cfg = AdapterConfig {
         r,
         lora_alpha: 2.0 * r as f64,
-        lora_dropout: 0.0,
+        lora_dropout: o.lora_dropout,
         use_dora: dora,
         target_modules: TargetModules::Pattern("all-linear".into()),
         init_lora_weights: match init {
@@ -159,13 +162,12 @@ pub fn train(model_dir: &Path, o: &TrainOpts) -> Result<()> {
             .collect();
         let t0 = Instant::now();
         let wanted: Vec<&Tensor> = params.iter().map(|(_, v)| v.as_tensor()).collect();
-        let (loss, _, grads) = model.loss_and_grads(
-            &ids,
-            &labels,
-            &Ctx::default(),
-            o.gradient_checkpointing,
-            &wanted,
-        )?;
+        let ctx = Ctx {
+            train: true,
+            dropout_seed: step as u64,
+        };
+        let (loss, _, grads) =
+            model.loss_and_grads(&ids, &labels, &ctx, o.gradient_checkpointing, &wanted)?;
         let mut values = Vec::with_capacity(params.len());
         let mut gs = Vec::with_capacity(params.len());
         for ((_, v), g) in params.iter().zip(&grads) {
@@ -189,7 +191,7 @@ pub fn train(model_dir: &Path, o: &TrainOpts) -> Result<()> {
         "{}",
         serde_json::json!({"impl": "factune", "seq_len": seq_len, "batch": batch, "r": r, "steps": steps,
             "init": init, "init_s": init_s, "quantize": if quantize { "nf4" } else { "none" }, "dora": dora,
-            "gradient_checkpointing": o.gradient_checkpointing,
+            "gradient_checkpointing": o.gradient_checkpointing, "lora_dropout": o.lora_dropout,
             "tokens_per_s": tokens / timed, "seconds_per_step": timed / steps as f64,
             "flops_per_token": flops, "gflops": flops * tokens / timed / 1e9,
             "peak_rss_mb": peak_rss_mb().max(load_peak), "step_peak_rss_mb": peak_rss_mb(),
