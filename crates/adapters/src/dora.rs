@@ -90,10 +90,6 @@ impl LinearAdapter for Dora {
     /// The same output as `forward`, `(m/‖W + sBA‖) ⊙ (xWᵀ + s·dropout(x)AᵀBᵀ) + b`, as one fused op (the
     /// magnitude's gradient included): one graph node and one kept activation per layer, as for LoRA.
     fn forward_fused(&self, x: &Tensor, base: &FrozenParts, ctx: &Ctx) -> Option<Result<Tensor>> {
-        let mask = match self.lora.train_mask(x, ctx) {
-            Ok(m) => m,
-            Err(e) => return Some(Err(e)),
-        };
         let norm = match self.row_norm(base) {
             Ok(n) => n,
             Err(e) => return Some(Err(e)),
@@ -107,7 +103,7 @@ impl LinearAdapter for Dora {
             self.magnitude.as_tensor(),
             &norm,
             self.lora.scale,
-            mask.as_ref(),
+            self.lora.train_dropout(ctx),
         )
     }
 

@@ -8,7 +8,7 @@ use crate::registry::Method;
 use crate::{loftq, pissa};
 use candle_core::{Tensor, Var};
 use factune_io::{Error, Result};
-use factune_model::kernels::{self, dropout_mask};
+use factune_model::kernels;
 use factune_model::{AdaptableLinear, Ctx, FrozenParts, LinearAdapter, Model};
 use rand_chacha::ChaCha8Rng;
 use std::collections::HashMap;
@@ -36,14 +36,13 @@ impl Lora {
 }
 
 impl Lora {
-    /// The dropout mask the fused kernels apply to the adapter input while training (the same one
-    /// `adapter_input` draws), `None` when evaluating or without dropout.
-    pub fn train_mask(&self, x: &Tensor, ctx: &Ctx) -> candle_core::Result<Option<Tensor>> {
-        if !(ctx.train && self.dropout > 0.0) {
-            return Ok(None);
-        }
-        let m = dropout_mask(x.elem_count(), self.dropout, ctx.dropout_seed);
-        Tensor::from_vec(m, x.shape(), x.device()).map(Some)
+    /// The dropout the fused kernels apply to the adapter input while training (the mask `adapter_input`
+    /// draws, from the same seed), `None` when evaluating or without dropout.
+    pub fn train_dropout(&self, ctx: &Ctx) -> Option<kernels::Dropout> {
+        (ctx.train && self.dropout > 0.0).then_some(kernels::Dropout {
+            p: self.dropout,
+            seed: ctx.dropout_seed,
+        })
     }
 }
 
@@ -80,10 +79,6 @@ impl LinearAdapter for Lora {
         base: &FrozenParts,
         ctx: &Ctx,
     ) -> Option<candle_core::Result<Tensor>> {
-        let mask = match self.train_mask(x, ctx) {
-            Ok(m) => m,
-            Err(e) => return Some(Err(e)),
-        };
         kernels::lora_linear(
             x,
             &base.weight,
@@ -91,7 +86,7 @@ impl LinearAdapter for Lora {
             self.a.as_tensor(),
             self.b.as_tensor(),
             self.scale,
-            mask.as_ref(),
+            self.train_dropout(ctx),
         )
     }
 }

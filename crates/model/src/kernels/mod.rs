@@ -380,8 +380,27 @@ pub fn frozen_linear(x: &Tensor, w: &BaseWeight, b: Option<&Tensor>) -> Result<T
 struct LoraLinear {
     base: FrozenLinear,
     scale: f64,
-    mask: Option<Tensor>,
+    dropout: Option<Dropout>,
     dora: Option<DoraScale>,
+}
+
+/// Inverted dropout on the adapter input, as the seed of its mask: the op draws the mask in forward and again
+/// in backward instead of keeping a `[tokens, in]` tensor between them.
+#[derive(Debug, Clone, Copy)]
+pub struct Dropout {
+    pub p: f64,
+    pub seed: u64,
+}
+
+impl Dropout {
+    fn mask(&self, n: usize) -> Vec<f32> {
+        dropout_mask(n, self.p, self.seed)
+    }
+
+    /// The mask as a `[rows, cols]` tensor for backward's tensor ops.
+    fn mask_tensor(&self, rows: usize, cols: usize, dev: &candle_core::Device) -> Result<Tensor> {
+        Tensor::from_vec(self.mask(rows * cols), (rows, cols), dev)
+    }
 }
 
 /// DoRA's part of the op: the detached row norm of `W + sBA` and the bias, added after the magnitude scale.
@@ -409,8 +428,12 @@ impl LoraLinear {
     /// The LoRA gradients (dX, dA, dB) for an output gradient `g` `[tokens, out]`.
     fn lora_grads(&self, x: &Tensor, a: &Tensor, b: &Tensor, g: &Tensor) -> Result<[Tensor; 3]> {
         let k = self.base.w.dims().1;
-        let mask = self.mask.as_ref().map(|m| m.reshape(((), k))).transpose()?;
         let mut xd = x.detach().reshape(((), k))?;
+        let rows = xd.dim(0)?;
+        let mask = self
+            .dropout
+            .map(|d| d.mask_tensor(rows, k, x.device()))
+            .transpose()?;
         let gb = g.matmul(b)?;
         let mut dx_lora = (gb.matmul(a)? * self.scale)?;
         if let Some(mask) = &mask {
@@ -428,8 +451,8 @@ impl LoraLinear {
     fn recompute_plain(&self, x: &Tensor, a: &Tensor, b: &Tensor) -> Result<Tensor> {
         let k = self.base.w.dims().1;
         let x = x.detach().reshape(((), k))?;
-        let xd = match &self.mask {
-            Some(m) => (&x * m.reshape(((), k))?)?,
+        let xd = match self.dropout {
+            Some(d) => (&x * d.mask_tensor(x.dim(0)?, k, x.device())?)?,
             None => x.clone(),
         };
         let base = frozen_linear(&x, &self.base.w, None)?;
@@ -456,15 +479,14 @@ impl candle_core::CustomOp3 for LoraLinear {
         let (r, n) = (al.dims()[0], bl.dims()[0]);
         let x_l = Layout::contiguous_with_offset((1, m, k), xl.start_offset());
         let dropped;
-        let (x_src, x_lay) = match &self.mask {
-            Some(mask) => {
-                let (guard, ml) = mask.storage_and_layout();
-                let Storage::Cpu(ms) = &*guard else {
-                    candle_core::bail!("lora-linear: the dropout mask is not on the CPU")
-                };
-                let mv = f32_slice(ms, ml, "lora-linear mask")?;
+        let (x_src, x_lay) = match self.dropout {
+            Some(d) => {
                 let x = f32_slice(xs, xl, "lora-linear")?;
-                dropped = CpuStorage::F32(x.iter().zip(mv).map(|(a, b)| a * b).collect());
+                let mut xd = d.mask(x.len());
+                xd.par_iter_mut()
+                    .zip(x.par_iter())
+                    .for_each(|(m, x)| *m *= x);
+                dropped = CpuStorage::F32(xd);
                 (&dropped, Layout::contiguous((1, m, k)))
             }
             None => (xs, x_l),
@@ -571,7 +593,7 @@ pub fn lora_linear(
     a: &Tensor,
     b: &Tensor,
     scale: f64,
-    mask: Option<&Tensor>,
+    dropout: Option<Dropout>,
 ) -> Option<Result<Tensor>> {
     if !lora_fusable(x, w, a, b) {
         return None;
@@ -582,7 +604,7 @@ pub fn lora_linear(
             b: bias.cloned(),
         },
         scale,
-        mask: mask.cloned(),
+        dropout,
         dora: None,
     };
     Some(x.contiguous().and_then(|x| x.apply_op3(a, b, op)))
@@ -600,7 +622,7 @@ pub fn dora_linear(
     magnitude: &Tensor,
     norm: &Tensor,
     scale: f64,
-    mask: Option<&Tensor>,
+    dropout: Option<Dropout>,
 ) -> Option<Result<Tensor>> {
     if !lora_fusable(x, w, a, b) || !norm.device().is_cpu() {
         return None;
@@ -611,7 +633,7 @@ pub fn dora_linear(
             b: None,
         },
         scale,
-        mask: mask.cloned(),
+        dropout,
         dora: Some(DoraScale {
             norm: norm.detach(),
             bias: bias.cloned(),
@@ -1667,9 +1689,12 @@ mod tests {
         let mag = rand(&[24], 36).abs().unwrap() + 0.5;
         let mag = Var::from_tensor(&(mag.unwrap() * mag_scale as f64).unwrap()).unwrap();
         let x = Var::from_tensor(&rand(&[2, 5, 16], 37)).unwrap();
+        // The reference multiplies by the mask the op draws from the same seed.
+        let drop = Dropout { p: 0.3, seed: 8 };
         let mask =
             Tensor::from_vec(dropout_mask(2 * 5 * 16, 0.3, 8), (2, 5, 16), &Device::Cpu).unwrap();
-        for (bias, m) in [(None, None), (Some(&bias), Some(&mask))] {
+        for (bias, d) in [(None, None), (Some(&bias), Some(drop))] {
+            let m = d.map(|_| &mask);
             let fused = dora_linear(
                 x.as_tensor(),
                 &base,
@@ -1679,7 +1704,7 @@ mod tests {
                 mag.as_tensor(),
                 &norm,
                 0.7,
-                m,
+                d,
             )
             .expect("CPU f32")
             .unwrap();
@@ -1728,9 +1753,11 @@ mod tests {
         let a = Var::from_tensor(&rand(&[4, 16], 13)).unwrap();
         let b = Var::from_tensor(&rand(&[24, 4], 14)).unwrap();
         let x = Var::from_tensor(&rand(&[2, 5, 16], 15)).unwrap();
+        let drop = Dropout { p: 0.3, seed: 9 };
         let mask =
             Tensor::from_vec(dropout_mask(2 * 5 * 16, 0.3, 9), (2, 5, 16), &Device::Cpu).unwrap();
-        for m in [None, Some(&mask)] {
+        for d in [None, Some(drop)] {
+            let m = d.map(|_| &mask);
             let fused = lora_linear(
                 x.as_tensor(),
                 &base,
@@ -1738,7 +1765,7 @@ mod tests {
                 a.as_tensor(),
                 b.as_tensor(),
                 0.7,
-                m,
+                d,
             )
             .expect("CPU f32")
             .unwrap();
