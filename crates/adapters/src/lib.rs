@@ -41,8 +41,7 @@ pub(crate) fn kaiming_uniform(
 /// Inverted dropout with a seeded mask (the fused LoRA kernel regenerates the same one), so training runs are
 /// reproducible bit for bit.
 pub(crate) fn dropout(x: &Tensor, p: f64, seed: u64) -> candle_core::Result<Tensor> {
-    let mask = factune_model::kernels::dropout_mask(x.elem_count(), p, seed);
-    x.mul(&Tensor::from_vec(mask, x.shape(), x.device())?)
+    x.mul(&factune_model::kernels::Dropout { p, seed }.mask_like(x)?)
 }
 
 /// The adapter path's input: `x` with dropout `p` while training, `x` itself otherwise.

@@ -108,6 +108,10 @@ pub fn train_flops_per_token(model: &Model, trainable_params: usize, seq_len: us
 
 /// Times `steps` LoRA training steps (forward, backward, AdamW) after one warm-up step.
 pub fn train(model_dir: &Path, o: &TrainOpts) -> Result<()> {
+    anyhow::ensure!(
+        o.steps >= 1 && o.seq_len >= 2 && o.batch >= 1,
+        "--steps and --batch must be at least 1 and --seq-len at least 2 (a warm-up step runs first)"
+    );
     let (seq_len, batch, steps, r, init) = (o.seq_len, o.batch, o.steps, o.r, o.init.as_str());
     let (quantize, dora) = (o.nf4, o.dora);
     let nf4 = quantize.then_some(factune_model::Nf4Options { double_quant: true });
@@ -272,6 +276,10 @@ pub struct InferOpts {
 /// prefill tokens/s (one forward over the prompts, filling the KV cache) and decode tokens/s (one token per
 /// sequence per forward, with the cache).
 pub fn infer(model_dir: &Path, o: &InferOpts) -> Result<()> {
+    anyhow::ensure!(
+        o.reps >= 1 && o.prompt_len >= 1 && o.new_tokens >= 1 && o.batch >= 1,
+        "--reps, --prompt-len, --new-tokens and --batch must each be at least 1 (the first run is a warm-up)"
+    );
     let mut model = Model::load(model_dir, &Device::Cpu)?;
     let cfg = AdapterConfig {
         r: o.r,
@@ -296,7 +304,7 @@ pub fn infer(model_dir: &Path, o: &InferOpts) -> Result<()> {
         let mut cache = model.new_cache();
         let t0 = Instant::now();
         let hidden = model.forward_hidden(&prompt, Some(&mut cache), &Ctx::default())?;
-        let mut next = greedy(&model, &hidden.narrow(1, o.prompt_len - 1, 1)?)?;
+        let mut next = greedy(&model, &hidden)?;
         let prefill = t0.elapsed().as_secs_f64();
         let t1 = Instant::now();
         let mut out = vec![next.to_vec2::<u32>()?];
@@ -368,11 +376,7 @@ pub fn peak(tokens: usize, reps: usize) -> Result<()> {
         .fold(0.0, f64::max);
     println!(
         "{}",
-        serde_json::json!({"impl": "factune (candle gemm)", "threads": rayon_threads(), "shapes": rows, "peak_gflops": peak})
+        serde_json::json!({"impl": "factune (candle gemm)", "threads": candle_core::utils::get_num_threads(), "shapes": rows, "peak_gflops": peak})
     );
     Ok(())
-}
-
-fn rayon_threads() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
 }

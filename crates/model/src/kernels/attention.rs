@@ -195,11 +195,11 @@ impl CustomOp3 for CausalAttention {
             |x: &Tensor| -> Result<Vec<f32>> { x.contiguous()?.flatten_all()?.to_vec1::<f32>() };
         let (qv, kv, vv, yv, gv) = (host(q)?, host(k)?, host(v)?, host(res)?, host(grad)?);
         // One task per (batch, KV head): it owns dK, dV of that head and dQ of its query heads.
-        type HeadGrads = (Vec<f32>, Vec<f32>, Vec<f32>);
+        type QkvGrads = (Vec<f32>, Vec<f32>, Vec<f32>);
         let tasks: Vec<(usize, usize)> = (0..b)
             .flat_map(|bi| (0..hkv).map(move |g| (bi, g)))
             .collect();
-        let per: Vec<HeadGrads> = tasks
+        let per: Vec<QkvGrads> = tasks
             .par_iter()
             .map(|&(bi, g)| {
                 let base = (bi * hkv + g) * tk * d;

@@ -397,9 +397,9 @@ impl Dropout {
         dropout_mask(n, self.p, self.seed)
     }
 
-    /// The mask as a `[rows, cols]` tensor for backward's tensor ops.
-    fn mask_tensor(&self, rows: usize, cols: usize, dev: &candle_core::Device) -> Result<Tensor> {
-        Tensor::from_vec(self.mask(rows * cols), (rows, cols), dev)
+    /// The mask as a tensor shaped like `x` (the composed adapter path and backward's tensor ops use it).
+    pub fn mask_like(&self, x: &Tensor) -> Result<Tensor> {
+        Tensor::from_vec(self.mask(x.elem_count()), x.shape(), x.device())
     }
 }
 
@@ -429,11 +429,7 @@ impl LoraLinear {
     fn lora_grads(&self, x: &Tensor, a: &Tensor, b: &Tensor, g: &Tensor) -> Result<[Tensor; 3]> {
         let k = self.base.w.dims().1;
         let mut xd = x.detach().reshape(((), k))?;
-        let rows = xd.dim(0)?;
-        let mask = self
-            .dropout
-            .map(|d| d.mask_tensor(rows, k, x.device()))
-            .transpose()?;
+        let mask = self.dropout.map(|d| d.mask_like(&xd)).transpose()?;
         let gb = g.matmul(b)?;
         let mut dx_lora = (gb.matmul(a)? * self.scale)?;
         if let Some(mask) = &mask {
@@ -452,7 +448,7 @@ impl LoraLinear {
         let k = self.base.w.dims().1;
         let x = x.detach().reshape(((), k))?;
         let xd = match self.dropout {
-            Some(d) => (&x * d.mask_tensor(x.dim(0)?, k, x.device())?)?,
+            Some(d) => (&x * d.mask_like(&x)?)?,
             None => x.clone(),
         };
         let base = frozen_linear(&x, &self.base.w, None)?;
