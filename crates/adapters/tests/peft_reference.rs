@@ -4,7 +4,7 @@
 use candle_core::{DType, Device, Tensor};
 use factune_adapters::{attach, load, save, trainable, AdapterConfig, TargetModules};
 use factune_model::loss::causal_lm_loss;
-use factune_model::{Ctx, Model};
+use factune_model::{Ctx, LoadOptions, Model};
 use std::collections::HashMap;
 use std::path::PathBuf;
 
@@ -40,7 +40,11 @@ fn with_peft_adapter(name: &str) -> Model {
 }
 
 fn with_adapter(name: &str, kind: &str) -> Model {
-    let mut model = Model::load(&fixtures().join(name), &Device::Cpu).unwrap();
+    with_adapter_loaded(name, kind, LoadOptions::default())
+}
+
+fn with_adapter_loaded(name: &str, kind: &str, opts: LoadOptions) -> Model {
+    let mut model = Model::load_with(&fixtures().join(name), &Device::Cpu, opts).unwrap();
     let (_, report) = load(
         &mut model,
         &fixtures().join(format!("{name}-{kind}")),
@@ -60,7 +64,11 @@ fn check_against_peft(name: &str) {
 
 /// Logits, loss and every trainable tensor's gradient against PEFT's reference file `ref_name`.
 fn check_kind(name: &str, kind: &str, ref_name: &str) {
-    let model = with_adapter(name, kind);
+    check_kind_loaded(name, kind, ref_name, LoadOptions::default());
+}
+
+fn check_kind_loaded(name: &str, kind: &str, ref_name: &str, opts: LoadOptions) {
+    let model = with_adapter_loaded(name, kind, opts);
     let r = reference(ref_name);
     let ids = r["input_ids"].to_dtype(DType::U32).unwrap();
     let logits = model.forward(&ids, None, &Ctx::default()).unwrap();
@@ -105,6 +113,17 @@ fn llama_lora_matches_peft() {
 #[test]
 fn qwen2_rslora_matches_peft() {
     check_against_peft("qwen2");
+}
+
+/// The Qwen2 fixture is stored in bf16: held that way (tiles converted in the fused ops), training computes
+/// what PEFT computes in f32 from the same weights.
+#[test]
+fn qwen2_rslora_on_a_bf16_base_matches_peft() {
+    let opts = LoadOptions {
+        base_dtype: DType::BF16,
+        ..Default::default()
+    };
+    check_kind_loaded("qwen2", "lora", "qwen2", opts);
 }
 
 #[test]

@@ -79,6 +79,9 @@ pub struct TrainOpts {
     /// Hold the frozen linear weights in NF4 (QLoRA)
     #[arg(long)]
     pub nf4: bool,
+    /// Hold the frozen linear weights in bf16 (compute in f32)
+    #[arg(long, conflicts_with = "nf4")]
+    pub bf16: bool,
     /// DoRA instead of plain LoRA (its step time and memory against LoRA's)
     #[arg(long)]
     pub dora: bool,
@@ -114,8 +117,11 @@ pub fn train(model_dir: &Path, o: &TrainOpts) -> Result<()> {
     );
     let (seq_len, batch, steps, r, init) = (o.seq_len, o.batch, o.steps, o.r, o.init.as_str());
     let (quantize, dora) = (o.nf4, o.dora);
-    let nf4 = quantize.then_some(factune_model::Nf4Options { double_quant: true });
-    let mut model = Model::load_with(model_dir, &Device::Cpu, nf4)?;
+    let opts = factune_model::LoadOptions {
+        quantize: quantize.then_some(factune_model::Nf4Options { double_quant: true }),
+        base_dtype: base_dtype(o.bf16),
+    };
+    let mut model = Model::load_with(model_dir, &Device::Cpu, opts)?;
     let cfg = AdapterConfig {
         r,
         lora_alpha: 2.0 * r as f64,
@@ -194,7 +200,8 @@ pub fn train(model_dir: &Path, o: &TrainOpts) -> Result<()> {
     println!(
         "{}",
         serde_json::json!({"impl": "factune", "seq_len": seq_len, "batch": batch, "r": r, "steps": steps,
-            "init": init, "init_s": init_s, "quantize": if quantize { "nf4" } else { "none" }, "dora": dora,
+            "init": init, "init_s": init_s, "quantize": if quantize { "nf4" } else { "none" },
+            "base_dtype": format!("{:?}", base_dtype(o.bf16)), "dora": dora,
             "gradient_checkpointing": o.gradient_checkpointing, "lora_dropout": o.lora_dropout,
             "tokens_per_s": tokens / timed, "seconds_per_step": timed / steps as f64,
             "flops_per_token": flops, "gflops": flops * tokens / timed / 1e9,
@@ -270,6 +277,17 @@ pub struct InferOpts {
     /// Timed repetitions of the whole prefill + decode (after one warm-up); the best is reported
     #[arg(long, default_value_t = 2)]
     pub reps: usize,
+    /// Hold the base's linear weights in bf16 (the merge is cast back to bf16; compute in f32)
+    #[arg(long)]
+    pub bf16: bool,
+}
+
+fn base_dtype(bf16: bool) -> candle_core::DType {
+    if bf16 {
+        candle_core::DType::BF16
+    } else {
+        candle_core::DType::F32
+    }
 }
 
 /// Greedy generation with a merged LoRA adapter (r all-linear, random B so the merge changes every weight):
@@ -280,7 +298,11 @@ pub fn infer(model_dir: &Path, o: &InferOpts) -> Result<()> {
         o.reps >= 1 && o.prompt_len >= 1 && o.new_tokens >= 1 && o.batch >= 1,
         "--reps, --prompt-len, --new-tokens and --batch must each be at least 1 (the first run is a warm-up)"
     );
-    let mut model = Model::load(model_dir, &Device::Cpu)?;
+    let opts = factune_model::LoadOptions {
+        base_dtype: base_dtype(o.bf16),
+        ..Default::default()
+    };
+    let mut model = Model::load_with(model_dir, &Device::Cpu, opts)?;
     let cfg = AdapterConfig {
         r: o.r,
         lora_alpha: 2.0 * o.r as f64,
@@ -325,7 +347,8 @@ pub fn infer(model_dir: &Path, o: &InferOpts) -> Result<()> {
     println!(
         "{}",
         serde_json::json!({"impl": "factune", "batch": o.batch, "prompt_len": o.prompt_len,
-            "new_tokens": o.new_tokens, "r": o.r, "prefill_tokens_per_s": b * p / best_prefill,
+            "new_tokens": o.new_tokens, "r": o.r, "base_dtype": format!("{:?}", base_dtype(o.bf16)),
+            "prefill_tokens_per_s": b * p / best_prefill,
             // the first new token comes with the prefill; the decode times the other n − 1 forwards
             "decode_tokens_per_s": b * (n - 1.0) / best_decode, "peak_rss_mb": peak_rss_mb(),
             "tokens": first_seq})

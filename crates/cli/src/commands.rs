@@ -86,7 +86,12 @@ pub fn load_model(args: &ModelArgs) -> Result<Model> {
         None => None,
     };
     let after_init = adapter_cfg.as_ref().is_some_and(|c| c.init_reads_base()) || mixed.is_some();
-    let mut model = Model::load_with(&args.model, &dev, quantize.filter(|_| !after_init))?;
+    let opts = factune_model::LoadOptions {
+        quantize: quantize.filter(|_| !after_init),
+        base_dtype: factune_model::LoadOptions::dtype_named(&args.base_dtype)
+            .unwrap_or(candle_core::DType::F32),
+    };
+    let mut model = Model::load_with(&args.model, &dev, opts)?;
     if let (Some(budget), Some(c), Some(o)) = (mixed, &adapter_cfg, quantize) {
         factune_adapters::lqlora::plan(&mut model, c, budget, o.double_quant)?;
     }
@@ -131,10 +136,9 @@ pub fn train(
     }
     // Quantise while loading, so the dense weights never sit in memory all at once; inits built from the
     // full-precision weights (PiSSA, LoftQ, DoTA) need them dense, and the trainer quantises after them.
-    let quantize = cfg
-        .nf4_options()
-        .filter(|_| !cfg.adapter_config().init_reads_base() && cfg.mixed_budget().is_none());
-    let mut model = Model::load_with(model_dir, &device(dev)?, quantize)?;
+    let opts =
+        cfg.load_options(cfg.adapter_config().init_reads_base() || cfg.mixed_budget().is_some());
+    let mut model = Model::load_with(model_dir, &device(dev)?, opts)?;
     let tok = TextTokenizer::from_dir(model_dir)?;
     let outcome = TrainJob {
         model: &mut model,
@@ -518,7 +522,7 @@ pub fn inspect(dir: &Path) -> Result<()> {
         cfg.num_parameters()
     );
     println!("  stored dtypes (elements): {:?}", w.dtype_summary());
-    let model = Model::from_weights(cfg, &w, dir, &Device::Cpu, None)?;
+    let model = Model::from_weights(cfg, &w, dir, &Device::Cpu, Default::default())?;
     let quantized = model.quantized_keys().len();
     if quantized > 0 {
         let (mut bits, mut n) = (0.0, 0usize);

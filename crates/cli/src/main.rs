@@ -36,6 +36,10 @@ pub struct ModelArgs {
     /// trained (its run.json), else none. A checkpoint already stored in 4 bits stays 4-bit.
     #[arg(long, value_parser = ["none", "nf4"])]
     pub quantize: Option<String>,
+    /// Dtype the base's dense linear weights are held in: float32, or bfloat16 for half the memory (compute
+    /// stays f32)
+    #[arg(long, value_parser = ["float32", "bfloat16"], default_value = "float32")]
+    pub base_dtype: String,
 }
 
 #[derive(Subcommand)]

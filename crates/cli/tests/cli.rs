@@ -677,6 +677,56 @@ fn qlora_trains_on_a_4bit_base_resumes_and_merges_into_what_was_trained() {
     );
 }
 
+/// A base held in bf16 trains, and evaluates to the f32 base's perplexity up to bf16 rounding of weights
+/// stored in f32.
+#[test]
+fn bf16_base_trains_and_evaluates_close_to_f32() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    train(&out, "2", &["--base-dtype", "bfloat16"]);
+    assert!(out.join("adapter_model.safetensors").exists());
+    let ppl = |dtype: &str| {
+        let j: serde_json::Value = serde_json::from_str(
+            ok(&[
+                "eval",
+                "--model",
+                s(&model()),
+                "--adapter",
+                s(&out),
+                "--data",
+                s(&data("pretrain.txt")),
+                "--json",
+                "--seq-len",
+                "128",
+                "--limit",
+                "8",
+                "--base-dtype",
+                dtype,
+            ])
+            .trim(),
+        )
+        .unwrap();
+        j["perplexity"].as_f64().unwrap()
+    };
+    let (full, half) = (ppl("float32"), ppl("bfloat16"));
+    assert!(
+        half != full && (half / full - 1.0).abs() < 0.01,
+        "perplexity f32 {full} vs bf16 {half}"
+    );
+    let e = fails(&[
+        "train",
+        "--model",
+        s(&model()),
+        "--data",
+        s(&data("quickstart-train.jsonl")),
+        "--output",
+        s(&dir.path().join("bad")),
+        "--base-dtype",
+        "int8",
+    ]);
+    assert!(e.contains("base_dtype") && e.contains("int8"), "{e}");
+}
+
 #[test]
 fn quantization_bad_inputs_are_named() {
     let dir = tempfile::tempdir().unwrap();

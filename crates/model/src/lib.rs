@@ -14,4 +14,4 @@ pub mod spectrum;
 
 pub use attention::KvCache;
 pub use linear::{AdaptableLinear, BaseWeight, Ctx, FrozenParts, LinearAdapter};
-pub use model::{take_grads, Model, Nf4Options};
+pub use model::{take_grads, LoadOptions, Model, Nf4Options};

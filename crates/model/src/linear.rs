@@ -60,8 +60,8 @@ pub trait LinearAdapter: Send + Sync {
 /// and its rows `[tokens, in]`.
 pub type Capture = Arc<std::sync::Mutex<Vec<(candle_core::TensorId, Tensor)>>>;
 
-/// A frozen weight `[out, in]`: dense (any float dtype), or 4-bit NF4 dequantised on the fly in the matmul
-/// so no f32 copy of it is kept (QLoRA).
+/// A frozen weight `[out, in]`: dense (f32, or bf16 converted tile by tile in the matmul, half the memory),
+/// or 4-bit NF4 dequantised on the fly in the matmul (QLoRA); either way no f32 copy of it is kept.
 #[derive(Clone)]
 pub enum BaseWeight {
     Dense(Tensor),
@@ -84,12 +84,20 @@ impl BaseWeight {
         }
     }
 
-    /// The weight as a dense tensor: the stored one, or the dequantised NF4 weight in f32 (a full copy; for
+    /// The weight as a dense f32 tensor: the stored one, or a converted copy of a bf16 or NF4 weight (for
     /// inits, merges and diagnostics, never the training step).
     pub fn dense(&self) -> Result<Tensor> {
         match self {
-            BaseWeight::Dense(t) => Ok(t.clone()),
+            BaseWeight::Dense(t) => t.to_dtype(DType::F32),
             BaseWeight::Nf(q, d) => Tensor::from_vec(q.dequantize(), (q.rows, q.cols), d),
+        }
+    }
+
+    /// The dtype a dense weight is held in (an NF4 weight dequantises to f32).
+    pub fn dtype(&self) -> DType {
+        match self {
+            BaseWeight::Dense(t) => t.dtype(),
+            BaseWeight::Nf(..) => DType::F32,
         }
     }
 
@@ -207,6 +215,7 @@ impl AdaptableLinear {
             o,
             i,
             self.stored_transposed,
+            DType::F32,
             dev,
         )?
         .dense()?)
@@ -247,15 +256,14 @@ impl AdaptableLinear {
         }
     }
 
-    /// `W + sign·ΔW` computed in f32, cast back to a dense weight's dtype; from a 4-bit weight it is
-    /// `deq(Q) + ΔW` in f32, exactly the weight that was trained. Detached: ΔW comes from the adapter's
-    /// variables, and a merged weight that kept that graph would pin the old W and ΔW's temporaries (4× the
-    /// layer's memory, and a chain across ReLoRA restarts).
+    /// `W + sign·ΔW` computed in f32, cast back to a dense weight's dtype (a bf16 base stays bf16, as PEFT
+    /// merges); from a 4-bit weight it is `deq(Q) + ΔW` in f32, exactly the weight that was trained.
+    /// Detached: ΔW comes from the adapter's variables, and a merged weight that kept that graph would pin
+    /// the old W and ΔW's temporaries (4× the layer's memory, and a chain across ReLoRA restarts).
     fn shifted(&self, delta: &Tensor, sign: f64) -> Result<Tensor> {
         let w = self.base.weight.dense()?;
-        let dtype = w.dtype();
-        Ok((w.to_dtype(DType::F32)? + (delta.detach() * sign)?)?
-            .to_dtype(dtype)?
+        Ok((w + (delta.detach() * sign)?)?
+            .to_dtype(self.base.weight.dtype())?
             .detach())
     }
 
@@ -309,13 +317,14 @@ impl AdaptableLinear {
 }
 
 /// A linear weight `[out, in]` as `checkpoint` stores it under `key`: bitsandbytes' 4-bit layout (kept in NF4;
-/// its shape is always `[out, in]`) or a float tensor (f32; stored `[in, out]` when `transposed`).
+/// its shape is always `[out, in]`) or a float tensor (as `dtype`; stored `[in, out]` when `transposed`).
 pub fn read_weight(
     checkpoint: &factune_io::Weights,
     key: &str,
     out: usize,
     inp: usize,
     transposed: bool,
+    dtype: DType,
     dev: &Device,
 ) -> factune_io::Result<BaseWeight> {
     if let Some(q) = crate::quant::read_bnb(checkpoint, key, out, inp)? {
@@ -323,10 +332,10 @@ pub fn read_weight(
     }
     Ok(BaseWeight::Dense(if transposed {
         checkpoint
-            .get_shaped(key, &[inp, out], DType::F32, dev)?
+            .get_shaped(key, &[inp, out], dtype, dev)?
             .t()?
             .contiguous()?
     } else {
-        checkpoint.get_shaped(key, &[out, inp], DType::F32, dev)?
+        checkpoint.get_shaped(key, &[out, inp], dtype, dev)?
     }))
 }

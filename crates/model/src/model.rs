@@ -109,7 +109,46 @@ struct Loader<'a> {
     cfg: &'a ModelConfig,
     prefix: &'a str,
     next_index: usize,
-    quantize: Option<Nf4Options>,
+    opts: LoadOptions,
+}
+
+/// How the frozen linear weights of the blocks are held once loaded.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LoadOptions {
+    /// Quantise them to NF4 (QLoRA); weights a checkpoint stores in 4 bits stay 4-bit either way.
+    pub quantize: Option<Nf4Options>,
+    /// F32, or BF16 to hold them at half the memory (compute stays f32: the matmuls convert tiles of rows on
+    /// the fly). Embeddings, norms and the head stay f32.
+    pub base_dtype: DType,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions {
+            quantize: None,
+            base_dtype: DType::F32,
+        }
+    }
+}
+
+impl LoadOptions {
+    /// The dtype a `base_dtype` / `torch_dtype` name stands for (`float32`/`f32`, `bfloat16`/`bf16`).
+    pub fn dtype_named(name: &str) -> Option<DType> {
+        match name {
+            "float32" | "f32" => Some(DType::F32),
+            "bfloat16" | "bf16" => Some(DType::BF16),
+            _ => None,
+        }
+    }
+}
+
+impl From<Option<Nf4Options>> for LoadOptions {
+    fn from(quantize: Option<Nf4Options>) -> Self {
+        LoadOptions {
+            quantize,
+            ..Default::default()
+        }
+    }
 }
 
 /// Quantise the blocks' linear weights to NF4 while loading (QLoRA): each is read, quantised and its f32
@@ -140,8 +179,13 @@ impl Loader<'_> {
 
     /// A linear weight as stored (dense or 4-bit), quantised if the load asks for it.
     fn weight(&self, key: &str, out: usize, inp: usize, transposed: bool) -> Result<BaseWeight> {
-        let w = read_weight(self.w, key, out, inp, transposed, self.dev)?;
-        match (&w, self.quantize) {
+        // A weight about to be quantised is read in f32, not rounded to bf16 first.
+        let dtype = match self.opts.quantize {
+            Some(_) => DType::F32,
+            None => self.opts.base_dtype,
+        };
+        let w = read_weight(self.w, key, out, inp, transposed, dtype, self.dev)?;
+        match (&w, self.opts.quantize) {
             (BaseWeight::Dense(t), Some(o)) => BaseWeight::nf4(t, o.double_quant),
             _ => Ok(w),
         }
@@ -210,15 +254,15 @@ impl Model {
         Self::load_with(dir, device, None)
     }
 
-    /// [`Model::load`], quantising the linear weights to NF4 on the way in when `quantize` is set (weights
-    /// already stored in 4 bits load as they are either way).
-    pub fn load_with(dir: &Path, device: &Device, quantize: Option<Nf4Options>) -> Result<Self> {
+    /// [`Model::load`], holding the linear weights as `opts` asks (NF4, bf16; an `Option<Nf4Options>`
+    /// converts).
+    pub fn load_with(dir: &Path, device: &Device, opts: impl Into<LoadOptions>) -> Result<Self> {
         if !dir.is_dir() {
             return Err(Error::invalid(dir, "model directory does not exist"));
         }
         let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
         let weights = Weights::from_model_dir(dir)?;
-        Self::from_weights(cfg, &weights, dir, device, quantize)
+        Self::from_weights(cfg, &weights, dir, device, opts.into())
     }
 
     pub fn from_weights(
@@ -226,8 +270,14 @@ impl Model {
         weights: &Weights,
         dir: &Path,
         device: &Device,
-        quantize: Option<Nf4Options>,
+        opts: LoadOptions,
     ) -> Result<Self> {
+        if !matches!(opts.base_dtype, DType::F32 | DType::BF16) {
+            return Err(Error::config(format!(
+                "frozen weights can be held in f32 or bf16, not {:?}",
+                opts.base_dtype
+            )));
+        }
         let c = cfg.clone();
         let (h, i, v) = (c.hidden_size, c.intermediate_size, c.vocab_size);
         let mut model = match c.arch {
@@ -238,7 +288,7 @@ impl Model {
                     cfg: &c,
                     prefix: "",
                     next_index: 0,
-                    quantize,
+                    opts,
                 };
                 let (qd, kvd) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
                 let embed = l.get("model.embed_tokens.weight", &[v, h])?;
@@ -305,7 +355,7 @@ impl Model {
                     cfg: &c,
                     prefix,
                     next_index: 0,
-                    quantize,
+                    opts,
                 };
                 let embed = l.get("wte.weight", &[v, h])?;
                 let pos = l.get("wpe.weight", &[c.max_position_embeddings, h])?;
@@ -741,7 +791,8 @@ impl Model {
         let mut vars = Vec::new();
         for (name, (t, _)) in names.into_iter().zip(self.tensors_mut()) {
             if pick(&name) {
-                let v = Var::from_tensor(t)?;
+                // Trained in f32 whatever the frozen weights are held in.
+                let v = Var::from_tensor(&t.to_dtype(DType::F32)?)?;
                 *t = v.as_tensor().clone();
                 vars.push((name, v));
             } else {

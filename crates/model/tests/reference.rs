@@ -1,7 +1,7 @@
 //! Base-model logits against transformers (fixtures from scripts/make_fixtures.py).
 
 use candle_core::{DType, Device, Tensor};
-use factune_model::{Ctx, Model};
+use factune_model::{Ctx, LoadOptions, Model};
 use std::collections::HashMap;
 use std::path::PathBuf;
 
@@ -31,7 +31,11 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
 }
 
 fn check_base_logits(name: &str) {
-    let model = Model::load(&fixtures().join(name), &Device::Cpu).unwrap();
+    check_logits_loaded(name, LoadOptions::default());
+}
+
+fn check_logits_loaded(name: &str, opts: LoadOptions) {
+    let model = Model::load_with(&fixtures().join(name), &Device::Cpu, opts).unwrap();
     let r = reference(name);
     let ids = r["input_ids"].to_dtype(DType::U32).unwrap();
     let logits = model.forward(&ids, None, &Ctx::default()).unwrap();
@@ -47,6 +51,23 @@ fn llama_gqa_untied_llama3_rope_sharded_matches_transformers() {
 #[test]
 fn qwen2_bias_tied_bf16_matches_transformers() {
     check_base_logits("qwen2");
+}
+
+/// The Qwen2 fixture is stored in bf16: held as stored (half of f32's memory, tiles converted in the
+/// matmuls) the model computes the logits transformers computes from those weights in f32.
+#[test]
+fn qwen2_held_in_bf16_matches_transformers() {
+    let bf16 = LoadOptions {
+        base_dtype: DType::BF16,
+        ..Default::default()
+    };
+    check_logits_loaded("qwen2", bf16);
+    let bytes = |opts| {
+        Model::load_with(&fixtures().join("qwen2"), &Device::Cpu, opts)
+            .unwrap()
+            .linear_weight_bytes()
+    };
+    assert_eq!(bytes(bf16) * 2, bytes(LoadOptions::default()));
 }
 
 #[test]

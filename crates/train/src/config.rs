@@ -160,6 +160,9 @@ train_config! {
     /// NormalFloat width per weight (NF3/NF4/NF8) chosen to fit `quant_budget_bits` (LQ-LoRA); `none` keeps
     /// them as stored. Weights a checkpoint already stores in 4 bits stay 4-bit either way.
     quantize: String = "none".into(),
+    /// Dtype the frozen linear weights are held in: `float32`, or `bfloat16` for half the memory (the matmuls
+    /// convert tiles of rows to f32 on the fly; compute stays f32). Ignored for weights held in 4 bits.
+    base_dtype | "torch_dtype": String = "float32".into(),
     /// `quantize = "mixed"`: average stored bits per frozen linear weight, block scales included.
     quant_budget_bits: f64 = 4.0,
     /// Double quantization of the NF4 block scales (8-bit, block 256): ≈ 4.127 instead of 4.5 bits per weight.
@@ -235,6 +238,16 @@ impl TrainConfig {
         (self.quantize == "nf4" || self.quantize == "mixed").then_some(factune_model::Nf4Options {
             double_quant: self.double_quant,
         })
+    }
+
+    /// How the model loads: 4-bit (unless `defer_quantize`: an init that reads the dense weights, or a
+    /// mixed-precision plan, quantises after it) and the dtype of the dense frozen weights.
+    pub fn load_options(&self, defer_quantize: bool) -> factune_model::LoadOptions {
+        factune_model::LoadOptions {
+            quantize: self.nf4_options().filter(|_| !defer_quantize),
+            base_dtype: factune_model::LoadOptions::dtype_named(&self.base_dtype)
+                .unwrap_or(candle_core::DType::F32),
+        }
     }
 
     /// The memory budget of a mixed-precision base, if the base is mixed.
@@ -325,6 +338,15 @@ impl TrainConfig {
                 &format!(
                     "`{}` is not a format; expected none, nf4 or mixed",
                     self.quantize
+                ),
+            );
+        }
+        if factune_model::LoadOptions::dtype_named(&self.base_dtype).is_none() {
+            return bad(
+                "base_dtype",
+                &format!(
+                    "`{}` is not a dtype the frozen weights can be held in; expected float32 or bfloat16",
+                    self.base_dtype
                 ),
             );
         }

@@ -79,13 +79,13 @@ struct FrozenLinear {
     b: Option<Tensor>,
 }
 
-/// Rows of an NF4 weight dequantised at a time: a tile `[NF4_TILE, in]` stays in cache while gemm reads it,
-/// and no f32 copy of the whole weight ever exists.
-const NF4_TILE: usize = 256;
+/// Rows of an NF4 or bf16 weight converted at a time: a tile `[TILE_ROWS, in]` stays in cache while gemm
+/// reads it, and no f32 copy of the whole weight ever exists.
+const TILE_ROWS: usize = 256;
 
-/// Up to this many input rows (decoding), the NF4 product reads the codes directly instead of dequantising
-/// tiles for gemm: with so few rows the dequantisation, not the arithmetic, is the cost.
-const NF4_DIRECT_ROWS: usize = 4;
+/// Up to this many input rows (decoding), the product reads the stored weight directly instead of converting
+/// tiles for gemm: with so few rows the conversion, not the arithmetic, is the cost.
+const DIRECT_ROWS: usize = 4;
 
 fn gemm_parallelism() -> gemm::Parallelism {
     gemm::Parallelism::Rayon(rayon::current_num_threads())
@@ -166,106 +166,215 @@ fn gemm_into(
     }
 }
 
-/// Calls `f(first_row, tile)` for consecutive tiles of an NF4 weight's rows, dequantised in parallel.
-fn for_each_nf4_tile(q: &NfMatrix, mut f: impl FnMut(usize, &[f32])) {
-    let k = q.cols;
-    let mut tile = vec![0f32; NF4_TILE.min(q.rows) * k];
-    for r0 in (0..q.rows).step_by(NF4_TILE) {
-        let rows = NF4_TILE.min(q.rows - r0);
-        let t = &mut tile[..rows * k];
-        t.par_chunks_mut(k)
-            .enumerate()
-            .for_each(|(i, row)| q.dequantize_rows(r0 + i, row));
-        f(r0, t);
+/// A frozen weight the ops read as f32 rows converted on the fly, so no f32 copy of it exists: NF4 codes
+/// (QLoRA), or bf16 values (a base held at half its f32 size, compute in f32).
+#[derive(Clone, Copy)]
+enum Tiled<'a> {
+    Nf(&'a NfMatrix),
+    Bf16 {
+        data: &'a [half::bf16],
+        rows: usize,
+        cols: usize,
+    },
+}
+
+/// bf16 → f32 is exact: the bf16 bits are the f32's high half (a shift the compiler vectorises).
+fn bf16_to_f32(b: half::bf16) -> f32 {
+    f32::from_bits((b.to_bits() as u32) << 16)
+}
+
+impl Tiled<'_> {
+    fn dims(&self) -> (usize, usize) {
+        match *self {
+            Tiled::Nf(q) => (q.rows, q.cols),
+            Tiled::Bf16 { rows, cols, .. } => (rows, cols),
+        }
+    }
+
+    /// Rows `start..start + out.len() / cols` into `out`, row-major.
+    fn fill(&self, start: usize, out: &mut [f32]) {
+        match *self {
+            Tiled::Nf(q) => q.dequantize_rows(start, out),
+            Tiled::Bf16 { data, cols, .. } => {
+                let src = &data[start * cols..start * cols + out.len()];
+                for (o, &b) in out.iter_mut().zip(src) {
+                    *o = bf16_to_f32(b);
+                }
+            }
+        }
+    }
+
+    /// `x [m, k] · Wᵀ` for a few rows of x, reading each weight element once where it is stored.
+    fn matmul_t_small(&self, x: &[f32], m: usize) -> Vec<f32> {
+        let (data, n, k) = match *self {
+            Tiled::Nf(q) => return q.matmul_t_small(x, m),
+            Tiled::Bf16 { data, rows, cols } => (data, rows, cols),
+        };
+        let mut yt = vec![0f32; n * m];
+        yt.par_chunks_mut(m)
+            .zip(data.par_chunks(k))
+            .for_each(|(out, w)| {
+                for (o, xr) in out.iter_mut().zip(x.chunks(k)) {
+                    // Eight partial sums: one long chain would not vectorise.
+                    let mut acc = [0f32; 8];
+                    let (wc, xc) = (w.chunks_exact(8), xr.chunks_exact(8));
+                    let tail: f32 = wc
+                        .remainder()
+                        .iter()
+                        .zip(xc.remainder())
+                        .map(|(&w, x)| bf16_to_f32(w) * x)
+                        .sum();
+                    for (w8, x8) in wc.zip(xc) {
+                        for i in 0..8 {
+                            acc[i] += bf16_to_f32(w8[i]) * x8[i];
+                        }
+                    }
+                    *o = acc.iter().sum::<f32>() + tail;
+                }
+            });
+        let mut y = vec![0f32; m * n];
+        for (r, row) in yt.chunks(m).enumerate() {
+            for (t, v) in row.iter().enumerate() {
+                y[t * n + r] = *v;
+            }
+        }
+        y
+    }
+
+    /// Calls `f(first_row, tile)` for consecutive tiles of rows, converted in parallel.
+    fn for_each_tile(&self, mut f: impl FnMut(usize, &[f32])) {
+        let (rows, k) = self.dims();
+        let mut tile = vec![0f32; TILE_ROWS.min(rows) * k];
+        for r0 in (0..rows).step_by(TILE_ROWS) {
+            let n = TILE_ROWS.min(rows - r0);
+            let t = &mut tile[..n * k];
+            t.par_chunks_mut(k)
+                .enumerate()
+                .for_each(|(i, row)| self.fill(r0 + i, row));
+            f(r0, t);
+        }
+    }
+
+    /// `x [m, k] · Wᵀ → [m, n]`.
+    fn matmul_t(&self, x: &[f32], m: usize) -> Vec<f32> {
+        if m <= DIRECT_ROWS {
+            return self.matmul_t_small(x, m);
+        }
+        let (n, k) = self.dims();
+        let mut y = vec![0f32; m * n];
+        self.for_each_tile(|r0, tile| {
+            let rows = tile.len() / k;
+            // SAFETY: y is [m, n] row-major and the tile's columns r0..r0+rows lie inside it; x is [m, k]
+            // row-major; the tile is [rows, k] row-major, read as its transpose [k, rows].
+            unsafe {
+                gemm::gemm(
+                    m,
+                    rows,
+                    k,
+                    y.as_mut_ptr().add(r0),
+                    1,
+                    n as isize,
+                    false,
+                    x.as_ptr(),
+                    1,
+                    k as isize,
+                    tile.as_ptr(),
+                    k as isize,
+                    1,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm_parallelism(),
+                )
+            }
+        });
+        y
+    }
+
+    /// `g [m, n] · W → [m, k]`: the input gradient, accumulated tile by tile.
+    fn matmul(&self, g: &[f32], m: usize) -> Vec<f32> {
+        let (n, k) = self.dims();
+        let mut dx = vec![0f32; m * k];
+        self.for_each_tile(|r0, tile| {
+            let rows = tile.len() / k;
+            // SAFETY: dx is [m, k] row-major; g's columns r0..r0+rows are inside g [m, n]; the tile is
+            // [rows, k].
+            unsafe {
+                gemm::gemm(
+                    m,
+                    k,
+                    rows,
+                    dx.as_mut_ptr(),
+                    1,
+                    k as isize,
+                    r0 > 0,
+                    g.as_ptr().add(r0),
+                    1,
+                    n as isize,
+                    tile.as_ptr(),
+                    1,
+                    k as isize,
+                    1.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm_parallelism(),
+                )
+            }
+        });
+        dx
     }
 }
 
-/// `x [m, k] · Wᵀ → [m, n]` for an NF4 `W [n, k]`.
-fn nf4_matmul_t(x: &[f32], m: usize, q: &NfMatrix) -> Vec<f32> {
-    if m <= NF4_DIRECT_ROWS {
-        return q.matmul_t_small(x, m);
+/// A frozen weight as the ops read it: in place (dense f32), or converted in tiles.
+enum Stored<'a> {
+    F32(&'a Tensor),
+    Tiled(Tiled<'a>),
+}
+
+/// Runs `f` on the weight as the ops read it (a bf16 weight's storage stays locked meanwhile).
+fn with_stored<R>(w: &BaseWeight, f: impl FnOnce(Stored) -> Result<R>) -> Result<R> {
+    match w {
+        BaseWeight::Nf(q, _) => f(Stored::Tiled(Tiled::Nf(q))),
+        BaseWeight::Dense(t) if t.dtype() == candle_core::DType::BF16 => {
+            let (rows, cols) = t.dims2()?;
+            let (s, l) = t.storage_and_layout();
+            let (Storage::Cpu(CpuStorage::BF16(v)), Some((a, b))) = (&*s, l.contiguous_offsets())
+            else {
+                candle_core::bail!("a bf16 frozen weight must be contiguous and on the CPU")
+            };
+            f(Stored::Tiled(Tiled::Bf16 {
+                data: &v[a..b],
+                rows,
+                cols,
+            }))
+        }
+        BaseWeight::Dense(t) => f(Stored::F32(t)),
     }
-    let (n, k) = (q.rows, q.cols);
-    let mut y = vec![0f32; m * n];
-    for_each_nf4_tile(q, |r0, tile| {
-        let rows = tile.len() / k;
-        // SAFETY: y is [m, n] row-major and the tile's columns r0..r0+rows lie inside it; x is [m, k]
-        // row-major; the tile is [rows, k] row-major, read as its transpose [k, rows].
-        unsafe {
-            gemm::gemm(
-                m,
-                rows,
-                k,
-                y.as_mut_ptr().add(r0),
-                1,
-                n as isize,
-                false,
-                x.as_ptr(),
-                1,
-                k as isize,
-                tile.as_ptr(),
-                k as isize,
-                1,
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
-                gemm_parallelism(),
-            )
-        }
-    });
-    y
 }
 
-/// `g [m, n] · W → [m, k]` for an NF4 `W [n, k]`: the input gradient, accumulated tile by tile.
-fn nf4_matmul(g: &[f32], m: usize, q: &NfMatrix) -> Vec<f32> {
-    let (n, k) = (q.rows, q.cols);
-    let mut dx = vec![0f32; m * k];
-    for_each_nf4_tile(q, |r0, tile| {
-        let rows = tile.len() / k;
-        // SAFETY: dx is [m, k] row-major; g's columns r0..r0+rows are inside g [m, n]; the tile is [rows, k].
-        unsafe {
-            gemm::gemm(
-                m,
-                k,
-                rows,
-                dx.as_mut_ptr(),
-                1,
-                k as isize,
-                r0 > 0,
-                g.as_ptr().add(r0),
-                1,
-                n as isize,
-                tile.as_ptr(),
-                1,
-                k as isize,
-                1.0,
-                1.0,
-                false,
-                false,
-                false,
-                gemm_parallelism(),
-            )
-        }
-    });
-    dx
-}
+/// The input gradient through a converted-on-the-fly weight, as an op of its own (it is never
+/// differentiated again).
+struct TiledInputGrad(BaseWeight);
 
-/// The input gradient through an NF4 weight, as an op of its own (it is never differentiated again).
-struct Nf4InputGrad(std::sync::Arc<NfMatrix>);
-
-impl CustomOp1 for Nf4InputGrad {
+impl CustomOp1 for TiledInputGrad {
     fn name(&self) -> &'static str {
-        "nf4-input-grad"
+        "tiled-input-grad"
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let g = f32_slice(s, l, "nf4-input-grad")?;
+        let g = f32_slice(s, l, "tiled-input-grad")?;
         let (m, _) = last_dim(l)?;
-        let dx = nf4_matmul(g, m, &self.0);
+        let (_, k) = self.0.dims();
+        let dx = with_stored(&self.0, |w| match w {
+            Stored::Tiled(t) => Ok(t.matmul(g, m)),
+            Stored::F32(_) => candle_core::bail!("tiled-input-grad: the weight is dense f32"),
+        })?;
         let mut dims = l.dims().to_vec();
-        *dims.last_mut().expect("rank >= 1") = self.0.cols;
+        *dims.last_mut().expect("rank >= 1") = k;
         Ok((CpuStorage::F32(dx), Shape::from(dims)))
     }
 }
@@ -274,8 +383,8 @@ impl FrozenLinear {
     /// `dY W`, the only gradient a frozen linear passes back.
     fn input_grad(&self, g: &Tensor) -> Result<Tensor> {
         match &self.w {
-            BaseWeight::Dense(w) => g.matmul(w),
-            BaseWeight::Nf(q, _) => g.contiguous()?.apply_op1_no_bwd(&Nf4InputGrad(q.clone())),
+            BaseWeight::Dense(w) if w.dtype() == candle_core::DType::F32 => g.matmul(w),
+            w => g.contiguous()?.apply_op1_no_bwd(&TiledInputGrad(w.clone())),
         }
     }
 }
@@ -294,8 +403,11 @@ impl CustomOp1 for FrozenLinear {
         if !l.is_contiguous() {
             candle_core::bail!("frozen-linear: expects a contiguous input");
         }
-        let mut out = match &self.w {
-            BaseWeight::Dense(w) => {
+        let mut out = with_stored(&self.w, |w| match w {
+            Stored::Tiled(t) => Ok(CpuStorage::F32(
+                t.matmul_t(f32_slice(s, l, "frozen-linear")?, m),
+            )),
+            Stored::F32(w) => {
                 let x_l = Layout::contiguous_with_offset((1, m, k), l.start_offset());
                 let (ws, wl) = w.storage_and_layout();
                 let Storage::Cpu(ws) = &*ws else {
@@ -307,12 +419,9 @@ impl CustomOp1 for FrozenLinear {
                 // Wᵀ as a strided view: gemm reads it in place, no transposed copy.
                 let wt_l =
                     Layout::new(Shape::from((1, k, n)), vec![n * k, 1, k], wl.start_offset());
-                s.matmul(ws, (1, m, n, k), &x_l, &wt_l)?
+                s.matmul(ws, (1, m, n, k), &x_l, &wt_l)
             }
-            BaseWeight::Nf(q, _) => {
-                CpuStorage::F32(nf4_matmul_t(f32_slice(s, l, "frozen-linear")?, m, q))
-            }
-        };
+        })?;
         if let Some(b) = &self.b {
             let (bs, bl) = b.storage_and_layout();
             let Storage::Cpu(bs) = &*bs else {
@@ -339,11 +448,16 @@ impl CustomOp1 for FrozenLinear {
     }
 }
 
-/// Whether the fused CPU ops take this weight: a dense f32 or an NF4 weight, on the CPU.
+/// Whether the fused CPU ops take this weight: dense f32 or bf16, or NF4, on the CPU.
 fn cpu_f32_weight(w: &BaseWeight) -> bool {
     w.device().is_cpu()
         && match w {
-            BaseWeight::Dense(t) => t.dtype() == candle_core::DType::F32,
+            BaseWeight::Dense(t) => {
+                matches!(
+                    t.dtype(),
+                    candle_core::DType::F32 | candle_core::DType::BF16
+                )
+            }
             BaseWeight::Nf(..) => true,
         }
 }
@@ -1657,27 +1771,74 @@ mod tests {
     }
 
     #[test]
+    fn bf16_linear_matches_the_matmul_with_the_rounded_weight() {
+        // 600 rows span three conversion tiles (the last partial); 1×2 inputs take the direct path, with
+        // 37 columns leaving a tail after the eight-wide chunks.
+        for ((rows, cols), x_shape) in [
+            ((600, 40), [3, 5]),
+            ((7, 37), [3, 5]),
+            ((600, 40), [1, 2]),
+            ((7, 37), [1, 1]),
+        ] {
+            let w = rand(&[rows, cols], 23);
+            let held = BaseWeight::Dense(w.to_dtype(candle_core::DType::BF16).unwrap());
+            // candle's own bf16 → f32 conversion, not the kernel's.
+            let rounded = w
+                .to_dtype(candle_core::DType::BF16)
+                .unwrap()
+                .to_dtype(candle_core::DType::F32)
+                .unwrap();
+            assert!(max_diff(&rounded, &w) > 0.0, "bf16 rounds the test weight");
+            let b = rand(&[rows], 24);
+            check(
+                |x| frozen_linear(x, &held, Some(&b)),
+                |x| x.broadcast_matmul(&rounded.t()?)?.broadcast_add(&b),
+                &[x_shape[0], x_shape[1], cols],
+            );
+        }
+    }
+
+    #[test]
     fn lora_linear_matches_the_composed_ops_with_and_without_dropout() {
-        for quantized in [false, true] {
-            lora_linear_case(quantized);
+        for held in [Held::F32, Held::Nf4, Held::Bf16] {
+            lora_linear_case(held);
+        }
+    }
+
+    /// How a test's frozen weight is held.
+    #[derive(Clone, Copy)]
+    enum Held {
+        F32,
+        Nf4,
+        Bf16,
+    }
+
+    impl Held {
+        fn weight(self, w: &Tensor) -> BaseWeight {
+            match self {
+                Held::F32 => BaseWeight::Dense(w.clone()),
+                Held::Nf4 => BaseWeight::nf4(w, false).unwrap(),
+                Held::Bf16 => BaseWeight::Dense(w.to_dtype(candle_core::DType::BF16).unwrap()),
+            }
         }
     }
 
     #[test]
     fn dora_linear_matches_the_composed_ops() {
         // Magnitudes near the norm recover y₀ from the output; tiny ones make the backward recompute it.
-        for (quantized, mag_scale) in [(false, 1.0), (true, 1.0), (false, 1e-5)] {
-            dora_linear_case(quantized, mag_scale);
+        for (held, mag_scale) in [
+            (Held::F32, 1.0),
+            (Held::Nf4, 1.0),
+            (Held::Bf16, 1.0),
+            (Held::F32, 1e-5),
+        ] {
+            dora_linear_case(held, mag_scale);
         }
     }
 
-    fn dora_linear_case(quantized: bool, mag_scale: f32) {
+    fn dora_linear_case(held: Held, mag_scale: f32) {
         let (w, bias) = (rand(&[24, 16], 31), rand(&[24], 32));
-        let base = if quantized {
-            BaseWeight::nf4(&w, false).unwrap()
-        } else {
-            BaseWeight::Dense(w.clone())
-        };
+        let base = held.weight(&w);
         let w = base.dense().unwrap();
         let a = Var::from_tensor(&rand(&[4, 16], 33)).unwrap();
         let b = Var::from_tensor(&rand(&[24, 4], 34)).unwrap();
@@ -1738,13 +1899,9 @@ mod tests {
         }
     }
 
-    fn lora_linear_case(quantized: bool) {
+    fn lora_linear_case(held: Held) {
         let (w, bias) = (rand(&[24, 16], 11), rand(&[24], 12));
-        let base = if quantized {
-            BaseWeight::nf4(&w, false).unwrap()
-        } else {
-            BaseWeight::Dense(w.clone())
-        };
+        let base = held.weight(&w);
         let w = base.dense().unwrap();
         let a = Var::from_tensor(&rand(&[4, 16], 13)).unwrap();
         let b = Var::from_tensor(&rand(&[24, 4], 14)).unwrap();
