@@ -70,13 +70,8 @@ fn causal_softmax_rows(s: &mut [f32], nk: usize, first: usize, scale: f32) {
     for (i, row) in s.chunks_mut(nk).enumerate() {
         let valid = (first + i + 1).min(nk);
         let (live, dead) = row.split_at_mut(valid);
-        let m = live.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x)) * scale;
-        let mut sum = 0f32;
-        for x in live.iter_mut() {
-            *x = (*x * scale - m).exp();
-            sum += *x;
-        }
-        let inv = 1.0 / sum;
+        let m = super::vmath::max(live) * scale;
+        let inv = 1.0 / super::vmath::exp_sum(live, scale, m);
         live.iter_mut().for_each(|x| *x *= inv);
         dead.fill(0.0);
     }

@@ -7,6 +7,7 @@
 //! without those savings).
 
 pub mod attention;
+mod vmath;
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Storage, Tensor, D};
@@ -1129,12 +1130,8 @@ impl CustomOp1 for Softmax {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         map_rows(s, l, "softmax", |xr, yr| {
-            let m = xr.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-            let mut sum = 0f32;
-            for (yv, xv) in yr.iter_mut().zip(xr) {
-                *yv = (xv - m).exp();
-                sum += *yv;
-            }
+            yr.copy_from_slice(xr);
+            let sum = vmath::exp_sum(yr, 1.0, vmath::max(xr));
             let inv = 1.0 / sum;
             yr.iter_mut().for_each(|v| *v *= inv);
         })
@@ -1189,10 +1186,6 @@ pub fn softmax_reference(x: &Tensor) -> Result<Tensor> {
 
 struct SwiGlu;
 
-fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + (-x).exp())
-}
-
 impl CustomOp2 for SwiGlu {
     fn name(&self) -> &'static str {
         "swiglu"
@@ -1208,11 +1201,7 @@ impl CustomOp2 for SwiGlu {
         if gl.dims() != ul.dims() {
             candle_core::bail!("swiglu: gate {:?} and up {:?} differ", gl.dims(), ul.dims());
         }
-        map_rows2((gs, gl), (us, ul), "swiglu", |g, u, y| {
-            for ((y, &g), &u) in y.iter_mut().zip(g).zip(u) {
-                *y = g * sigmoid(g) * u;
-            }
-        })
+        map_rows2((gs, gl), (us, ul), "swiglu", vmath::swiglu)
     }
 
     fn bwd(
@@ -1231,12 +1220,8 @@ impl CustomOp2 for SwiGlu {
             .zip(du.par_chunks_mut(4096))
             .enumerate()
             .for_each(|(c, (dgc, duc))| {
-                let at = c * 4096;
-                for i in 0..dgc.len() {
-                    let (x, s) = (gv[at + i], sigmoid(gv[at + i]));
-                    dgc[i] = dy[at + i] * uv[at + i] * s * (1.0 + x * (1.0 - s));
-                    duc[i] = dy[at + i] * x * s;
-                }
+                let at = c * 4096..c * 4096 + dgc.len();
+                vmath::swiglu_grads(&gv[at.clone()], &uv[at.clone()], &dy[at], dgc, duc);
             });
         Ok((
             Some(Tensor::from_vec(dg, g.shape(), g.device())?),
@@ -1504,11 +1489,15 @@ impl CustomOp2 for LinearCrossEntropy {
                         row.fill(0.0);
                         return 0.0;
                     }
-                    let lse = log_sum_exp(row);
-                    let loss = (w * (lse - row[t as usize])) as f64;
+                    // One exponential per logit: the row becomes exp(x − max), whose sum gives the
+                    // log-sum-exp and which, scaled, is the softmax.
+                    let (m, target) = (vmath::max(row), row[t as usize]);
+                    let sum = vmath::exp_sum(row, 1.0, m);
+                    let loss = (w * (m + sum.ln() - target)) as f64;
                     if grad {
                         let cf = w / self.count;
-                        row.iter_mut().for_each(|x| *x = cf * (*x - lse).exp());
+                        let c = cf / sum;
+                        row.iter_mut().for_each(|x| *x *= c);
                         row[t as usize] -= cf;
                     }
                     loss
