@@ -9,12 +9,15 @@
 //! `0..=Tk − T + i`. Backward, per query tile with P recomputed and Δ_i = Σ_d dY_id Y_id:
 //! dV += Pᵀ dY, dP = dY Vᵀ, dS = P ⊙ (dP − Δ), dQ = scale · dS K, dK += scale · dSᵀ Q.
 
-use super::{f32_slice, gemm_into, MatRef};
+use super::{f32_slice, gemm_into, with_f32_slices, MatRef};
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 /// Query rows per tile: bounds the recomputed scores to `[TILE, Tk]` per task.
 const TILE: usize = 128;
+
+/// dQ, dK and dV of one backward task.
+type QkvGrads = (Vec<f32>, Vec<f32>, Vec<f32>);
 
 struct CausalAttention {
     scale: f32,
@@ -59,6 +62,13 @@ impl Dims {
         self.tk - self.t
     }
 
+    /// One backward task per (batch, KV head): it owns dK, dV of that head and dQ of its query heads.
+    fn kv_tasks(&self) -> Vec<(usize, usize)> {
+        (0..self.b)
+            .flat_map(|bi| (0..self.hkv).map(move |g| (bi, g)))
+            .collect()
+    }
+
     /// Keys visible to query rows `r0..r0 + rows`.
     fn keys_for(&self, r0: usize, rows: usize) -> usize {
         (self.offset() + r0 + rows).min(self.tk)
@@ -95,6 +105,98 @@ impl CausalAttention {
         );
         causal_softmax_rows(&mut p, nk, dm.offset() + r0, self.scale);
         p
+    }
+
+    /// dQ, dK, dV per (batch, KV head) task of [`Dims::kv_tasks`], from the saved inputs, output and dY.
+    #[allow(clippy::too_many_arguments)]
+    fn head_grads(
+        &self,
+        dm: &Dims,
+        qv: &[f32],
+        kv: &[f32],
+        vv: &[f32],
+        yv: &[f32],
+        gv: &[f32],
+    ) -> Vec<QkvGrads> {
+        let Dims {
+            hq, hkv, t, tk, d, ..
+        } = *dm;
+        let rep = hq / hkv;
+        dm.kv_tasks()
+            .par_iter()
+            .map(|&(bi, g)| {
+                let base = (bi * hkv + g) * tk * d;
+                let (kg, vg) = (&kv[base..base + tk * d], &vv[base..base + tk * d]);
+                let (mut dk, mut dv) = (vec![0f32; tk * d], vec![0f32; tk * d]);
+                let mut dq = vec![0f32; rep * t * d];
+                for j in 0..rep {
+                    let h = g * rep + j;
+                    let qh = &qv[(bi * hq + h) * t * d..][..t * d];
+                    // dY and Y of this head: rows of stride Hq·D in the [B, T, Hq, D] layout.
+                    let at = |r: usize| (bi * t + r) * hq * d + h * d;
+                    for r0 in (0..t).step_by(TILE) {
+                        let rows = TILE.min(t - r0);
+                        let nk = dm.keys_for(r0, rows);
+                        let p = self.probs(dm, qh, kg, r0, rows);
+                        let dy = MatRef::rows(&gv[at(r0)..], hq * d);
+                        gemm_into(
+                            nk,
+                            d,
+                            rows,
+                            &mut dv,
+                            d,
+                            true,
+                            MatRef::transposed(&p, nk),
+                            dy,
+                            1.0,
+                        );
+                        let mut ds = vec![0f32; rows * nk];
+                        gemm_into(
+                            rows,
+                            nk,
+                            d,
+                            &mut ds,
+                            nk,
+                            false,
+                            dy,
+                            MatRef::transposed(vg, d),
+                            1.0,
+                        );
+                        for (i, (dsr, pr)) in ds.chunks_mut(nk).zip(p.chunks(nk)).enumerate() {
+                            let (yr, gr) = (&yv[at(r0 + i)..][..d], &gv[at(r0 + i)..][..d]);
+                            let delta: f32 = yr.iter().zip(gr).map(|(a, b)| a * b).sum();
+                            dsr.iter_mut()
+                                .zip(pr)
+                                .for_each(|(s, &p)| *s = p * (*s - delta));
+                        }
+                        let dqh = &mut dq[(j * t + r0) * d..];
+                        gemm_into(
+                            rows,
+                            d,
+                            nk,
+                            dqh,
+                            d,
+                            false,
+                            MatRef::rows(&ds, nk),
+                            MatRef::rows(kg, d),
+                            self.scale,
+                        );
+                        gemm_into(
+                            nk,
+                            d,
+                            rows,
+                            &mut dk,
+                            d,
+                            true,
+                            MatRef::transposed(&ds, nk),
+                            MatRef::rows(&qh[r0 * d..], d),
+                            self.scale,
+                        );
+                    }
+                }
+                (dq, dk, dv)
+            })
+            .collect()
     }
 }
 
@@ -186,95 +288,17 @@ impl CustomOp3 for CausalAttention {
             d,
         };
         let rep = hq / hkv;
-        let host =
-            |x: &Tensor| -> Result<Vec<f32>> { x.contiguous()?.flatten_all()?.to_vec1::<f32>() };
-        let (qv, kv, vv, yv, gv) = (host(q)?, host(k)?, host(v)?, host(res)?, host(grad)?);
-        // One task per (batch, KV head): it owns dK, dV of that head and dQ of its query heads.
-        type QkvGrads = (Vec<f32>, Vec<f32>, Vec<f32>);
-        let tasks: Vec<(usize, usize)> = (0..b)
-            .flat_map(|bi| (0..hkv).map(move |g| (bi, g)))
-            .collect();
-        let per: Vec<QkvGrads> = tasks
-            .par_iter()
-            .map(|&(bi, g)| {
-                let base = (bi * hkv + g) * tk * d;
-                let (kg, vg) = (&kv[base..base + tk * d], &vv[base..base + tk * d]);
-                let (mut dk, mut dv) = (vec![0f32; tk * d], vec![0f32; tk * d]);
-                let mut dq = vec![0f32; rep * t * d];
-                for j in 0..rep {
-                    let h = g * rep + j;
-                    let qh = &qv[(bi * hq + h) * t * d..][..t * d];
-                    // dY and Y of this head: rows of stride Hq·D in the [B, T, Hq, D] layout.
-                    let at = |r: usize| (bi * t + r) * hq * d + h * d;
-                    for r0 in (0..t).step_by(TILE) {
-                        let rows = TILE.min(t - r0);
-                        let nk = dm.keys_for(r0, rows);
-                        let p = self.probs(&dm, qh, kg, r0, rows);
-                        let dy = MatRef::rows(&gv[at(r0)..], hq * d);
-                        gemm_into(
-                            nk,
-                            d,
-                            rows,
-                            &mut dv,
-                            d,
-                            true,
-                            MatRef::transposed(&p, nk),
-                            dy,
-                            1.0,
-                        );
-                        let mut ds = vec![0f32; rows * nk];
-                        gemm_into(
-                            rows,
-                            nk,
-                            d,
-                            &mut ds,
-                            nk,
-                            false,
-                            dy,
-                            MatRef::transposed(vg, d),
-                            1.0,
-                        );
-                        for (i, (dsr, pr)) in ds.chunks_mut(nk).zip(p.chunks(nk)).enumerate() {
-                            let (yr, gr) = (&yv[at(r0 + i)..][..d], &gv[at(r0 + i)..][..d]);
-                            let delta: f32 = yr.iter().zip(gr).map(|(a, b)| a * b).sum();
-                            dsr.iter_mut()
-                                .zip(pr)
-                                .for_each(|(s, &p)| *s = p * (*s - delta));
-                        }
-                        let dqh = &mut dq[(j * t + r0) * d..];
-                        gemm_into(
-                            rows,
-                            d,
-                            nk,
-                            dqh,
-                            d,
-                            false,
-                            MatRef::rows(&ds, nk),
-                            MatRef::rows(kg, d),
-                            self.scale,
-                        );
-                        gemm_into(
-                            nk,
-                            d,
-                            rows,
-                            &mut dk,
-                            d,
-                            true,
-                            MatRef::transposed(&ds, nk),
-                            MatRef::rows(&qh[r0 * d..], d),
-                            self.scale,
-                        );
-                    }
-                }
-                (dq, dk, dv)
-            })
-            .collect();
+        let per = with_f32_slices(
+            [q, k, v, res, grad],
+            "causal-attention backward",
+            |[qv, kv, vv, yv, gv]| Ok(self.head_grads(&dm, qv, kv, vv, yv, gv)),
+        )?;
         let (mut dq, mut dk, mut dv) = (
             vec![0f32; b * hq * t * d],
             vec![0f32; b * hkv * tk * d],
             vec![0f32; b * hkv * tk * d],
         );
-        for (&(bi, g), (q_part, k_part, v_part)) in tasks.iter().zip(per) {
+        for (&(bi, g), (q_part, k_part, v_part)) in dm.kv_tasks().iter().zip(per) {
             let kb = (bi * hkv + g) * tk * d;
             dk[kb..kb + tk * d].copy_from_slice(&k_part);
             dv[kb..kb + tk * d].copy_from_slice(&v_part);

@@ -27,6 +27,28 @@ fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
     }
 }
 
+/// Runs `f` on the f32 data of CPU tensors, borrowed in place (made contiguous first where they are not):
+/// backward passes read their saved tensors without copying them out.
+fn with_f32_slices<const N: usize, R>(
+    ts: [&Tensor; N],
+    op: &str,
+    f: impl FnOnce([&[f32]; N]) -> Result<R>,
+) -> Result<R> {
+    let cont = ts
+        .iter()
+        .map(|t| t.contiguous())
+        .collect::<Result<Vec<_>>>()?;
+    let guards: Vec<_> = cont.iter().map(|t| t.storage_and_layout()).collect();
+    let mut slices = Vec::with_capacity(N);
+    for (s, l) in &guards {
+        let Storage::Cpu(c) = &**s else {
+            candle_core::bail!("{op}: expects CPU tensors")
+        };
+        slices.push(f32_slice(c, l, op)?);
+    }
+    f(slices.try_into().expect("one slice per tensor"))
+}
+
 /// Applies `f(x_row, y_row)` to every row (last dim) of a contiguous f32 input, in parallel.
 fn map_rows(
     s: &CpuStorage,
@@ -1211,18 +1233,18 @@ impl CustomOp2 for SwiGlu {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let host =
-            |x: &Tensor| -> Result<Vec<f32>> { x.contiguous()?.flatten_all()?.to_vec1::<f32>() };
-        let (gv, uv, dy) = (host(g)?, host(u)?, host(grad)?);
-        let mut dg = vec![0f32; gv.len()];
-        let mut du = vec![0f32; gv.len()];
-        dg.par_chunks_mut(4096)
-            .zip(du.par_chunks_mut(4096))
-            .enumerate()
-            .for_each(|(c, (dgc, duc))| {
-                let at = c * 4096..c * 4096 + dgc.len();
-                vmath::swiglu_grads(&gv[at.clone()], &uv[at.clone()], &dy[at], dgc, duc);
-            });
+        let (dg, du) = with_f32_slices([g, u, grad], "swiglu backward", |[gv, uv, dy]| {
+            let mut dg = vec![0f32; gv.len()];
+            let mut du = vec![0f32; gv.len()];
+            dg.par_chunks_mut(4096)
+                .zip(du.par_chunks_mut(4096))
+                .enumerate()
+                .for_each(|(c, (dgc, duc))| {
+                    let at = c * 4096..c * 4096 + dgc.len();
+                    vmath::swiglu_grads(&gv[at.clone()], &uv[at.clone()], &dy[at], dgc, duc);
+                });
+            Ok((dg, du))
+        })?;
         Ok((
             Some(Tensor::from_vec(dg, g.shape(), g.device())?),
             Some(Tensor::from_vec(du, u.shape(), u.device())?),
