@@ -108,6 +108,8 @@ impl CausalAttention {
     }
 
     /// dQ, dK, dV per (batch, KV head) task of [`Dims::kv_tasks`], from the saved inputs, output and dY.
+    /// The query heads sharing a KV head go through each tile together, stacked head-major (`rep · rows`
+    /// rows): the products that reduce over query rows (dV, dK) then run once over three times the rows.
     #[allow(clippy::too_many_arguments)]
     fn head_grads(
         &self,
@@ -129,70 +131,93 @@ impl CausalAttention {
                 let (kg, vg) = (&kv[base..base + tk * d], &vv[base..base + tk * d]);
                 let (mut dk, mut dv) = (vec![0f32; tk * d], vec![0f32; tk * d]);
                 let mut dq = vec![0f32; rep * t * d];
-                for j in 0..rep {
-                    let h = g * rep + j;
-                    let qh = &qv[(bi * hq + h) * t * d..][..t * d];
-                    // dY and Y of this head: rows of stride Hq·D in the [B, T, Hq, D] layout.
-                    let at = |r: usize| (bi * t + r) * hq * d + h * d;
-                    for r0 in (0..t).step_by(TILE) {
-                        let rows = TILE.min(t - r0);
-                        let nk = dm.keys_for(r0, rows);
-                        let p = self.probs(dm, qh, kg, r0, rows);
-                        let dy = MatRef::rows(&gv[at(r0)..], hq * d);
-                        gemm_into(
-                            nk,
-                            d,
-                            rows,
-                            &mut dv,
-                            d,
-                            true,
-                            MatRef::transposed(&p, nk),
-                            dy,
-                            1.0,
-                        );
-                        let mut ds = vec![0f32; rows * nk];
-                        gemm_into(
-                            rows,
-                            nk,
-                            d,
-                            &mut ds,
-                            nk,
-                            false,
-                            dy,
-                            MatRef::transposed(vg, d),
-                            1.0,
-                        );
-                        for (i, (dsr, pr)) in ds.chunks_mut(nk).zip(p.chunks(nk)).enumerate() {
-                            let (yr, gr) = (&yv[at(r0 + i)..][..d], &gv[at(r0 + i)..][..d]);
-                            let delta: f32 = yr.iter().zip(gr).map(|(a, b)| a * b).sum();
-                            dsr.iter_mut()
-                                .zip(pr)
-                                .for_each(|(s, &p)| *s = p * (*s - delta));
+                let heads = g * rep..(g + 1) * rep;
+                for r0 in (0..t).step_by(TILE) {
+                    let rows = TILE.min(t - r0);
+                    let (nk, sr) = (dm.keys_for(r0, rows), rep * rows);
+                    // Q, dY and Y of the group's heads for these rows, stacked [sr, d]; dY and Y rows sit
+                    // Hq·D apart in the [B, T, Hq, D] layout.
+                    let mut qs = Vec::with_capacity(sr * d);
+                    let (mut dys, mut ys) =
+                        (Vec::with_capacity(sr * d), Vec::with_capacity(sr * d));
+                    for h in heads.clone() {
+                        qs.extend_from_slice(&qv[((bi * hq + h) * t + r0) * d..][..rows * d]);
+                        for i in 0..rows {
+                            let at = (bi * t + r0 + i) * hq * d + h * d;
+                            dys.extend_from_slice(&gv[at..at + d]);
+                            ys.extend_from_slice(&yv[at..at + d]);
                         }
-                        let dqh = &mut dq[(j * t + r0) * d..];
+                    }
+                    let (qm, dym) = (MatRef::rows(&qs, d), MatRef::rows(&dys, d));
+                    let mut p = vec![0f32; sr * nk];
+                    gemm_into(
+                        sr,
+                        nk,
+                        d,
+                        &mut p,
+                        nk,
+                        false,
+                        qm,
+                        MatRef::transposed(kg, d),
+                        1.0,
+                    );
+                    for block in p.chunks_mut(rows * nk) {
+                        causal_softmax_rows(block, nk, dm.offset() + r0, self.scale);
+                    }
+                    gemm_into(
+                        nk,
+                        d,
+                        sr,
+                        &mut dv,
+                        d,
+                        true,
+                        MatRef::transposed(&p, nk),
+                        dym,
+                        1.0,
+                    );
+                    let mut ds = vec![0f32; sr * nk];
+                    gemm_into(
+                        sr,
+                        nk,
+                        d,
+                        &mut ds,
+                        nk,
+                        false,
+                        dym,
+                        MatRef::transposed(vg, d),
+                        1.0,
+                    );
+                    for (i, (dsr, pr)) in ds.chunks_mut(nk).zip(p.chunks(nk)).enumerate() {
+                        let (yr, gr) = (&ys[i * d..][..d], &dys[i * d..][..d]);
+                        let delta: f32 = yr.iter().zip(gr).map(|(a, b)| a * b).sum();
+                        dsr.iter_mut()
+                            .zip(pr)
+                            .for_each(|(s, &p)| *s = p * (*s - delta));
+                    }
+                    for j in 0..rep {
                         gemm_into(
                             rows,
                             d,
                             nk,
-                            dqh,
+                            &mut dq[(j * t + r0) * d..],
                             d,
                             false,
-                            MatRef::rows(&ds, nk),
+                            MatRef::rows(&ds[j * rows * nk..], nk),
                             MatRef::rows(kg, d),
                             self.scale,
                         );
-                        gemm_into(
-                            nk,
-                            d,
-                            rows,
-                            &mut dk,
-                            d,
-                            true,
-                            MatRef::transposed(&ds, nk),
-                            MatRef::rows(&qh[r0 * d..], d),
-                            self.scale,
-                        );
                     }
+                    gemm_into(
+                        nk,
+                        d,
+                        sr,
+                        &mut dk,
+                        d,
+                        true,
+                        MatRef::transposed(&ds, nk),
+                        qm,
+                        self.scale,
+                    );
                 }
                 (dq, dk, dv)
             })
