@@ -690,22 +690,69 @@ impl candle_core::CustomOp3 for LoraLinear {
             return Ok((Some(dx), Some(da), Some(db)));
         };
         let c = (&mag / &dora.norm)?;
-        let [dx, da, db] = self.lora_grads(x, &a, &b, &g.broadcast_mul(&c)?)?;
         let recoverable = c.abs()?.min(0)?.to_scalar::<f32>()? >= DORA_RECOVER_MIN;
-        let plain = if recoverable {
-            let y = res.detach().reshape(((), n))?;
-            let y = match &dora.bias {
-                Some(bias) => y.broadcast_sub(bias)?,
-                None => y,
-            };
-            y.broadcast_div(&c)?
+        let (gc, dmag) = if recoverable {
+            dora_output_grads(&g, &res.detach(), &c, &dora.norm, dora.bias.as_ref())?
         } else {
-            self.recompute_plain(x, &a, &b)?
+            let plain = self.recompute_plain(x, &a, &b)?;
+            (g.broadcast_mul(&c)?, ((&g * plain)?.sum(0)? / &dora.norm)?)
         };
-        let dmag = ((g * plain)?.sum(0)? / &dora.norm)?;
+        let [dx, da, db] = self.lora_grads(x, &a, &b, &gc)?;
         let dbm = Tensor::cat(&[db, dmag.unsqueeze(1)?], 1)?;
         Ok((Some(dx), Some(da), Some(dbm)))
     }
+}
+
+/// DoRA's output-side gradients in one pass over `[tokens, out]`: the gradient reaching the LoRA output,
+/// `g ⊙ c`, and the magnitude's, `dmag_j = Σ_t g_tj (y_tj − b_j) / (c_j norm_j)` with y₀ = (y − b) / c
+/// recovered from the op's output `y`. Rows are summed in fixed chunks, so the result does not depend on
+/// thread timing.
+fn dora_output_grads(
+    g: &Tensor,
+    y: &Tensor,
+    c: &Tensor,
+    norm: &Tensor,
+    bias: Option<&Tensor>,
+) -> Result<(Tensor, Tensor)> {
+    const ROWS: usize = 64;
+    let n = c.dim(0)?;
+    let bias = match bias {
+        Some(b) => b.clone(),
+        None => c.zeros_like()?,
+    };
+    let (gc, dmag) = with_f32_slices(
+        [g, y, c, norm, &bias],
+        "dora backward",
+        |[g, y, c, norm, bias]| {
+            let mut gc = vec![0f32; g.len()];
+            let parts: Vec<Vec<f32>> = gc
+                .par_chunks_mut(ROWS * n)
+                .zip(g.par_chunks(ROWS * n).zip(y.par_chunks(ROWS * n)))
+                .map(|(gcc, (gch, ych))| {
+                    let mut part = vec![0f32; n];
+                    for ((gcr, gr), yr) in gcc.chunks_mut(n).zip(gch.chunks(n)).zip(ych.chunks(n)) {
+                        for j in 0..n {
+                            gcr[j] = gr[j] * c[j];
+                            part[j] += gr[j] * (yr[j] - bias[j]);
+                        }
+                    }
+                    part
+                })
+                .collect();
+            let mut dmag = vec![0f32; n];
+            for part in parts {
+                dmag.iter_mut().zip(part).for_each(|(a, b)| *a += b);
+            }
+            dmag.iter_mut()
+                .zip(c.iter().zip(norm))
+                .for_each(|(s, (c, nr))| *s /= c * nr);
+            Ok((gc, dmag))
+        },
+    )?;
+    Ok((
+        Tensor::from_vec(gc, g.shape(), g.device())?,
+        Tensor::from_vec(dmag, n, g.device())?,
+    ))
 }
 
 /// Whether the fused LoRA kernel applies: CPU f32 operands, contiguous factors.
