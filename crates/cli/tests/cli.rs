@@ -34,6 +34,11 @@ fn ok(args: &[&str]) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
+/// [`ok`] for a command that prints one JSON object.
+fn ok_json(args: &[&str]) -> serde_json::Value {
+    serde_json::from_str(ok(args).trim()).unwrap()
+}
+
 fn fails(args: &[&str]) -> String {
     let o = factune(args);
     let err = String::from_utf8_lossy(&o.stderr).into_owned();
@@ -154,48 +159,37 @@ fn eval_generate_merge_inspect() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("run");
     train(&out, "3", &[]);
-    let j: serde_json::Value = serde_json::from_str(
-        ok(&[
-            "eval",
-            "--model",
-            s(&model()),
-            "--data",
-            s(&data("pretrain.txt")),
-            "--json",
-            "--seq-len",
-            "128",
-            "--limit",
-            "0",
-        ])
-        .trim(),
-    )
-    .unwrap();
+    let j = ok_json(&[
+        "eval",
+        "--model",
+        s(&model()),
+        "--data",
+        s(&data("pretrain.txt")),
+        "--json",
+        "--seq-len",
+        "128",
+        "--limit",
+        "0",
+    ]);
     assert!(j["perplexity"].as_f64().unwrap() > 1.0 && j["tokens"].as_u64().unwrap() > 1000);
-    let j: serde_json::Value = serde_json::from_str(
-        ok(&[
-            "eval",
-            "--model",
-            s(&model()),
-            "--adapter",
-            s(&out),
-            "--data",
-            s(&data("quickstart-valid.jsonl")),
-            "--json",
-            "--limit",
-            "5",
-            "--max-new-tokens",
-            "6",
-        ])
-        .trim(),
-    )
-    .unwrap();
+    let j = ok_json(&[
+        "eval",
+        "--model",
+        s(&model()),
+        "--adapter",
+        s(&out),
+        "--data",
+        s(&data("quickstart-valid.jsonl")),
+        "--json",
+        "--limit",
+        "5",
+        "--max-new-tokens",
+        "6",
+    ]);
     assert_eq!(j["n"], 5);
     let mc = dir.path().join("mc.jsonl");
     std::fs::write(&mc, "{\"question\": \"Tom has a red ball. The ball is\", \"choices\": [\"red.\", \"in the\"], \"answer\": 1}\n").unwrap();
-    let j: serde_json::Value = serde_json::from_str(
-        ok(&["eval", "--model", s(&model()), "--data", s(&mc), "--json"]).trim(),
-    )
-    .unwrap();
+    let j = ok_json(&["eval", "--model", s(&model()), "--data", s(&mc), "--json"]);
     assert_eq!(j["n"], 1);
     assert!(j["accuracy"].as_f64().is_some() && j["accuracy_norm"].as_f64().is_some());
     let g = ok(&[
@@ -686,26 +680,22 @@ fn bf16_base_trains_and_evaluates_close_to_f32() {
     train(&out, "2", &["--base-dtype", "bfloat16"]);
     assert!(out.join("adapter_model.safetensors").exists());
     let ppl = |dtype: &str| {
-        let j: serde_json::Value = serde_json::from_str(
-            ok(&[
-                "eval",
-                "--model",
-                s(&model()),
-                "--adapter",
-                s(&out),
-                "--data",
-                s(&data("pretrain.txt")),
-                "--json",
-                "--seq-len",
-                "128",
-                "--limit",
-                "8",
-                "--base-dtype",
-                dtype,
-            ])
-            .trim(),
-        )
-        .unwrap();
+        let j = ok_json(&[
+            "eval",
+            "--model",
+            s(&model()),
+            "--adapter",
+            s(&out),
+            "--data",
+            s(&data("pretrain.txt")),
+            "--json",
+            "--seq-len",
+            "128",
+            "--limit",
+            "8",
+            "--base-dtype",
+            dtype,
+        ]);
         j["perplexity"].as_f64().unwrap()
     };
     let (full, half) = (ppl("float32"), ppl("bfloat16"));

@@ -1806,53 +1806,36 @@ mod tests {
     }
 
     #[test]
-    fn nf4_linear_matches_the_matmul_with_the_dequantised_weight() {
-        // 600 rows span three dequantisation tiles (the last one partial); 40 columns put block edges
-        // mid-row.
-        // 1×2 input rows take the direct path for decoding, 3×5 the tiled one.
-        for ((rows, cols), x_shape) in [
-            ((600, 40), [3, 5]),
-            ((7, 9), [3, 5]),
-            ((600, 40), [1, 2]),
-            ((7, 9), [1, 1]),
-        ] {
-            let w = rand(&[rows, cols], 21);
-            let q = BaseWeight::nf4(&w, true).unwrap();
-            let deq = q.dense().unwrap();
-            let b = rand(&[rows], 22);
-            check(
-                |x| frozen_linear(x, &q, Some(&b)),
-                |x| x.broadcast_matmul(&deq.t()?)?.broadcast_add(&b),
-                &[x_shape[0], x_shape[1], cols],
-            );
-        }
-    }
-
-    #[test]
-    fn bf16_linear_matches_the_matmul_with_the_rounded_weight() {
-        // 600 rows span three conversion tiles (the last partial); 1×2 inputs take the direct path, with
-        // 37 columns leaving a tail after the eight-wide chunks.
-        for ((rows, cols), x_shape) in [
-            ((600, 40), [3, 5]),
-            ((7, 37), [3, 5]),
-            ((600, 40), [1, 2]),
-            ((7, 37), [1, 1]),
-        ] {
-            let w = rand(&[rows, cols], 23);
-            let held = BaseWeight::Dense(w.to_dtype(candle_core::DType::BF16).unwrap());
-            // candle's own bf16 → f32 conversion, not the kernel's.
-            let rounded = w
-                .to_dtype(candle_core::DType::BF16)
-                .unwrap()
-                .to_dtype(candle_core::DType::F32)
-                .unwrap();
-            assert!(max_diff(&rounded, &w) > 0.0, "bf16 rounds the test weight");
-            let b = rand(&[rows], 24);
-            check(
-                |x| frozen_linear(x, &held, Some(&b)),
-                |x| x.broadcast_matmul(&rounded.t()?)?.broadcast_add(&b),
-                &[x_shape[0], x_shape[1], cols],
-            );
+    fn converted_weights_match_the_matmul_with_the_converted_weight() {
+        // 600 rows span three conversion tiles (the last one partial); 1×2 inputs take the direct path for
+        // decoding, 3×5 the tiled one; 37 columns put NF4 block edges mid-row and leave a tail after the
+        // bf16 path's eight-wide chunks.
+        for held in [Held::Nf4, Held::Bf16] {
+            for ((rows, cols), x_shape) in [
+                ((600, 40), [3, 5]),
+                ((7, 37), [3, 5]),
+                ((600, 40), [1, 2]),
+                ((7, 37), [1, 1]),
+            ] {
+                let w = rand(&[rows, cols], 21);
+                let base = held.weight(&w);
+                // The reference weight: NF4's own dequantisation (tested against bitsandbytes elsewhere),
+                // candle's bf16 → f32 conversion (not the kernel's).
+                let converted = match held {
+                    Held::Bf16 => w
+                        .to_dtype(candle_core::DType::BF16)
+                        .and_then(|h| h.to_dtype(candle_core::DType::F32))
+                        .unwrap(),
+                    _ => base.dense().unwrap(),
+                };
+                assert!(max_diff(&converted, &w) > 0.0, "the weight is rounded");
+                let b = rand(&[rows], 22);
+                check(
+                    |x| frozen_linear(x, &base, Some(&b)),
+                    |x| x.broadcast_matmul(&converted.t()?)?.broadcast_add(&b),
+                    &[x_shape[0], x_shape[1], cols],
+                );
+            }
         }
     }
 
