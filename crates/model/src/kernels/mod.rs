@@ -519,6 +519,9 @@ struct LoraLinear {
     scale: f64,
     dropout: Option<Dropout>,
     dora: Option<DoraScale>,
+    /// h = (m ⊙ x) Aᵀ `[tokens, r]` from the forward, for dB in the backward (r values per token: keeping it
+    /// is cheaper than reading x again to recompute it).
+    saved_h: std::sync::Mutex<Option<Vec<f32>>>,
 }
 
 /// Inverted dropout on the adapter input, as the seed of its mask: the op draws the mask in forward and again
@@ -568,6 +571,7 @@ impl LoraLinear {
         let mut xd = x.detach().reshape(((), k))?;
         let mask = self.dropout.map(|d| d.mask_like(&xd)).transpose()?;
         let gb = g.matmul(b)?;
+        let (m, r) = gb.dims2()?;
         let mut dx_lora = (gb.matmul(a)? * self.scale)?;
         if let Some(mask) = &mask {
             xd = (xd * mask)?;
@@ -575,7 +579,11 @@ impl LoraLinear {
         }
         let dx = (self.base.input_grad(g)? + dx_lora)?.reshape(x.shape())?;
         let da = (gb.t()?.matmul(&xd)? * self.scale)?;
-        let h = xd.matmul(&a.t()?)?;
+        let saved = self.saved_h.lock().expect("lora-linear lock").take();
+        let h = match saved {
+            Some(h) if h.len() == m * r => Tensor::from_vec(h, (m, r), xd.device())?,
+            _ => xd.matmul(&a.t()?)?,
+        };
         let db = (g.t()?.matmul(&h)? * self.scale)?;
         Ok([dx, da, db])
     }
@@ -652,6 +660,9 @@ impl candle_core::CustomOp3 for LoraLinear {
         let h = x_src.matmul(a_s, (1, m, r, k), &x_lay, &at_l)?;
         let bt_l = Layout::new(Shape::from((1, r, n)), vec![n * r, 1, r], b_off);
         let d = h.matmul(b_src, (1, m, n, r), &Layout::contiguous((1, m, r)), &bt_l)?;
+        if let CpuStorage::F32(h) = h {
+            *self.saved_h.lock().expect("lora-linear lock") = Some(h);
+        }
         let (CpuStorage::F32(y), CpuStorage::F32(d)) = (&mut out, &d) else {
             candle_core::bail!("lora-linear: expects f32")
         };
@@ -786,6 +797,7 @@ pub fn lora_linear(
         scale,
         dropout,
         dora: None,
+        saved_h: Default::default(),
     };
     Some(x.contiguous().and_then(|x| x.apply_op3(a, b, op)))
 }
@@ -818,6 +830,7 @@ pub fn dora_linear(
             norm: norm.detach(),
             bias: bias.cloned(),
         }),
+        saved_h: Default::default(),
     };
     let bm = magnitude
         .unsqueeze(1)
