@@ -34,6 +34,22 @@ fn ok(args: &[&str]) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
+/// `eval` arguments: the model, an adapter if any, the data, then `extra`.
+fn eval_args<'a>(
+    model: &'a Path,
+    adapter: Option<&'a Path>,
+    data: &'a Path,
+    extra: &[&'a str],
+) -> Vec<&'a str> {
+    let mut args = vec!["eval", "--model", s(model)];
+    if let Some(a) = adapter {
+        args.extend(["--adapter", s(a)]);
+    }
+    args.extend(["--data", s(data)]);
+    args.extend_from_slice(extra);
+    args
+}
+
 /// [`ok`] for a command that prints one JSON object.
 fn ok_json(args: &[&str]) -> serde_json::Value {
     serde_json::from_str(ok(args).trim()).unwrap()
@@ -159,37 +175,23 @@ fn eval_generate_merge_inspect() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("run");
     train(&out, "3", &[]);
-    let j = ok_json(&[
-        "eval",
-        "--model",
-        s(&model()),
-        "--data",
-        s(&data("pretrain.txt")),
-        "--json",
-        "--seq-len",
-        "128",
-        "--limit",
-        "0",
-    ]);
+    let j = ok_json(&eval_args(
+        &model(),
+        None,
+        &data("pretrain.txt"),
+        &["--json", "--seq-len", "128", "--limit", "0"],
+    ));
     assert!(j["perplexity"].as_f64().unwrap() > 1.0 && j["tokens"].as_u64().unwrap() > 1000);
-    let j = ok_json(&[
-        "eval",
-        "--model",
-        s(&model()),
-        "--adapter",
-        s(&out),
-        "--data",
-        s(&data("quickstart-valid.jsonl")),
-        "--json",
-        "--limit",
-        "5",
-        "--max-new-tokens",
-        "6",
-    ]);
+    let j = ok_json(&eval_args(
+        &model(),
+        Some(&out),
+        &data("quickstart-valid.jsonl"),
+        &["--json", "--limit", "5", "--max-new-tokens", "6"],
+    ));
     assert_eq!(j["n"], 5);
     let mc = dir.path().join("mc.jsonl");
     std::fs::write(&mc, "{\"question\": \"Tom has a red ball. The ball is\", \"choices\": [\"red.\", \"in the\"], \"answer\": 1}\n").unwrap();
-    let j = ok_json(&["eval", "--model", s(&model()), "--data", s(&mc), "--json"]);
+    let j = ok_json(&eval_args(&model(), None, &mc, &["--json"]));
     assert_eq!(j["n"], 1);
     assert!(j["accuracy"].as_f64().is_some() && j["accuracy_norm"].as_f64().is_some());
     let g = ok(&[
@@ -293,13 +295,12 @@ fn bad_inputs_get_clear_errors() {
     }
     let w = std::fs::read(model().join("model.safetensors")).unwrap();
     std::fs::write(broken.join("model.safetensors"), &w[..w.len() / 2]).unwrap();
-    let e = fails(&[
-        "eval",
-        "--model",
-        s(&broken),
-        "--data",
-        s(&data("quickstart-valid.jsonl")),
-    ]);
+    let e = fails(&eval_args(
+        &broken,
+        None,
+        &data("quickstart-valid.jsonl"),
+        &[],
+    ));
     assert!(
         e.contains("model.safetensors") && e.contains("not a valid safetensors"),
         "{e}"
@@ -318,13 +319,12 @@ fn bad_inputs_get_clear_errors() {
     )
     .unwrap();
     std::fs::write(broken.join("model.safetensors"), &w).unwrap();
-    let e = fails(&[
-        "eval",
-        "--model",
-        s(&broken),
-        "--data",
-        s(&data("quickstart-valid.jsonl")),
-    ]);
+    let e = fails(&eval_args(
+        &broken,
+        None,
+        &data("quickstart-valid.jsonl"),
+        &[],
+    ));
     assert!(e.contains("missing tensor `model.layers.4"), "{e}");
 
     // An adapter with a tensor for a module the model lacks: strict by default, --allow-partial opts out.
@@ -680,22 +680,20 @@ fn bf16_base_trains_and_evaluates_close_to_f32() {
     train(&out, "2", &["--base-dtype", "bfloat16"]);
     assert!(out.join("adapter_model.safetensors").exists());
     let ppl = |dtype: &str| {
-        let j = ok_json(&[
-            "eval",
-            "--model",
-            s(&model()),
-            "--adapter",
-            s(&out),
-            "--data",
-            s(&data("pretrain.txt")),
-            "--json",
-            "--seq-len",
-            "128",
-            "--limit",
-            "8",
-            "--base-dtype",
-            dtype,
-        ]);
+        let j = ok_json(&eval_args(
+            &model(),
+            Some(&out),
+            &data("pretrain.txt"),
+            &[
+                "--json",
+                "--seq-len",
+                "128",
+                "--limit",
+                "8",
+                "--base-dtype",
+                dtype,
+            ],
+        ));
         j["perplexity"].as_f64().unwrap()
     };
     let (full, half) = (ppl("float32"), ppl("bfloat16"));
@@ -757,13 +755,7 @@ fn quantization_bad_inputs_are_named() {
         .collect();
     let out = safetensors::serialize(kept, None).unwrap();
     std::fs::write(&file, out).unwrap();
-    let e = fails(&[
-        "eval",
-        "--model",
-        s(&q),
-        "--data",
-        s(&data("quickstart-valid.jsonl")),
-    ]);
+    let e = fails(&eval_args(&q, None, &data("quickstart-valid.jsonl"), &[]));
     assert!(e.contains(gone) && e.contains("model.safetensors"), "{e}");
 }
 
@@ -812,26 +804,10 @@ fn loftq_beats_plain_nf4_resumes_and_ships_its_base() {
     );
     // the adapter goes with its own 4-bit base, and a quantisation of the original is refused
     let valid = data("quickstart-valid.jsonl");
-    let e = fails(&[
-        "eval",
-        "--model",
-        s(&model()),
-        "--adapter",
-        s(&straight),
-        "--data",
-        s(&valid),
-    ]);
+    let e = fails(&eval_args(&model(), Some(&straight), &valid, &[]));
     assert!(e.contains("loftq-base"), "{e}");
     let base = straight.join("loftq-base");
-    let out = ok(&[
-        "eval",
-        "--model",
-        s(&base),
-        "--adapter",
-        s(&straight),
-        "--data",
-        s(&valid),
-    ]);
+    let out = ok(&eval_args(&base, Some(&straight), &valid, &[]));
     assert!(out.contains("exact match"), "{out}");
 }
 
@@ -861,15 +837,7 @@ fn qdota_trains_resumes_bit_identically_and_evaluates_on_its_base() {
     let out = ok(&["inspect", s(&straight)]);
     assert!(out.contains("MPO") && out.contains("bond_dim: 4"), "{out}");
     let valid = data("quickstart-valid.jsonl");
-    let out = ok(&[
-        "eval",
-        "--model",
-        s(&model()),
-        "--adapter",
-        s(&straight),
-        "--data",
-        s(&valid),
-    ]);
+    let out = ok(&eval_args(&model(), Some(&straight), &valid, &[]));
     assert!(out.contains("exact match"), "{out}");
 }
 
@@ -994,15 +962,7 @@ fn mixed_precision_fits_the_budget_and_lq_lora_resumes_bit_identically() {
         "LQ-LoRA: 6 steps straight != 3 + resume 3"
     );
     let valid = data("quickstart-valid.jsonl");
-    ok(&[
-        "eval",
-        "--model",
-        s(&model()),
-        "--adapter",
-        s(&straight),
-        "--data",
-        s(&valid),
-    ]);
+    ok(&eval_args(&model(), Some(&straight), &valid, &[]));
 
     let run = dir.path().join("impossible");
     let (m, d) = (model(), data("quickstart-train.jsonl"));
@@ -1032,15 +992,12 @@ fn unknown_methods_are_named_in_files_and_flags() {
     let cfg_path = adapter.join("adapter_config.json");
     let text = std::fs::read_to_string(&cfg_path).unwrap();
     std::fs::write(&cfg_path, text.replace("\"LORA\"", "\"IA3\"")).unwrap();
-    let e = fails(&[
-        "eval",
-        "--model",
-        s(&model()),
-        "--adapter",
-        s(&adapter),
-        "--data",
-        s(&data("quickstart-valid.jsonl")),
-    ]);
+    let e = fails(&eval_args(
+        &model(),
+        Some(&adapter),
+        &data("quickstart-valid.jsonl"),
+        &[],
+    ));
     assert!(
         e.contains("adapter_config.json") && e.contains("IA3") && e.contains("VERA"),
         "{e}"
@@ -1124,15 +1081,12 @@ fn adalora_reaches_its_budget_logs_the_rank_and_resumes_bit_identically() {
         adapter(&fresh),
         "AdaLoRA: 10 steps straight != 4 + resume 6"
     );
-    let out = ok(&[
-        "eval",
-        "--model",
-        s(&model()),
-        "--adapter",
-        s(&straight),
-        "--data",
-        s(&data("quickstart-valid.jsonl")),
-    ]);
+    let out = ok(&eval_args(
+        &model(),
+        Some(&straight),
+        &data("quickstart-valid.jsonl"),
+        &[],
+    ));
     assert!(out.contains("exact match"), "{out}");
 }
 
@@ -1201,15 +1155,12 @@ fn every_method_trains_saves_and_evaluates_through_the_cli() {
         let out = dir.path().join(name);
         // every adapter tensor must get a gradient (the trainer checks), on a bias-free Llama too
         train(&out, "2", extra);
-        let said = ok(&[
-            "eval",
-            "--model",
-            s(&model()),
-            "--adapter",
-            s(&out),
-            "--data",
-            s(&data("quickstart-valid.jsonl")),
-        ]);
+        let said = ok(&eval_args(
+            &model(),
+            Some(&out),
+            &data("quickstart-valid.jsonl"),
+            &[],
+        ));
         assert!(said.contains("exact match"), "{name}: {said}");
     }
 }
