@@ -215,18 +215,25 @@ enum BenchCommand {
     },
 }
 
-/// Fixes the thread count once. Without RAYON_NUM_THREADS, candle works out its default (physical cores)
-/// by parsing /proc/cpuinfo on every parallel op; in decoding, with hundreds of small ops per token, that
-/// parsing cost a quarter of the time (measured: 29 -> 39 tokens/s on the 135M shape).
-fn pin_thread_count() {
+/// Threading defaults, set once before any tensor op (an explicit environment variable wins):
+/// - RAYON_NUM_THREADS: without it candle works out its default (physical cores) by parsing /proc/cpuinfo on
+///   every parallel op; in decoding, with hundreds of small ops per token, that cost a quarter of the time
+///   (measured: 29 -> 39 tokens/s on the 135M shape).
+/// - CANDLE_BARRIER_POOL_SPIN_LIMIT: candle's element-wise worker spins 25,000 times after each op before
+///   parking, on a core the gemm threads need; 2,000 measured best (135M step at seq 256 x 4: 2.40 -> 2.22 s,
+///   prefill +7%, decode unchanged; docs/performance.md).
+fn pin_threading() {
     if std::env::var_os("RAYON_NUM_THREADS").is_none() {
         let n = candle_core::utils::get_num_threads();
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
     }
+    if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
+        std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", "2000");
+    }
 }
 
 fn main() {
-    pin_thread_count();
+    pin_threading();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("FACTUNE_LOG")
