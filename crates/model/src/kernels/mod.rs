@@ -156,6 +156,60 @@ fn gemm_into(
     rhs: MatRef,
     beta: f32,
 ) {
+    gemm_with(
+        gemm::Parallelism::None,
+        m,
+        n,
+        k,
+        dst,
+        dst_rs,
+        acc,
+        lhs,
+        rhs,
+        beta,
+    )
+}
+
+/// [`gemm_into`] on all of rayon's threads: one large product.
+#[allow(clippy::too_many_arguments)]
+fn gemm_par_into(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    dst_rs: usize,
+    acc: bool,
+    lhs: MatRef,
+    rhs: MatRef,
+    beta: f32,
+) {
+    gemm_with(
+        gemm_parallelism(),
+        m,
+        n,
+        k,
+        dst,
+        dst_rs,
+        acc,
+        lhs,
+        rhs,
+        beta,
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn gemm_with(
+    par: gemm::Parallelism,
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    dst_rs: usize,
+    acc: bool,
+    lhs: MatRef,
+    rhs: MatRef,
+    beta: f32,
+) {
     assert!(
         lhs.fits(m, k) && rhs.fits(k, n) && (m == 0 || (m - 1) * dst_rs + n <= dst.len()),
         "gemm_into: operands out of bounds"
@@ -184,7 +238,7 @@ fn gemm_into(
             false,
             false,
             false,
-            gemm::Parallelism::None,
+            par,
         )
     }
 }
@@ -286,32 +340,19 @@ impl Tiled<'_> {
         let (n, k) = self.dims();
         let mut y = vec![0f32; m * n];
         self.for_each_tile(|r0, tile| {
+            // Columns r0.. of y take x times the tile [rows, k] read as its transpose.
             let rows = tile.len() / k;
-            // SAFETY: y is [m, n] row-major and the tile's columns r0..r0+rows lie inside it; x is [m, k]
-            // row-major; the tile is [rows, k] row-major, read as its transpose [k, rows].
-            unsafe {
-                gemm::gemm(
-                    m,
-                    rows,
-                    k,
-                    y.as_mut_ptr().add(r0),
-                    1,
-                    n as isize,
-                    false,
-                    x.as_ptr(),
-                    1,
-                    k as isize,
-                    tile.as_ptr(),
-                    k as isize,
-                    1,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm_parallelism(),
-                )
-            }
+            gemm_par_into(
+                m,
+                rows,
+                k,
+                &mut y[r0..],
+                n,
+                false,
+                MatRef::rows(x, k),
+                MatRef::transposed(tile, k),
+                1.0,
+            );
         });
         y
     }
@@ -321,32 +362,19 @@ impl Tiled<'_> {
         let (n, k) = self.dims();
         let mut dx = vec![0f32; m * k];
         self.for_each_tile(|r0, tile| {
+            // g's columns r0..r0 + rows times the tile [rows, k].
             let rows = tile.len() / k;
-            // SAFETY: dx is [m, k] row-major; g's columns r0..r0+rows are inside g [m, n]; the tile is
-            // [rows, k].
-            unsafe {
-                gemm::gemm(
-                    m,
-                    k,
-                    rows,
-                    dx.as_mut_ptr(),
-                    1,
-                    k as isize,
-                    r0 > 0,
-                    g.as_ptr().add(r0),
-                    1,
-                    n as isize,
-                    tile.as_ptr(),
-                    1,
-                    k as isize,
-                    1.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm_parallelism(),
-                )
-            }
+            gemm_par_into(
+                m,
+                k,
+                rows,
+                &mut dx,
+                k,
+                r0 > 0,
+                MatRef::rows(&g[r0..], n),
+                MatRef::rows(tile, k),
+                1.0,
+            );
         });
         dx
     }
@@ -1831,7 +1859,11 @@ mod tests {
                 ((7, 37), [1, 1]),
             ] {
                 let w = rand(&[rows, cols], 21);
-                let base = held.weight(&w);
+                // NF4 with double-quantised block scales here (the LoRA tests use plain scales).
+                let base = match held {
+                    Held::Nf4 => BaseWeight::nf4(&w, true).unwrap(),
+                    _ => held.weight(&w),
+                };
                 // The reference weight: NF4's own dequantisation (tested against bitsandbytes elsewhere),
                 // candle's bf16 → f32 conversion (not the kernel's).
                 let converted = match held {
