@@ -86,11 +86,12 @@ pub fn load_model(args: &ModelArgs) -> Result<Model> {
         None => None,
     };
     let after_init = adapter_cfg.as_ref().is_some_and(|c| c.init_reads_base()) || mixed.is_some();
-    let opts = factune_model::LoadOptions {
-        quantize: quantize.filter(|_| !after_init),
-        base_dtype: factune_model::LoadOptions::dtype_named(&args.base_dtype)
+    let opts = factune_model::LoadOptions::planned(
+        quantize,
+        after_init,
+        factune_model::LoadOptions::dtype_named(&args.base_dtype)
             .unwrap_or(candle_core::DType::F32),
-    };
+    );
     let mut model = Model::load_with(&args.model, &dev, opts)?;
     if let (Some(budget), Some(c), Some(o)) = (mixed, &adapter_cfg, quantize) {
         factune_adapters::lqlora::plan(&mut model, c, budget, o.double_quant)?;

@@ -132,6 +132,20 @@ impl Default for LoadOptions {
 }
 
 impl LoadOptions {
+    /// Options for a base quantised to `quantize`, now or (`defer`, an init or plan that reads the dense
+    /// weights first) after loading, else held in `base_dtype`: a weight bound for 4 bits is read in f32 either
+    /// way, never rounded to bf16 first.
+    pub fn planned(quantize: Option<Nf4Options>, defer: bool, base_dtype: DType) -> Self {
+        LoadOptions {
+            quantize: quantize.filter(|_| !defer),
+            base_dtype: if quantize.is_some() {
+                DType::F32
+            } else {
+                base_dtype
+            },
+        }
+    }
+
     /// The dtype a `base_dtype` / `torch_dtype` name stands for (`float32`/`f32`, `bfloat16`/`bf16`).
     pub fn dtype_named(name: &str) -> Option<DType> {
         match name {

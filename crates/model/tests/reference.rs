@@ -70,6 +70,19 @@ fn qwen2_held_in_bf16_matches_transformers() {
     assert_eq!(bytes(bf16) * 2, bytes(LoadOptions::default()));
 }
 
+/// A weight bound for 4 bits is read in f32 even when quantisation waits for an init: bf16 applies only to
+/// weights that stay dense.
+#[test]
+fn weights_bound_for_nf4_are_never_held_in_bf16_first() {
+    let nf4 = Some(factune_model::Nf4Options { double_quant: true });
+    let deferred = LoadOptions::planned(nf4, true, DType::BF16);
+    assert_eq!((deferred.quantize, deferred.base_dtype), (None, DType::F32));
+    let now = LoadOptions::planned(nf4, false, DType::BF16);
+    assert_eq!((now.quantize, now.base_dtype), (nf4, DType::F32));
+    let dense = LoadOptions::planned(None, false, DType::BF16);
+    assert_eq!((dense.quantize, dense.base_dtype), (None, DType::BF16));
+}
+
 #[test]
 fn gpt2_conv1d_f16_matches_transformers() {
     check_base_logits("gpt2");

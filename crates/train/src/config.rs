@@ -243,11 +243,12 @@ impl TrainConfig {
     /// How the model loads: 4-bit (unless `defer_quantize`: an init that reads the dense weights, or a
     /// mixed-precision plan, quantises after it) and the dtype of the dense frozen weights.
     pub fn load_options(&self, defer_quantize: bool) -> factune_model::LoadOptions {
-        factune_model::LoadOptions {
-            quantize: self.nf4_options().filter(|_| !defer_quantize),
-            base_dtype: factune_model::LoadOptions::dtype_named(&self.base_dtype)
+        factune_model::LoadOptions::planned(
+            self.nf4_options(),
+            defer_quantize,
+            factune_model::LoadOptions::dtype_named(&self.base_dtype)
                 .unwrap_or(candle_core::DType::F32),
-        }
+        )
     }
 
     /// The memory budget of a mixed-precision base, if the base is mixed.
