@@ -431,6 +431,29 @@ impl CustomOp1 for TiledInputGrad {
 }
 
 impl FrozenLinear {
+    /// `g [m, out] · W → [m, in]` on slices, for ops that go on writing into the result.
+    fn input_grad_vec(&self, g: &[f32], m: usize) -> Result<Vec<f32>> {
+        let (n, k) = self.w.dims();
+        with_stored(&self.w, |w| match w {
+            Stored::Tiled(t) => Ok(t.matmul(g, m)),
+            Stored::F32(w) => with_f32_slices([w], "frozen-linear weight", |[w]| {
+                let mut dx = vec![0f32; m * k];
+                gemm_par_into(
+                    m,
+                    k,
+                    n,
+                    &mut dx,
+                    k,
+                    false,
+                    MatRef::rows(g, n),
+                    MatRef::rows(w, k),
+                    1.0,
+                );
+                Ok(dx)
+            }),
+        })
+    }
+
     /// `dY W`, the only gradient a frozen linear passes back.
     fn input_grad(&self, g: &Tensor) -> Result<Tensor> {
         match &self.w {
@@ -593,27 +616,124 @@ impl LoraLinear {
         }
     }
 
-    /// The LoRA gradients (dX, dA, dB) for an output gradient `g` `[tokens, out]`.
+    /// The LoRA gradients (dX, dA, dB) for an output gradient `g` `[tokens, out]`, computed on the slices in
+    /// place: the LoRA part of dX accumulates into the base product's buffer (gemm's `dst += s·gB A`), and
+    /// the thin products take the orientation gemm tiles well (dA as dAᵀ = xᵀ gB, `in` rows instead of `r`).
     fn lora_grads(&self, x: &Tensor, a: &Tensor, b: &Tensor, g: &Tensor) -> Result<[Tensor; 3]> {
-        let k = self.base.w.dims().1;
-        let mut xd = x.detach().reshape(((), k))?;
-        let mask = self.dropout.map(|d| d.mask_like(&xd)).transpose()?;
-        let gb = g.matmul(b)?;
-        let (m, r) = gb.dims2()?;
-        let mut dx_lora = (gb.matmul(a)? * self.scale)?;
-        if let Some(mask) = &mask {
-            xd = (xd * mask)?;
-            dx_lora = (dx_lora * mask)?;
-        }
-        let dx = (self.base.input_grad(g)? + dx_lora)?.reshape(x.shape())?;
-        let da = (gb.t()?.matmul(&xd)? * self.scale)?;
+        let (n, k) = self.base.w.dims();
+        let (m, r) = (g.dim(0)?, a.dim(0)?);
+        let s = self.scale as f32;
+        let mask = self.dropout.map(|d| d.mask(m * k));
         let saved = self.saved_h.lock().expect("lora-linear lock").take();
-        let h = match saved {
-            Some(h) if h.len() == m * r => Tensor::from_vec(h, (m, r), xd.device())?,
-            _ => xd.matmul(&a.t()?)?,
-        };
-        let db = (g.t()?.matmul(&h)? * self.scale)?;
-        Ok([dx, da, db])
+        let (dx, da, db) = with_f32_slices([x, a, b, g], "lora-linear backward", |[x, a, b, g]| {
+            let mut gb = vec![0f32; m * r];
+            gemm_par_into(
+                m,
+                r,
+                n,
+                &mut gb,
+                r,
+                false,
+                MatRef::rows(g, n),
+                MatRef::rows(b, r),
+                1.0,
+            );
+            let mut dx = self.base.input_grad_vec(g, m)?;
+            match &mask {
+                None => gemm_par_into(
+                    m,
+                    k,
+                    r,
+                    &mut dx,
+                    k,
+                    true,
+                    MatRef::rows(&gb, r),
+                    MatRef::rows(a, k),
+                    s,
+                ),
+                Some(mask) => {
+                    let mut part = vec![0f32; m * k];
+                    gemm_par_into(
+                        m,
+                        k,
+                        r,
+                        &mut part,
+                        k,
+                        false,
+                        MatRef::rows(&gb, r),
+                        MatRef::rows(a, k),
+                        s,
+                    );
+                    dx.par_iter_mut()
+                        .zip(part.par_iter().zip(mask.par_iter()))
+                        .for_each(|(d, (p, mk))| *d += p * mk);
+                }
+            }
+            let xd: std::borrow::Cow<[f32]> = match &mask {
+                None => x.into(),
+                Some(mask) => x
+                    .par_iter()
+                    .zip(mask.par_iter())
+                    .map(|(x, mk)| x * mk)
+                    .collect::<Vec<_>>()
+                    .into(),
+            };
+            let mut da_t = vec![0f32; k * r];
+            gemm_par_into(
+                k,
+                r,
+                m,
+                &mut da_t,
+                r,
+                false,
+                MatRef::transposed(&xd, k),
+                MatRef::rows(&gb, r),
+                s,
+            );
+            let mut da = vec![0f32; r * k];
+            for (j, row) in da_t.chunks(r).enumerate() {
+                for (i, &v) in row.iter().enumerate() {
+                    da[i * k + j] = v;
+                }
+            }
+            let h = match saved {
+                Some(h) if h.len() == m * r => h,
+                _ => {
+                    let mut h = vec![0f32; m * r];
+                    gemm_par_into(
+                        m,
+                        r,
+                        k,
+                        &mut h,
+                        r,
+                        false,
+                        MatRef::rows(&xd, k),
+                        MatRef::transposed(a, k),
+                        1.0,
+                    );
+                    h
+                }
+            };
+            let mut db = vec![0f32; n * r];
+            gemm_par_into(
+                n,
+                r,
+                m,
+                &mut db,
+                r,
+                false,
+                MatRef::transposed(g, n),
+                MatRef::rows(&h, r),
+                s,
+            );
+            Ok((dx, da, db))
+        })?;
+        let dev = x.device();
+        Ok([
+            Tensor::from_vec(dx, x.shape(), dev)?,
+            Tensor::from_vec(da, (r, k), dev)?,
+            Tensor::from_vec(db, (n, r), dev)?,
+        ])
     }
 
     /// y₀ = x Wᵀ + s (m ⊙ x) Aᵀ Bᵀ from scratch, `[tokens, out]`.
