@@ -242,7 +242,28 @@ fn main() {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    let result = match cli.command {
+    if let Err(e) = on_worker(move || run(cli)) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+/// Runs `f` on one of rayon's worker threads, blocking until it returns. The ops parallelise with rayon
+/// (gemm, the fused kernels): called from the main thread, each parallel op hands its work to the pool and
+/// puts the caller to sleep until a worker wakes it, a futex round trip per op (thousands per training
+/// step). From a worker, the caller takes part in the work and only idle workers sleep.
+fn on_worker<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    // Deep autograd graphs recurse in candle's backward: give the workers the main thread's stack room.
+    let _ = rayon::ThreadPoolBuilder::new()
+        .stack_size(64 << 20)
+        .build_global();
+    let mut out = None;
+    rayon::scope(|_| out = Some(f()));
+    out.expect("the scope ran its body")
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
         Command::Train {
             model,
             data,
@@ -336,9 +357,5 @@ fn main() {
             assets,
             steps,
         } => quickstart::run(&output, assets, steps),
-    };
-    if let Err(e) = result {
-        eprintln!("error: {e:#}");
-        std::process::exit(1);
     }
 }

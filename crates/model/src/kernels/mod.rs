@@ -803,21 +803,32 @@ impl candle_core::CustomOp3 for LoraLinear {
                 (&b_owned, 0, Some(mag))
             }
         };
-        // Aᵀ and Bᵀ as strided views: gemm reads them in place.
+        // Aᵀ and Bᵀ as strided views: gemm reads them in place, and s·h Bᵀ accumulates into the base
+        // product's buffer (no [tokens, out] temporary, no extra pass over it).
         let at_l = Layout::new(Shape::from((1, k, r)), vec![r * k, 1, k], al.start_offset());
-        let h = x_src.matmul(a_s, (1, m, r, k), &x_lay, &at_l)?;
-        let bt_l = Layout::new(Shape::from((1, r, n)), vec![n * r, 1, r], b_off);
-        let d = h.matmul(b_src, (1, m, n, r), &Layout::contiguous((1, m, r)), &bt_l)?;
-        if let CpuStorage::F32(h) = h {
-            *self.saved_h.lock().expect("lora-linear lock") = Some(h);
-        }
-        let (CpuStorage::F32(y), CpuStorage::F32(d)) = (&mut out, &d) else {
+        let CpuStorage::F32(h) = x_src.matmul(a_s, (1, m, r, k), &x_lay, &at_l)? else {
             candle_core::bail!("lora-linear: expects f32")
         };
-        let s = self.scale as f32;
-        y.par_iter_mut()
-            .zip(d.par_iter())
-            .for_each(|(y, d)| *y += s * d);
+        let b = &f32_slice(
+            b_src,
+            &Layout::contiguous_with_offset((n, r), b_off),
+            "lora-linear B",
+        )?[..n * r];
+        let CpuStorage::F32(y) = &mut out else {
+            candle_core::bail!("lora-linear: expects f32")
+        };
+        gemm_par_into(
+            m,
+            n,
+            r,
+            y,
+            n,
+            true,
+            MatRef::rows(&h, r),
+            MatRef::transposed(b, r),
+            self.scale as f32,
+        );
+        *self.saved_h.lock().expect("lora-linear lock") = Some(h);
         if let (Some(dora), Some(mag)) = (&self.dora, magnitude) {
             let norm = dora.norm.to_vec1::<f32>()?;
             let c: Vec<f32> = mag.iter().zip(&norm).map(|(m, nr)| m / nr).collect();
