@@ -243,6 +243,13 @@ fn gemm_with(
     }
 }
 
+/// `beta · lhs [m, k] · rhs [k, n]` as a new row-major `[m, n]`, on all of rayon's threads.
+fn gemm_par_new(m: usize, n: usize, k: usize, lhs: MatRef, rhs: MatRef, beta: f32) -> Vec<f32> {
+    let mut out = vec![0f32; m * n];
+    gemm_par_into(m, n, k, &mut out, n, false, lhs, rhs, beta);
+    out
+}
+
 /// A frozen weight the ops read as f32 rows converted on the fly, so no f32 copy of it exists: NF4 codes
 /// (QLoRA), or bf16 values (a base held at half its f32 size, compute in f32).
 #[derive(Clone, Copy)]
@@ -437,19 +444,14 @@ impl FrozenLinear {
         with_stored(&self.w, |w| match w {
             Stored::Tiled(t) => Ok(t.matmul(g, m)),
             Stored::F32(w) => with_f32_slices([w], "frozen-linear weight", |[w]| {
-                let mut dx = vec![0f32; m * k];
-                gemm_par_into(
+                Ok(gemm_par_new(
                     m,
                     k,
                     n,
-                    &mut dx,
-                    k,
-                    false,
                     MatRef::rows(g, n),
                     MatRef::rows(w, k),
                     1.0,
-                );
-                Ok(dx)
+                ))
             }),
         })
     }
@@ -626,18 +628,7 @@ impl LoraLinear {
         let mask = self.dropout.map(|d| d.mask(m * k));
         let saved = self.saved_h.lock().expect("lora-linear lock").take();
         let (dx, da, db) = with_f32_slices([x, a, b, g], "lora-linear backward", |[x, a, b, g]| {
-            let mut gb = vec![0f32; m * r];
-            gemm_par_into(
-                m,
-                r,
-                n,
-                &mut gb,
-                r,
-                false,
-                MatRef::rows(g, n),
-                MatRef::rows(b, r),
-                1.0,
-            );
+            let gb = gemm_par_new(m, r, n, MatRef::rows(g, n), MatRef::rows(b, r), 1.0);
             let mut dx = self.base.input_grad_vec(g, m)?;
             match &mask {
                 None => gemm_par_into(
@@ -652,18 +643,7 @@ impl LoraLinear {
                     s,
                 ),
                 Some(mask) => {
-                    let mut part = vec![0f32; m * k];
-                    gemm_par_into(
-                        m,
-                        k,
-                        r,
-                        &mut part,
-                        k,
-                        false,
-                        MatRef::rows(&gb, r),
-                        MatRef::rows(a, k),
-                        s,
-                    );
+                    let part = gemm_par_new(m, k, r, MatRef::rows(&gb, r), MatRef::rows(a, k), s);
                     dx.par_iter_mut()
                         .zip(part.par_iter().zip(mask.par_iter()))
                         .for_each(|(d, (p, mk))| *d += p * mk);
@@ -678,18 +658,7 @@ impl LoraLinear {
                     .collect::<Vec<_>>()
                     .into(),
             };
-            let mut da_t = vec![0f32; k * r];
-            gemm_par_into(
-                k,
-                r,
-                m,
-                &mut da_t,
-                r,
-                false,
-                MatRef::transposed(&xd, k),
-                MatRef::rows(&gb, r),
-                s,
-            );
+            let da_t = gemm_par_new(k, r, m, MatRef::transposed(&xd, k), MatRef::rows(&gb, r), s);
             let mut da = vec![0f32; r * k];
             for (j, row) in da_t.chunks(r).enumerate() {
                 for (i, &v) in row.iter().enumerate() {
@@ -698,34 +667,9 @@ impl LoraLinear {
             }
             let h = match saved {
                 Some(h) if h.len() == m * r => h,
-                _ => {
-                    let mut h = vec![0f32; m * r];
-                    gemm_par_into(
-                        m,
-                        r,
-                        k,
-                        &mut h,
-                        r,
-                        false,
-                        MatRef::rows(&xd, k),
-                        MatRef::transposed(a, k),
-                        1.0,
-                    );
-                    h
-                }
+                _ => gemm_par_new(m, r, k, MatRef::rows(&xd, k), MatRef::transposed(a, k), 1.0),
             };
-            let mut db = vec![0f32; n * r];
-            gemm_par_into(
-                n,
-                r,
-                m,
-                &mut db,
-                r,
-                false,
-                MatRef::transposed(g, n),
-                MatRef::rows(&h, r),
-                s,
-            );
+            let db = gemm_par_new(n, r, m, MatRef::transposed(g, n), MatRef::rows(&h, r), s);
             Ok((dx, da, db))
         })?;
         let dev = x.device();
@@ -1689,30 +1633,41 @@ struct RowStats {
     target: f32,
 }
 
-impl LinearCrossEntropy {
-    /// `[rows, cols]` logits of the rows `r0..` against the vocabulary slice `c0..`.
-    #[allow(clippy::too_many_arguments)]
-    fn slice_logits(
-        &self,
-        h: &[f32],
-        w: &[f32],
-        d: usize,
-        (r0, rows): (usize, usize),
-        (c0, cols): (usize, usize),
-        out: &mut [f32],
-    ) {
-        gemm_par_into(
-            rows,
-            cols,
-            d,
-            out,
-            cols,
-            false,
-            MatRef::rows(&h[r0 * d..], d),
-            MatRef::transposed(&w[c0 * d..], d),
-            1.0,
-        );
-    }
+/// `[rows, cols]` logits of the hidden rows `r0..` against the vocabulary slice `c0..` of the head W `[V, d]`.
+fn slice_logits(
+    h: &[f32],
+    w: &[f32],
+    d: usize,
+    (r0, rows): (usize, usize),
+    (c0, cols): (usize, usize),
+    out: &mut [f32],
+) {
+    gemm_par_into(
+        rows,
+        cols,
+        d,
+        out,
+        cols,
+        false,
+        MatRef::rows(&h[r0 * d..], d),
+        MatRef::transposed(&w[c0 * d..], d),
+        1.0,
+    );
+}
+
+/// `dh [rows, d] += e [rows, cols] · W[c0..c0 + cols]`: a slice's share of the hidden gradient.
+fn add_slice_product(e: &[f32], w: &[f32], d: usize, (c0, cols): (usize, usize), dh: &mut [f32]) {
+    gemm_par_into(
+        e.len() / cols,
+        d,
+        cols,
+        dh,
+        d,
+        true,
+        MatRef::rows(e, cols),
+        MatRef::rows(&w[c0 * d..], d),
+        1.0,
+    );
 }
 
 impl CustomOp2 for LinearCrossEntropy {
@@ -1768,7 +1723,7 @@ impl CustomOp2 for LinearCrossEntropy {
             for c0 in (0..v).step_by(slice_cols) {
                 let cols = slice_cols.min(v - c0);
                 let buf = &mut logits[..rows * cols];
-                self.slice_logits(h, w, d, (r0, rows), (c0, cols), buf);
+                slice_logits(h, w, d, (r0, rows), (c0, cols), buf);
                 let mut dh_rows: Vec<Option<&mut [f32]>> = if online_dh {
                     dh[r0 * d..(r0 + rows) * d]
                         .chunks_mut(d)
@@ -1803,17 +1758,7 @@ impl CustomOp2 for LinearCrossEntropy {
                     });
                 drop(dh_rows);
                 if online_dh {
-                    gemm_par_into(
-                        rows,
-                        d,
-                        cols,
-                        &mut dh[r0 * d..],
-                        d,
-                        true,
-                        MatRef::rows(buf, cols),
-                        MatRef::rows(&w[c0 * d..], d),
-                        1.0,
-                    );
+                    add_slice_product(buf, w, d, (c0, cols), &mut dh[r0 * d..]);
                 }
             }
             if online_dh {
@@ -1837,7 +1782,7 @@ impl CustomOp2 for LinearCrossEntropy {
             for c0 in (0..v).step_by(slice_cols) {
                 let cols = slice_cols.min(v - c0);
                 let buf = &mut logits[..rows * cols];
-                self.slice_logits(h, w, d, (r0, rows), (c0, cols), buf);
+                slice_logits(h, w, d, (r0, rows), (c0, cols), buf);
                 buf.par_chunks_mut(cols)
                     .zip(st.par_iter().zip(tg.par_iter().zip(wg.par_iter())))
                     .for_each(|(row, (s, (&t, &wt)))| {
@@ -1854,17 +1799,7 @@ impl CustomOp2 for LinearCrossEntropy {
                         }
                     });
                 if self.want_dh {
-                    gemm_par_into(
-                        rows,
-                        d,
-                        cols,
-                        &mut dh[r0 * d..],
-                        d,
-                        true,
-                        MatRef::rows(buf, cols),
-                        MatRef::rows(&w[c0 * d..], d),
-                        1.0,
-                    );
+                    add_slice_product(buf, w, d, (c0, cols), &mut dh[r0 * d..]);
                 }
                 gemm_par_into(
                     cols,
