@@ -1164,3 +1164,92 @@ fn every_method_trains_saves_and_evaluates_through_the_cli() {
         assert!(said.contains("exact match"), "{name}: {said}");
     }
 }
+
+/// The factune side of `bench/run.sh` at toy sizes (the full benchmark stays out of CI): each command prints
+/// its JSON line, and the training side's model-FLOPs count is the accounting docs/performance.md writes
+/// out, recomputed here from config.json.
+#[test]
+fn bench_commands_report_on_the_embedded_model() {
+    let m = model();
+    let train = ok_json(&[
+        "bench",
+        "train",
+        "--model",
+        s(&m),
+        "--seq-len",
+        "32",
+        "--batch",
+        "2",
+        "--steps",
+        "2",
+    ]);
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(m.join("config.json")).unwrap()).unwrap();
+    let c = |k: &str| cfg[k].as_u64().unwrap() as f64;
+    let (d, inter, layers, vocab) = (
+        c("hidden_size"),
+        c("intermediate_size"),
+        c("num_hidden_layers"),
+        c("vocab_size"),
+    );
+    let (q, kv) = (
+        c("num_attention_heads") * c("head_dim"),
+        c("num_key_value_heads") * c("head_dim"),
+    );
+    // (in, out) of every linear in a block; LoRA r = 16 on all of them; the tied head is frozen.
+    let shapes = [
+        (d, q),
+        (d, kv),
+        (d, kv),
+        (q, d),
+        (d, inter),
+        (d, inter),
+        (inter, d),
+    ];
+    let frozen: f64 = layers * shapes.iter().map(|(i, o)| i * o).sum::<f64>() + vocab * d;
+    let trainable: f64 = layers * shapes.iter().map(|(i, o)| 16.0 * (i + o)).sum::<f64>();
+    let attention = 3.0 * layers * 2.0 * 32.0 * q;
+    let want = 4.0 * frozen + 6.0 * trainable + attention;
+    assert_eq!(train["flops_per_token"].as_f64().unwrap(), want);
+    let (tps, loss) = (
+        train["tokens_per_s"].as_f64().unwrap(),
+        train["loss"].as_f64().unwrap(),
+    );
+    assert!(
+        tps > 0.0 && tps.is_finite() && loss.is_finite() && loss > 0.0,
+        "{train}"
+    );
+    let gflops = train["gflops"].as_f64().unwrap();
+    assert!(
+        (gflops - want * tps / 1e9).abs() <= 1e-6 * gflops,
+        "{train}"
+    );
+
+    let infer = ok_json(&[
+        "bench",
+        "infer",
+        "--model",
+        s(&m),
+        "--prompt-len",
+        "16",
+        "--new-tokens",
+        "4",
+        "--reps",
+        "1",
+    ]);
+    assert_eq!(infer["tokens"].as_array().unwrap().len(), 4, "{infer}");
+    for key in ["prefill_tokens_per_s", "decode_tokens_per_s"] {
+        assert!(infer[key].as_f64().unwrap() > 0.0, "{infer}");
+    }
+    let peak = ok_json(&["bench", "peak", "--tokens", "64", "--reps", "1"]);
+    let best = peak["shapes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["gflops"].as_f64().unwrap())
+        .fold(0.0, f64::max);
+    assert!(
+        best > 0.0 && peak["peak_gflops"].as_f64().unwrap() == best,
+        "{peak}"
+    );
+}
