@@ -753,11 +753,11 @@ impl candle_core::CustomOp3 for LoraLinear {
         let CpuStorage::F32(h) = x_src.matmul(a_s, (1, m, r, k), &x_lay, &at_l)? else {
             candle_core::bail!("lora-linear: expects f32")
         };
-        let b = &f32_slice(
+        let b = f32_slice(
             b_src,
             &Layout::contiguous_with_offset((n, r), b_off),
             "lora-linear B",
-        )?[..n * r];
+        )?;
         let CpuStorage::F32(y) = &mut out else {
             candle_core::bail!("lora-linear: expects f32")
         };
