@@ -50,6 +50,13 @@ fn eval_args<'a>(
     args
 }
 
+/// `train` arguments: the model, the data, the output directory, then `extra`.
+fn train_args<'a>(model: &'a str, data: &'a str, out: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec!["train", "--model", model, "--data", data, "--output", out];
+    args.extend_from_slice(extra);
+    args
+}
+
 /// [`ok`] for a command that prints one JSON object.
 fn ok_json(args: &[&str]) -> serde_json::Value {
     serde_json::from_str(ok(args).trim()).unwrap()
@@ -84,17 +91,7 @@ fn train(out: &Path, steps: &str, extra: &[&str]) -> String {
 /// [`train`] on another base model directory (e.g. a 4-bit copy).
 fn train_on(m: &Path, out: &Path, steps: &str, extra: &[&str]) -> String {
     let d = data("quickstart-train.jsonl");
-    let mut args = vec![
-        "train",
-        "--model",
-        s(m),
-        "--data",
-        s(&d),
-        "--output",
-        s(out),
-        "--max-steps",
-        steps,
-    ];
+    let mut args = train_args(s(m), s(&d), s(out), &["--max-steps", steps]);
     args.extend_from_slice(&[
         "--micro-batch-size",
         "2",
@@ -234,17 +231,7 @@ fn bad_inputs_get_clear_errors() {
     let out = d.join("out");
     let m = s(&model()).to_string();
     let run = |data: &Path, extra: &[&str]| {
-        let mut a = vec![
-            "train",
-            "--model",
-            &m,
-            "--data",
-            s(data),
-            "--output",
-            s(&out),
-            "--max-steps",
-            "1",
-        ];
+        let mut a = train_args(&m, s(data), s(&out), &["--max-steps", "1"]);
         a.extend_from_slice(extra);
         fails(&a)
     };
@@ -268,17 +255,7 @@ fn bad_inputs_get_clear_errors() {
     assert!(e.contains("exceeds the model's context"), "{e}");
     let cfg = d.join("run.toml");
     std::fs::write(&cfg, "learning_rat = 1e-3\n").unwrap();
-    let e = fails(&[
-        "train",
-        "--model",
-        &m,
-        "--data",
-        s(&train),
-        "--output",
-        s(&out),
-        "--config",
-        s(&cfg),
-    ]);
+    let e = fails(&train_args(&m, s(&train), s(&out), &["--config", s(&cfg)]));
     assert!(e.contains("run.toml") && e.contains("learning_rat"), "{e}");
     assert!(
         !out.join("adapter_model.safetensors").exists(),
@@ -330,19 +307,12 @@ fn bad_inputs_get_clear_errors() {
     // An adapter with a tensor for a module the model lacks: strict by default, --allow-partial opts out.
     let run_dir = d.join("run");
     let _ = std::fs::remove_dir_all(&out);
-    ok(&[
-        "train",
-        "--model",
+    ok(&train_args(
         &m,
-        "--data",
         s(&train),
-        "--output",
         s(&run_dir),
-        "--max-steps",
-        "1",
-        "--micro-batch-size",
-        "1",
-    ]);
+        &["--max-steps", "1", "--micro-batch-size", "1"],
+    ));
     let cfg_path = run_dir.join("adapter_config.json");
     let c = std::fs::read_to_string(&cfg_path).unwrap();
     std::fs::write(&cfg_path, c.replace("\"v_proj\"", "\"v_proj\", \"k_proj\"")).unwrap();
@@ -409,17 +379,12 @@ fn non_finite_loss_stops_with_the_step_and_writes_nothing() {
     )
     .unwrap();
     let out = dir.path().join("out");
-    let e = fails(&[
-        "train",
-        "--model",
+    let e = fails(&train_args(
         s(&nan_model),
-        "--data",
         s(&data("quickstart-train.jsonl")),
-        "--output",
         s(&out),
-        "--max-steps",
-        "3",
-    ]);
+        &["--max-steps", "3"],
+    ));
     assert!(e.contains("loss is NaN at step 1"), "{e}");
     assert!(!out.join("adapter_model.safetensors").exists());
 }
@@ -439,17 +404,12 @@ const RELORA: &[&str] = &[
 
 fn resume_into(fresh: &Path, ckpt: &Path) {
     std::fs::create_dir_all(fresh).unwrap();
-    ok(&[
-        "train",
-        "--model",
+    ok(&train_args(
         s(&model()),
-        "--data",
         s(&data("quickstart-train.jsonl")),
-        "--output",
         s(fresh),
-        "--resume",
-        s(ckpt),
-    ]);
+        &["--resume", s(ckpt)],
+    ));
 }
 
 #[test]
@@ -701,17 +661,12 @@ fn bf16_base_trains_and_evaluates_close_to_f32() {
         half != full && (half / full - 1.0).abs() < 0.01,
         "perplexity f32 {full} vs bf16 {half}"
     );
-    let e = fails(&[
-        "train",
-        "--model",
+    let e = fails(&train_args(
         s(&model()),
-        "--data",
         s(&data("quickstart-train.jsonl")),
-        "--output",
         s(&dir.path().join("bad")),
-        "--base-dtype",
-        "int8",
-    ]);
+        &["--base-dtype", "int8"],
+    ));
     assert!(e.contains("base_dtype") && e.contains("int8"), "{e}");
 }
 
@@ -966,21 +921,19 @@ fn mixed_precision_fits_the_budget_and_lq_lora_resumes_bit_identically() {
 
     let run = dir.path().join("impossible");
     let (m, d) = (model(), data("quickstart-train.jsonl"));
-    let e = fails(&[
-        "train",
-        "--model",
+    let e = fails(&train_args(
         s(&m),
-        "--data",
         s(&d),
-        "--output",
         s(&run),
-        "--max-steps",
-        "1",
-        "--quantize",
-        "mixed",
-        "--quant-budget-bits",
-        "2",
-    ]);
+        &[
+            "--max-steps",
+            "1",
+            "--quantize",
+            "mixed",
+            "--quant-budget-bits",
+            "2",
+        ],
+    ));
     assert!(e.contains("quant_budget_bits") && e.contains("NF3"), "{e}");
 }
 
@@ -1004,17 +957,7 @@ fn unknown_methods_are_named_in_files_and_flags() {
     );
     let (m, d) = (model(), data("quickstart-train.jsonl"));
     let out = dir.path().join("run");
-    let e = fails(&[
-        "train",
-        "--model",
-        s(&m),
-        "--data",
-        s(&d),
-        "--output",
-        s(&out),
-        "--method",
-        "boft",
-    ]);
+    let e = fails(&train_args(s(&m), s(&d), s(&out), &["--method", "boft"]));
     assert!(e.contains("BOFT") && e.contains("supported"), "{e}");
 }
 
