@@ -136,6 +136,7 @@ def build(out):
     build_vera(out)
     build_adalora(out)
     build_eva(out)
+    build_untyped(out)
     versions["bitsandbytes"] = build_nf4(out)
     versions["tensorly"] = build_mpo(out)
     with open(os.path.join(out, "VERSIONS.json"), "w") as f:
@@ -337,6 +338,30 @@ def build_pissa(out):
     print(f"{name}-pissa: loss {o.loss.item():.6f}; converted adapter reproduces it within {d:.1e}")
 
 
+def build_untyped(out):
+    """A LoRA saved with no task_type (a bare PeftModel): PEFT writes `"task_type": null` beside its other null
+    optional fields; the adapter's logits on the fixture Llama."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    name = "llama"
+    model = AutoModelForCausalLM.from_pretrained(os.path.join(out, name), dtype=torch.float32).eval()
+    ids = input_ids()
+    set_seed(4)
+    cfg = LoraConfig(r=2, lora_alpha=4, lora_dropout=0.0, init_lora_weights=False,
+                     target_modules=["q_proj", "o_proj"])
+    pm = get_peft_model(model, cfg).eval()
+    with torch.no_grad():
+        logits = pm(input_ids=ids).logits.float()
+    adir = os.path.join(out, f"{name}-untyped")
+    pm.save_pretrained(adir)
+    with open(os.path.join(adir, "adapter_config.json")) as f:
+        assert json.load(f)["task_type"] is None
+    save_file({"input_ids": ids.clone(), "logits": logits.contiguous()},
+              os.path.join(out, f"{name}-untyped-reference.safetensors"))
+    print(f"{name}-untyped: adapter with task_type null")
+
+
 def build_nf4(out):
     """NF4 codes and scales from bitsandbytes, plain and double-quantised, for three matrices: whole blocks; an odd element count with a
     partial last block; and heavy tails spanning two double-quantisation groups. The dequantised references use
@@ -450,6 +475,8 @@ def main():
     a2.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures"))
     v2 = sub.add_parser("build-vera", help="only the PEFT VeRA fixtures")
     v2.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures"))
+    u2 = sub.add_parser("build-untyped", help="only the PEFT adapter with task_type null")
+    u2.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures"))
     t = sub.add_parser("build-mpo", help="only the tensorly TT-SVD fixture")
     t.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures"))
     v = sub.add_parser("verify")
@@ -468,6 +495,8 @@ def main():
         build_vera(a.out)
     elif a.cmd == "build-adalora":
         build_adalora(a.out)
+    elif a.cmd == "build-untyped":
+        build_untyped(a.out)
     elif a.cmd == "build-eva":
         build_eva(a.out)
     else:

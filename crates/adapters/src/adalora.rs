@@ -16,6 +16,7 @@
 //! scale stays `α/(init_r + 1e−5)` whatever was kept, as in PEFT (checked: PEFT loads ours to our logits).
 
 use crate::config::{AdapterConfig, RankEntry};
+use crate::hooks::StepHook;
 use crate::registry::Method;
 use candle_core::{DType, Tensor, Var};
 use factune_io::{Error, Result};
@@ -191,7 +192,7 @@ struct Ema {
     unc: Vec<f32>,
 }
 
-/// AdaLoRA's rank allocator, driven by the trainer after each optimizer step.
+/// AdaLoRA's rank allocator, run by the shared training step as the method's [`StepHook`].
 pub struct RankAllocator {
     init_bgt: usize,
     target_bgt: usize,
@@ -203,10 +204,40 @@ pub struct RankAllocator {
     delta_t: usize,
     beta1: f32,
     beta2: f32,
+    orth_reg_weight: f64,
     /// Keyed by trainable-parameter name.
     ema: BTreeMap<String, Ema>,
     /// The mask of every module once the final budget is fixed, keyed by module path.
     pub final_mask: Option<BTreeMap<String, Vec<bool>>>,
+}
+
+/// In every step: the orthogonality penalty joins the loss; after the update, importance and masks follow
+/// the step's gradients and the kept rank is logged as `rank`.
+impl StepHook for RankAllocator {
+    fn penalty(&self, model: &Model) -> Result<Option<Tensor>> {
+        Ok(orth_penalty(model, self.orth_reg_weight)?)
+    }
+
+    fn after_update(
+        &mut self,
+        model: &mut Model,
+        names: &[&str],
+        grads: &[Vec<f32>],
+        step: usize,
+    ) -> Result<Option<(&'static str, serde_json::Value)>> {
+        let by_name: HashMap<String, Vec<f32>> = names
+            .iter()
+            .zip(grads)
+            .map(|(n, g)| {
+                (
+                    n.trim_start_matches("base_model.model.").to_string(),
+                    g.clone(),
+                )
+            })
+            .collect();
+        let rank = self.update_and_allocate(model, &by_name, step)?;
+        Ok(Some(("rank", rank.into())))
+    }
 }
 
 impl RankAllocator {
@@ -241,6 +272,7 @@ impl RankAllocator {
             delta_t: cfg.delta_t.unwrap_or(1).max(1),
             beta1: cfg.beta1.unwrap_or(0.85) as f32,
             beta2: cfg.beta2.unwrap_or(0.85) as f32,
+            orth_reg_weight: cfg.orth_reg_weight.unwrap_or(0.5),
             ema: BTreeMap::new(),
             final_mask: None,
         })

@@ -313,7 +313,14 @@ impl AdapterConfig {
         let Value::Object(map) = &raw else {
             return Err(Error::invalid(path, "expected a JSON object"));
         };
-        let cfg: AdapterConfig = serde_json::from_value(raw.clone())
+        // PEFT writes `null` for every optional field left unset (`"task_type": null` whenever no task type
+        // was given): null means "unset", so such keys take factune's default.
+        let set: Map<String, Value> = map
+            .iter()
+            .filter(|(_, v)| !v.is_null())
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let cfg: AdapterConfig = serde_json::from_value(Value::Object(set))
             .map_err(|e| Error::invalid(path, format!("invalid adapter config: {e}")))?;
         let mut own: Vec<String> = match serde_json::to_value(AdapterConfig::default()) {
             Ok(Value::Object(m)) => m.keys().cloned().collect(),

@@ -6,6 +6,7 @@ pub mod config;
 pub mod dora;
 pub mod eva;
 pub mod glora;
+pub mod hooks;
 pub mod loftq;
 pub mod lora;
 pub mod lqlora;

@@ -481,3 +481,31 @@ fn vera_init_is_a_no_op_saves_its_projections_once_and_merges_exactly() {
     let d = max_abs(&(fresh.forward(&ids, None, &Ctx::default()).unwrap() - &adapted).unwrap());
     assert!(d < 1e-4, "merged VeRA differs by {d}");
 }
+
+/// PEFT writes `null` for optional fields left unset (`task_type` whenever none was given): such a file loads
+/// with those fields unset and gives PEFT's logits.
+#[test]
+fn peft_config_with_null_fields_loads() {
+    let raw: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("llama-untyped/adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    let nulls: Vec<&String> = raw
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(_, v)| v.is_null())
+        .map(|(k, _)| k)
+        .collect();
+    assert!(
+        raw["task_type"].is_null(),
+        "fixture lost its null task_type"
+    );
+    assert!(nulls.len() > 5, "{nulls:?}");
+    let model = with_adapter("llama", "untyped");
+    let r = reference("llama-untyped");
+    let ids = r["input_ids"].to_dtype(DType::U32).unwrap();
+    let logits = model.forward(&ids, None, &Ctx::default()).unwrap();
+    let d = max_abs(&(logits - &r["logits"]).unwrap());
+    assert!(d < 1e-4, "max |logits - PEFT| = {d}");
+}

@@ -1,12 +1,18 @@
 //! `factune bench`: the factune side of the benchmark in bench/ (a random-weight model of a given shape, and
-//! timed LoRA training steps on random tokens), printing one JSON line for bench/run.sh to compare.
+//! timed training steps on random tokens through the trainer's own step), printing one JSON line for
+//! bench/run.sh to compare.
 
 use anyhow::Result;
 use candle_core::{Device, Tensor};
+use factune_adapters::adalora::RankAllocator;
+use factune_adapters::hooks::StepHook;
 use factune_adapters::{attach, trainable, AdapterConfig, TargetModules};
+use factune_train::config::Targets;
+use factune_train::TrainConfig;
 use factune_model::{Ctx, Model};
 use factune_train::optim::AdamW;
 use factune_train::pretrain::{init_model, ArchSpec};
+use factune_train::{StepSettings, Trainer};
 use rand::{Rng, SeedableRng};
 use std::path::Path;
 use std::time::Instant;
@@ -70,6 +76,10 @@ pub struct TrainOpts {
     pub batch: usize,
     #[arg(long, default_value_t = 3)]
     pub steps: usize,
+    /// The adapter method (peft_type), with the training defaults of its own keys: LORA, VERA, ADALORA, ROSA,
+    /// MULTILORA, GLORA, MPO
+    #[arg(long, default_value = "LORA")]
+    pub method: String,
     #[arg(long, default_value_t = 16)]
     pub r: usize,
     /// init_lora_weights: true, pissa, pissa_niter_K or eva (init time is reported as init_s; EVA's includes
@@ -109,7 +119,8 @@ pub fn train_flops_per_token(model: &Model, trainable_params: usize, seq_len: us
     4.0 * frozen as f64 + 6.0 * trainable_params as f64 + 3.0 * attn
 }
 
-/// Times `steps` LoRA training steps (forward, backward, AdamW) after one warm-up step.
+/// Times `steps` training steps of the chosen method (the trainer's own step: forward, backward, the method's
+/// hook, AdamW) after one warm-up step.
 pub fn train(model_dir: &Path, o: &TrainOpts) -> Result<()> {
     anyhow::ensure!(
         o.steps >= 1 && o.seq_len >= 2 && o.batch >= 1,
@@ -122,18 +133,20 @@ pub fn train(model_dir: &Path, o: &TrainOpts) -> Result<()> {
         base_dtype: base_dtype(o.bf16),
     };
     let mut model = Model::load_with(model_dir, &Device::Cpu, opts)?;
-    let cfg = AdapterConfig {
+    // The adapter a training run with these settings would attach (each method's own keys at their defaults).
+    let run = TrainConfig {
+        peft_type: o.method.to_uppercase(),
         r,
         lora_alpha: 2.0 * r as f64,
         lora_dropout: o.lora_dropout,
         use_dora: dora,
-        target_modules: TargetModules::Pattern("all-linear".into()),
-        init_lora_weights: match init {
-            "true" => serde_json::Value::Bool(true),
-            other => serde_json::Value::String(other.into()),
-        },
-        ..AdapterConfig::default()
+        target_modules: Targets::One("all-linear".into()),
+        init_lora_weights: init.parse().map_err(anyhow::Error::msg)?,
+        max_steps: steps + 1,
+        ..TrainConfig::default()
     };
+    run.validate()?;
+    let cfg = run.adapter_config();
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
     let vocab = model.cfg.vocab_size as u32;
     let mut random_batch = || {
@@ -155,13 +168,34 @@ pub fn train(model_dir: &Path, o: &TrainOpts) -> Result<()> {
     }
     let init_s = t0.elapsed().as_secs_f64();
     let params = trainable(&model);
-    let sizes: Vec<usize> = params.iter().map(|(_, v)| v.elem_count()).collect();
-    let mut opt = AdamW::new(&sizes, 0.9, 0.999, 1e-8, 0.0);
+    let trainable_params: usize = params.iter().map(|(_, v)| v.elem_count()).sum();
+    let opt = AdamW::new(
+        &params
+            .iter()
+            .map(|(_, v)| v.elem_count())
+            .collect::<Vec<_>>(),
+        0.9,
+        0.999,
+        1e-8,
+        0.0,
+    );
+    // As the PyTorch side: one micro-batch per step, no clipping, constant learning rate.
+    let settings = StepSettings {
+        gradient_accumulation_steps: 1,
+        gradient_checkpointing: o.gradient_checkpointing,
+        max_grad_norm: 0.0,
+        loraplus_lr_ratio: 1.0,
+        dropout_seed: 0,
+    };
+    let mut trainer = Trainer::new(params, opt, settings, false);
+    let mut hook = match cfg.peft_type.as_str() {
+        "ADALORA" => Some(RankAllocator::new(&cfg, &model)?),
+        _ => None,
+    };
     // The steps' own peak, apart from loading's: reset the high-water mark (Linux) and note the resident base.
     let load_peak = peak_rss_mb();
     let _ = std::fs::write("/proc/self/clear_refs", "5");
     let base_rss = current_rss_mb();
-    let scales = vec![1.0; params.len()];
     let (mut timed, mut last_loss) = (0f64, 0f64);
     for step in 0..=steps {
         let ids = random_batch()?;
@@ -170,36 +204,25 @@ pub fn train(model_dir: &Path, o: &TrainOpts) -> Result<()> {
             .into_iter()
             .map(|c| c.into_iter().map(i64::from).collect())
             .collect();
-        let t0 = Instant::now();
-        let wanted: Vec<&Tensor> = params.iter().map(|(_, v)| v.as_tensor()).collect();
-        let ctx = Ctx {
-            train: true,
-            dropout_seed: step as u64,
+        let mut batch = Some((ids, labels));
+        let mut next = |_: usize| {
+            batch
+                .take()
+                .ok_or_else(|| factune_io::Error::config("one micro-batch per bench step"))
         };
-        let (loss, _, grads) =
-            model.loss_and_grads(&ids, &labels, &ctx, o.gradient_checkpointing, &wanted)?;
-        let mut values = Vec::with_capacity(params.len());
-        let mut gs = Vec::with_capacity(params.len());
-        for ((_, v), g) in params.iter().zip(&grads) {
-            values.push(v.as_tensor().flatten_all()?.to_vec1::<f32>()?);
-            gs.push(g.as_ref().map_or(Ok(vec![0.0; v.elem_count()]), |g| {
-                g.flatten_all()?.to_vec1::<f32>()
-            })?);
-        }
-        opt.step(&mut values, &gs, 1e-4, &scales);
-        for ((_, v), val) in params.iter().zip(values) {
-            v.set(&Tensor::from_vec(val, v.shape(), &Device::Cpu)?)?;
-        }
-        last_loss = loss.to_scalar::<f32>()? as f64;
+        let t0 = Instant::now();
+        let hook = hook.as_mut().map(|h| h as &mut dyn StepHook);
+        let report = trainer.step(&mut model, step, 1e-4, &mut next, hook)?;
+        last_loss = report.loss;
         if step > 0 {
             timed += t0.elapsed().as_secs_f64();
         }
     }
     let tokens = (batch * seq_len * steps) as f64;
-    let flops = train_flops_per_token(&model, sizes.iter().sum(), seq_len);
+    let flops = train_flops_per_token(&model, trainable_params, seq_len);
     println!(
         "{}",
-        serde_json::json!({"impl": "factune", "seq_len": seq_len, "batch": batch, "r": r, "steps": steps,
+        serde_json::json!({"impl": "factune", "method": cfg.peft_type, "seq_len": seq_len, "batch": batch, "r": r, "steps": steps,
             "init": init, "init_s": init_s, "quantize": if quantize { "nf4" } else { "none" },
             "base_dtype": format!("{:?}", base_dtype(o.bf16)), "dora": dora,
             "gradient_checkpointing": o.gradient_checkpointing, "lora_dropout": o.lora_dropout,

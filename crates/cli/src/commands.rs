@@ -1,5 +1,6 @@
 //! The subcommands: thin glue from flags to the library crates.
 
+use crate::flags::TrainOverrides;
 use crate::ModelArgs;
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
@@ -8,9 +9,8 @@ use factune_eval::{exact_match, generate as gen, multiple_choice, perplexity, Ge
 use factune_io::{ChatMessage, TextTokenizer, Weights};
 use factune_model::{Ctx, Model, Nf4Options};
 use factune_train::pretrain::{init_model, train_tokenizer, ArchSpec, EOS};
-use factune_train::{TrainConfig, TrainJob, TrainOverrides};
+use factune_train::{TrainConfig, TrainJob, TrainOutcome};
 use serde_json::json;
-use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
 pub fn device(name: &str) -> Result<Device> {
@@ -117,6 +117,30 @@ pub fn load(args: &ModelArgs) -> Result<(Model, TextTokenizer)> {
     Ok((model, TextTokenizer::from_dir(&args.model)?))
 }
 
+/// Runs a training job with the terminal's progress bar, then draws the run's plots.
+pub fn run_training(
+    model: &mut Model,
+    tokenizer: &TextTokenizer,
+    config: TrainConfig,
+    data: &Path,
+    out: &Path,
+    resume: Option<PathBuf>,
+) -> Result<TrainOutcome> {
+    let bar = crate::progress::Bar::for_stderr();
+    let outcome = TrainJob {
+        model,
+        tokenizer,
+        config,
+        data: data.to_path_buf(),
+        out: out.to_path_buf(),
+        resume,
+        progress: &bar,
+    }
+    .run()?;
+    crate::plot::run_plots(out)?;
+    Ok(outcome)
+}
+
 pub fn train(
     model_dir: &Path,
     data: &Path,
@@ -130,27 +154,21 @@ pub fn train(
         Some(p) => TrainConfig::from_toml_file(p)?,
         None => TrainConfig::default(),
     };
-    cfg.apply(overrides);
+    overrides.apply(&mut cfg);
     if let Some(ckpt) = &resume {
         eprintln!("resuming: the run's own config (saved in the checkpoint) is used");
         cfg = factune_train::checkpoint_state(ckpt)?.0;
     }
+    // Everything that can be checked without the weights is checked before they load.
+    cfg.validate()?;
+    readable_file(data)?;
     // Quantise while loading, so the dense weights never sit in memory all at once; inits built from the
     // full-precision weights (PiSSA, LoftQ, DoTA) need them dense, and the trainer quantises after them.
     let opts =
         cfg.load_options(cfg.adapter_config().init_reads_base() || cfg.mixed_budget().is_some());
     let mut model = Model::load_with(model_dir, &device(dev)?, opts)?;
     let tok = TextTokenizer::from_dir(model_dir)?;
-    let outcome = TrainJob {
-        model: &mut model,
-        tokenizer: &tok,
-        config: cfg,
-        data: data.to_path_buf(),
-        out: output.to_path_buf(),
-        resume,
-        progress: std::io::stderr().is_terminal(),
-    }
-    .run()?;
+    let outcome = run_training(&mut model, &tok, cfg, data, output, resume)?;
     println!(
         "trained {} steps in {:.1}s ({:.0} tokens/s): train loss {:.4}{}",
         outcome.steps,
@@ -204,7 +222,9 @@ pub fn pretrain(
     {
         file.training.peft_type = "full".into();
     }
-    file.training.apply(overrides);
+    overrides.apply(&mut file.training);
+    file.training.validate()?;
+    readable_file(data)?;
     let vocab = file.tokenizer_vocab_size.unwrap_or(file.model.vocab_size);
     let actual = train_tokenizer(data, vocab, output)?;
     file.model.vocab_size = actual;
@@ -218,16 +238,7 @@ pub fn pretrain(
         "tokenizer: {actual} tokens; model: {} parameters",
         model.num_base_parameters()
     );
-    let outcome = TrainJob {
-        model: &mut model,
-        tokenizer: &tok,
-        config: file.training,
-        data: data.to_path_buf(),
-        out: output.to_path_buf(),
-        resume: None,
-        progress: std::io::stderr().is_terminal(),
-    }
-    .run()?;
+    let outcome = run_training(&mut model, &tok, file.training, data, output, None)?;
     println!(
         "pre-trained {} steps in {:.0}s: train loss {:.4}{}; peak RSS {:.0} MB; model written to {}",
         outcome.steps,
@@ -241,6 +252,18 @@ pub fn pretrain(
         output.display()
     );
     Ok(())
+}
+
+/// A data file that exists and is a file, named in the error otherwise.
+fn readable_file(path: &Path) -> Result<()> {
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_file() => Ok(()),
+        Ok(_) => bail!(
+            "{}: not a file (expected the training data)",
+            path.display()
+        ),
+        Err(e) => bail!("{}: {e}", path.display()),
+    }
 }
 
 fn detect_task(data: &Path) -> Result<&'static str> {
@@ -583,8 +606,8 @@ pub fn plot(runs: &[String], key: &str, exp: bool, title: &str, output: &Path) -
     } else {
         key.to_string()
     };
-    let axes = factune_train::metrics::Axes { x: "step", y: &y };
-    factune_train::metrics::plot_curves(output, title, &axes, &refs)?;
+    let axes = crate::plot::Axes { x: "step", y: &y };
+    crate::plot::plot_curves(output, title, &axes, &refs)?;
     println!("wrote {}", output.display());
     Ok(())
 }

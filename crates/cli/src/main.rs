@@ -2,6 +2,9 @@
 
 mod bench;
 mod commands;
+mod flags;
+mod plot;
+mod progress;
 mod quickstart;
 
 use clap::{Parser, Subcommand};
@@ -63,7 +66,7 @@ enum Command {
         #[arg(long, default_value = "cpu")]
         device: String,
         #[command(flatten)]
-        overrides: Box<factune_train::TrainOverrides>,
+        overrides: Box<flags::TrainOverrides>,
     },
     /// Pre-train a small Llama-architecture model from scratch (tokenizer included)
     Pretrain {
@@ -77,7 +80,7 @@ enum Command {
         output: PathBuf,
         /// Training keys override the [training] table (full-rank unless peft_type is set: LoRA / ReLoRA)
         #[command(flatten)]
-        overrides: Box<factune_train::TrainOverrides>,
+        overrides: Box<flags::TrainOverrides>,
     },
     /// Perplexity (text), multiple-choice accuracy (question/choices/answer JSONL) or exact match (alpaca JSONL)
     Eval {
@@ -241,7 +244,12 @@ fn main() {
         )
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
+    // Every failure exits 1, a bad flag value as much as a bad file (help and --version exit 0).
+    let cli = Cli::try_parse().unwrap_or_else(|e| {
+        let code = if e.use_stderr() { 1 } else { 0 };
+        let _ = e.print();
+        std::process::exit(code);
+    });
     if let Err(e) = on_worker(move || run(cli)) {
         eprintln!("error: {e:#}");
         std::process::exit(1);

@@ -8,8 +8,7 @@ use factune_eval::{exact_match, perplexity};
 use factune_io::TextTokenizer;
 use factune_model::Model;
 use factune_train::config::Targets;
-use factune_train::{TrainConfig, TrainJob};
-use std::io::IsTerminal;
+use factune_train::TrainConfig;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -63,16 +62,8 @@ pub fn run(output: &Path, assets: Option<PathBuf>, steps: usize) -> Result<()> {
             got.lines().next().unwrap_or("")
         );
     }
-    let outcome = TrainJob {
-        model: &mut model,
-        tokenizer: &tok,
-        config: config(steps),
-        data: train,
-        out: output.to_path_buf(),
-        resume: None,
-        progress: std::io::stderr().is_terminal(),
-    }
-    .run()?;
+    let outcome =
+        crate::commands::run_training(&mut model, &tok, config(steps), &train, output, None)?;
     let after_em = exact_match(&model, &tok, &valid, 8, 0)?;
     let after_ppl = perplexity(&model, &tok, &valid, 256, 8)?;
     println!(

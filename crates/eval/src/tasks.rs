@@ -3,10 +3,9 @@
 
 use crate::generate::{generate, GenConfig};
 use candle_core::{Tensor, D};
+use factune_data::{alpaca_prompt, evaluate_loss, Dataset};
 use factune_io::{Error, Result, TextTokenizer};
 use factune_model::{Ctx, Model};
-use factune_train::data::{alpaca_prompt, Dataset};
-use factune_train::evaluate_loss;
 use serde::Serialize;
 use serde_json::Value;
 use std::path::Path;
@@ -28,7 +27,7 @@ pub fn perplexity(
     batch: usize,
 ) -> Result<Perplexity> {
     let seq_len = seq_len.min(model.max_positions());
-    let ds = Dataset::load(file, "auto", tok, seq_len, false)?;
+    let ds = Dataset::load(file, factune_data::DataFormat::Auto, tok, seq_len, false)?;
     let (loss, tokens) = evaluate_loss(model, &ds.examples, batch, tok.eos_id().unwrap_or(0))?;
     Ok(Perplexity {
         loss,

@@ -2,6 +2,7 @@
 //! checkpoints, tokenizers and chat templates, and (in `peft`) the PEFT adapter format.
 
 pub mod atomic;
+pub mod choice;
 pub mod config;
 pub mod error;
 pub mod tokenizer;

@@ -2,6 +2,7 @@
 //! keys as CLI flags (`--learning-rate 1e-4`), generated from one list so the two never drift apart.
 
 use factune_adapters::{AdapterConfig, TargetModules};
+pub use factune_data::DataFormat;
 use factune_io::{Error, Result};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -52,6 +53,171 @@ impl std::str::FromStr for InitWeights {
     }
 }
 
+/// Expands `$callback!` with the list of training settings (`doc`, name, TOML alias, type, default): the one
+/// place a key is declared. [`TrainConfig`] is generated from it here, the CLI's flags in the CLI.
+#[macro_export]
+macro_rules! with_train_keys {
+    ($callback:ident) => {
+        $callback! {
+        /// Adapter method (PEFT's peft_type), or full for full-parameter training; also accepted as `method`
+        peft_type | "method": String = "LORA".into(),
+        /// Adapter rank
+        r: usize = 8,
+        /// LoRA alpha (scale = alpha / r)
+        lora_alpha: f64 = 16.0,
+        /// Dropout on the adapter input
+        lora_dropout: f64 = 0.05,
+        /// Modules to adapt: names, a regex, or all-linear
+        target_modules: $crate::config::Targets = $crate::config::Targets::List(vec!["q_proj".into(), "v_proj".into()]),
+        /// rsLoRA scaling alpha / sqrt(r)
+        use_rslora: bool = false,
+        /// DoRA: trainable per-row magnitude over the LoRA-updated direction
+        use_dora: bool = false,
+        /// true: Kaiming A, zero B (a no-op at step 0); false: random B too; pissa / pissa_niter_K: principal
+        /// singular directions of W (exact / randomised SVD with K power iterations), residual frozen
+        init_lora_weights: $crate::config::InitWeights = $crate::config::InitWeights::Flag(true),
+        /// Peak learning rate
+        learning_rate: f64 = 2e-4,
+        /// LoRA+: learning rate of every B factor = this × learning_rate (1 = plain LoRA; the paper uses ~16)
+        loraplus_lr_ratio: f64 = 1.0,
+        /// AdamW beta1
+        adam_beta1: f64 = 0.9,
+        /// AdamW beta2
+        adam_beta2: f64 = 0.999,
+        /// AdamW epsilon
+        adam_epsilon: f64 = 1e-8,
+        /// Decoupled weight decay
+        weight_decay: f64 = 0.0,
+        /// cosine, linear or constant (after warmup)
+        lr_scheduler_type: $crate::optim::SchedulerType = $crate::optim::SchedulerType::Cosine,
+        /// Linear warmup steps
+        warmup_steps: usize = 0,
+        /// Warmup as a fraction of max_steps (used when warmup_steps is 0)
+        warmup_ratio: f64 = 0.0,
+        /// Optimizer steps to run
+        max_steps: usize = 100,
+        /// Clip the global gradient norm (0 disables)
+        max_grad_norm: f64 = 1.0,
+        /// Keep activations only at block boundaries and recompute each block in the backward (one extra forward
+        /// per step for a fraction of the activation memory; same results)
+        gradient_checkpointing: bool = false,
+        /// Micro-batches per optimizer step
+        gradient_accumulation_steps: usize = 1,
+        /// Sequences per micro-batch
+        micro_batch_size: usize = 4,
+        /// Tokens per sequence (longer examples are truncated, text is packed to this length)
+        seq_len: usize = 256,
+        /// Seed of adapter initialisation
+        seed: u64 = 42,
+        /// Seed of data shuffling and the train/validation split
+        data_seed: u64 = 42,
+        /// Seed of dropout masks
+        dropout_seed: u64 = 42,
+        /// Validation loss every N steps (0: only at the end)
+        eval_steps: usize = 0,
+        /// Checkpoint every N steps (0: none)
+        save_steps: usize = 0,
+        /// Fraction of examples held out for validation
+        validation_split: f64 = 0.1,
+        /// auto, text, alpaca or chat
+        data_format: $crate::config::DataFormat = $crate::config::DataFormat::Auto,
+        /// Also train on prompt tokens of instruction/chat data
+        train_on_prompt: bool = false,
+        /// ReLoRA: every N steps merge W ← W + sBA, re-initialise A and B, prune optimizer state (0: off)
+        relora_steps: usize = 0,
+        /// ReLoRA: linear learning-rate warmup after each restart (inside the global schedule)
+        restart_warmup_steps: usize = 10,
+        /// ReLoRA: fraction of A/B optimizer moments zeroed at a restart, smallest magnitudes first (1: full reset)
+        optimizer_prune_ratio: f64 = 0.99,
+        /// Full-rank training for the first N steps, then adapters (ReLoRA's warm start)
+        warm_start_steps: usize = 0,
+        /// Also train embeddings, norms and the LM head alongside the adapters (output is then a full model)
+        train_embeddings_and_norms: bool = false,
+        /// `nf4`: hold the frozen linear weights in 4-bit NF4 and train the adapters on top (QLoRA); `mixed`: a
+        /// NormalFloat width per weight (NF3/NF4/NF8) chosen to fit `quant_budget_bits` (LQ-LoRA); `none` keeps
+        /// them as stored. Weights a checkpoint already stores in 4 bits stay 4-bit either way.
+        quantize: $crate::config::Quantize = $crate::config::Quantize::None,
+        /// Dtype the frozen linear weights are held in: `float32`, or `bfloat16` for half the memory (the matmuls
+        /// convert tiles of rows to f32 on the fly; compute stays f32). Ignored for weights held in 4 bits.
+        base_dtype | "torch_dtype": $crate::config::BaseDtype = $crate::config::BaseDtype::Float32,
+        /// `quantize = "mixed"`: average stored bits per frozen linear weight, block scales included.
+        quant_budget_bits: f64 = 4.0,
+        /// Double quantization of the NF4 block scales (8-bit, block 256): ≈ 4.127 instead of 4.5 bits per weight.
+        double_quant | "bnb_4bit_use_double_quant": bool = true,
+        /// LoftQ (`init_lora_weights = "loftq"`): alternations of quantise / rank-r SVD of the residual.
+        loftq_iter: usize = 1,
+        /// MPO adapters (`peft_type = "MPO"`): bond dimension χ.
+        bond_dim: usize = 8,
+        /// MPO adapters: modes each side of a weight is factored into (2 to 5).
+        mpo_modes: usize = 3,
+        /// MPO adapters: mode factorisations per layer shape, `OUTxIN=j1*j2*j3/i1*i2*i3, …` (others automatic).
+        mpo_factors: String = String::new(),
+        /// MPO adapters: `dota` (cores from W's truncated MPO, residual frozen) or `random` (last core zero).
+        init_weights: String = "dota".into(),
+        /// VeRA (`peft_type = "VERA"`): initial value of the λ_d scaling vectors.
+        d_initial: f64 = 0.1,
+        /// VeRA: seed of the shared random projections.
+        projection_prng_key: u64 = 0,
+        /// Sparse + low-rank (`peft_type = "ROSA"`): fraction of each weight's entries in the trained sparse part.
+        sparse_density: f64 = 0.01,
+        /// Sparse + low-rank: support of the sparse part, `weight` (largest |W| entries).
+        sparse_init: String = "weight".into(),
+        /// MultiLoRA (`peft_type = "MULTILORA"`): parallel LoRA branches per layer, each of rank `r`.
+        multilora_branches: usize = 2,
+        /// EVA (`init_lora_weights = "eva"`): micro-batches whose layer inputs give the principal directions.
+        eva_batches: usize = 4,
+        /// EVA: each layer may take up to round(r · eva_rho) components in the rank redistribution (1: none).
+        eva_rho: f64 = 2.0,
+        /// EVA: divide each direction by the square root of its singular value.
+        eva_whiten: bool = false,
+        /// AdaLoRA (`peft_type = "ADALORA"`): starting rank of every module.
+        init_r: usize = 12,
+        /// AdaLoRA: average rank per module at the end (the total budget is target_r × modules).
+        target_r: usize = 8,
+        /// AdaLoRA: steps at full budget before pruning starts.
+        tinit: usize = 0,
+        /// AdaLoRA: final steps with the budget fixed.
+        tfinal: usize = 0,
+        /// AdaLoRA: prune every this many steps while the budget shrinks.
+        delta_t | "deltaT": usize = 1,
+        /// AdaLoRA: EMA factor of the sensitivity.
+        beta1: f64 = 0.85,
+        /// AdaLoRA: EMA factor of the uncertainty.
+        beta2: f64 = 0.85,
+        /// AdaLoRA: weight of the orthogonality penalty on A and B.
+        orth_reg_weight: f64 = 0.5,
+        /// GLoRA (`peft_type = "GLORA"`): the parts that train, a selection of `ABCDE` (W·A, B, W·C, b⊙D, E).
+        glora_parts: String = "ABCDE".into(),
+        }
+    };
+}
+
+factune_io::choice! {
+    /// How the frozen linear weights are held: as stored, NF4 (QLoRA), or a NormalFloat width per weight.
+    pub enum Quantize for "quantize" {
+        None = "none",
+        Nf4 = "nf4",
+        Mixed = "mixed",
+    }
+}
+
+factune_io::choice! {
+    /// The dtype the dense frozen linear weights are held in (compute is f32 either way).
+    pub enum BaseDtype for "base_dtype" {
+        Float32 = "float32" | "f32",
+        Bfloat16 = "bfloat16" | "bf16",
+    }
+}
+
+impl BaseDtype {
+    pub fn dtype(self) -> candle_core::DType {
+        match self {
+            BaseDtype::Float32 => candle_core::DType::F32,
+            BaseDtype::Bfloat16 => candle_core::DType::BF16,
+        }
+    }
+}
+
 macro_rules! train_config {
     ($( $(#[doc = $doc:literal])* $name:ident $(| $alias:literal)? : $ty:ty = $default:expr ),* $(,)?) => {
         /// Every setting of a training run. Unknown keys in a TOML file are errors that name the key.
@@ -66,152 +232,10 @@ macro_rules! train_config {
                 TrainConfig { $( $name: $default, )* }
             }
         }
-
-        /// The same settings as optional command-line flags; a flag given overrides the file.
-        #[derive(Debug, Clone, Default, clap::Args)]
-        pub struct TrainOverrides {
-            $( $(#[doc = $doc])* #[arg(long, $(alias = $alias,)? help_heading = "Training settings (also TOML keys)")] pub $name: Option<$ty>, )*
-        }
-
-        impl TrainConfig {
-            pub fn apply(&mut self, o: &TrainOverrides) {
-                $( if let Some(v) = &o.$name { self.$name = v.clone(); } )*
-            }
-        }
     };
 }
 
-train_config! {
-    /// Adapter method (PEFT's peft_type), or full for full-parameter training; also accepted as `method`
-    peft_type | "method": String = "LORA".into(),
-    /// Adapter rank
-    r: usize = 8,
-    /// LoRA alpha (scale = alpha / r)
-    lora_alpha: f64 = 16.0,
-    /// Dropout on the adapter input
-    lora_dropout: f64 = 0.05,
-    /// Modules to adapt: names, a regex, or all-linear
-    target_modules: Targets = Targets::List(vec!["q_proj".into(), "v_proj".into()]),
-    /// rsLoRA scaling alpha / sqrt(r)
-    use_rslora: bool = false,
-    /// DoRA: trainable per-row magnitude over the LoRA-updated direction
-    use_dora: bool = false,
-    /// true: Kaiming A, zero B (a no-op at step 0); false: random B too; pissa / pissa_niter_K: principal
-    /// singular directions of W (exact / randomised SVD with K power iterations), residual frozen
-    init_lora_weights: InitWeights = InitWeights::Flag(true),
-    /// Peak learning rate
-    learning_rate: f64 = 2e-4,
-    /// LoRA+: learning rate of every B factor = this × learning_rate (1 = plain LoRA; the paper uses ~16)
-    loraplus_lr_ratio: f64 = 1.0,
-    /// AdamW beta1
-    adam_beta1: f64 = 0.9,
-    /// AdamW beta2
-    adam_beta2: f64 = 0.999,
-    /// AdamW epsilon
-    adam_epsilon: f64 = 1e-8,
-    /// Decoupled weight decay
-    weight_decay: f64 = 0.0,
-    /// cosine, linear or constant (after warmup)
-    lr_scheduler_type: String = "cosine".into(),
-    /// Linear warmup steps
-    warmup_steps: usize = 0,
-    /// Warmup as a fraction of max_steps (used when warmup_steps is 0)
-    warmup_ratio: f64 = 0.0,
-    /// Optimizer steps to run
-    max_steps: usize = 100,
-    /// Clip the global gradient norm (0 disables)
-    max_grad_norm: f64 = 1.0,
-    /// Keep activations only at block boundaries and recompute each block in the backward (one extra forward
-    /// per step for a fraction of the activation memory; same results)
-    gradient_checkpointing: bool = false,
-    /// Micro-batches per optimizer step
-    gradient_accumulation_steps: usize = 1,
-    /// Sequences per micro-batch
-    micro_batch_size: usize = 4,
-    /// Tokens per sequence (longer examples are truncated, text is packed to this length)
-    seq_len: usize = 256,
-    /// Seed of adapter initialisation
-    seed: u64 = 42,
-    /// Seed of data shuffling and the train/validation split
-    data_seed: u64 = 42,
-    /// Seed of dropout masks
-    dropout_seed: u64 = 42,
-    /// Validation loss every N steps (0: only at the end)
-    eval_steps: usize = 0,
-    /// Checkpoint every N steps (0: none)
-    save_steps: usize = 0,
-    /// Fraction of examples held out for validation
-    validation_split: f64 = 0.1,
-    /// auto, text, alpaca or chat
-    data_format: String = "auto".into(),
-    /// Also train on prompt tokens of instruction/chat data
-    train_on_prompt: bool = false,
-    /// ReLoRA: every N steps merge W ← W + sBA, re-initialise A and B, prune optimizer state (0: off)
-    relora_steps: usize = 0,
-    /// ReLoRA: linear learning-rate warmup after each restart (inside the global schedule)
-    restart_warmup_steps: usize = 10,
-    /// ReLoRA: fraction of A/B optimizer moments zeroed at a restart, smallest magnitudes first (1: full reset)
-    optimizer_prune_ratio: f64 = 0.99,
-    /// Full-rank training for the first N steps, then adapters (ReLoRA's warm start)
-    warm_start_steps: usize = 0,
-    /// Also train embeddings, norms and the LM head alongside the adapters (output is then a full model)
-    train_embeddings_and_norms: bool = false,
-    /// `nf4`: hold the frozen linear weights in 4-bit NF4 and train the adapters on top (QLoRA); `mixed`: a
-    /// NormalFloat width per weight (NF3/NF4/NF8) chosen to fit `quant_budget_bits` (LQ-LoRA); `none` keeps
-    /// them as stored. Weights a checkpoint already stores in 4 bits stay 4-bit either way.
-    quantize: String = "none".into(),
-    /// Dtype the frozen linear weights are held in: `float32`, or `bfloat16` for half the memory (the matmuls
-    /// convert tiles of rows to f32 on the fly; compute stays f32). Ignored for weights held in 4 bits.
-    base_dtype | "torch_dtype": String = "float32".into(),
-    /// `quantize = "mixed"`: average stored bits per frozen linear weight, block scales included.
-    quant_budget_bits: f64 = 4.0,
-    /// Double quantization of the NF4 block scales (8-bit, block 256): ≈ 4.127 instead of 4.5 bits per weight.
-    double_quant | "bnb_4bit_use_double_quant": bool = true,
-    /// LoftQ (`init_lora_weights = "loftq"`): alternations of quantise / rank-r SVD of the residual.
-    loftq_iter: usize = 1,
-    /// MPO adapters (`peft_type = "MPO"`): bond dimension χ.
-    bond_dim: usize = 8,
-    /// MPO adapters: modes each side of a weight is factored into (2 to 5).
-    mpo_modes: usize = 3,
-    /// MPO adapters: mode factorisations per layer shape, `OUTxIN=j1*j2*j3/i1*i2*i3, …` (others automatic).
-    mpo_factors: String = String::new(),
-    /// MPO adapters: `dota` (cores from W's truncated MPO, residual frozen) or `random` (last core zero).
-    init_weights: String = "dota".into(),
-    /// VeRA (`peft_type = "VERA"`): initial value of the λ_d scaling vectors.
-    d_initial: f64 = 0.1,
-    /// VeRA: seed of the shared random projections.
-    projection_prng_key: u64 = 0,
-    /// Sparse + low-rank (`peft_type = "ROSA"`): fraction of each weight's entries in the trained sparse part.
-    sparse_density: f64 = 0.01,
-    /// Sparse + low-rank: support of the sparse part, `weight` (largest |W| entries).
-    sparse_init: String = "weight".into(),
-    /// MultiLoRA (`peft_type = "MULTILORA"`): parallel LoRA branches per layer, each of rank `r`.
-    multilora_branches: usize = 2,
-    /// EVA (`init_lora_weights = "eva"`): micro-batches whose layer inputs give the principal directions.
-    eva_batches: usize = 4,
-    /// EVA: each layer may take up to round(r · eva_rho) components in the rank redistribution (1: none).
-    eva_rho: f64 = 2.0,
-    /// EVA: divide each direction by the square root of its singular value.
-    eva_whiten: bool = false,
-    /// AdaLoRA (`peft_type = "ADALORA"`): starting rank of every module.
-    init_r: usize = 12,
-    /// AdaLoRA: average rank per module at the end (the total budget is target_r × modules).
-    target_r: usize = 8,
-    /// AdaLoRA: steps at full budget before pruning starts.
-    tinit: usize = 0,
-    /// AdaLoRA: final steps with the budget fixed.
-    tfinal: usize = 0,
-    /// AdaLoRA: prune every this many steps while the budget shrinks.
-    delta_t | "deltaT": usize = 1,
-    /// AdaLoRA: EMA factor of the sensitivity.
-    beta1: f64 = 0.85,
-    /// AdaLoRA: EMA factor of the uncertainty.
-    beta2: f64 = 0.85,
-    /// AdaLoRA: weight of the orthogonality penalty on A and B.
-    orth_reg_weight: f64 = 0.5,
-    /// GLoRA (`peft_type = "GLORA"`): the parts that train, a selection of `ABCDE` (W·A, B, W·C, b⊙D, E).
-    glora_parts: String = "ABCDE".into(),
-}
+with_train_keys!(train_config);
 
 impl TrainConfig {
     pub fn from_toml_file(path: &Path) -> Result<Self> {
@@ -235,7 +259,7 @@ impl TrainConfig {
 
     /// How the frozen linears are held in 4 bits, if they are.
     pub fn nf4_options(&self) -> Option<factune_model::Nf4Options> {
-        (self.quantize == "nf4" || self.quantize == "mixed").then_some(factune_model::Nf4Options {
+        (self.quantize != Quantize::None).then_some(factune_model::Nf4Options {
             double_quant: self.double_quant,
         })
     }
@@ -246,19 +270,29 @@ impl TrainConfig {
         factune_model::LoadOptions::planned(
             self.nf4_options(),
             defer_quantize,
-            factune_model::LoadOptions::dtype_named(&self.base_dtype)
-                .unwrap_or(candle_core::DType::F32),
+            self.base_dtype.dtype(),
         )
     }
 
     /// The memory budget of a mixed-precision base, if the base is mixed.
     pub fn mixed_budget(&self) -> Option<f64> {
-        (self.quantize == "mixed").then_some(self.quant_budget_bits)
+        (self.quantize == Quantize::Mixed).then_some(self.quant_budget_bits)
     }
 
     /// LoftQ computes the 4-bit base from the full-precision weight, so the model loads unquantised.
     pub fn is_loftq(&self) -> bool {
         matches!(&self.init_lora_weights, InitWeights::Named(s) if s == "loftq")
+    }
+
+    /// What the shared training step reads.
+    pub fn step_settings(&self) -> crate::step::StepSettings {
+        crate::step::StepSettings {
+            gradient_accumulation_steps: self.gradient_accumulation_steps,
+            gradient_checkpointing: self.gradient_checkpointing,
+            max_grad_norm: self.max_grad_norm,
+            loraplus_lr_ratio: self.loraplus_lr_ratio,
+            dropout_seed: self.dropout_seed,
+        }
     }
 
     pub fn warmup(&self) -> usize {
@@ -269,8 +303,14 @@ impl TrainConfig {
         }
     }
 
+    /// Checks the settings together, before anything is loaded: a run that cannot do what they say fails
+    /// here, naming the key.
     pub fn validate(&self) -> Result<()> {
         let bad = |k: &str, why: &str| Err(Error::config(format!("`{k}`: {why}")));
+        if !self.is_full() {
+            factune_adapters::registry::method(&self.peft_type.to_uppercase())
+                .map_err(|e| Error::config(format!("`peft_type`: {e}")))?;
+        }
         if self.max_steps == 0 {
             return bad("max_steps", "must be > 0");
         }
@@ -285,9 +325,6 @@ impl TrainConfig {
         }
         if !(0.0..1.0).contains(&self.validation_split) {
             return bad("validation_split", "must be in [0, 1)");
-        }
-        if !["cosine", "linear", "constant"].contains(&self.lr_scheduler_type.as_str()) {
-            return bad("lr_scheduler_type", "must be cosine, linear or constant");
         }
         if !(self.loraplus_lr_ratio.is_finite() && self.loraplus_lr_ratio > 0.0) {
             return bad("loraplus_lr_ratio", "must be a finite positive number");
@@ -333,25 +370,7 @@ impl TrainConfig {
         if self.warm_start_steps >= self.max_steps && self.warm_start_steps > 0 {
             return bad("warm_start_steps", "must be smaller than max_steps");
         }
-        if !["none", "nf4", "mixed"].contains(&self.quantize.as_str()) {
-            return bad(
-                "quantize",
-                &format!(
-                    "`{}` is not a format; expected none, nf4 or mixed",
-                    self.quantize
-                ),
-            );
-        }
-        if factune_model::LoadOptions::dtype_named(&self.base_dtype).is_none() {
-            return bad(
-                "base_dtype",
-                &format!(
-                    "`{}` is not a dtype the frozen weights can be held in; expected float32 or bfloat16",
-                    self.base_dtype
-                ),
-            );
-        }
-        if self.quantize == "mixed"
+        if self.quantize == Quantize::Mixed
             && !(self.quant_budget_bits.is_finite() && self.quant_budget_bits > 0.0)
         {
             return bad(
@@ -359,7 +378,7 @@ impl TrainConfig {
                 "must be a positive number of bits per weight",
             );
         }
-        if self.quantize != "none"
+        if self.quantize != Quantize::None
             && (self.is_full() || self.relora_steps > 0 || self.warm_start_steps > 0)
         {
             return bad(
@@ -368,7 +387,7 @@ impl TrainConfig {
                  full precision (set quantize = \"none\")",
             );
         }
-        if self.is_loftq() && self.quantize == "none" {
+        if self.is_loftq() && self.quantize == Quantize::None {
             return bad(
                 "init_lora_weights",
                 "\"loftq\" initialises the adapter against a quantised base; set quantize = \"nf4\" or \"mixed\"",
@@ -470,28 +489,6 @@ impl TrainConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn toml_keys_and_overrides() {
-        let mut c: TrainConfig = toml::from_str(
-            "r = 16\ntarget_modules = [\"q_proj\", \"k_proj\"]\nlearning_rate = 1e-3",
-        )
-        .unwrap();
-        assert_eq!(c.r, 16);
-        assert_eq!(
-            c.target_modules,
-            Targets::List(vec!["q_proj".into(), "k_proj".into()])
-        );
-        let o = TrainOverrides {
-            r: Some(4),
-            target_modules: Some("all-linear".parse().unwrap()),
-            ..Default::default()
-        };
-        c.apply(&o);
-        assert_eq!(c.r, 4);
-        assert_eq!(c.target_modules, Targets::One("all-linear".into()));
-        assert_eq!(c.learning_rate, 1e-3);
-    }
 
     #[test]
     fn method_is_an_alias_of_peft_type() {

@@ -1,13 +1,17 @@
-//! Training for factune: configuration, data pipelines, AdamW and schedules, the loop and its checkpoints.
+//! Training for factune: configuration, AdamW and schedules, the one training step, the run around it and
+//! its checkpoints. No printing or drawing: runs report through [`Progress`].
 
 pub mod config;
-pub mod data;
 pub mod diagnostics;
 pub mod metrics;
 pub mod optim;
 pub mod pretrain;
+pub mod progress;
 pub mod relora;
+pub mod step;
 pub mod trainer;
 
-pub use config::{TrainConfig, TrainOverrides};
-pub use trainer::{checkpoint_state, evaluate_loss, TrainJob, TrainOutcome};
+pub use config::TrainConfig;
+pub use progress::{Progress, Silent};
+pub use step::{StepSettings, Trainer};
+pub use trainer::{checkpoint_state, TrainJob, TrainOutcome};

@@ -75,16 +75,27 @@ impl AdamW {
     }
 }
 
+factune_io::choice! {
+    /// The learning-rate schedule after the linear warmup (transformers' `lr_scheduler_type` names).
+    pub enum SchedulerType for "lr_scheduler_type" {
+        Cosine = "cosine",
+        Linear = "linear",
+        Constant = "constant",
+    }
+}
+
 /// transformers' schedules: linear warmup from 0, then cosine / linear decay to 0 at `total`, or constant.
-pub fn lr_at(kind: &str, step: usize, warmup: usize, total: usize, peak: f64) -> f64 {
+pub fn lr_at(kind: SchedulerType, step: usize, warmup: usize, total: usize, peak: f64) -> f64 {
     if step < warmup {
         return peak * step as f64 / warmup.max(1) as f64;
     }
     let progress = (step - warmup) as f64 / (total.saturating_sub(warmup)).max(1) as f64;
     match kind {
-        "cosine" => peak * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()).max(0.0),
-        "linear" => peak * (1.0 - progress).max(0.0),
-        _ => peak,
+        SchedulerType::Cosine => {
+            peak * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()).max(0.0)
+        }
+        SchedulerType::Linear => peak * (1.0 - progress).max(0.0),
+        SchedulerType::Constant => peak,
     }
 }
 
@@ -129,11 +140,11 @@ mod tests {
 
     #[test]
     fn schedule_matches_transformers_formula() {
-        assert_eq!(lr_at("cosine", 0, 10, 100, 1.0), 0.0);
-        assert!((lr_at("cosine", 5, 10, 100, 1.0) - 0.5).abs() < 1e-12);
-        assert!((lr_at("cosine", 55, 10, 100, 1.0) - 0.5).abs() < 1e-12);
-        assert!(lr_at("cosine", 100, 10, 100, 1.0).abs() < 1e-12);
-        assert!((lr_at("linear", 55, 10, 100, 1.0) - 0.5).abs() < 1e-12);
+        assert_eq!(lr_at(SchedulerType::Cosine, 0, 10, 100, 1.0), 0.0);
+        assert!((lr_at(SchedulerType::Cosine, 5, 10, 100, 1.0) - 0.5).abs() < 1e-12);
+        assert!((lr_at(SchedulerType::Cosine, 55, 10, 100, 1.0) - 0.5).abs() < 1e-12);
+        assert!(lr_at(SchedulerType::Cosine, 100, 10, 100, 1.0).abs() < 1e-12);
+        assert!((lr_at(SchedulerType::Linear, 55, 10, 100, 1.0) - 0.5).abs() < 1e-12);
     }
 
     #[test]

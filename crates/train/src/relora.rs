@@ -40,7 +40,7 @@ fn cycle_start(cfg: &TrainConfig, step: usize) -> Option<usize> {
 pub fn lr(cfg: &TrainConfig, step: usize) -> f64 {
     let envelope = |s: usize| {
         lr_at(
-            &cfg.lr_scheduler_type,
+            cfg.lr_scheduler_type,
             s,
             cfg.warmup(),
             cfg.max_steps,
@@ -102,7 +102,7 @@ mod tests {
     #[test]
     fn jagged_schedule_rewarms_inside_the_envelope() {
         let c = cfg(0, 20, 4);
-        let env = |s| lr_at("cosine", s, 5, 100, 1.0);
+        let env = |s| lr_at(crate::optim::SchedulerType::Cosine, s, 5, 100, 1.0);
         // First cycle: the global warmup and envelope only.
         for s in 0..20 {
             assert_eq!(lr(&c, s), env(s), "step {s}");

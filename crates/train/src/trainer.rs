@@ -1,20 +1,22 @@
-//! The training loop: micro-batches with gradient accumulation, clipping, AdamW, schedule, validation,
-//! atomic checkpoints that resume bit-identically, progress bar, JSONL metrics and a loss-curve PNG.
+//! The training run around the shared step: data, phases (warm start, ReLoRA restarts), schedule,
+//! validation, atomic checkpoints that resume bit-identically, JSONL metrics and the saved result.
 
 use crate::config::TrainConfig;
-use crate::data::{collate, Batches, Dataset, Example};
-use crate::metrics::{plot_curves, series, MetricsLog, LOSS_AXES};
-use crate::optim::{clip_grad_norm, AdamW};
+use crate::metrics::MetricsLog;
+use crate::optim::AdamW;
+use crate::progress::Progress;
 use crate::relora;
+use crate::step::{MicroBatch, Params, Trainer};
 use candle_core::{Device, Tensor, Var};
-use factune_adapters::adalora::{orth_penalty, resized, RankAllocator};
+use factune_adapters::adalora::{resized, RankAllocator};
+use factune_adapters::hooks::StepHook;
 use factune_adapters::peft::thousands;
 use factune_adapters::{attach, lora, peft, trainable, trainable_summary};
+use factune_data::{collate, evaluate_loss, pad_id, to_tensor, Batches, Dataset, Example};
 use factune_io::weights::to_safetensors_bytes;
 use factune_io::{atomic, Error, Result, TextTokenizer, Weights};
 use factune_model::spectrum::update_spectra;
-use factune_model::{take_grads, Ctx, Model};
-use indicatif::{ProgressBar, ProgressStyle};
+use factune_model::{Ctx, Model};
 use serde_json::json;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -25,22 +27,6 @@ const OPTIM_FILE: &str = "optimizer.safetensors";
 /// Every model tensor, for runs that change the base (full, ReLoRA, warm start, trained embeddings).
 const MODEL_STATE_FILE: &str = "model.safetensors";
 const ADALORA_FILE: &str = "adalora_state.safetensors";
-
-/// The trainable tensors of a phase, by name, in a fixed order (the optimizer's).
-type Params = Vec<(String, Var)>;
-
-/// A line above the progress bar, or on stderr when there is no bar (not a terminal).
-fn say(bar: &ProgressBar, msg: String) {
-    if bar.is_hidden() {
-        eprintln!("{msg}");
-    } else {
-        bar.println(msg);
-    }
-}
-
-fn names_of(params: &[(String, Var)]) -> Vec<&str> {
-    params.iter().map(|(k, _)| k.as_str()).collect()
-}
 
 fn sizes(params: &[(String, Var)]) -> Vec<usize> {
     params.iter().map(|(_, v)| v.elem_count()).collect()
@@ -65,37 +51,8 @@ pub struct TrainJob<'a> {
     pub data: PathBuf,
     pub out: PathBuf,
     pub resume: Option<PathBuf>,
-    /// Draw the progress bar (off in tests).
-    pub progress: bool,
-}
-
-fn to_tensor(ids: &[Vec<u32>], dev: &Device) -> Result<Tensor> {
-    let (b, t) = (ids.len(), ids.first().map_or(0, Vec::len));
-    Ok(Tensor::from_vec(ids.concat(), (b, t), dev)?)
-}
-
-fn pad_id(tok: &TextTokenizer) -> u32 {
-    tok.eos_id().unwrap_or(0)
-}
-
-/// Mean loss over `examples`, weighted by counted tokens; no dropout.
-pub fn evaluate_loss(
-    model: &Model,
-    examples: &[Example],
-    batch: usize,
-    pad: u32,
-) -> Result<(f64, usize)> {
-    let (mut sum, mut count) = (0f64, 0usize);
-    for chunk in examples.chunks(batch.max(1)) {
-        let refs: Vec<&Example> = chunk.iter().collect();
-        let (ids, labels) = collate(&refs, pad);
-        let hidden =
-            model.forward_hidden(&to_tensor(&ids, &model.device)?, None, &Ctx::default())?;
-        let (loss, n) = model.lm_loss(&hidden.detach(), &labels)?;
-        sum += loss.to_scalar::<f32>()? as f64 * n as f64;
-        count += n;
-    }
-    Ok((sum / count.max(1) as f64, count))
+    /// Where the run reports its steps and notes.
+    pub progress: &'a dyn Progress,
 }
 
 /// The configuration and step count a checkpoint recorded (a resumed run continues with its own config).
@@ -128,7 +85,7 @@ impl TrainJob<'_> {
         }
         let ds = Dataset::load(
             &self.data,
-            &cfg.data_format,
+            cfg.data_format,
             self.tokenizer,
             cfg.seq_len,
             cfg.train_on_prompt,
@@ -148,7 +105,7 @@ impl TrainJob<'_> {
                 factune_adapters::lqlora::plan(self.model, &adapter_cfg, budget, cfg.double_quant)?;
             self.report_layout(&layout, budget, t0.elapsed().as_secs_f64())?;
         }
-        let mut params = match self.resume.clone() {
+        let params = match self.resume.clone() {
             Some(ckpt) => {
                 let (params, saved) = self.restore(&ckpt, start_step)?;
                 // EVA's redistributed ranks live in the checkpoint's config, not in the run's settings
@@ -171,20 +128,20 @@ impl TrainJob<'_> {
             self.model.quantize_linears(o)?;
         }
         let summary = self.summary(&params);
-        eprintln!("{summary}");
+        self.progress.note(&summary);
         if !self.model.quantized_keys().is_empty() {
-            eprintln!(
+            self.progress.note(&format!(
                 "base: {} linear weights quantised, {:.1} MB",
                 self.model.quantized_keys().len(),
                 self.model.linear_weight_bytes() as f64 / 1e6
-            );
+            ));
         }
-        eprintln!(
+        self.progress.note(&format!(
             "data: {} ({fmt:?}): {} training / {} validation examples",
             self.data.display(),
             train.len(),
             val.len()
-        );
+        ));
         let mut opt = AdamW::new(
             &sizes(&params),
             cfg.adam_beta1,
@@ -223,41 +180,30 @@ impl TrainJob<'_> {
         let batches = Batches::new(train.len(), cfg.data_seed, cfg.micro_batch_size);
         let pad = pad_id(self.tokenizer);
         let dev = self.model.device.clone();
-        let bar = if self.progress {
-            ProgressBar::new(cfg.max_steps as u64)
-        } else {
-            ProgressBar::hidden()
+        let mut micro_batch = |j: usize| -> Result<MicroBatch> {
+            let exs: Vec<&Example> = batches.indices(j).into_iter().map(|i| &train[i]).collect();
+            let (ids, labels) = collate(&exs, pad);
+            Ok((to_tensor(&ids, &dev)?, labels))
         };
-        bar.set_style(
-            ProgressStyle::with_template(
-                "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
-            )
-            .expect("static template"),
-        );
-        bar.set_position(start_step as u64);
-        let mut checked_grads = false;
-        let mut updated_with_lr = start_step > 0;
+        let mut trainer = Trainer::new(params, opt, cfg.step_settings(), start_step > 0);
+        self.progress.start(cfg.max_steps, start_step);
         let (mut last_loss, mut last_val, mut total_tokens) = (f64::NAN, None, 0usize);
         for step in start_step..cfg.max_steps {
             if cfg.warm_start_steps > 0 && step == cfg.warm_start_steps {
                 let (next, used) = self.switch_to_adapters(&train)?;
                 adapter_cfg = used;
-                opt = opt.remapped(&names_of(&params), &names_of(&next), &sizes(&next));
-                params = next;
-                (checked_grads, updated_with_lr) = (false, false);
-                say(
-                    &bar,
-                    format!(
-                        "step {step}: warm start over, training adapters: {}",
-                        self.summary(&params)
-                    ),
-                );
+                trainer.replace_params(next);
+                self.progress.note(&format!(
+                    "step {step}: warm start over, training adapters: {}",
+                    self.summary(&trainer.params)
+                ));
                 log.write(&json!({"step": step, "event": "warm_start_end"}))?;
             }
             if let Some(k) = relora::restart_at(&cfg, step) {
                 let merged =
                     lora::merge_and_reinit(self.model, &mut relora::restart_rng(cfg.seed, k))?;
-                for (i, (name, _)) in params.iter().enumerate() {
+                let opt = &mut trainer.opt;
+                for (i, (name, _)) in trainer.params.iter().enumerate() {
                     if name.contains(".lora_A.") || name.contains(".lora_B.") {
                         relora::prune_moments(
                             &mut opt.exp_avg[i],
@@ -270,122 +216,45 @@ impl TrainJob<'_> {
             }
             let t0 = Instant::now();
             let lr = relora::lr(&cfg, step);
-            let names = names_of(&params);
-            let sizes = sizes(&params);
-            let mut acc: Vec<Vec<f32>> = sizes.iter().map(|&n| vec![0.0; n]).collect();
-            let mut got: Vec<bool> = vec![false; params.len()];
-            let (mut loss_sum, mut tokens) = (0f64, 0usize);
-            for micro in 0..cfg.gradient_accumulation_steps {
-                let j = step * cfg.gradient_accumulation_steps + micro;
-                let exs: Vec<&Example> =
-                    batches.indices(j).into_iter().map(|i| &train[i]).collect();
-                let (ids, labels) = collate(&exs, pad);
-                tokens += ids.iter().map(Vec::len).sum::<usize>();
-                let ctx = Ctx {
-                    train: true,
-                    dropout_seed: cfg
-                        .dropout_seed
-                        .wrapping_mul(0x2545_F491_4F6C_DD1D)
-                        .wrapping_add(j as u64),
-                };
-                let wanted: Vec<&Tensor> = params.iter().map(|(_, v)| v.as_tensor()).collect();
-                let (loss, _, mut grads) = self.model.loss_and_grads(
-                    &to_tensor(&ids, &dev)?,
-                    &labels,
-                    &ctx,
-                    cfg.gradient_checkpointing,
-                    &wanted,
-                )?;
-                let penalty = match allocator {
-                    Some(_) => orth_penalty(self.model, cfg.orth_reg_weight)?,
-                    None => None,
-                };
-                let loss = match penalty {
-                    Some(p) => {
-                        take_grads(p.backward()?, &wanted, &mut grads)?;
-                        (loss + p.detach())?
-                    }
-                    None => loss,
-                };
-                let l = loss.to_scalar::<f32>()? as f64;
-                if !l.is_finite() {
-                    return Err(Error::config(format!(
-                        "loss is {l} at step {} — stopping; the last good checkpoint (if any) in {} is kept",
-                        step + 1,
+            let hook = allocator.as_mut().map(|a| a as &mut dyn StepHook);
+            let report = trainer
+                .step(self.model, step, lr, &mut micro_batch, hook)
+                .map_err(|e| match e {
+                    Error::Config(m) if m.starts_with("loss is") => Error::config(format!(
+                        "{m} — stopping; the last good checkpoint (if any) in {} is kept",
                         self.out.display()
-                    )));
-                }
-                loss_sum += l;
-                for (i, g) in grads.iter().enumerate() {
-                    if let Some(g) = g {
-                        got[i] = true;
-                        let g = g.flatten_all()?.to_vec1::<f32>()?;
-                        acc[i].iter_mut().zip(g).for_each(|(a, g)| *a += g);
-                    }
-                }
-            }
-            let k = cfg.gradient_accumulation_steps as f32;
-            acc.iter_mut()
-                .for_each(|g| g.iter_mut().for_each(|x| *x /= k));
-            let check_zero = updated_with_lr && !checked_grads;
-            checked_grads |= check_zero;
-            if let Some(problem) = gradient_problem(&names, &got, &acc, check_zero) {
-                return Err(Error::config(problem));
-            }
-            let norm = clip_grad_norm(&mut acc, cfg.max_grad_norm);
-            let mut values: Vec<Vec<f32>> = params
-                .iter()
-                .map(|(_, v)| v.as_tensor().flatten_all()?.to_vec1::<f32>())
-                .collect::<candle_core::Result<_>>()?;
-            opt.step(
-                &mut values,
-                &acc,
-                lr,
-                &lr_scales(&names, cfg.loraplus_lr_ratio),
-            );
-            for ((_, var), val) in params.iter().zip(values) {
-                var.set(&Tensor::from_vec(val, var.shape(), &dev)?)?;
-            }
-            let rank = match &mut allocator {
-                Some(a) => {
-                    let grads: HashMap<String, Vec<f32>> = names
-                        .iter()
-                        .zip(&acc)
-                        .map(|(n, g)| {
-                            (
-                                n.trim_start_matches("base_model.model.").to_string(),
-                                g.clone(),
-                            )
-                        })
-                        .collect();
-                    Some(a.update_and_allocate(self.model, &grads, step)?)
-                }
-                None => None,
-            };
-            updated_with_lr |= lr > 0.0;
-            last_loss = loss_sum / cfg.gradient_accumulation_steps as f64;
-            total_tokens += tokens;
-            let tps = tokens as f64 / t0.elapsed().as_secs_f64();
-            let mut entry = json!({"step": step + 1, "loss": last_loss, "lr": lr, "grad_norm": norm, "tokens": tokens, "tokens_per_s": tps});
-            if let Some(r) = rank {
-                entry["rank"] = r.into();
+                    )),
+                    e => e,
+                })?;
+            last_loss = report.loss;
+            total_tokens += report.tokens;
+            let tps = report.tokens as f64 / t0.elapsed().as_secs_f64();
+            let mut entry = json!({"step": step + 1, "loss": last_loss, "lr": lr, "grad_norm": report.grad_norm, "tokens": report.tokens, "tokens_per_s": tps});
+            if let Some((key, value)) = report.logged {
+                entry[key] = value;
             }
             log.write(&entry)?;
-            bar.set_message(format!("loss {last_loss:.4} lr {lr:.2e} {tps:.0} tok/s"));
-            bar.inc(1);
+            self.progress.step(step + 1, last_loss, lr, tps);
             let done = step + 1 == cfg.max_steps;
             if !val.is_empty() && ((cfg.eval_steps > 0 && (step + 1) % cfg.eval_steps == 0) || done)
             {
                 let (vl, _) = evaluate_loss(self.model, &val, cfg.micro_batch_size, pad)?;
                 log.write(&json!({"step": step + 1, "val_loss": vl}))?;
-                say(&bar, format!("step {}: val_loss {vl:.4}", step + 1));
+                self.progress
+                    .note(&format!("step {}: val_loss {vl:.4}", step + 1));
                 last_val = Some(vl);
             }
             if cfg.save_steps > 0 && (step + 1) % cfg.save_steps == 0 {
-                self.save_checkpoint(step + 1, &opt, &params, &adapter_cfg, allocator.as_ref())?;
+                self.save_checkpoint(
+                    step + 1,
+                    &trainer.opt,
+                    &trainer.params,
+                    &adapter_cfg,
+                    allocator.as_ref(),
+                )?;
             }
         }
-        bar.finish_and_clear();
+        self.progress.finish();
         if let Some(a) = &allocator {
             // as PEFT saves a finished AdaLoRA run: cut to the kept triplets, rank_pattern in the config
             let (tensors, pattern) = resized(self.model, &a.current_mask(self.model)?)?;
@@ -393,31 +262,23 @@ impl TrainJob<'_> {
             let mut c = adapter_cfg.clone();
             c.rank_pattern = pattern;
             peft::write_tensors(self.model, &c, tensors, &self.out)?;
-            eprintln!("AdaLoRA: {total} singular values kept over all modules (rank_pattern in adapter_config.json)");
+            self.progress.note(&format!("AdaLoRA: {total} singular values kept over all modules (rank_pattern in adapter_config.json)"));
         } else if cfg.changes_base() {
             self.save_full_model()?;
         } else {
             let written = peft::save_portable(self.model, &adapter_cfg, &self.out)?;
             if self.out.join(peft::LOFTQ_BASE_DIR).exists() {
-                eprintln!(
+                self.progress.note(&format!(
                     "LoftQ: the adapter belongs on its 4-bit base, written to {} (use it as --model)",
                     self.out.join(peft::LOFTQ_BASE_DIR).display()
-                );
+                ));
             } else if written.r != adapter_cfg.r {
-                eprintln!(
+                self.progress.note(&format!(
                     "PiSSA adapter saved as a rank-{} LoRA relative to the original weights (loads onto the unmodified base in factune and PEFT)",
                     written.r
-                );
+                ));
             }
         }
-        let train_curve = series(&metrics_path, "loss")?;
-        let val_curve = series(&metrics_path, "val_loss")?;
-        plot_curves(
-            &self.out.join("loss.png"),
-            "factune training loss",
-            &LOSS_AXES,
-            &[("train loss", train_curve), ("validation loss", val_curve)],
-        )?;
         Ok(TrainOutcome {
             steps: cfg.max_steps,
             final_train_loss: last_loss,
@@ -446,12 +307,12 @@ impl TrainJob<'_> {
             *counts.entry(c.bits).or_insert(0) += 1;
         }
         let widths: Vec<String> = counts.iter().map(|(b, n)| format!("{n}× NF{b}")).collect();
-        eprintln!(
+        self.progress.note(&format!(
             "mixed precision for {budget} bits/weight: {} → {:.3} bits/weight on average (planned in {secs:.1}s; \
              layout in quant_layout.json)",
             widths.join(", "),
             bits / total.max(1) as f64
-        );
+        ));
         let text = serde_json::to_string_pretty(&json!({
             "budget_bits_per_weight": budget,
             "bits_per_weight": bits / total.max(1) as f64,
@@ -476,14 +337,14 @@ impl TrainJob<'_> {
             loftq += e.loftq * e.loftq;
             rows.push(json!({"module": l.path, "nf4_error": e.nf4, "loftq_error": e.loftq}));
         }
-        eprintln!(
+        self.progress.note(&format!(
             "LoftQ ({} iterations): ‖W − (deq(Q) + sBA)‖ = {:.4e} over {} layers, plain quantisation {:.4e} ({:+.1}%)",
             self.config.loftq_iter,
             loftq.sqrt(),
             rows.len(),
             nf4.sqrt(),
             100.0 * (loftq.sqrt() / nf4.sqrt() - 1.0)
-        );
+        ));
         let text = serde_json::to_string_pretty(&rows).map_err(|e| Error::config(e.to_string()))?;
         atomic::write_atomic(&self.out.join("loftq_errors.json"), text.as_bytes())
     }
@@ -509,10 +370,10 @@ impl TrainJob<'_> {
             .iter()
             .filter(|l| l.adapter.is_some())
             .count();
-        eprintln!(
+        self.progress.note(&format!(
             "adapters: {wrapped} modules initialised in {:.2}s",
             t0.elapsed().as_secs_f64()
-        );
+        ));
         params.extend(trainable(self.model));
         Ok((params, cfg))
     }
@@ -546,14 +407,14 @@ impl TrainJob<'_> {
             .filter(|l| cfg.target_modules_match(&l.path))
             .map(|l| out.rank_for(&l.path) * usize::from(l.adapter.is_some()))
             .collect();
-        eprintln!(
+        self.progress.note(&format!(
             "EVA: ranks from {} batches (rho {}): min {} / max {} over {} modules",
             c.eva_batches,
             c.eva_rho,
             ranks.iter().min().unwrap_or(&0),
             ranks.iter().max().unwrap_or(&0),
             ranks.len()
-        );
+        ));
         Ok(out)
     }
 
@@ -622,7 +483,11 @@ impl TrainJob<'_> {
         let original = Weights::from_model_dir(&self.model.dir)?;
         let spectra = update_spectra(self.model, &original)?;
         drop(original);
-        crate::diagnostics::write_update_spectra(&self.out, &spectra, self.config.r)?;
+        if let Some(line) =
+            crate::diagnostics::write_update_spectra(&self.out, &spectra, self.config.r)?
+        {
+            self.progress.note(&line);
+        }
         let tokenizer_dir = self.model.dir.clone();
         factune_model::save::save_pretrained(
             self.model,
@@ -711,43 +576,6 @@ impl TrainJob<'_> {
     }
 }
 
-/// Per-parameter learning-rate multipliers: LoRA+ gives every B factor (`lora_B.*`) `ratio` × the base rate.
-pub fn lr_scales(names: &[&str], loraplus_lr_ratio: f64) -> Vec<f64> {
-    names
-        .iter()
-        .map(|n| {
-            if n.contains(".lora_B.") {
-                loraplus_lr_ratio
-            } else {
-                1.0
-            }
-        })
-        .collect()
-}
-
-/// Missing gradients are a problem at every step; all-zero ones are checked once, at the first step after a
-/// real update (LoRA's A legitimately gets a zero gradient while B is still zero).
-pub fn gradient_problem(
-    names: &[&str],
-    got: &[bool],
-    grads: &[Vec<f32>],
-    check_zero: bool,
-) -> Option<String> {
-    let bad: Vec<&str> = names
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| !got[*i] || (check_zero && grads[*i].iter().all(|x| *x == 0.0)))
-        .map(|(_, n)| *n)
-        .collect();
-    bad.first().map(|first| {
-        format!(
-            "{} of {} adapter tensors received no gradient (first: `{first}`)",
-            bad.len(),
-            names.len()
-        )
-    })
-}
-
 fn load_optimizer(opt: &mut AdamW, params: &[(String, Var)], path: &Path) -> Result<()> {
     let w = Weights::from_files(&[path.to_path_buf()])?;
     for (i, (k, _)) in params.iter().enumerate() {
@@ -764,33 +592,4 @@ fn load_optimizer(opt: &mut AdamW, params: &[(String, Var)], path: &Path) -> Res
         .as_u64()
         .ok_or_else(|| Error::invalid(path.with_file_name(STATE_FILE), "missing `optimizer_t`"))?;
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::{gradient_problem, lr_scales};
-
-    #[test]
-    fn loraplus_scales_only_b() {
-        let names = ["m.q_proj.lora_A.weight", "m.q_proj.lora_B.weight"];
-        assert_eq!(lr_scales(&names, 16.0), vec![1.0, 16.0]);
-        assert_eq!(lr_scales(&names, 1.0), vec![1.0, 1.0]);
-    }
-
-    #[test]
-    fn missing_and_zero_gradients_are_reported() {
-        let names = ["a", "b", "c"];
-        let g = vec![vec![0.0f32; 2], vec![1.0, 0.0], vec![0.0; 2]];
-        assert_eq!(
-            gradient_problem(&names, &[true, true, true], &g, false),
-            None
-        );
-        let e = gradient_problem(&names, &[true, false, true], &g, false).unwrap();
-        assert_eq!(
-            e,
-            "1 of 3 adapter tensors received no gradient (first: `b`)"
-        );
-        let e = gradient_problem(&names, &[true, true, true], &g, true).unwrap();
-        assert!(e.starts_with("2 of 3") && e.contains("`a`"), "{e}");
-    }
 }

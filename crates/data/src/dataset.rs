@@ -32,6 +32,16 @@ pub enum Format {
     Chat,
 }
 
+factune_io::choice! {
+    /// How a data file is read: decided from the file (`auto`) or forced.
+    pub enum DataFormat for "data_format" {
+        Auto = "auto",
+        Text = "text",
+        Alpaca = "alpaca",
+        Chat = "chat",
+    }
+}
+
 pub struct Dataset {
     pub format: Format,
     pub examples: Vec<Example>,
@@ -59,7 +69,7 @@ fn detect(path: &Path, first_line: Option<&str>) -> Format {
 impl Dataset {
     pub fn load(
         path: &Path,
-        format: &str,
+        format: DataFormat,
         tok: &TextTokenizer,
         seq_len: usize,
         train_on_prompt: bool,
@@ -67,15 +77,10 @@ impl Dataset {
         let text = factune_io::error::read_to_string(path)?;
         let first = text.lines().find(|l| !l.trim().is_empty());
         let format = match format {
-            "auto" => detect(path, first),
-            "text" => Format::Text,
-            "alpaca" => Format::Alpaca,
-            "chat" => Format::Chat,
-            other => {
-                return Err(Error::config(format!(
-                    "data_format `{other}`: expected auto, text, alpaca or chat"
-                )))
-            }
+            DataFormat::Auto => detect(path, first),
+            DataFormat::Text => Format::Text,
+            DataFormat::Alpaca => Format::Alpaca,
+            DataFormat::Chat => Format::Chat,
         };
         let mut ds = Dataset {
             format,

@@ -1,8 +1,8 @@
 //! Data formats with the embedded model's tokenizer: which tokens are learned.
 
+use factune_data::{DataFormat, Dataset};
 use factune_io::TextTokenizer;
 use factune_model::loss::IGNORE_INDEX;
-use factune_train::data::Dataset;
 use std::path::PathBuf;
 
 fn assets() -> PathBuf {
@@ -25,7 +25,7 @@ fn alpaca_learns_only_the_response_and_eos() {
     let dir = tempfile::tempdir().unwrap();
     let f = dir.path().join("a.jsonl");
     std::fs::write(&f, "{\"instruction\": \"Who has the cup?\", \"input\": \"Tom has a red cup.\", \"output\": \"Tom\"}\n").unwrap();
-    let ds = Dataset::load(&f, "auto", &tok, 256, false).unwrap();
+    let ds = Dataset::load(&f, DataFormat::Auto, &tok, 256, false).unwrap();
     let ex = &ds.examples[0];
     assert_eq!(learned(&tok, &ex.ids, &ex.labels), "Tom");
     assert_eq!(
@@ -33,7 +33,7 @@ fn alpaca_learns_only_the_response_and_eos() {
         tok.eos_id().unwrap() as i64,
         "EOS is learned"
     );
-    let all = Dataset::load(&f, "alpaca", &tok, 256, true).unwrap();
+    let all = Dataset::load(&f, DataFormat::Alpaca, &tok, 256, true).unwrap();
     assert!(all.examples[0].labels.iter().all(|l| *l != IGNORE_INDEX));
 }
 
@@ -49,7 +49,7 @@ fn chat_learns_only_assistant_turns() {
         {"role": "assistant", "content": "on the table"}
     ]});
     std::fs::write(&f, format!("{rec}\n")).unwrap();
-    let ds = Dataset::load(&f, "auto", &tok, 256, false).unwrap();
+    let ds = Dataset::load(&f, DataFormat::Auto, &tok, 256, false).unwrap();
     let ex = &ds.examples[0];
     let text = learned(&tok, &ex.ids, &ex.labels);
     assert!(
@@ -67,7 +67,7 @@ fn the_shipped_chat_sample_loads() {
     let tok = TextTokenizer::from_dir(&assets().join("default-model")).unwrap();
     let ds = Dataset::load(
         &assets().join("data/chat-sample.jsonl"),
-        "auto",
+        DataFormat::Auto,
         &tok,
         256,
         false,

@@ -1,0 +1,253 @@
+//! Training through the CLI: deterministic runs in PEFT's file layout, bit-identical resume, non-finite
+//! losses, every method end to end, and the benchmark commands.
+
+mod support;
+
+use support::*;
+
+#[test]
+fn train_is_deterministic_and_writes_peft_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    train(&a, "4", &[]);
+    train(&b, "4", &[]);
+    let (ha, hb) = (
+        sha(&a.join("adapter_model.safetensors")),
+        sha(&b.join("adapter_model.safetensors")),
+    );
+    assert_eq!(ha, hb, "two runs with the same config differ");
+    for f in [
+        "adapter_config.json",
+        "metrics.jsonl",
+        "loss.png",
+        "run.json",
+    ] {
+        assert!(a.join(f).exists(), "{f} missing");
+    }
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(a.join("adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(cfg["peft_type"], "LORA");
+    assert_eq!(
+        cfg["target_modules"],
+        serde_json::json!(["down_proj", "q_proj", "v_proj"])
+    );
+    let run: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(a.join("run.json")).unwrap()).unwrap();
+    assert_eq!(run["seeds"]["init"], 42);
+    let lines = std::fs::read_to_string(a.join("metrics.jsonl")).unwrap();
+    assert!(lines.lines().filter(|l| l.contains("\"loss\"")).count() == 4);
+}
+
+#[test]
+fn resume_is_bit_identical() {
+    let dir = tempfile::tempdir().unwrap();
+    let (straight, split) = (dir.path().join("straight"), dir.path().join("split"));
+    train(&straight, "20", &["--save-steps", "10"]);
+    train(&split, "20", &["--save-steps", "10"]);
+    // Re-run the second half from the checkpoint of the split run.
+    std::fs::remove_file(split.join("adapter_model.safetensors")).unwrap();
+    let ckpt = split.join("checkpoint-10");
+    assert!(
+        ckpt.join("optimizer.safetensors").exists() && ckpt.join("trainer_state.json").exists()
+    );
+    resume_into(&split, &ckpt);
+    assert_eq!(
+        sha(&straight.join("adapter_model.safetensors")),
+        sha(&split.join("adapter_model.safetensors")),
+        "20 steps straight != 10 + resume 10"
+    );
+}
+
+#[test]
+fn non_finite_loss_stops_with_the_step_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let nan_model = dir.path().join("nan-model");
+    std::fs::create_dir(&nan_model).unwrap();
+    for f in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(model().join(f), nan_model.join(f)).unwrap();
+    }
+    // Poison the final norm: every logit becomes NaN.
+    let src = model().join("model.safetensors");
+    let bytes = std::fs::read(&src).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut tensors: Vec<(String, safetensors::tensor::TensorView)> = Vec::new();
+    let mut owned: Vec<(String, Vec<u8>, Vec<usize>)> = Vec::new();
+    for (name, view) in st.tensors() {
+        let mut data = view.data().to_vec();
+        if name == "model.norm.weight" {
+            data[..4].copy_from_slice(&f32::NAN.to_le_bytes());
+        }
+        owned.push((name, data, view.shape().to_vec()));
+    }
+    for (name, data, shape) in &owned {
+        tensors.push((
+            name.clone(),
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), data)
+                .unwrap(),
+        ));
+    }
+    std::fs::write(
+        nan_model.join("model.safetensors"),
+        safetensors::tensor::serialize(tensors, None).unwrap(),
+    )
+    .unwrap();
+    let out = dir.path().join("out");
+    let e = fails(&train_args(
+        s(&nan_model),
+        s(&data("quickstart-train.jsonl")),
+        s(&out),
+        &["--max-steps", "3"],
+    ));
+    assert!(e.contains("loss is NaN at step 1"), "{e}");
+    assert!(!out.join("adapter_model.safetensors").exists());
+}
+
+#[test]
+fn every_method_trains_saves_and_evaluates_through_the_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, extra) in [
+        ("vera", &["--method", "vera"][..]),
+        (
+            "rosa",
+            &["--method", "rosa", "--sparse-density", "0.01"][..],
+        ),
+        ("multilora", &["--method", "multilora"][..]),
+        ("glora", &["--method", "glora"][..]),
+        ("mpo", &["--method", "mpo", "--bond-dim", "4"][..]),
+        ("dora", &["--use-dora", "true"][..]),
+        (
+            "rslora",
+            &["--use-rslora", "true", "--loraplus-lr-ratio", "16"][..],
+        ),
+    ] {
+        let out = dir.path().join(name);
+        // every adapter tensor must get a gradient (the trainer checks), on a bias-free Llama too
+        train(&out, "2", extra);
+        let said = ok(&eval_args(
+            &model(),
+            Some(&out),
+            &data("quickstart-valid.jsonl"),
+            &[],
+        ));
+        assert!(said.contains("exact match"), "{name}: {said}");
+    }
+}
+
+/// `bench train --method` runs each method through the trainer's step (AdaLoRA with its rank hook), so a
+/// method's benchmark measures what its training runs.
+#[test]
+fn bench_train_runs_every_method_through_the_trainer_step() {
+    for method in ["VERA", "ADALORA", "ROSA", "MULTILORA", "GLORA", "MPO"] {
+        let j = ok_json(&[
+            "bench",
+            "train",
+            "--model",
+            s(&model()),
+            "--method",
+            method,
+            "--r",
+            "4",
+            "--seq-len",
+            "16",
+            "--batch",
+            "1",
+            "--steps",
+            "1",
+        ]);
+        assert_eq!(j["method"], method, "{j}");
+        let loss = j["loss"].as_f64().unwrap();
+        assert!(loss.is_finite() && loss > 0.0, "{method}: {j}");
+    }
+    let e = fails(&["bench", "train", "--model", s(&model()), "--method", "LORAX"]);
+    assert!(e.contains("LORAX") && e.contains("peft_type"), "{e}");
+}
+
+/// The factune side of `bench/run.sh` at toy sizes (the full benchmark stays out of CI): each command prints
+/// its JSON line, and the training side's model-FLOPs count is the accounting docs/performance.md writes
+/// out, recomputed here from config.json.
+#[test]
+fn bench_commands_report_on_the_embedded_model() {
+    let m = model();
+    let train = ok_json(&[
+        "bench",
+        "train",
+        "--model",
+        s(&m),
+        "--seq-len",
+        "32",
+        "--batch",
+        "2",
+        "--steps",
+        "2",
+    ]);
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(m.join("config.json")).unwrap()).unwrap();
+    let c = |k: &str| cfg[k].as_u64().unwrap() as f64;
+    let (d, inter, layers, vocab) = (
+        c("hidden_size"),
+        c("intermediate_size"),
+        c("num_hidden_layers"),
+        c("vocab_size"),
+    );
+    let (q, kv) = (
+        c("num_attention_heads") * c("head_dim"),
+        c("num_key_value_heads") * c("head_dim"),
+    );
+    // (in, out) of every linear in a block; LoRA r = 16 on all of them; the tied head is frozen.
+    let shapes = [
+        (d, q),
+        (d, kv),
+        (d, kv),
+        (q, d),
+        (d, inter),
+        (d, inter),
+        (inter, d),
+    ];
+    let frozen: f64 = layers * shapes.iter().map(|(i, o)| i * o).sum::<f64>() + vocab * d;
+    let trainable: f64 = layers * shapes.iter().map(|(i, o)| 16.0 * (i + o)).sum::<f64>();
+    let attention = 3.0 * layers * 2.0 * 32.0 * q;
+    let want = 4.0 * frozen + 6.0 * trainable + attention;
+    assert_eq!(train["flops_per_token"].as_f64().unwrap(), want);
+    let (tps, loss) = (
+        train["tokens_per_s"].as_f64().unwrap(),
+        train["loss"].as_f64().unwrap(),
+    );
+    assert!(
+        tps > 0.0 && tps.is_finite() && loss.is_finite() && loss > 0.0,
+        "{train}"
+    );
+    let gflops = train["gflops"].as_f64().unwrap();
+    assert!(
+        (gflops - want * tps / 1e9).abs() <= 1e-6 * gflops,
+        "{train}"
+    );
+
+    let infer = ok_json(&[
+        "bench",
+        "infer",
+        "--model",
+        s(&m),
+        "--prompt-len",
+        "16",
+        "--new-tokens",
+        "4",
+        "--reps",
+        "1",
+    ]);
+    assert_eq!(infer["tokens"].as_array().unwrap().len(), 4, "{infer}");
+    for key in ["prefill_tokens_per_s", "decode_tokens_per_s"] {
+        assert!(infer[key].as_f64().unwrap() > 0.0, "{infer}");
+    }
+    let peak = ok_json(&["bench", "peak", "--tokens", "64", "--reps", "1"]);
+    let best = peak["shapes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["gflops"].as_f64().unwrap())
+        .fold(0.0, f64::max);
+    assert!(
+        best > 0.0 && peak["peak_gflops"].as_f64().unwrap() == best,
+        "{peak}"
+    );
+}

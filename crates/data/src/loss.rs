@@ -1,0 +1,37 @@
+//! The mean loss of a model over examples: validation during training, perplexity in evaluation.
+
+use crate::dataset::{collate, Example};
+use candle_core::{Device, Tensor};
+use factune_io::{Result, TextTokenizer};
+use factune_model::{Ctx, Model};
+
+/// Token ids `[batch, seq]` as a tensor (rows are collated to one length).
+pub fn to_tensor(ids: &[Vec<u32>], dev: &Device) -> Result<Tensor> {
+    let (b, t) = (ids.len(), ids.first().map_or(0, Vec::len));
+    Ok(Tensor::from_vec(ids.concat(), (b, t), dev)?)
+}
+
+/// The id short rows are padded with (their labels are ignored): EOS, or 0 for a tokenizer without one.
+pub fn pad_id(tok: &TextTokenizer) -> u32 {
+    tok.eos_id().unwrap_or(0)
+}
+
+/// Mean loss over `examples`, weighted by counted tokens; no dropout.
+pub fn evaluate_loss(
+    model: &Model,
+    examples: &[Example],
+    batch: usize,
+    pad: u32,
+) -> Result<(f64, usize)> {
+    let (mut sum, mut count) = (0f64, 0usize);
+    for chunk in examples.chunks(batch.max(1)) {
+        let refs: Vec<&Example> = chunk.iter().collect();
+        let (ids, labels) = collate(&refs, pad);
+        let hidden =
+            model.forward_hidden(&to_tensor(&ids, &model.device)?, None, &Ctx::default())?;
+        let (loss, n) = model.lm_loss(&hidden.detach(), &labels)?;
+        sum += loss.to_scalar::<f32>()? as f64 * n as f64;
+        count += n;
+    }
+    Ok((sum / count.max(1) as f64, count))
+}
