@@ -88,7 +88,7 @@ impl Trainer {
         step: usize,
         lr: f64,
         batch: &mut dyn FnMut(usize) -> Result<MicroBatch>,
-        mut hook: Option<&mut dyn StepHook>,
+        hook: Option<&mut dyn StepHook>,
     ) -> Result<StepReport> {
         let s = self.settings.clone();
         let dev = model.device.clone();
@@ -153,7 +153,7 @@ impl Trainer {
         for ((_, var), val) in self.params.iter().zip(values) {
             var.set(&Tensor::from_vec(val, var.shape(), &dev)?)?;
         }
-        let logged = match hook.as_deref_mut() {
+        let logged = match hook {
             Some(h) => h.after_update(model, &names, &acc, step)?,
             None => None,
         };
