@@ -8,7 +8,7 @@ use crate::targets::TargetMatcher;
 use candle_core::{DType, Tensor, Var};
 use factune_io::weights::to_safetensors_bytes;
 use factune_io::{atomic, Error, Result, Weights};
-use factune_model::{AdaptableLinear, Model};
+use factune_model::{AdaptableLinear, Model, ParamRole};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -54,6 +54,20 @@ pub fn trainable(model: &Model) -> Vec<(String, Var)> {
         if let Some(a) = &l.adapter {
             for (name, v) in a.parameters() {
                 out.push((format!("{KEY_PREFIX}{}.{name}", l.path), v));
+            }
+        }
+    }
+    out
+}
+
+/// The role of every adapter parameter, by the name [`trainable`] gives it (its method decides).
+pub fn roles(model: &Model) -> HashMap<String, ParamRole> {
+    let mut out = HashMap::new();
+    for l in model.linears() {
+        if let Some(a) = &l.adapter {
+            for (name, _) in a.parameters() {
+                let role = a.role(&name);
+                out.insert(format!("{KEY_PREFIX}{}.{name}", l.path), role);
             }
         }
     }

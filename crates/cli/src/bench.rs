@@ -7,11 +7,11 @@ use candle_core::{Device, Tensor};
 use factune_adapters::adalora::RankAllocator;
 use factune_adapters::hooks::StepHook;
 use factune_adapters::{attach, trainable, AdapterConfig, TargetModules};
-use factune_train::config::Targets;
-use factune_train::TrainConfig;
 use factune_model::{Ctx, Model};
+use factune_train::config::Targets;
 use factune_train::optim::AdamW;
 use factune_train::pretrain::{init_model, ArchSpec};
+use factune_train::TrainConfig;
 use factune_train::{StepSettings, Trainer};
 use rand::{Rng, SeedableRng};
 use std::path::Path;
@@ -187,7 +187,13 @@ pub fn train(model_dir: &Path, o: &TrainOpts) -> Result<()> {
         loraplus_lr_ratio: 1.0,
         dropout_seed: 0,
     };
-    let mut trainer = Trainer::new(params, opt, settings, false);
+    let mut trainer = Trainer::new(
+        params,
+        &factune_adapters::peft::roles(&model),
+        opt,
+        settings,
+        false,
+    );
     let mut hook = match cfg.peft_type.as_str() {
         "ADALORA" => Some(RankAllocator::new(&cfg, &model)?),
         _ => None,

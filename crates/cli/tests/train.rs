@@ -159,7 +159,14 @@ fn bench_train_runs_every_method_through_the_trainer_step() {
         let loss = j["loss"].as_f64().unwrap();
         assert!(loss.is_finite() && loss > 0.0, "{method}: {j}");
     }
-    let e = fails(&["bench", "train", "--model", s(&model()), "--method", "LORAX"]);
+    let e = fails(&[
+        "bench",
+        "train",
+        "--model",
+        s(&model()),
+        "--method",
+        "LORAX",
+    ]);
     assert!(e.contains("LORAX") && e.contains("peft_type"), "{e}");
 }
 

@@ -13,5 +13,5 @@ pub mod save;
 pub mod spectrum;
 
 pub use attention::KvCache;
-pub use linear::{AdaptableLinear, BaseWeight, Ctx, FrozenParts, LinearAdapter};
+pub use linear::{AdaptableLinear, BaseWeight, Ctx, FrozenParts, LinearAdapter, ParamRole};
 pub use model::{take_grads, LoadOptions, Model, Nf4Options};

@@ -15,6 +15,18 @@ pub struct Ctx {
     pub dropout_seed: u64,
 }
 
+/// What a trainable tensor is to the optimizer. LoRA+ gives `FactorB` a higher learning rate; ReLoRA resets
+/// the moments of both factors at a restart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ParamRole {
+    /// The input-side factor of a low-rank pair (LoRA's A).
+    FactorA,
+    /// The output-side factor (LoRA's B), zero at init.
+    FactorB,
+    /// Anything else: magnitudes, scales, sparse values, cores, base tensors.
+    Other,
+}
+
 /// A parameterisation of an update to a frozen linear layer.
 pub trait LinearAdapter: Send + Sync {
     /// The PEFT method name (`peft_type`), e.g. `LORA`.
@@ -29,6 +41,17 @@ pub trait LinearAdapter: Send + Sync {
     ) -> Result<Tensor>;
     /// Trainable tensors with their names relative to the module (e.g. `lora_A.weight`).
     fn parameters(&self) -> Vec<(String, Var)>;
+    /// The role of the parameter `name` (one of [`LinearAdapter::parameters`]'s names). By default PEFT's
+    /// naming: `lora_A.*` and `lora_B.*` are the factors of a low-rank pair; a method names its own otherwise.
+    fn role(&self, name: &str) -> ParamRole {
+        if name.starts_with("lora_A.") {
+            ParamRole::FactorA
+        } else if name.starts_with("lora_B.") {
+            ParamRole::FactorB
+        } else {
+            ParamRole::Other
+        }
+    }
     /// The dense update ΔW `[out, in]` this adapter adds to the weight.
     fn delta_weight(&self, base: &FrozenParts) -> Result<Tensor>;
     /// The update this adapter adds to the bias `[out]`, where it has one (GLoRA).

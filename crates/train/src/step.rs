@@ -5,7 +5,8 @@ use crate::optim::{clip_grad_norm, AdamW};
 use candle_core::{Tensor, Var};
 use factune_adapters::hooks::StepHook;
 use factune_io::{Error, Result};
-use factune_model::{take_grads, Ctx, Model};
+use factune_model::{take_grads, Ctx, Model, ParamRole};
+use std::collections::HashMap;
 
 /// The trainable tensors of a phase, by name, in a fixed order (the optimizer's).
 pub type Params = Vec<(String, Var)>;
@@ -41,6 +42,8 @@ pub struct StepReport {
 /// Parameters, optimizer state and the gradient checks between steps.
 pub struct Trainer {
     pub params: Params,
+    /// Each parameter's role, from its method (base tensors are `Other`).
+    pub roles: Vec<ParamRole>,
     pub opt: AdamW,
     pub settings: StepSettings,
     /// Whether the all-zero-gradient check has run since the parameters last changed role.
@@ -50,10 +53,18 @@ pub struct Trainer {
 }
 
 impl Trainer {
-    /// `resumed`: the parameters already went through updates (a checkpoint), so gradients are checked at
-    /// the first step.
-    pub fn new(params: Params, opt: AdamW, settings: StepSettings, resumed: bool) -> Self {
+    /// `roles`: the adapters' parameter roles by name (`factune_adapters::peft::roles`); other parameters
+    /// are `Other`. `resumed`: the parameters already went through updates (a checkpoint), so gradients are
+    /// checked at the first step.
+    pub fn new(
+        params: Params,
+        roles: &HashMap<String, ParamRole>,
+        opt: AdamW,
+        settings: StepSettings,
+        resumed: bool,
+    ) -> Self {
         Trainer {
+            roles: roles_of(&params, roles),
             params,
             opt,
             settings,
@@ -72,7 +83,8 @@ impl Trainer {
 
     /// New trainable tensors (a phase change: warm start over): optimizer moments follow their names, and
     /// the gradient checks start again.
-    pub fn replace_params(&mut self, next: Params) {
+    pub fn replace_params(&mut self, next: Params, roles: &HashMap<String, ParamRole>) {
+        self.roles = roles_of(&next, roles);
         let sizes: Vec<usize> = next.iter().map(|(_, v)| v.elem_count()).collect();
         let names: Vec<&str> = next.iter().map(|(k, _)| k.as_str()).collect();
         self.opt = self.opt.remapped(&self.names(), &names, &sizes);
@@ -148,7 +160,7 @@ impl Trainer {
             .iter()
             .map(|(_, v)| v.as_tensor().flatten_all()?.to_vec1::<f32>())
             .collect::<candle_core::Result<_>>()?;
-        let scales = lr_scales(&names, s.loraplus_lr_ratio);
+        let scales = lr_scales(&self.roles, s.loraplus_lr_ratio);
         self.opt.step(&mut values, &acc, lr, &scales);
         for ((_, var), val) in self.params.iter().zip(values) {
             var.set(&Tensor::from_vec(val, var.shape(), &dev)?)?;
@@ -168,16 +180,20 @@ impl Trainer {
     }
 }
 
-/// Per-parameter learning-rate multipliers: LoRA+ gives every B factor (`lora_B.*`) `ratio` × the base rate.
-pub fn lr_scales(names: &[&str], loraplus_lr_ratio: f64) -> Vec<f64> {
-    names
+fn roles_of(params: &Params, roles: &HashMap<String, ParamRole>) -> Vec<ParamRole> {
+    params
         .iter()
-        .map(|n| {
-            if n.contains(".lora_B.") {
-                loraplus_lr_ratio
-            } else {
-                1.0
-            }
+        .map(|(k, _)| roles.get(k).copied().unwrap_or(ParamRole::Other))
+        .collect()
+}
+
+/// Per-parameter learning-rate multipliers: LoRA+ gives every B factor `ratio` × the base rate.
+pub fn lr_scales(roles: &[ParamRole], loraplus_lr_ratio: f64) -> Vec<f64> {
+    roles
+        .iter()
+        .map(|r| match r {
+            ParamRole::FactorB => loraplus_lr_ratio,
+            _ => 1.0,
         })
         .collect()
 }
@@ -208,12 +224,13 @@ pub fn gradient_problem(
 #[cfg(test)]
 mod tests {
     use super::{gradient_problem, lr_scales};
+    use factune_model::ParamRole;
 
     #[test]
     fn loraplus_scales_only_b() {
-        let names = ["m.q_proj.lora_A.weight", "m.q_proj.lora_B.weight"];
-        assert_eq!(lr_scales(&names, 16.0), vec![1.0, 16.0]);
-        assert_eq!(lr_scales(&names, 1.0), vec![1.0, 1.0]);
+        let roles = [ParamRole::FactorA, ParamRole::FactorB, ParamRole::Other];
+        assert_eq!(lr_scales(&roles, 16.0), vec![1.0, 16.0, 1.0]);
+        assert_eq!(lr_scales(&roles, 1.0), vec![1.0, 1.0, 1.0]);
     }
 
     #[test]

@@ -16,7 +16,7 @@ use factune_data::{collate, evaluate_loss, pad_id, to_tensor, Batches, Dataset, 
 use factune_io::weights::to_safetensors_bytes;
 use factune_io::{atomic, Error, Result, TextTokenizer, Weights};
 use factune_model::spectrum::update_spectra;
-use factune_model::{Ctx, Model};
+use factune_model::{Ctx, Model, ParamRole};
 use serde_json::json;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -185,14 +185,20 @@ impl TrainJob<'_> {
             let (ids, labels) = collate(&exs, pad);
             Ok((to_tensor(&ids, &dev)?, labels))
         };
-        let mut trainer = Trainer::new(params, opt, cfg.step_settings(), start_step > 0);
+        let mut trainer = Trainer::new(
+            params,
+            &peft::roles(self.model),
+            opt,
+            cfg.step_settings(),
+            start_step > 0,
+        );
         self.progress.start(cfg.max_steps, start_step);
         let (mut last_loss, mut last_val, mut total_tokens) = (f64::NAN, None, 0usize);
         for step in start_step..cfg.max_steps {
             if cfg.warm_start_steps > 0 && step == cfg.warm_start_steps {
                 let (next, used) = self.switch_to_adapters(&train)?;
                 adapter_cfg = used;
-                trainer.replace_params(next);
+                trainer.replace_params(next, &peft::roles(self.model));
                 self.progress.note(&format!(
                     "step {step}: warm start over, training adapters: {}",
                     self.summary(&trainer.params)
@@ -203,8 +209,8 @@ impl TrainJob<'_> {
                 let merged =
                     lora::merge_and_reinit(self.model, &mut relora::restart_rng(cfg.seed, k))?;
                 let opt = &mut trainer.opt;
-                for (i, (name, _)) in trainer.params.iter().enumerate() {
-                    if name.contains(".lora_A.") || name.contains(".lora_B.") {
+                for (i, role) in trainer.roles.iter().enumerate() {
+                    if matches!(role, ParamRole::FactorA | ParamRole::FactorB) {
                         relora::prune_moments(
                             &mut opt.exp_avg[i],
                             &mut opt.exp_avg_sq[i],
