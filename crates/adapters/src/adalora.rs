@@ -16,13 +16,49 @@
 //! scale stays `α/(init_r + 1e−5)` whatever was kept, as in PEFT (checked: PEFT loads ours to our logits).
 
 use crate::config::{AdapterConfig, RankEntry};
-use crate::hooks::StepHook;
+use crate::hooks::{FinalAdapter, HookState, StepHook};
 use crate::registry::Method;
 use candle_core::{DType, Tensor, Var};
 use factune_io::{Error, Result};
 use factune_model::{AdaptableLinear, Ctx, FrozenParts, LinearAdapter, Model};
 use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
+
+/// AdaLoRA's keys, PEFT's `AdaLoraConfig` names and defaults: ranks start at `init_r` and the total is cut to
+/// `target_r` per module on a cubic schedule between steps `tinit` and `total_step − tfinal`, masking every
+/// `deltaT` steps; importance EMAs `beta1`/`beta2`; orthogonality penalty weight `orth_reg_weight`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct AdaLoraConfig {
+    pub init_r: usize,
+    pub target_r: usize,
+    pub tinit: usize,
+    pub tfinal: usize,
+    #[serde(rename = "deltaT")]
+    pub delta_t: usize,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub orth_reg_weight: f64,
+    /// The run's length, which the schedule needs (the trainer sets it).
+    pub total_step: Option<usize>,
+}
+
+impl Default for AdaLoraConfig {
+    fn default() -> Self {
+        AdaLoraConfig {
+            init_r: 12,
+            target_r: 8,
+            tinit: 0,
+            tfinal: 0,
+            delta_t: 1,
+            beta1: 0.85,
+            beta2: 0.85,
+            orth_reg_weight: 0.5,
+            total_step: None,
+        }
+    }
+}
 
 pub struct AdaLora {
     pub a: Var,
@@ -105,6 +141,11 @@ impl Method for AdaLoraMethod {
         vec!["lora_A", "lora_B", "lora_E"]
     }
 
+    /// The rank schedule is the trainer's job (no user callback to forget), run as this hook.
+    fn step_hook(&self, cfg: &AdapterConfig, model: &Model) -> Result<Option<Box<dyn StepHook>>> {
+        Ok(Some(Box::new(RankAllocator::new(cfg, model)?)))
+    }
+
     fn init(
         &self,
         cfg: &AdapterConfig,
@@ -114,7 +155,7 @@ impl Method for AdaLoraMethod {
         rng: &mut ChaCha8Rng,
         _shared: &HashMap<String, Tensor>,
     ) -> Result<Box<dyn LinearAdapter>> {
-        let r = cfg.init_r.unwrap_or(12);
+        let r = cfg.options::<AdaLoraConfig>()?.init_r;
         crate::lora::check_rank(layer, r)?;
         let (o, i) = (layer.out_features(), layer.in_features());
         let dev = layer.base.weight.device().clone();
@@ -137,7 +178,7 @@ impl Method for AdaLoraMethod {
         let (o, i) = (layer.out_features(), layer.in_features());
         let (a, b, e) = (&t["lora_A"], &t["lora_B"], &t["lora_E"]);
         let r = e.dims().first().copied().unwrap_or(0);
-        let init_r = cfg.init_r.unwrap_or(r);
+        let init_r = cfg.options::<AdaLoraConfig>()?.init_r;
         if a.dims() != [r, i] || b.dims() != [o, r] || e.dims() != [r, 1] || r > init_r {
             return Err(Error::config(format!(
                 "`{}`: lora_A {:?} / lora_E {:?} / lora_B {:?} do not fit a layer of shape [{o}, {i}]",
@@ -214,6 +255,34 @@ pub struct RankAllocator {
 /// In every step: the orthogonality penalty joins the loss; after the update, importance and masks follow
 /// the step's gradients and the kept rank is logged as `rank`.
 impl StepHook for RankAllocator {
+    fn name(&self) -> &'static str {
+        "adalora"
+    }
+
+    fn state(&self) -> Result<Option<HookState>> {
+        Ok(Some(RankAllocator::state(self)?))
+    }
+
+    fn restore(
+        &mut self,
+        tensors: &HashMap<String, Tensor>,
+        meta: &serde_json::Value,
+    ) -> Result<()> {
+        RankAllocator::restore(self, tensors, meta)
+    }
+
+    /// As PEFT saves a finished AdaLoRA run: cut to the kept triplets, `rank_pattern` in the config.
+    fn final_adapter(&self, model: &Model, cfg: &AdapterConfig) -> Result<Option<FinalAdapter>> {
+        let (tensors, pattern) = resized(model, &self.current_mask(model)?)?;
+        let total: usize = pattern.values().map(|p| p.rank()).sum();
+        let mut c = cfg.clone();
+        c.rank_pattern = pattern;
+        let note = format!(
+            "AdaLoRA: {total} singular values kept over all modules (rank_pattern in adapter_config.json)"
+        );
+        Ok(Some((tensors, c, note)))
+    }
+
     fn penalty(&self, model: &Model) -> Result<Option<Tensor>> {
         Ok(orth_penalty(model, self.orth_reg_weight)?)
     }
@@ -247,9 +316,10 @@ impl RankAllocator {
             .iter()
             .filter(|l| l.adapter.as_ref().is_some_and(|a| a.method() == "ADALORA"))
             .count();
-        let (init_r, target_r) = (cfg.init_r.unwrap_or(12), cfg.target_r.unwrap_or(8));
-        let total_step = cfg.total_step.unwrap_or(0);
-        let (tinit, tfinal) = (cfg.tinit.unwrap_or(0), cfg.tfinal.unwrap_or(0));
+        let own: &AdaLoraConfig = cfg.options()?;
+        let (init_r, target_r) = (own.init_r, own.target_r);
+        let total_step = own.total_step.unwrap_or(0);
+        let (tinit, tfinal) = (own.tinit, own.tfinal);
         if target_r > init_r {
             return Err(Error::config(format!(
                 "AdaLoRA: target_r = {target_r} exceeds init_r = {init_r}"
@@ -269,10 +339,10 @@ impl RankAllocator {
             tinit,
             tfinal,
             total_step,
-            delta_t: cfg.delta_t.unwrap_or(1).max(1),
-            beta1: cfg.beta1.unwrap_or(0.85) as f32,
-            beta2: cfg.beta2.unwrap_or(0.85) as f32,
-            orth_reg_weight: cfg.orth_reg_weight.unwrap_or(0.5),
+            delta_t: own.delta_t.max(1),
+            beta1: own.beta1 as f32,
+            beta2: own.beta2 as f32,
+            orth_reg_weight: own.orth_reg_weight,
             ema: BTreeMap::new(),
             final_mask: None,
         })

@@ -1,6 +1,7 @@
 //! `adapter_config.json` as PEFT writes it. Field names are PEFT's, so users keep their habits and files move
 //! between the two tools.
 
+use crate::method_config::MethodConfig;
 use factune_io::{Error, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -48,9 +49,6 @@ fn default_alpha() -> f64 {
 fn default_bias() -> String {
     "none".into()
 }
-fn default_peft_type() -> String {
-    "LORA".into()
-}
 fn default_task() -> String {
     "CAUSAL_LM".into()
 }
@@ -58,10 +56,10 @@ fn default_true() -> Value {
     Value::Bool(true)
 }
 
+/// `adapter_config.json`: the keys every method shares (PEFT's `LoraConfig`/`PeftConfig` names), and the
+/// method with its own keys, tagged by `peft_type`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct AdapterConfig {
-    #[serde(default = "default_peft_type")]
-    pub peft_type: String,
     #[serde(default = "default_task")]
     pub task_type: String,
     #[serde(default = "default_r")]
@@ -102,64 +100,9 @@ pub struct AdapterConfig {
     /// PEFT's `LoftQConfig`: `loftq_bits` (4) and `loftq_iter`, used by `init_lora_weights = "loftq"`.
     #[serde(default)]
     pub loftq_config: Map<String, Value>,
-    /// MPO adapters (factune's own `peft_type = "MPO"`): bond dimension χ capping every bond.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub bond_dim: Option<usize>,
-    /// MPO adapters: number of modes each side of the weight is factored into (3 to 5).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub mpo_modes: Option<usize>,
-    /// MPO adapters: mode factorisations given per layer shape, `"OUTxIN": [[j_1, …], [i_1, …]]`; other shapes
-    /// are factored automatically.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub mpo_factors: Option<BTreeMap<String, [Vec<usize>; 2]>>,
-    /// MPO adapters: `"dota"` (cores from the truncated MPO of W, residual frozen) or `"random"` (last core 0).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub init_weights: Option<Value>,
-    /// VeRA: initial value of every `vera_lambda_d` entry.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub d_initial: Option<f64>,
-    /// VeRA: seed of the shared random projections.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub projection_prng_key: Option<u64>,
-    /// VeRA: whether the shared projections are stored in the adapter file (factune always stores them).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub save_projection: Option<bool>,
-    /// Sparse + low-rank (`peft_type = "ROSA"`): fraction of each weight's entries in the sparse part.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub sparse_density: Option<f64>,
-    /// Sparse + low-rank: how the support is chosen, `"weight"` (largest |W|).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub sparse_init: Option<String>,
-    /// AdaLoRA (`peft_type = "ADALORA"`): PEFT's schedule keys — ranks start at `init_r` and the total is cut
-    /// to `target_r` per module on a cubic schedule between steps `tinit` and `total_step − tfinal`, masking
-    /// every `deltaT` steps, importance EMAs `beta1`/`beta2`, orthogonality penalty weight `orth_reg_weight`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub init_r: Option<usize>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub target_r: Option<usize>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tinit: Option<usize>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tfinal: Option<usize>,
-    #[serde(default, rename = "deltaT", skip_serializing_if = "Option::is_none")]
-    pub delta_t: Option<usize>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub beta1: Option<f64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub beta2: Option<f64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub orth_reg_weight: Option<f64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub total_step: Option<usize>,
-    /// MultiLoRA (`peft_type = "MULTILORA"`): parallel LoRA branches per layer.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub multilora_branches: Option<usize>,
-    /// GLoRA (`peft_type = "GLORA"`): which of the parts A, B, C, D, E train.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub glora_parts: Option<String>,
-    /// VeRA's dropout on the adapter input (PEFT's name for it).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub vera_dropout: Option<f64>,
+    /// The method (`peft_type`) and its own keys.
+    #[serde(flatten)]
+    pub method: MethodConfig,
 }
 
 /// Keys PEFT writes that factune reads without acting on them when they hold their default (null, empty, false).
@@ -198,11 +141,25 @@ fn is_default(v: &Value) -> bool {
 
 impl Default for AdapterConfig {
     fn default() -> Self {
-        serde_json::from_value(Value::Object(Map::new())).expect("all fields have defaults")
+        serde_json::from_value(serde_json::json!({"peft_type": "LORA"}))
+            .expect("all fields have defaults")
     }
 }
 
 impl AdapterConfig {
+    /// PEFT's name of the method.
+    pub fn peft_type(&self) -> &'static str {
+        self.method.peft_type()
+    }
+
+    /// This method's own settings, typed (`let v: &VeraConfig = cfg.options()?`).
+    pub fn options<'a, T>(&'a self) -> Result<&'a T>
+    where
+        &'a T: TryFrom<&'a MethodConfig, Error = Error>,
+    {
+        <&T>::try_from(&self.method)
+    }
+
     /// Effective scale `s` for rank `r`: `α/r`, or `α/√r` with rsLoRA.
     pub fn scaling(&self, r: usize, alpha: f64) -> f64 {
         if self.use_rslora {
@@ -217,8 +174,8 @@ impl AdapterConfig {
     pub fn init_reads_base(&self) -> bool {
         let named =
             |p: &str| matches!(&self.init_lora_weights, Value::String(s) if s.starts_with(p));
-        match self.peft_type.as_str() {
-            "MPO" => self.mpo_init() == "dota",
+        match &self.method {
+            MethodConfig::Mpo(m) => m.init_weights == crate::mpo::MpoInit::Dota,
             _ => named("pissa") || named("loftq"),
         }
     }
@@ -255,17 +212,12 @@ impl AdapterConfig {
         crate::targets::TargetMatcher::new(&self.target_modules).is_ok_and(|m| m.matches(path))
     }
 
-    /// MPO adapters' init: `dota` unless `init_weights` names another.
-    pub fn mpo_init(&self) -> &str {
-        match &self.init_weights {
-            Some(Value::String(s)) => s,
-            _ => "dota",
-        }
-    }
-
     /// The dropout on the adapter's input: `vera_dropout` for VeRA, `lora_dropout` otherwise.
     pub fn dropout(&self) -> f64 {
-        self.vera_dropout.unwrap_or(self.lora_dropout)
+        match &self.method {
+            MethodConfig::Vera(v) => v.vera_dropout,
+            _ => self.lora_dropout,
+        }
     }
 
     /// LoftQ's iteration count from `loftq_config` (default 1); only 4-bit LoftQ is implemented.
@@ -315,44 +267,24 @@ impl AdapterConfig {
         };
         // PEFT writes `null` for every optional field left unset (`"task_type": null` whenever no task type
         // was given): null means "unset", so such keys take factune's default.
-        let set: Map<String, Value> = map
+        let mut set: Map<String, Value> = map
             .iter()
             .filter(|(_, v)| !v.is_null())
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
+        // PEFT's default method
+        set.entry("peft_type")
+            .or_insert_with(|| Value::String("LORA".into()));
+        if let Some(Value::String(t)) = set.get("peft_type") {
+            MethodConfig::named(t).map_err(|e| Error::invalid(path, e.to_string()))?;
+        }
         let cfg: AdapterConfig = serde_json::from_value(Value::Object(set))
             .map_err(|e| Error::invalid(path, format!("invalid adapter config: {e}")))?;
         let mut own: Vec<String> = match serde_json::to_value(AdapterConfig::default()) {
             Ok(Value::Object(m)) => m.keys().cloned().collect(),
             _ => vec![],
         };
-        // written only for the methods that use them
-        own.extend(
-            [
-                "bond_dim",
-                "mpo_modes",
-                "mpo_factors",
-                "init_weights",
-                "d_initial",
-                "projection_prng_key",
-                "save_projection",
-                "vera_dropout",
-                "sparse_density",
-                "sparse_init",
-                "multilora_branches",
-                "glora_parts",
-                "init_r",
-                "target_r",
-                "tinit",
-                "tfinal",
-                "deltaT",
-                "beta1",
-                "beta2",
-                "orth_reg_weight",
-                "total_step",
-            ]
-            .map(String::from),
-        );
+        own.extend(cfg.method.keys());
         for (k, v) in map {
             if own.contains(k) {
                 continue;
@@ -415,7 +347,7 @@ impl AdapterConfig {
     pub fn to_json(&self) -> Result<String> {
         let mut v = serde_json::to_value(self)
             .map_err(|e| Error::config(format!("adapter config: {e}")))?;
-        if self.peft_type == "VERA" {
+        if matches!(self.method, MethodConfig::Vera(_)) {
             if let Value::Object(m) = &mut v {
                 for k in [
                     "lora_alpha",

@@ -17,7 +17,24 @@ use factune_io::{Error, Result};
 use factune_model::kernels::frozen_linear;
 use factune_model::{AdaptableLinear, Ctx, FrozenParts, LinearAdapter};
 use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
+
+/// GLoRA's keys (factune's own `peft_type = "GLORA"`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct GloraConfig {
+    /// The parts that train, a selection of `ABCDE` (W·A, B, W·C, b⊙D, E).
+    pub glora_parts: String,
+}
+
+impl Default for GloraConfig {
+    fn default() -> Self {
+        GloraConfig {
+            glora_parts: "ABCDE".into(),
+        }
+    }
+}
 
 const NAMES: [&str; 7] = [
     "glora_Au", "glora_Ad", "glora_Bu", "glora_Bd", "glora_C", "glora_D", "glora_E",
@@ -125,7 +142,8 @@ impl LinearAdapter for Glora {
 pub struct GloraMethod;
 
 fn parts(cfg: &AdapterConfig) -> Result<String> {
-    let p = cfg.glora_parts.clone().unwrap_or_else(|| "ABCDE".into());
+    let own: &GloraConfig = cfg.options()?;
+    let p = own.glora_parts.clone();
     if p.is_empty() || !p.chars().all(|c| "ABCDE".contains(c)) {
         return Err(Error::config(format!(
             "glora_parts `{p}`: expected a non-empty selection of the letters A, B, C, D, E"

@@ -10,6 +10,7 @@ pub mod hooks;
 pub mod loftq;
 pub mod lora;
 pub mod lqlora;
+pub mod method_config;
 pub mod mpo;
 pub mod multilora;
 pub mod peft;
@@ -20,6 +21,7 @@ pub mod targets;
 pub mod vera;
 
 pub use config::{AdapterConfig, RankEntry, TargetModules};
+pub use method_config::MethodConfig;
 pub use peft::{attach, load, save, trainable, trainable_summary, LoadReport};
 
 use candle_core::{Device, Tensor};

@@ -18,7 +18,42 @@ use factune_io::{Error, Result};
 use factune_model::mpo::{self, Modes};
 use factune_model::{AdaptableLinear, Ctx, FrozenParts, LinearAdapter};
 use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::collections::HashMap;
+
+factune_io::choice! {
+    /// How MPO cores start: DoTA's truncated MPO of W (residual frozen), or random with the last core zero.
+    pub enum MpoInit for "init_weights" {
+        Dota = "dota",
+        Random = "random",
+    }
+}
+
+/// MPO adapters' keys (factune's own `peft_type = "MPO"`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct MpoConfig {
+    /// Bond dimension χ capping every bond.
+    pub bond_dim: usize,
+    /// Modes each side of a weight is factored into (2 to 5).
+    pub mpo_modes: usize,
+    /// Mode factorisations per layer shape, `"OUTxIN": [[j_1, …], [i_1, …]]`; other shapes are factored
+    /// automatically.
+    pub mpo_factors: Option<BTreeMap<String, [Vec<usize>; 2]>>,
+    pub init_weights: MpoInit,
+}
+
+impl Default for MpoConfig {
+    fn default() -> Self {
+        MpoConfig {
+            bond_dim: 8,
+            mpo_modes: 3,
+            mpo_factors: None,
+            init_weights: MpoInit::Dota,
+        }
+    }
+}
 
 const CORE_NAMES: [&str; 5] = [
     "mpo_cores.0",
@@ -74,28 +109,21 @@ struct Settings {
 }
 
 fn settings(cfg: &AdapterConfig, layer: &AdaptableLinear) -> Result<Settings> {
-    let n = cfg.mpo_modes.unwrap_or(3);
+    let own: &MpoConfig = cfg.options()?;
+    let n = own.mpo_modes;
     if !(2..=CORE_NAMES.len()).contains(&n) {
         return Err(Error::config(format!(
             "mpo_modes = {n}: expected 2 to {}",
             CORE_NAMES.len()
         )));
     }
-    let chi = cfg.bond_dim.unwrap_or(8);
+    let chi = own.bond_dim;
     if chi == 0 {
         return Err(Error::config("bond_dim must be > 0"));
     }
-    let dota = match cfg.mpo_init() {
-        "dota" => true,
-        "random" => false,
-        other => {
-            return Err(Error::config(format!(
-                "init_weights `{other}` for MPO adapters: expected \"dota\" or \"random\""
-            )))
-        }
-    };
+    let dota = own.init_weights == MpoInit::Dota;
     let (o, i) = (layer.out_features(), layer.in_features());
-    let modes = match cfg
+    let modes = match own
         .mpo_factors
         .as_ref()
         .and_then(|m| m.get(&format!("{o}x{i}")))
@@ -129,7 +157,11 @@ impl Method for MpoMethod {
     }
 
     fn tensor_names(&self, cfg: &AdapterConfig) -> Vec<&'static str> {
-        let n = cfg.mpo_modes.unwrap_or(3).clamp(1, CORE_NAMES.len());
+        // a config of another method names no cores (loading then reports the mismatch)
+        let n = cfg
+            .options::<MpoConfig>()
+            .map_or(0, |m| m.mpo_modes)
+            .clamp(1, CORE_NAMES.len());
         CORE_NAMES[..n].to_vec()
     }
 

@@ -15,7 +15,24 @@ use candle_core::{DType, Tensor, Var};
 use factune_io::{Error, Result};
 use factune_model::{AdaptableLinear, Ctx, FrozenParts, LinearAdapter};
 use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
+
+/// MultiLoRA's keys (factune's own `peft_type = "MULTILORA"`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct MultiLoraConfig {
+    /// Parallel LoRA branches per layer, each of rank `r`.
+    pub multilora_branches: usize,
+}
+
+impl Default for MultiLoraConfig {
+    fn default() -> Self {
+        MultiLoraConfig {
+            multilora_branches: 2,
+        }
+    }
+}
 
 const MAX_BRANCHES: usize = 8;
 const A_NAMES: [&str; MAX_BRANCHES] = [
@@ -110,7 +127,8 @@ impl LinearAdapter for MultiLora {
 pub struct MultiLoraMethod;
 
 fn branches(cfg: &AdapterConfig) -> Result<usize> {
-    let n = cfg.multilora_branches.unwrap_or(2);
+    let own: &MultiLoraConfig = cfg.options()?;
+    let n = own.multilora_branches;
     if !(1..=MAX_BRANCHES).contains(&n) {
         return Err(Error::config(format!(
             "multilora_branches = {n}: expected 1 to {MAX_BRANCHES}"

@@ -3,7 +3,6 @@
 
 use crate::config::AdapterConfig;
 use crate::pissa;
-use crate::registry::method;
 use crate::targets::TargetMatcher;
 use candle_core::{DType, Tensor, Var};
 use factune_io::weights::to_safetensors_bytes;
@@ -22,7 +21,7 @@ const KEY_PREFIX: &str = "base_model.model.";
 /// adapter is created, so the same seed gives the same adapter. Returns the wrapped module paths.
 pub fn attach(model: &mut Model, cfg: &AdapterConfig, seed: u64) -> Result<Vec<String>> {
     cfg.check(Path::new("adapter config"))?;
-    let m = method(&cfg.peft_type)?;
+    let m = cfg.method.method();
     let matcher = TargetMatcher::new(&cfg.target_modules)?;
     let paths: Vec<String> = model.linears().iter().map(|l| l.path.clone()).collect();
     matcher.check_all_used(&paths.iter().map(String::as_str).collect::<Vec<_>>())?;
@@ -274,7 +273,7 @@ pub fn load(
 ) -> Result<(AdapterConfig, LoadReport)> {
     let cfg_path = dir.join(CONFIG_FILE);
     let cfg = AdapterConfig::from_file(&cfg_path)?;
-    let m = method(&cfg.peft_type).map_err(|e| Error::invalid(&cfg_path, e.to_string()))?;
+    let m = cfg.method.method();
     let wpath = dir.join(WEIGHTS_FILE);
     if !wpath.exists() {
         return Err(Error::invalid(
@@ -297,7 +296,7 @@ pub fn load(
                     "missing the shared tensor `{key}` ({} adapters saved with save_projection = false rely on \
                      PyTorch's random generator, which factune cannot reproduce: save them with \
                      save_projection = true)",
-                    cfg.peft_type
+                    cfg.peft_type()
                 ),
             ));
         }

@@ -1,6 +1,8 @@
-//! Adapter methods by `peft_type`. Adding a method = one file implementing [`Method`] + one entry here.
+//! Adapter methods by `peft_type`. Adding a method = its module (config, [`Method`], layer) + one variant of
+//! [`MethodConfig`](crate::method_config::MethodConfig), which is also the list searched here.
 
 use crate::config::AdapterConfig;
+use crate::method_config::METHODS;
 use candle_core::Tensor;
 use factune_io::{Error, Result};
 use factune_model::{AdaptableLinear, LinearAdapter};
@@ -41,6 +43,14 @@ pub trait Method: Sync {
     ) -> Result<HashMap<String, Tensor>> {
         Ok(HashMap::new())
     }
+    /// What the method adds to each training step, if anything (made after the adapters are attached).
+    fn step_hook(
+        &self,
+        _cfg: &AdapterConfig,
+        _model: &factune_model::Model,
+    ) -> Result<Option<Box<dyn crate::hooks::StepHook>>> {
+        Ok(None)
+    }
     /// An adapter rebuilt from saved tensors (every name of `tensor_names` is present).
     fn load_tensors(
         &self,
@@ -50,16 +60,6 @@ pub trait Method: Sync {
         t: &HashMap<String, Tensor>,
     ) -> Result<Box<dyn LinearAdapter>>;
 }
-
-const METHODS: &[&dyn Method] = &[
-    &crate::lora::LoraMethod,
-    &crate::mpo::MpoMethod,
-    &crate::vera::VeraMethod,
-    &crate::rosa::RosaMethod,
-    &crate::multilora::MultiLoraMethod,
-    &crate::glora::GloraMethod,
-    &crate::adalora::AdaLoraMethod,
-];
 
 pub fn method(peft_type: &str) -> Result<&'static dyn Method> {
     METHODS

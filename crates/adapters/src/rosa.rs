@@ -16,8 +16,35 @@ use factune_io::{Error, Result};
 use factune_model::kernels::{sparse_dense, sparse_linear};
 use factune_model::{AdaptableLinear, Ctx, FrozenParts, LinearAdapter};
 use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::sync::Arc;
+
+factune_io::choice! {
+    /// How the sparse part's support is chosen.
+    pub enum SparseInit for "sparse_init" {
+        /// The entries of largest |W|.
+        Weight = "weight",
+    }
+}
+
+/// Sparse + low-rank keys (factune's own `peft_type = "ROSA"`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RosaConfig {
+    /// Fraction of each weight's entries in the trained sparse part.
+    pub sparse_density: f64,
+    pub sparse_init: SparseInit,
+}
+
+impl Default for RosaConfig {
+    fn default() -> Self {
+        RosaConfig {
+            sparse_density: 0.01,
+            sparse_init: SparseInit::Weight,
+        }
+    }
+}
 
 pub struct Rosa {
     pub lora: Lora,
@@ -114,17 +141,15 @@ fn split(flat: &[usize], inp: usize) -> (Arc<Vec<u32>>, Arc<Vec<u32>>) {
 }
 
 fn density(cfg: &AdapterConfig) -> Result<f64> {
-    let d = cfg.sparse_density.unwrap_or(0.01);
+    let own: &RosaConfig = cfg.options()?;
+    let d = own.sparse_density;
     if !(d > 0.0 && d <= 1.0) {
         return Err(Error::config(format!(
             "sparse_density = {d}: expected a fraction in (0, 1]"
         )));
     }
-    match cfg.sparse_init.as_deref().unwrap_or("weight") {
-        "weight" => Ok(d),
-        other => Err(Error::config(format!(
-            "sparse_init `{other}`: expected \"weight\" (largest |W| entries)"
-        ))),
+    match own.sparse_init {
+        SparseInit::Weight => Ok(d),
     }
 }
 

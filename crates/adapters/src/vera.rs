@@ -15,7 +15,36 @@ use factune_io::{Error, Result};
 use factune_model::{AdaptableLinear, Ctx, FrozenParts, LinearAdapter};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
+
+/// VeRA's keys, PEFT's `VeraConfig` names and defaults.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct VeraConfig {
+    /// Seed of the shared random projections.
+    pub projection_prng_key: u64,
+    /// Whether the shared projections are stored in the adapter file (factune always stores them).
+    pub save_projection: bool,
+    /// Dropout on the adapter input.
+    pub vera_dropout: f64,
+    /// Initial value of every `vera_lambda_d` entry.
+    pub d_initial: f64,
+    /// Whether the adapter starts as a no-op (λ_b = 0).
+    pub init_weights: bool,
+}
+
+impl Default for VeraConfig {
+    fn default() -> Self {
+        VeraConfig {
+            projection_prng_key: 0,
+            save_projection: true,
+            vera_dropout: 0.0,
+            d_initial: 0.1,
+            init_weights: true,
+        }
+    }
+}
 
 pub struct Vera {
     /// `λ_b [out]`, `λ_d [r]`.
@@ -132,7 +161,8 @@ impl Method for VeraMethod {
         max_in: usize,
         dev: &Device,
     ) -> Result<HashMap<String, Tensor>> {
-        let mut rng = ChaCha8Rng::seed_from_u64(cfg.projection_prng_key.unwrap_or(0));
+        let own: &VeraConfig = cfg.options()?;
+        let mut rng = ChaCha8Rng::seed_from_u64(own.projection_prng_key);
         let r = cfg.r;
         Ok(HashMap::from([
             (
@@ -162,7 +192,8 @@ impl Method for VeraMethod {
             )));
         }
         let dev = layer.base.weight.device().clone();
-        let d = Tensor::full(cfg.d_initial.unwrap_or(0.1) as f32, rank, &dev)?;
+        let own: &VeraConfig = cfg.options()?;
+        let d = Tensor::full(own.d_initial as f32, rank, &dev)?;
         let b = Tensor::zeros(layer.out_features(), DType::F32, &dev)?;
         build(cfg, layer, shared, (b, d))
     }

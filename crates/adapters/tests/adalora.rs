@@ -7,7 +7,7 @@ mod common;
 use common::*;
 
 use candle_core::{DType, Device, Tensor};
-use factune_adapters::adalora::{orth_penalty, resized, total_rank, RankAllocator};
+use factune_adapters::adalora::{orth_penalty, resized, total_rank, AdaLoraConfig, RankAllocator};
 use factune_adapters::{attach, load, trainable, AdapterConfig, TargetModules};
 use factune_model::loss::causal_lm_loss;
 use factune_model::{Ctx, Model};
@@ -15,17 +15,19 @@ use std::collections::HashMap;
 
 fn cfg() -> AdapterConfig {
     AdapterConfig {
-        peft_type: "ADALORA".into(),
         lora_alpha: 12.0,
-        init_r: Some(6),
-        target_r: Some(2),
-        tinit: Some(2),
-        tfinal: Some(2),
-        delta_t: Some(1),
-        beta1: Some(0.85),
-        beta2: Some(0.85),
-        orth_reg_weight: Some(0.5),
-        total_step: Some(10),
+        method: AdaLoraConfig {
+            init_r: 6,
+            target_r: 2,
+            tinit: 2,
+            tfinal: 2,
+            delta_t: 1,
+            beta1: 0.85,
+            beta2: 0.85,
+            orth_reg_weight: 0.5,
+            total_step: Some(10),
+        }
+        .into(),
         target_modules: TargetModules::List(vec![
             "q_proj".into(),
             "v_proj".into(),

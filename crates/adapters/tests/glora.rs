@@ -6,14 +6,17 @@ mod common;
 use common::*;
 
 use candle_core::{DType, Device, Tensor, Var};
+use factune_adapters::glora::GloraConfig;
 use factune_adapters::{attach, load, save, trainable, AdapterConfig, TargetModules};
 use factune_model::{Ctx, Model};
 
 fn cfg(parts: &str) -> AdapterConfig {
     AdapterConfig {
-        peft_type: "GLORA".into(),
         r: 2,
-        glora_parts: Some(parts.into()),
+        method: GloraConfig {
+            glora_parts: parts.into(),
+        }
+        .into(),
         target_modules: TargetModules::Pattern("all-linear".into()),
         ..AdapterConfig::default()
     }

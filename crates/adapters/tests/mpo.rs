@@ -7,6 +7,7 @@ mod common;
 use common::*;
 
 use candle_core::{DType, Device, Tensor};
+use factune_adapters::mpo::MpoConfig;
 use factune_adapters::{attach, load, save, trainable, AdapterConfig, TargetModules};
 use factune_model::{Ctx, Model, Nf4Options};
 
@@ -16,10 +17,13 @@ fn logits(m: &Model) -> Tensor {
 
 fn cfg(init: &str, chi: usize) -> AdapterConfig {
     AdapterConfig {
-        peft_type: "MPO".into(),
-        bond_dim: Some(chi),
-        mpo_modes: Some(3),
-        init_weights: Some(serde_json::Value::String(init.into())),
+        method: MpoConfig {
+            bond_dim: chi,
+            mpo_modes: 3,
+            init_weights: init.parse().unwrap(),
+            ..Default::default()
+        }
+        .into(),
         target_modules: TargetModules::Pattern("all-linear".into()),
         ..AdapterConfig::default()
     }
@@ -139,7 +143,7 @@ fn saved_mpo_adapters_load_back_to_the_same_logits() {
         save(&m, &c, dir.path()).unwrap();
         let mut fresh = Model::load(&fixture("llama"), &Device::Cpu).unwrap();
         let (loaded, report) = load(&mut fresh, dir.path(), false).unwrap();
-        assert_eq!(loaded.peft_type, "MPO");
+        assert_eq!(loaded.peft_type(), "MPO");
         assert!(
             report.missing_modules.is_empty() && report.unmatched_tensors.is_empty(),
             "{report}"

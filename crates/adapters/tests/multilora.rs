@@ -5,15 +5,18 @@ mod common;
 use common::*;
 
 use candle_core::{Device, Tensor};
+use factune_adapters::multilora::MultiLoraConfig;
 use factune_adapters::{attach, load, save, trainable, AdapterConfig, TargetModules};
 use factune_model::{Ctx, Model};
 
 fn cfg() -> AdapterConfig {
     AdapterConfig {
-        peft_type: "MULTILORA".into(),
         r: 3,
         lora_alpha: 6.0,
-        multilora_branches: Some(3),
+        method: MultiLoraConfig {
+            multilora_branches: 3,
+        }
+        .into(),
         target_modules: TargetModules::List(vec!["q_proj".into(), "down_proj".into()]),
         ..AdapterConfig::default()
     }

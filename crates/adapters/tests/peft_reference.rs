@@ -435,11 +435,14 @@ fn vera_init_is_a_no_op_saves_its_projections_once_and_merges_exactly() {
     let ids = r["input_ids"].to_dtype(DType::U32).unwrap();
     let base = model.forward(&ids, None, &Ctx::default()).unwrap();
     let cfg = AdapterConfig {
-        peft_type: "VERA".into(),
         r: 8,
         target_modules: TargetModules::Pattern("all-linear".into()),
-        projection_prng_key: Some(3),
-        d_initial: Some(0.1),
+        method: factune_adapters::vera::VeraConfig {
+            projection_prng_key: 3,
+            d_initial: 0.1,
+            ..Default::default()
+        }
+        .into(),
         ..AdapterConfig::default()
     };
     attach(&mut model, &cfg, 0).unwrap();

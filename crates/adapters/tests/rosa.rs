@@ -6,16 +6,20 @@ mod common;
 use common::*;
 
 use candle_core::{DType, Device, Tensor};
+use factune_adapters::rosa::RosaConfig;
 use factune_adapters::{attach, load, save, trainable, AdapterConfig, TargetModules};
 use factune_model::loss::causal_lm_loss;
 use factune_model::{Ctx, Model};
 
 fn cfg() -> AdapterConfig {
     AdapterConfig {
-        peft_type: "ROSA".into(),
         r: 2,
         lora_alpha: 4.0,
-        sparse_density: Some(0.02),
+        method: RosaConfig {
+            sparse_density: 0.02,
+            ..Default::default()
+        }
+        .into(),
         target_modules: TargetModules::List(vec!["q_proj".into(), "down_proj".into()]),
         ..AdapterConfig::default()
     }
@@ -125,7 +129,7 @@ fn sparse_lora_saves_loads_and_merges_exactly() {
     save(&m, &cfg(), dir.path()).unwrap();
     let mut fresh = Model::load(&fixture("llama"), &Device::Cpu).unwrap();
     let (c, report) = load(&mut fresh, dir.path(), false).unwrap();
-    assert_eq!(c.peft_type, "ROSA");
+    assert_eq!(c.peft_type(), "ROSA");
     assert!(
         report.unmatched_tensors.is_empty() && report.missing_modules.is_empty(),
         "{report}"

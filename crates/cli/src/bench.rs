@@ -4,7 +4,6 @@
 
 use anyhow::Result;
 use candle_core::{Device, Tensor};
-use factune_adapters::adalora::RankAllocator;
 use factune_adapters::hooks::StepHook;
 use factune_adapters::{attach, trainable, AdapterConfig, TargetModules};
 use factune_model::{Ctx, Model};
@@ -146,7 +145,7 @@ pub fn train(model_dir: &Path, o: &TrainOpts) -> Result<()> {
         ..TrainConfig::default()
     };
     run.validate()?;
-    let cfg = run.adapter_config();
+    let cfg = run.adapter_config()?;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
     let vocab = model.cfg.vocab_size as u32;
     let mut random_batch = || {
@@ -194,10 +193,7 @@ pub fn train(model_dir: &Path, o: &TrainOpts) -> Result<()> {
         settings,
         false,
     );
-    let mut hook = match cfg.peft_type.as_str() {
-        "ADALORA" => Some(RankAllocator::new(&cfg, &model)?),
-        _ => None,
-    };
+    let mut hook = cfg.method.method().step_hook(&cfg, &model)?;
     // The steps' own peak, apart from loading's: reset the high-water mark (Linux) and note the resident base.
     let load_peak = peak_rss_mb();
     let _ = std::fs::write("/proc/self/clear_refs", "5");
@@ -217,7 +213,7 @@ pub fn train(model_dir: &Path, o: &TrainOpts) -> Result<()> {
                 .ok_or_else(|| factune_io::Error::config("one micro-batch per bench step"))
         };
         let t0 = Instant::now();
-        let hook = hook.as_mut().map(|h| h as &mut dyn StepHook);
+        let hook = hook.as_deref_mut().map(|h| h as &mut dyn StepHook);
         let report = trainer.step(&mut model, step, 1e-4, &mut next, hook)?;
         last_loss = report.loss;
         if step > 0 {
@@ -228,7 +224,7 @@ pub fn train(model_dir: &Path, o: &TrainOpts) -> Result<()> {
     let flops = train_flops_per_token(&model, trainable_params, seq_len);
     println!(
         "{}",
-        serde_json::json!({"impl": "factune", "method": cfg.peft_type, "seq_len": seq_len, "batch": batch, "r": r, "steps": steps,
+        serde_json::json!({"impl": "factune", "method": cfg.peft_type(), "seq_len": seq_len, "batch": batch, "r": r, "steps": steps,
             "init": init, "init_s": init_s, "quantize": if quantize { "nf4" } else { "none" },
             "base_dtype": format!("{:?}", base_dtype(o.bf16)), "dora": dora,
             "gradient_checkpointing": o.gradient_checkpointing, "lora_dropout": o.lora_dropout,

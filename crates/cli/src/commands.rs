@@ -104,7 +104,7 @@ pub fn load_model(args: &ModelArgs) -> Result<Model> {
         eprintln!(
             "adapter {} ({}, r={}): {report}",
             a.display(),
-            cfg.peft_type,
+            cfg.peft_type(),
             cfg.r
         );
     }
@@ -165,7 +165,7 @@ pub fn train(
     // Quantise while loading, so the dense weights never sit in memory all at once; inits built from the
     // full-precision weights (PiSSA, LoftQ, DoTA) need them dense, and the trainer quantises after them.
     let opts =
-        cfg.load_options(cfg.adapter_config().init_reads_base() || cfg.mixed_budget().is_some());
+        cfg.load_options(cfg.adapter_config()?.init_reads_base() || cfg.mixed_budget().is_some());
     let mut model = Model::load_with(model_dir, &device(dev)?, opts)?;
     let tok = TextTokenizer::from_dir(model_dir)?;
     let outcome = run_training(&mut model, &tok, cfg, data, output, resume)?;
@@ -498,27 +498,27 @@ pub fn inspect(dir: &Path) -> Result<()> {
             .filter_map(|n| w.info(n))
             .map(|(s, _)| s.iter().product::<usize>())
             .sum();
-        let method = factune_adapters::registry::method(&cfg.peft_type)?;
-        let first = method.tensor_names(&cfg)[0];
-        let modules = w.names().filter(|n| n.ends_with(first)).count();
+        let names = cfg.method.method().tensor_names(&cfg);
+        let modules = match names.first() {
+            Some(first) => w.names().filter(|n| n.ends_with(first)).count(),
+            None => 0,
+        };
         println!("adapter: {}", dir.display());
         println!(
             "  method: {}{}",
-            cfg.peft_type,
+            cfg.peft_type(),
             if cfg.use_rslora {
                 " (rsLoRA scaling)"
             } else {
                 ""
             }
         );
-        match cfg.bond_dim {
-            Some(chi) => println!(
-                "  bond_dim: {chi}  mpo_modes: {}  init_weights: {}  dropout: {}",
-                cfg.mpo_modes.unwrap_or(3),
-                cfg.mpo_init(),
-                cfg.lora_dropout
+        match &cfg.method {
+            factune_adapters::MethodConfig::Mpo(m) => println!(
+                "  bond_dim: {}  mpo_modes: {}  init_weights: {}  dropout: {}",
+                m.bond_dim, m.mpo_modes, m.init_weights, cfg.lora_dropout
             ),
-            None => println!(
+            _ => println!(
                 "  r: {}  lora_alpha: {}  lora_dropout: {}",
                 cfg.r, cfg.lora_alpha, cfg.lora_dropout
             ),

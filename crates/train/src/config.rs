@@ -1,7 +1,7 @@
 //! The training configuration: a flat TOML file whose keys are PEFT's and transformers' names, and the same
 //! keys as CLI flags (`--learning-rate 1e-4`), generated from one list so the two never drift apart.
 
-use factune_adapters::{AdapterConfig, TargetModules};
+use factune_adapters::{AdapterConfig, MethodConfig, TargetModules};
 pub use factune_data::DataFormat;
 use factune_io::{Error, Result};
 use serde::{Deserialize, Serialize};
@@ -54,7 +54,8 @@ impl std::str::FromStr for InitWeights {
 }
 
 /// Expands `$callback!` with the list of training settings (`doc`, name, TOML alias, type, default): the one
-/// place a key is declared. [`TrainConfig`] is generated from it here, the CLI's flags in the CLI.
+/// place a training key is declared. A method's own keys take their defaults from the method's config struct
+/// (its module holds them once). [`TrainConfig`] is generated from it here, the CLI's flags in the CLI.
 #[macro_export]
 macro_rules! with_train_keys {
     ($callback:ident) => {
@@ -147,23 +148,23 @@ macro_rules! with_train_keys {
         /// LoftQ (`init_lora_weights = "loftq"`): alternations of quantise / rank-r SVD of the residual.
         loftq_iter: usize = 1,
         /// MPO adapters (`peft_type = "MPO"`): bond dimension χ.
-        bond_dim: usize = 8,
+        bond_dim: usize = factune_adapters::mpo::MpoConfig::default().bond_dim,
         /// MPO adapters: modes each side of a weight is factored into (2 to 5).
-        mpo_modes: usize = 3,
+        mpo_modes: usize = factune_adapters::mpo::MpoConfig::default().mpo_modes,
         /// MPO adapters: mode factorisations per layer shape, `OUTxIN=j1*j2*j3/i1*i2*i3, …` (others automatic).
         mpo_factors: String = String::new(),
         /// MPO adapters: `dota` (cores from W's truncated MPO, residual frozen) or `random` (last core zero).
-        init_weights: String = "dota".into(),
+        init_weights: String = factune_adapters::mpo::MpoConfig::default().init_weights.to_string(),
         /// VeRA (`peft_type = "VERA"`): initial value of the λ_d scaling vectors.
-        d_initial: f64 = 0.1,
+        d_initial: f64 = factune_adapters::vera::VeraConfig::default().d_initial,
         /// VeRA: seed of the shared random projections.
-        projection_prng_key: u64 = 0,
+        projection_prng_key: u64 = factune_adapters::vera::VeraConfig::default().projection_prng_key,
         /// Sparse + low-rank (`peft_type = "ROSA"`): fraction of each weight's entries in the trained sparse part.
-        sparse_density: f64 = 0.01,
+        sparse_density: f64 = factune_adapters::rosa::RosaConfig::default().sparse_density,
         /// Sparse + low-rank: support of the sparse part, `weight` (largest |W| entries).
-        sparse_init: String = "weight".into(),
+        sparse_init: String = factune_adapters::rosa::RosaConfig::default().sparse_init.to_string(),
         /// MultiLoRA (`peft_type = "MULTILORA"`): parallel LoRA branches per layer, each of rank `r`.
-        multilora_branches: usize = 2,
+        multilora_branches: usize = factune_adapters::multilora::MultiLoraConfig::default().multilora_branches,
         /// EVA (`init_lora_weights = "eva"`): micro-batches whose layer inputs give the principal directions.
         eva_batches: usize = 4,
         /// EVA: each layer may take up to round(r · eva_rho) components in the rank redistribution (1: none).
@@ -171,23 +172,23 @@ macro_rules! with_train_keys {
         /// EVA: divide each direction by the square root of its singular value.
         eva_whiten: bool = false,
         /// AdaLoRA (`peft_type = "ADALORA"`): starting rank of every module.
-        init_r: usize = 12,
+        init_r: usize = factune_adapters::adalora::AdaLoraConfig::default().init_r,
         /// AdaLoRA: average rank per module at the end (the total budget is target_r × modules).
-        target_r: usize = 8,
+        target_r: usize = factune_adapters::adalora::AdaLoraConfig::default().target_r,
         /// AdaLoRA: steps at full budget before pruning starts.
-        tinit: usize = 0,
+        tinit: usize = factune_adapters::adalora::AdaLoraConfig::default().tinit,
         /// AdaLoRA: final steps with the budget fixed.
-        tfinal: usize = 0,
+        tfinal: usize = factune_adapters::adalora::AdaLoraConfig::default().tfinal,
         /// AdaLoRA: prune every this many steps while the budget shrinks.
-        delta_t | "deltaT": usize = 1,
+        delta_t | "deltaT": usize = factune_adapters::adalora::AdaLoraConfig::default().delta_t,
         /// AdaLoRA: EMA factor of the sensitivity.
-        beta1: f64 = 0.85,
+        beta1: f64 = factune_adapters::adalora::AdaLoraConfig::default().beta1,
         /// AdaLoRA: EMA factor of the uncertainty.
-        beta2: f64 = 0.85,
+        beta2: f64 = factune_adapters::adalora::AdaLoraConfig::default().beta2,
         /// AdaLoRA: weight of the orthogonality penalty on A and B.
-        orth_reg_weight: f64 = 0.5,
+        orth_reg_weight: f64 = factune_adapters::adalora::AdaLoraConfig::default().orth_reg_weight,
         /// GLoRA (`peft_type = "GLORA"`): the parts that train, a selection of `ABCDE` (W·A, B, W·C, b⊙D, E).
-        glora_parts: String = "ABCDE".into(),
+        glora_parts: String = factune_adapters::glora::GloraConfig::default().glora_parts,
         }
     };
 }
@@ -308,8 +309,7 @@ impl TrainConfig {
     pub fn validate(&self) -> Result<()> {
         let bad = |k: &str, why: &str| Err(Error::config(format!("`{k}`: {why}")));
         if !self.is_full() {
-            factune_adapters::registry::method(&self.peft_type.to_uppercase())
-                .map_err(|e| Error::config(format!("`peft_type`: {e}")))?;
+            self.adapter_config()?;
         }
         if self.max_steps == 0 {
             return bad("max_steps", "must be > 0");
@@ -393,7 +393,6 @@ impl TrainConfig {
                 "\"loftq\" initialises the adapter against a quantised base; set quantize = \"nf4\" or \"mixed\"",
             );
         }
-        AdapterConfig::parse_mpo_factors(&self.mpo_factors)?;
         if self.use_dora && !self.peft_type.eq_ignore_ascii_case("LORA") {
             return bad(
                 "use_dora",
@@ -423,16 +422,65 @@ impl TrainConfig {
         Ok(())
     }
 
-    /// The adapter part, as PEFT's `LoraConfig`.
-    pub fn adapter_config(&self) -> AdapterConfig {
-        let mpo = self.peft_type.eq_ignore_ascii_case("MPO");
-        let vera = self.peft_type.eq_ignore_ascii_case("VERA");
-        let rosa = self.peft_type.eq_ignore_ascii_case("ROSA");
-        let multi = self.peft_type.eq_ignore_ascii_case("MULTILORA");
-        let glora = self.peft_type.eq_ignore_ascii_case("GLORA");
-        let ada = self.peft_type.eq_ignore_ascii_case("ADALORA");
-        AdapterConfig {
-            peft_type: self.peft_type.to_uppercase(),
+    /// The adapter part: the shared PEFT keys and the method's own config, from this run's settings.
+    pub fn adapter_config(&self) -> Result<AdapterConfig> {
+        use factune_adapters::{adalora, glora, mpo, multilora, rosa, vera};
+        let method: MethodConfig = match self.peft_type.to_uppercase().as_str() {
+            "MPO" => mpo::MpoConfig {
+                bond_dim: self.bond_dim,
+                mpo_modes: self.mpo_modes,
+                mpo_factors: (!self.mpo_factors.is_empty())
+                    .then(|| AdapterConfig::parse_mpo_factors(&self.mpo_factors))
+                    .transpose()?,
+                init_weights: self.init_weights.parse().map_err(|_| {
+                    Error::config(format!(
+                        "init_weights `{}` for MPO adapters: expected \"dota\" or \"random\"",
+                        self.init_weights
+                    ))
+                })?,
+            }
+            .into(),
+            "VERA" => vera::VeraConfig {
+                d_initial: self.d_initial,
+                projection_prng_key: self.projection_prng_key,
+                vera_dropout: self.lora_dropout,
+                ..Default::default()
+            }
+            .into(),
+            "ROSA" => rosa::RosaConfig {
+                sparse_density: self.sparse_density,
+                sparse_init: self.sparse_init.parse().map_err(|_| {
+                    Error::config(format!(
+                        "sparse_init `{}`: expected \"weight\" (largest |W| entries)",
+                        self.sparse_init
+                    ))
+                })?,
+            }
+            .into(),
+            "MULTILORA" => multilora::MultiLoraConfig {
+                multilora_branches: self.multilora_branches,
+            }
+            .into(),
+            "GLORA" => glora::GloraConfig {
+                glora_parts: self.glora_parts.clone(),
+            }
+            .into(),
+            "ADALORA" => adalora::AdaLoraConfig {
+                init_r: self.init_r,
+                target_r: self.target_r,
+                tinit: self.tinit,
+                tfinal: self.tfinal,
+                delta_t: self.delta_t,
+                beta1: self.beta1,
+                beta2: self.beta2,
+                orth_reg_weight: self.orth_reg_weight,
+                // the trainer drives the schedule over the whole run
+                total_step: Some(self.max_steps),
+            }
+            .into(),
+            other => MethodConfig::named(other)?,
+        };
+        Ok(AdapterConfig {
             r: self.r,
             lora_alpha: self.lora_alpha,
             lora_dropout: self.lora_dropout,
@@ -446,33 +494,6 @@ impl TrainConfig {
                 InitWeights::Flag(b) => serde_json::Value::Bool(*b),
                 InitWeights::Named(s) => serde_json::Value::String(s.clone()),
             },
-            bond_dim: mpo.then_some(self.bond_dim),
-            mpo_factors: (mpo && !self.mpo_factors.is_empty())
-                .then(|| AdapterConfig::parse_mpo_factors(&self.mpo_factors).unwrap_or_default()),
-            mpo_modes: mpo.then_some(self.mpo_modes),
-            init_weights: if mpo {
-                Some(serde_json::Value::String(self.init_weights.clone()))
-            } else {
-                vera.then_some(serde_json::Value::Bool(true))
-            },
-            d_initial: vera.then_some(self.d_initial),
-            projection_prng_key: vera.then_some(self.projection_prng_key),
-            save_projection: vera.then_some(true),
-            vera_dropout: vera.then_some(self.lora_dropout),
-            sparse_density: rosa.then_some(self.sparse_density),
-            sparse_init: rosa.then(|| self.sparse_init.clone()),
-            multilora_branches: multi.then_some(self.multilora_branches),
-            glora_parts: glora.then(|| self.glora_parts.clone()),
-            init_r: ada.then_some(self.init_r),
-            target_r: ada.then_some(self.target_r),
-            tinit: ada.then_some(self.tinit),
-            tfinal: ada.then_some(self.tfinal),
-            delta_t: ada.then_some(self.delta_t),
-            beta1: ada.then_some(self.beta1),
-            beta2: ada.then_some(self.beta2),
-            orth_reg_weight: ada.then_some(self.orth_reg_weight),
-            // the trainer drives the schedule over the whole run
-            total_step: ada.then_some(self.max_steps),
             loftq_config: if self.is_loftq() {
                 serde_json::json!({"loftq_bits": 4, "loftq_iter": self.loftq_iter})
                     .as_object()
@@ -481,8 +502,9 @@ impl TrainConfig {
             } else {
                 Default::default()
             },
+            method,
             ..AdapterConfig::default()
-        }
+        })
     }
 }
 

@@ -8,7 +8,6 @@ use crate::progress::Progress;
 use crate::relora;
 use crate::step::{MicroBatch, Params, Trainer};
 use candle_core::{Device, Tensor, Var};
-use factune_adapters::adalora::{resized, RankAllocator};
 use factune_adapters::hooks::StepHook;
 use factune_adapters::peft::thousands;
 use factune_adapters::{attach, lora, peft, trainable, trainable_summary};
@@ -26,7 +25,11 @@ const STATE_FILE: &str = "trainer_state.json";
 const OPTIM_FILE: &str = "optimizer.safetensors";
 /// Every model tensor, for runs that change the base (full, ReLoRA, warm start, trained embeddings).
 const MODEL_STATE_FILE: &str = "model.safetensors";
-const ADALORA_FILE: &str = "adalora_state.safetensors";
+
+/// The checkpoint file of a method hook's tensors (`adalora_state.safetensors`).
+fn hook_file(name: &str) -> String {
+    format!("{name}_state.safetensors")
+}
 
 fn sizes(params: &[(String, Var)]) -> Vec<usize> {
     params.iter().map(|(_, v)| v.elem_count()).collect()
@@ -98,7 +101,7 @@ impl TrainJob<'_> {
                 cfg.seq_len
             );
         }
-        let mut adapter_cfg = cfg.adapter_config();
+        let mut adapter_cfg = cfg.adapter_config()?;
         if let Some(budget) = cfg.mixed_budget() {
             let t0 = Instant::now();
             let layout =
@@ -152,27 +155,25 @@ impl TrainJob<'_> {
         if let Some(ckpt) = &self.resume {
             load_optimizer(&mut opt, &params, &ckpt.join(OPTIM_FILE))?;
         }
-        // AdaLoRA's rank schedule is the trainer's job: no user hook to forget.
-        let mut allocator = if adapter_cfg.peft_type == "ADALORA" {
-            let mut a = RankAllocator::new(&adapter_cfg, self.model)?;
-            if let Some(ckpt) = &self.resume {
-                let w = Weights::from_files(&[ckpt.join(ADALORA_FILE)])?;
-                let tensors: HashMap<String, Tensor> = w
-                    .names()
-                    .map(|n| {
-                        Ok((
-                            n.to_string(),
-                            w.get(n, candle_core::DType::F32, &Device::Cpu)?,
-                        ))
-                    })
-                    .collect::<Result<_>>()?;
-                let meta: serde_json::Value = factune_io::error::read_json(&ckpt.join(STATE_FILE))?;
-                a.restore(&tensors, &meta["adalora"])?;
-            }
-            Some(a)
-        } else {
-            None
-        };
+        // What the method adds to each step (AdaLoRA's rank schedule), with its state when resuming.
+        let mut hook = adapter_cfg
+            .method
+            .method()
+            .step_hook(&adapter_cfg, self.model)?;
+        if let (Some(h), Some(ckpt)) = (hook.as_mut(), &self.resume) {
+            let w = Weights::from_files(&[ckpt.join(hook_file(h.name()))])?;
+            let tensors: HashMap<String, Tensor> = w
+                .names()
+                .map(|n| {
+                    Ok((
+                        n.to_string(),
+                        w.get(n, candle_core::DType::F32, &Device::Cpu)?,
+                    ))
+                })
+                .collect::<Result<_>>()?;
+            let meta: serde_json::Value = factune_io::error::read_json(&ckpt.join(STATE_FILE))?;
+            h.restore(&tensors, &meta[h.name()])?;
+        }
         let metrics_path = self.out.join("metrics.jsonl");
         let mut log = MetricsLog::open(&metrics_path, self.resume.is_none())?;
         self.write_run_metadata(&train, &val)?;
@@ -222,9 +223,9 @@ impl TrainJob<'_> {
             }
             let t0 = Instant::now();
             let lr = relora::lr(&cfg, step);
-            let hook = allocator.as_mut().map(|a| a as &mut dyn StepHook);
+            let step_hook = hook.as_deref_mut().map(|h| h as &mut dyn StepHook);
             let report = trainer
-                .step(self.model, step, lr, &mut micro_batch, hook)
+                .step(self.model, step, lr, &mut micro_batch, step_hook)
                 .map_err(|e| match e {
                     Error::Config(m) if m.starts_with("loss is") => Error::config(format!(
                         "{m} — stopping; the last good checkpoint (if any) in {} is kept",
@@ -256,19 +257,18 @@ impl TrainJob<'_> {
                     &trainer.opt,
                     &trainer.params,
                     &adapter_cfg,
-                    allocator.as_ref(),
+                    hook.as_deref(),
                 )?;
             }
         }
         self.progress.finish();
-        if let Some(a) = &allocator {
-            // as PEFT saves a finished AdaLoRA run: cut to the kept triplets, rank_pattern in the config
-            let (tensors, pattern) = resized(self.model, &a.current_mask(self.model)?)?;
-            let total: usize = pattern.values().map(|p| p.rank()).sum();
-            let mut c = adapter_cfg.clone();
-            c.rank_pattern = pattern;
+        let last = match &hook {
+            Some(h) => h.final_adapter(self.model, &adapter_cfg)?,
+            None => None,
+        };
+        if let Some((tensors, c, note)) = last {
             peft::write_tensors(self.model, &c, tensors, &self.out)?;
-            self.progress.note(&format!("AdaLoRA: {total} singular values kept over all modules (rank_pattern in adapter_config.json)"));
+            self.progress.note(&note);
         } else if cfg.changes_base() {
             self.save_full_model()?;
         } else {
@@ -364,7 +364,7 @@ impl TrainJob<'_> {
     ) -> Result<(Params, factune_adapters::AdapterConfig)> {
         let mut params = self.freeze_linears()?;
         let t0 = Instant::now();
-        let mut cfg = self.config.adapter_config();
+        let mut cfg = self.config.adapter_config()?;
         if cfg.init_lora_weights == "eva" {
             cfg = self.eva_init(&cfg, train)?;
         } else {
@@ -526,7 +526,7 @@ impl TrainJob<'_> {
         opt: &AdamW,
         params: &[(String, Var)],
         adapter_cfg: &factune_adapters::AdapterConfig,
-        allocator: Option<&RankAllocator>,
+        hook: Option<&dyn StepHook>,
     ) -> Result<()> {
         let dest = self.out.join(format!("checkpoint-{step}"));
         let staging = self
@@ -567,13 +567,14 @@ impl TrainJob<'_> {
             &to_safetensors_bytes(&tensors, None)?,
         )?;
         let mut state = json!({"step": step, "optimizer_t": opt.t, "config": self.config});
-        if let Some(a) = allocator {
-            let (tensors, meta) = a.state()?;
-            atomic::write_atomic(
-                &staging.join(ADALORA_FILE),
-                &to_safetensors_bytes(&tensors, None)?,
-            )?;
-            state["adalora"] = meta;
+        if let Some(h) = hook {
+            if let Some((tensors, meta)) = h.state()? {
+                atomic::write_atomic(
+                    &staging.join(hook_file(h.name())),
+                    &to_safetensors_bytes(&tensors, None)?,
+                )?;
+                state[h.name()] = meta;
+            }
         }
         let text =
             serde_json::to_string_pretty(&state).map_err(|e| Error::config(e.to_string()))?;
