@@ -22,41 +22,31 @@ use candle_core::{DType, Tensor, Var};
 use factune_io::{Error, Result};
 use factune_model::{AdaptableLinear, Ctx, FrozenParts, LinearAdapter, Model};
 use rand_chacha::ChaCha8Rng;
-use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 
-/// AdaLoRA's keys, PEFT's `AdaLoraConfig` names and defaults: ranks start at `init_r` and the total is cut to
-/// `target_r` per module on a cubic schedule between steps `tinit` and `total_step − tfinal`, masking every
-/// `deltaT` steps; importance EMAs `beta1`/`beta2`; orthogonality penalty weight `orth_reg_weight`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct AdaLoraConfig {
-    pub init_r: usize,
-    pub target_r: usize,
-    pub tinit: usize,
-    pub tfinal: usize,
-    #[serde(rename = "deltaT")]
-    pub delta_t: usize,
-    pub beta1: f64,
-    pub beta2: f64,
-    pub orth_reg_weight: f64,
-    /// The run's length, which the schedule needs (the trainer sets it).
-    pub total_step: Option<usize>,
-}
-
-impl Default for AdaLoraConfig {
-    fn default() -> Self {
-        AdaLoraConfig {
-            init_r: 12,
-            target_r: 8,
-            tinit: 0,
-            tfinal: 0,
-            delta_t: 1,
-            beta1: 0.85,
-            beta2: 0.85,
-            orth_reg_weight: 0.5,
-            total_step: None,
-        }
+crate::keys::method_keys! {
+    /// AdaLoRA's keys, PEFT's `AdaLoraConfig` names and defaults: ranks start at `init_r` and the total is cut
+    /// to `target_r` per module on a cubic schedule between steps `tinit` and `total_step − tfinal`, masking
+    /// every `deltaT` steps.
+    pub struct AdaLoraConfig {
+        /// AdaLoRA: starting rank of every module.
+        init_r: usize = 12,
+        /// AdaLoRA: average rank per module at the end (the total budget is target_r × modules).
+        target_r: usize = 8,
+        /// AdaLoRA: steps at full budget before pruning starts.
+        tinit: usize = 0,
+        /// AdaLoRA: final steps with the budget fixed.
+        tfinal: usize = 0,
+        /// AdaLoRA: prune every this many steps while the budget shrinks.
+        deltaT | "delta_t": usize = 1,
+        /// AdaLoRA: EMA factor of the sensitivity.
+        beta1: f64 = 0.85,
+        /// AdaLoRA: EMA factor of the uncertainty.
+        beta2: f64 = 0.85,
+        /// AdaLoRA: weight of the orthogonality penalty on A and B.
+        orth_reg_weight: f64 = 0.5,
+        /// AdaLoRA: the run's length, which the schedule needs (training sets it to max_steps).
+        total_step: Option<usize> = None,
     }
 }
 
@@ -339,7 +329,7 @@ impl RankAllocator {
             tinit,
             tfinal,
             total_step,
-            delta_t: own.delta_t.max(1),
+            delta_t: own.deltaT.max(1),
             beta1: own.beta1 as f32,
             beta2: own.beta2 as f32,
             orth_reg_weight: own.orth_reg_weight,

@@ -180,33 +180,6 @@ impl AdapterConfig {
         }
     }
 
-    /// Parses the `mpo_factors` flag / TOML string `"192x512=8*8*3/8*8*8, 192x192=4*6*8/4*6*8"`.
-    pub fn parse_mpo_factors(spec: &str) -> Result<BTreeMap<String, [Vec<usize>; 2]>> {
-        let bad = |part: &str| {
-            Error::config(format!(
-                "mpo_factors `{part}`: expected OUTxIN=j1*j2*…/i1*i2*… (e.g. 192x512=8*8*3/8*8*8)"
-            ))
-        };
-        let nums = |s: &str| -> Option<Vec<usize>> {
-            s.split('*').map(|n| n.trim().parse().ok()).collect()
-        };
-        spec.split(',')
-            .map(str::trim)
-            .filter(|p| !p.is_empty())
-            .map(|part| {
-                let (shape, f) = part.split_once('=').ok_or_else(|| bad(part))?;
-                let (o, i) = f.split_once('/').ok_or_else(|| bad(part))?;
-                Ok((
-                    shape.trim().to_string(),
-                    [
-                        nums(o).ok_or_else(|| bad(part))?,
-                        nums(i).ok_or_else(|| bad(part))?,
-                    ],
-                ))
-            })
-            .collect()
-    }
-
     /// Whether `target_modules` selects the module at `path`.
     pub fn target_modules_match(&self, path: &str) -> bool {
         crate::targets::TargetMatcher::new(&self.target_modules).is_ok_and(|m| m.matches(path))
@@ -284,7 +257,10 @@ impl AdapterConfig {
             Ok(Value::Object(m)) => m.keys().cloned().collect(),
             _ => vec![],
         };
-        own.extend(cfg.method.keys());
+        for k in cfg.method.keys() {
+            own.push(k.name.to_string());
+            own.extend(k.aliases.iter().map(|a| a.to_string()));
+        }
         for (k, v) in map {
             if own.contains(k) {
                 continue;

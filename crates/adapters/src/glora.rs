@@ -17,22 +17,13 @@ use factune_io::{Error, Result};
 use factune_model::kernels::frozen_linear;
 use factune_model::{AdaptableLinear, Ctx, FrozenParts, LinearAdapter};
 use rand_chacha::ChaCha8Rng;
-use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 
-/// GLoRA's keys (factune's own `peft_type = "GLORA"`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct GloraConfig {
-    /// The parts that train, a selection of `ABCDE` (W·A, B, W·C, b⊙D, E).
-    pub glora_parts: String,
-}
-
-impl Default for GloraConfig {
-    fn default() -> Self {
-        GloraConfig {
-            glora_parts: "ABCDE".into(),
-        }
+crate::keys::method_keys! {
+    /// GLoRA's keys (factune's own `peft_type = "GLORA"`).
+    pub struct GloraConfig {
+        /// GLoRA: the parts that train, a selection of `ABCDE` (W·A, B, W·C, b⊙D, E).
+        glora_parts: String = "ABCDE".into(),
     }
 }
 

@@ -7,6 +7,7 @@ pub mod dora;
 pub mod eva;
 pub mod glora;
 pub mod hooks;
+pub mod keys;
 pub mod loftq;
 pub mod lora;
 pub mod lqlora;

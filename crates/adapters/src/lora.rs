@@ -11,13 +11,13 @@ use factune_io::{Error, Result};
 use factune_model::kernels;
 use factune_model::{AdaptableLinear, Ctx, FrozenParts, LinearAdapter, Model};
 use rand_chacha::ChaCha8Rng;
-use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 
-/// LoRA's own keys: none beyond the ones every method shares ([`AdapterConfig`]'s `r`, `lora_alpha`,
-/// `use_rslora`, `use_dora`, `init_lora_weights`, …), which are PEFT's `LoraConfig`.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct LoraOptions {}
+crate::keys::method_keys! {
+    /// LoRA's own keys: none beyond the ones every method shares ([`AdapterConfig`]'s `r`, `lora_alpha`,
+    /// `use_rslora`, `use_dora`, `init_lora_weights`, …), which are PEFT's `LoraConfig`.
+    pub struct LoraOptions {}
+}
 
 pub struct Lora {
     pub a: Var,

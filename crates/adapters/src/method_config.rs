@@ -2,6 +2,7 @@
 //! `peft_type`, each holding the typed config its module declares (PEFT's names and defaults). The adapter
 //! file and the training run both go through it; the variant list is also the registry of methods.
 
+use crate::keys::Key;
 use crate::registry::Method;
 use factune_io::{Error, Result};
 use serde::{Deserialize, Serialize};
@@ -24,6 +25,16 @@ macro_rules! methods {
                     $( MethodConfig::$variant(_) => $tag ),+
                 }
             }
+
+            /// The method's own keys.
+            pub fn keys(&self) -> &'static [Key] {
+                match self {
+                    $( MethodConfig::$variant(_) => <$ty>::KEYS ),+
+                }
+            }
+
+            /// Every method's own keys, by `peft_type`.
+            pub const ALL_KEYS: &'static [(&'static str, &'static [Key])] = &[$( ($tag, <$ty>::KEYS) ),+];
 
             /// The method's implementation.
             pub fn method(&self) -> &'static dyn Method {
@@ -93,11 +104,14 @@ impl MethodConfig {
             .map_err(|e| Error::config(format!("peft_type `{peft_type}`: {e}")))
     }
 
-    /// The keys this method writes (its own, beside the shared ones).
-    pub fn keys(&self) -> Vec<String> {
+    /// The default of each of this method's keys, as written in files (`null` for an unset option).
+    pub fn defaults(&self) -> serde_json::Map<String, serde_json::Value> {
         match serde_json::to_value(self) {
-            Ok(serde_json::Value::Object(m)) => m.keys().cloned().collect(),
-            _ => vec![],
+            Ok(serde_json::Value::Object(mut m)) => {
+                m.remove("peft_type");
+                m
+            }
+            _ => Default::default(),
         }
     }
 }

@@ -30,27 +30,67 @@ factune_io::choice! {
     }
 }
 
-/// MPO adapters' keys (factune's own `peft_type = "MPO"`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct MpoConfig {
-    /// Bond dimension χ capping every bond.
-    pub bond_dim: usize,
-    /// Modes each side of a weight is factored into (2 to 5).
-    pub mpo_modes: usize,
-    /// Mode factorisations per layer shape, `"OUTxIN": [[j_1, …], [i_1, …]]`; other shapes are factored
-    /// automatically.
-    pub mpo_factors: Option<BTreeMap<String, [Vec<usize>; 2]>>,
-    pub init_weights: MpoInit,
+crate::keys::method_keys! {
+    /// MPO adapters' keys (factune's own `peft_type = "MPO"`).
+    pub struct MpoConfig {
+        /// MPO adapters: bond dimension χ capping every bond.
+        bond_dim: usize = 8,
+        /// MPO adapters: modes each side of a weight is factored into (2 to 5).
+        mpo_modes: usize = 3,
+        /// MPO adapters: mode factorisations per layer shape, `OUTxIN=j1*j2*j3/i1*i2*i3, …` (others automatic).
+        mpo_factors: Option<MpoFactors> = None,
+        /// MPO adapters: `dota` (cores from W's truncated MPO, residual frozen) or `random` (last core zero).
+        init_weights: MpoInit = MpoInit::Dota,
+    }
 }
 
-impl Default for MpoConfig {
-    fn default() -> Self {
-        MpoConfig {
-            bond_dim: 8,
-            mpo_modes: 3,
-            mpo_factors: None,
-            init_weights: MpoInit::Dota,
+/// `mpo_factors`: mode factorisations by layer shape, `"OUTxIN": [[j_1, …], [i_1, …]]`, also read from the
+/// flag / TOML string form `"192x512=8*8*3/8*8*8, 192x192=4*6*8/4*6*8"`.
+#[derive(Debug, Clone, PartialEq, Default, Serialize)]
+#[serde(transparent)]
+pub struct MpoFactors(pub BTreeMap<String, [Vec<usize>; 2]>);
+
+impl MpoFactors {
+    /// Parses the string form.
+    pub fn parse(spec: &str) -> Result<Self> {
+        let bad = |part: &str| {
+            Error::config(format!(
+                "mpo_factors `{part}`: expected OUTxIN=j1*j2*…/i1*i2*… (e.g. 192x512=8*8*3/8*8*8)"
+            ))
+        };
+        let nums = |s: &str| -> Option<Vec<usize>> {
+            s.split('*').map(|n| n.trim().parse().ok()).collect()
+        };
+        spec.split(',')
+            .map(str::trim)
+            .filter(|p| !p.is_empty())
+            .map(|part| {
+                let (shape, f) = part.split_once('=').ok_or_else(|| bad(part))?;
+                let (o, i) = f.split_once('/').ok_or_else(|| bad(part))?;
+                Ok((
+                    shape.trim().to_string(),
+                    [
+                        nums(o).ok_or_else(|| bad(part))?,
+                        nums(i).ok_or_else(|| bad(part))?,
+                    ],
+                ))
+            })
+            .collect::<Result<_>>()
+            .map(MpoFactors)
+    }
+}
+
+impl<'de> Deserialize<'de> for MpoFactors {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Form {
+            Spec(String),
+            Map(BTreeMap<String, [Vec<usize>; 2]>),
+        }
+        match Form::deserialize(d)? {
+            Form::Spec(s) => MpoFactors::parse(&s).map_err(serde::de::Error::custom),
+            Form::Map(m) => Ok(MpoFactors(m)),
         }
     }
 }
@@ -126,7 +166,7 @@ fn settings(cfg: &AdapterConfig, layer: &AdaptableLinear) -> Result<Settings> {
     let modes = match own
         .mpo_factors
         .as_ref()
-        .and_then(|m| m.get(&format!("{o}x{i}")))
+        .and_then(|m| m.0.get(&format!("{o}x{i}")))
     {
         Some([jo, io]) => {
             if jo.len() != n {

@@ -15,22 +15,13 @@ use candle_core::{DType, Tensor, Var};
 use factune_io::{Error, Result};
 use factune_model::{AdaptableLinear, Ctx, FrozenParts, LinearAdapter};
 use rand_chacha::ChaCha8Rng;
-use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 
-/// MultiLoRA's keys (factune's own `peft_type = "MULTILORA"`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct MultiLoraConfig {
-    /// Parallel LoRA branches per layer, each of rank `r`.
-    pub multilora_branches: usize,
-}
-
-impl Default for MultiLoraConfig {
-    fn default() -> Self {
-        MultiLoraConfig {
-            multilora_branches: 2,
-        }
+crate::keys::method_keys! {
+    /// MultiLoRA's keys (factune's own `peft_type = "MULTILORA"`).
+    pub struct MultiLoraConfig {
+        /// MultiLoRA: parallel LoRA branches per layer, each of rank `r`.
+        multilora_branches: usize = 2,
     }
 }
 

@@ -16,7 +16,6 @@ use factune_io::{Error, Result};
 use factune_model::kernels::{sparse_dense, sparse_linear};
 use factune_model::{AdaptableLinear, Ctx, FrozenParts, LinearAdapter};
 use rand_chacha::ChaCha8Rng;
-use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -28,21 +27,13 @@ factune_io::choice! {
     }
 }
 
-/// Sparse + low-rank keys (factune's own `peft_type = "ROSA"`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct RosaConfig {
-    /// Fraction of each weight's entries in the trained sparse part.
-    pub sparse_density: f64,
-    pub sparse_init: SparseInit,
-}
-
-impl Default for RosaConfig {
-    fn default() -> Self {
-        RosaConfig {
-            sparse_density: 0.01,
-            sparse_init: SparseInit::Weight,
-        }
+crate::keys::method_keys! {
+    /// Sparse + low-rank keys (factune's own `peft_type = "ROSA"`).
+    pub struct RosaConfig {
+        /// Sparse + low-rank: fraction of each weight's entries in the trained sparse part.
+        sparse_density: f64 = 0.01,
+        /// Sparse + low-rank: support of the sparse part, `weight` (largest |W| entries).
+        sparse_init: SparseInit = SparseInit::Weight,
     }
 }
 

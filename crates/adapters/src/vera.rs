@@ -15,34 +15,21 @@ use factune_io::{Error, Result};
 use factune_model::{AdaptableLinear, Ctx, FrozenParts, LinearAdapter};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
-use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 
-/// VeRA's keys, PEFT's `VeraConfig` names and defaults.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct VeraConfig {
-    /// Seed of the shared random projections.
-    pub projection_prng_key: u64,
-    /// Whether the shared projections are stored in the adapter file (factune always stores them).
-    pub save_projection: bool,
-    /// Dropout on the adapter input.
-    pub vera_dropout: f64,
-    /// Initial value of every `vera_lambda_d` entry.
-    pub d_initial: f64,
-    /// Whether the adapter starts as a no-op (λ_b = 0).
-    pub init_weights: bool,
-}
-
-impl Default for VeraConfig {
-    fn default() -> Self {
-        VeraConfig {
-            projection_prng_key: 0,
-            save_projection: true,
-            vera_dropout: 0.0,
-            d_initial: 0.1,
-            init_weights: true,
-        }
+crate::keys::method_keys! {
+    /// VeRA's keys, PEFT's `VeraConfig` names and defaults.
+    pub struct VeraConfig {
+        /// VeRA: seed of the shared random projections.
+        projection_prng_key: u64 = 0,
+        /// VeRA: whether the shared projections are stored in the adapter file (factune always stores them).
+        save_projection: bool = true,
+        /// VeRA: dropout on the adapter input (training takes lora_dropout unless this is given).
+        vera_dropout: f64 = 0.0,
+        /// VeRA: initial value of the λ_d scaling vectors.
+        d_initial: f64 = 0.1,
+        /// VeRA: whether the adapter starts as a no-op (λ_b = 0).
+        init_weights: bool = true,
     }
 }
 

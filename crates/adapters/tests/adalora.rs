@@ -21,7 +21,7 @@ fn cfg() -> AdapterConfig {
             target_r: 2,
             tinit: 2,
             tfinal: 2,
-            delta_t: 1,
+            deltaT: 1,
             beta1: 0.85,
             beta2: 0.85,
             orth_reg_weight: 0.5,

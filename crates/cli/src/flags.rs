@@ -1,7 +1,11 @@
-//! Every training setting as an optional flag, generated from the train crate's list of keys so flags and
-//! TOML keys never drift apart; a flag given overrides the file.
+//! Every training setting as an optional flag, generated from the train crate's list of keys and the methods'
+//! config structs, so flags and TOML keys never drift apart; a flag given overrides the file.
 
+use factune_adapters::keys::Key;
+use factune_adapters::MethodConfig;
 use factune_train::TrainConfig;
+use serde_json::Value;
+use std::collections::BTreeMap;
 
 macro_rules! train_overrides {
     ($( $(#[doc = $doc:literal])* $name:ident $(| $alias:literal)? : $ty:ty = $default:expr ),* $(,)?) => {
@@ -9,18 +13,120 @@ macro_rules! train_overrides {
         #[derive(Debug, Clone, Default, clap::Args)]
         pub struct TrainOverrides {
             $( $(#[doc = $doc])* #[arg(long, $(alias = $alias,)? help_heading = "Training settings (also TOML keys)")] pub $name: Option<$ty>, )*
+            #[command(flatten)]
+            pub method: MethodFlags,
         }
 
         impl TrainOverrides {
             /// Sets every key given as a flag.
             pub fn apply(&self, c: &mut TrainConfig) {
                 $( if let Some(v) = &self.$name { c.$name = v.clone(); } )*
+                c.method_keys.0.extend(self.method.0.clone());
             }
         }
     };
 }
 
 factune_train::with_train_keys!(train_overrides);
+
+/// The methods' own keys as flags (`--bond-dim 4`, `--d-initial 0.2`), built from each method's config
+/// struct: a method's keys and their help are declared once, in its module.
+#[derive(Debug, Clone, Default)]
+pub struct MethodFlags(pub BTreeMap<String, Value>);
+
+/// Each method key once (a key two methods share, such as `init_weights`, is one flag), with whether every
+/// method that has it takes a string (then a flag's value is kept as written) and its defaults.
+fn method_keys() -> Vec<(Key, bool, Vec<String>)> {
+    let mut out: Vec<(Key, bool, Vec<String>)> = Vec::new();
+    for &(peft_type, keys) in MethodConfig::ALL_KEYS {
+        let defaults = MethodConfig::named(peft_type)
+            .map(|m| m.defaults())
+            .unwrap_or_default();
+        for k in keys {
+            let default = defaults.get(k.name).cloned().unwrap_or(Value::Null);
+            match out.iter_mut().find(|(o, _, _)| o.name == k.name) {
+                Some((_, s, d)) => {
+                    *s &= default.is_string();
+                    d.push(format!("{default} ({peft_type})"));
+                }
+                None => out.push((*k, default.is_string(), vec![default.to_string()])),
+            }
+        }
+    }
+    out
+}
+
+/// A flag's value as the key's JSON value: text for string keys, else a bool or number when it reads as one.
+fn flag_value(text: &str, string: bool) -> Value {
+    if string {
+        return Value::String(text.into());
+    }
+    match text {
+        "true" => Value::Bool(true),
+        "false" => Value::Bool(false),
+        _ => text
+            .parse::<u64>()
+            .map(Value::from)
+            .or_else(|_| text.parse::<i64>().map(Value::from))
+            .or_else(|_| text.parse::<f64>().map(Value::from))
+            .unwrap_or_else(|_| Value::String(text.into())),
+    }
+}
+
+impl clap::FromArgMatches for MethodFlags {
+    fn from_arg_matches(m: &clap::ArgMatches) -> Result<Self, clap::Error> {
+        let mut out = BTreeMap::new();
+        for (k, string, _) in method_keys() {
+            if let Some(v) = m.get_one::<String>(k.name) {
+                out.insert(k.name.to_string(), flag_value(v, string));
+            }
+        }
+        Ok(MethodFlags(out))
+    }
+
+    fn update_from_arg_matches(&mut self, m: &clap::ArgMatches) -> Result<(), clap::Error> {
+        self.0.extend(Self::from_arg_matches(m)?.0);
+        Ok(())
+    }
+}
+
+impl clap::Args for MethodFlags {
+    fn augment_args(cmd: clap::Command) -> clap::Command {
+        let mut cmd = cmd;
+        for (k, _, mut defaults) in method_keys() {
+            if defaults.len() > 1 {
+                // name the first method too
+                let owner = MethodConfig::ALL_KEYS
+                    .iter()
+                    .find(|(_, keys)| keys.contains(&k))
+                    .map_or("", |(t, _)| t);
+                defaults[0] = format!("{} ({owner})", defaults[0]);
+            }
+            let long = |n: &str| n.replace('_', "-");
+            let mut arg = clap::Arg::new(k.name)
+                .long(long(k.name))
+                .value_name(k.name.to_uppercase())
+                .help(format!(
+                    "{} [default: {}]",
+                    k.doc.trim(),
+                    defaults.join(", ")
+                ))
+                .help_heading("Method settings (also TOML keys)");
+            for a in k.aliases {
+                arg = arg.alias(long(a));
+            }
+            if long(k.name) != k.name {
+                arg = arg.alias(k.name);
+            }
+            cmd = cmd.arg(arg);
+        }
+        cmd
+    }
+
+    fn augment_args_for_update(cmd: clap::Command) -> clap::Command {
+        Self::augment_args(cmd)
+    }
+}
 
 #[cfg(test)]
 mod tests {

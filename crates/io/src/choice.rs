@@ -35,7 +35,7 @@ macro_rules! choice {
                 match s {
                     $( $text $(| $alias)* => Ok($name::$variant), )+
                     other => Err(format!(
-                        "`{}` = `{other}`: expected one of {}",
+                        "{} `{other}`: expected one of {}",
                         $key,
                         Self::NAMES.join(", ")
                     )),
@@ -78,12 +78,15 @@ mod tests {
         assert_eq!("apples".parse::<Fruit>(), Ok(Fruit::Apple));
         assert_eq!(Fruit::Pear.to_string(), "pear");
         let e = "plum".parse::<Fruit>().unwrap_err();
-        assert_eq!(e, "`fruit` = `plum`: expected one of apple, pear");
+        assert_eq!(e, "fruit `plum`: expected one of apple, pear");
         let f: Fruit = serde_json::from_str("\"pear\"").unwrap();
         assert_eq!(serde_json::to_string(&f).unwrap(), "\"pear\"");
         let e = serde_json::from_str::<Fruit>("\"fig\"")
             .unwrap_err()
             .to_string();
-        assert!(e.contains("`fruit`") && e.contains("apple, pear"), "{e}");
+        assert!(
+            e.contains("fruit `fig`") && e.contains("apple, pear"),
+            "{e}"
+        );
     }
 }

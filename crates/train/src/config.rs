@@ -5,6 +5,7 @@ use factune_adapters::{AdapterConfig, MethodConfig, TargetModules};
 pub use factune_data::DataFormat;
 use factune_io::{Error, Result};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::path::Path;
 
 /// `target_modules`: `["q_proj", "v_proj"]` in TOML, `q_proj,v_proj` on the command line, or `all-linear`.
@@ -147,48 +148,12 @@ macro_rules! with_train_keys {
         double_quant | "bnb_4bit_use_double_quant": bool = true,
         /// LoftQ (`init_lora_weights = "loftq"`): alternations of quantise / rank-r SVD of the residual.
         loftq_iter: usize = 1,
-        /// MPO adapters (`peft_type = "MPO"`): bond dimension χ.
-        bond_dim: usize = factune_adapters::mpo::MpoConfig::default().bond_dim,
-        /// MPO adapters: modes each side of a weight is factored into (2 to 5).
-        mpo_modes: usize = factune_adapters::mpo::MpoConfig::default().mpo_modes,
-        /// MPO adapters: mode factorisations per layer shape, `OUTxIN=j1*j2*j3/i1*i2*i3, …` (others automatic).
-        mpo_factors: String = String::new(),
-        /// MPO adapters: `dota` (cores from W's truncated MPO, residual frozen) or `random` (last core zero).
-        init_weights: String = factune_adapters::mpo::MpoConfig::default().init_weights.to_string(),
-        /// VeRA (`peft_type = "VERA"`): initial value of the λ_d scaling vectors.
-        d_initial: f64 = factune_adapters::vera::VeraConfig::default().d_initial,
-        /// VeRA: seed of the shared random projections.
-        projection_prng_key: u64 = factune_adapters::vera::VeraConfig::default().projection_prng_key,
-        /// Sparse + low-rank (`peft_type = "ROSA"`): fraction of each weight's entries in the trained sparse part.
-        sparse_density: f64 = factune_adapters::rosa::RosaConfig::default().sparse_density,
-        /// Sparse + low-rank: support of the sparse part, `weight` (largest |W| entries).
-        sparse_init: String = factune_adapters::rosa::RosaConfig::default().sparse_init.to_string(),
-        /// MultiLoRA (`peft_type = "MULTILORA"`): parallel LoRA branches per layer, each of rank `r`.
-        multilora_branches: usize = factune_adapters::multilora::MultiLoraConfig::default().multilora_branches,
         /// EVA (`init_lora_weights = "eva"`): micro-batches whose layer inputs give the principal directions.
         eva_batches: usize = 4,
         /// EVA: each layer may take up to round(r · eva_rho) components in the rank redistribution (1: none).
         eva_rho: f64 = 2.0,
         /// EVA: divide each direction by the square root of its singular value.
         eva_whiten: bool = false,
-        /// AdaLoRA (`peft_type = "ADALORA"`): starting rank of every module.
-        init_r: usize = factune_adapters::adalora::AdaLoraConfig::default().init_r,
-        /// AdaLoRA: average rank per module at the end (the total budget is target_r × modules).
-        target_r: usize = factune_adapters::adalora::AdaLoraConfig::default().target_r,
-        /// AdaLoRA: steps at full budget before pruning starts.
-        tinit: usize = factune_adapters::adalora::AdaLoraConfig::default().tinit,
-        /// AdaLoRA: final steps with the budget fixed.
-        tfinal: usize = factune_adapters::adalora::AdaLoraConfig::default().tfinal,
-        /// AdaLoRA: prune every this many steps while the budget shrinks.
-        delta_t | "deltaT": usize = factune_adapters::adalora::AdaLoraConfig::default().delta_t,
-        /// AdaLoRA: EMA factor of the sensitivity.
-        beta1: f64 = factune_adapters::adalora::AdaLoraConfig::default().beta1,
-        /// AdaLoRA: EMA factor of the uncertainty.
-        beta2: f64 = factune_adapters::adalora::AdaLoraConfig::default().beta2,
-        /// AdaLoRA: weight of the orthogonality penalty on A and B.
-        orth_reg_weight: f64 = factune_adapters::adalora::AdaLoraConfig::default().orth_reg_weight,
-        /// GLoRA (`peft_type = "GLORA"`): the parts that train, a selection of `ABCDE` (W·A, B, W·C, b⊙D, E).
-        glora_parts: String = factune_adapters::glora::GloraConfig::default().glora_parts,
         }
     };
 }
@@ -219,19 +184,87 @@ impl BaseDtype {
     }
 }
 
+/// The methods' own keys in a run config, checked as they are read: each must be some method's key.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[serde(transparent)]
+pub struct MethodKeys(pub BTreeMap<String, serde_json::Value>);
+
+impl<'de> Deserialize<'de> for MethodKeys {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let keys = BTreeMap::<String, serde_json::Value>::deserialize(d)?;
+        if let Some(k) = keys.keys().find(|k| owner_of(k).is_none()) {
+            return Err(serde::de::Error::custom(unknown_key(k)));
+        }
+        Ok(MethodKeys(keys))
+    }
+}
+
+/// The method a key belongs to (the first, for a key two methods share).
+fn owner_of(key: &str) -> Option<&'static str> {
+    MethodConfig::ALL_KEYS
+        .iter()
+        .find(|(_, keys)| {
+            keys.iter()
+                .any(|k| k.name == key || k.aliases.contains(&key))
+        })
+        .map(|(t, _)| *t)
+}
+
+/// `unknown key `learning_rat` (did you mean `learning_rate`?)`.
+fn unknown_key(key: &str) -> String {
+    let known = TrainConfig::KEYS.iter().copied().chain(
+        MethodConfig::ALL_KEYS
+            .iter()
+            .flat_map(|(_, keys)| keys.iter().map(|k| k.name)),
+    );
+    let best = known
+        .map(|k| (edit_distance(key, k), k))
+        .min()
+        .filter(|(d, k)| *d <= 2.max(k.len() / 4));
+    match best {
+        Some((_, k)) => format!("unknown key `{key}` (did you mean `{k}`?)"),
+        None => format!("unknown key `{key}`"),
+    }
+}
+
+/// Levenshtein distance.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let cur = row[j + 1];
+            row[j + 1] = (prev + usize::from(ca != *cb)).min(row[j] + 1).min(cur + 1);
+            prev = cur;
+        }
+    }
+    row[b.len()]
+}
+
 macro_rules! train_config {
     ($( $(#[doc = $doc:literal])* $name:ident $(| $alias:literal)? : $ty:ty = $default:expr ),* $(,)?) => {
         /// Every setting of a training run. Unknown keys in a TOML file are errors that name the key.
         #[derive(Debug, Clone, Serialize, Deserialize)]
-        #[serde(default, deny_unknown_fields)]
+        #[serde(default)]
         pub struct TrainConfig {
             $( $(#[doc = $doc])* $(#[serde(alias = $alias)])? pub $name: $ty, )*
+            /// The method's own keys (`bond_dim`, `d_initial`, …), flat beside the others; declared, with their
+            /// defaults, by the method's config struct.
+            #[serde(flatten)]
+            pub method_keys: MethodKeys,
         }
 
         impl Default for TrainConfig {
             fn default() -> Self {
-                TrainConfig { $( $name: $default, )* }
+                TrainConfig { $( $name: $default, )* method_keys: MethodKeys::default() }
             }
+        }
+
+        impl TrainConfig {
+            /// The training keys (the method's own come from `MethodConfig::ALL_KEYS`).
+            pub const KEYS: &'static [&'static str] = &[$( stringify!($name) ),*];
         }
     };
 }
@@ -285,6 +318,20 @@ impl TrainConfig {
         matches!(&self.init_lora_weights, InitWeights::Named(s) if s == "loftq")
     }
 
+    /// Keeps only the keys of the run's own method: configs saved before the methods' configs were typed
+    /// (checkpoints, run.json) hold every method's keys at their defaults.
+    pub fn retain_own_method_keys(&mut self) {
+        if let Ok(method) = MethodConfig::named(&self.peft_type.to_uppercase()) {
+            let own = method.keys();
+            self.method_keys.0.retain(|key, _| {
+                own.iter()
+                    .any(|k| k.name == key || k.aliases.contains(&key.as_str()))
+            });
+        } else {
+            self.method_keys.0.clear();
+        }
+    }
+
     /// What the shared training step reads.
     pub fn step_settings(&self) -> crate::step::StepSettings {
         crate::step::StepSettings {
@@ -310,6 +357,23 @@ impl TrainConfig {
         let bad = |k: &str, why: &str| Err(Error::config(format!("`{k}`: {why}")));
         if !self.is_full() {
             self.adapter_config()?;
+            let method = MethodConfig::named(&self.peft_type.to_uppercase())?;
+            for key in self.method_keys.0.keys() {
+                if !method
+                    .keys()
+                    .iter()
+                    .any(|k| k.name == key || k.aliases.contains(&key.as_str()))
+                {
+                    let owner = owner_of(key).unwrap_or("another method");
+                    return bad(
+                        key,
+                        &format!(
+                            "is a setting of {owner}, not of peft_type = \"{}\"",
+                            self.peft_type
+                        ),
+                    );
+                }
+            }
         }
         if self.max_steps == 0 {
             return bad("max_steps", "must be > 0");
@@ -422,64 +486,32 @@ impl TrainConfig {
         Ok(())
     }
 
-    /// The adapter part: the shared PEFT keys and the method's own config, from this run's settings.
+    /// The adapter part: the shared PEFT keys and the method's own config (its keys as given, defaults for
+    /// the rest), from this run's settings.
     pub fn adapter_config(&self) -> Result<AdapterConfig> {
-        use factune_adapters::{adalora, glora, mpo, multilora, rosa, vera};
-        let method: MethodConfig = match self.peft_type.to_uppercase().as_str() {
-            "MPO" => mpo::MpoConfig {
-                bond_dim: self.bond_dim,
-                mpo_modes: self.mpo_modes,
-                mpo_factors: (!self.mpo_factors.is_empty())
-                    .then(|| AdapterConfig::parse_mpo_factors(&self.mpo_factors))
-                    .transpose()?,
-                init_weights: self.init_weights.parse().map_err(|_| {
-                    Error::config(format!(
-                        "init_weights `{}` for MPO adapters: expected \"dota\" or \"random\"",
-                        self.init_weights
-                    ))
-                })?,
+        let peft_type = self.peft_type.to_uppercase();
+        let defaults = MethodConfig::named(&peft_type)?;
+        let mut own = serde_json::Map::new();
+        own.insert("peft_type".into(), peft_type.clone().into());
+        for k in defaults.keys() {
+            for name in std::iter::once(&k.name).chain(k.aliases) {
+                if let Some(v) = self.method_keys.0.get(*name) {
+                    own.insert(name.to_string(), v.clone());
+                }
             }
-            .into(),
-            "VERA" => vera::VeraConfig {
-                d_initial: self.d_initial,
-                projection_prng_key: self.projection_prng_key,
-                vera_dropout: self.lora_dropout,
-                ..Default::default()
+        }
+        // Training's own values where the method has a key for them and none was given.
+        let implied = [
+            ("VERA", "vera_dropout", serde_json::json!(self.lora_dropout)),
+            ("ADALORA", "total_step", serde_json::json!(self.max_steps)),
+        ];
+        for (method, key, value) in implied {
+            if peft_type == method {
+                own.entry(key).or_insert(value);
             }
-            .into(),
-            "ROSA" => rosa::RosaConfig {
-                sparse_density: self.sparse_density,
-                sparse_init: self.sparse_init.parse().map_err(|_| {
-                    Error::config(format!(
-                        "sparse_init `{}`: expected \"weight\" (largest |W| entries)",
-                        self.sparse_init
-                    ))
-                })?,
-            }
-            .into(),
-            "MULTILORA" => multilora::MultiLoraConfig {
-                multilora_branches: self.multilora_branches,
-            }
-            .into(),
-            "GLORA" => glora::GloraConfig {
-                glora_parts: self.glora_parts.clone(),
-            }
-            .into(),
-            "ADALORA" => adalora::AdaLoraConfig {
-                init_r: self.init_r,
-                target_r: self.target_r,
-                tinit: self.tinit,
-                tfinal: self.tfinal,
-                delta_t: self.delta_t,
-                beta1: self.beta1,
-                beta2: self.beta2,
-                orth_reg_weight: self.orth_reg_weight,
-                // the trainer drives the schedule over the whole run
-                total_step: Some(self.max_steps),
-            }
-            .into(),
-            other => MethodConfig::named(other)?,
-        };
+        }
+        let method: MethodConfig = serde_json::from_value(serde_json::Value::Object(own))
+            .map_err(|e| Error::config(e.to_string()))?;
         Ok(AdapterConfig {
             r: self.r,
             lora_alpha: self.lora_alpha,
@@ -516,6 +548,43 @@ mod tests {
     fn method_is_an_alias_of_peft_type() {
         let c: TrainConfig = toml::from_str("method = \"full\"").unwrap();
         assert!(c.is_full());
+    }
+
+    #[test]
+    fn method_keys_belong_to_the_method_and_unknown_ones_are_named() {
+        let c: TrainConfig = toml::from_str("peft_type = \"MPO\"\nbond_dim = 4").unwrap();
+        c.validate().unwrap();
+        let a = c.adapter_config().unwrap();
+        let mpo: &factune_adapters::mpo::MpoConfig = a.options().unwrap();
+        assert_eq!((mpo.bond_dim, mpo.mpo_modes), (4, 3));
+        let c: TrainConfig = toml::from_str("bond_dim = 4").unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("bond_dim") && e.contains("MPO") && e.contains("LORA"),
+            "{e}"
+        );
+        let e = toml::from_str::<TrainConfig>("bond_dims = 4")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("unknown key `bond_dims` (did you mean `bond_dim`?)"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn saved_configs_with_every_methods_keys_keep_their_own() {
+        // a checkpoint written before the method configs were typed: every method's keys at their defaults
+        let mut c: TrainConfig = serde_json::from_str(
+            r#"{"peft_type": "VERA", "d_initial": 0.2, "bond_dim": 8, "sparse_init": "weight", "deltaT": 1}"#,
+        )
+        .unwrap();
+        c.retain_own_method_keys();
+        c.validate().unwrap();
+        let a = c.adapter_config().unwrap();
+        let v: &factune_adapters::vera::VeraConfig = a.options().unwrap();
+        assert_eq!(v.d_initial, 0.2);
+        assert_eq!(c.method_keys.0.len(), 1);
     }
 
     #[test]

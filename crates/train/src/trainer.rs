@@ -61,8 +61,9 @@ pub struct TrainJob<'a> {
 /// The configuration and step count a checkpoint recorded (a resumed run continues with its own config).
 pub fn checkpoint_state(ckpt: &Path) -> Result<(TrainConfig, usize)> {
     let state: serde_json::Value = factune_io::error::read_json(&ckpt.join(STATE_FILE))?;
-    let config = serde_json::from_value(state["config"].clone())
+    let mut config: TrainConfig = serde_json::from_value(state["config"].clone())
         .map_err(|e| Error::invalid(ckpt.join(STATE_FILE), format!("bad config: {e}")))?;
+    config.retain_own_method_keys();
     let step = state["step"]
         .as_u64()
         .ok_or_else(|| Error::invalid(ckpt.join(STATE_FILE), "missing `step`"))?;
