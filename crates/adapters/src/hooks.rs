@@ -3,7 +3,7 @@
 use crate::config::AdapterConfig;
 use candle_core::Tensor;
 use factune_io::Result;
-use factune_model::Model;
+use factune_model::{Model, ParamRole};
 use std::collections::{BTreeMap, HashMap};
 
 /// What a hook keeps in a checkpoint: tensors (`<name>_state.safetensors`) and metadata (under `<name>` in
@@ -14,11 +14,29 @@ pub type HookState = (BTreeMap<String, Tensor>, serde_json::Value);
 /// config to write beside them, and a line for the user.
 pub type FinalAdapter = (BTreeMap<String, Tensor>, AdapterConfig, String);
 
+/// The optimizer's moments of each trainable tensor, in the trainer's order, with each tensor's role.
+pub struct Moments<'a> {
+    pub roles: &'a [ParamRole],
+    pub exp_avg: &'a mut [Vec<f32>],
+    pub exp_avg_sq: &'a mut [Vec<f32>],
+}
+
 /// What a method adds to the step (AdaLoRA: an orthogonality penalty in the loss, and a rank update from
 /// the step's gradients).
 pub trait StepHook {
     /// Names the hook's checkpoint state (file and key).
     fn name(&self) -> &'static str;
+    /// Before step `step` (0-based), with the optimizer's moments: a method that restarts (ReLoRA) merges,
+    /// re-initialises and resets moments here. A value returned means it did (the trainer's gradient checks
+    /// start again) and is logged as the step's event.
+    fn before_step(
+        &mut self,
+        _model: &mut Model,
+        _step: usize,
+        _moments: Moments<'_>,
+    ) -> Result<Option<serde_json::Value>> {
+        Ok(None)
+    }
     /// A term added to each micro-batch's loss, differentiated with it.
     fn penalty(&self, _model: &Model) -> Result<Option<Tensor>> {
         Ok(None)

@@ -193,7 +193,12 @@ pub fn train(model_dir: &Path, o: &TrainOpts) -> Result<()> {
         settings,
         false,
     );
-    let mut hook = cfg.method.method().step_hook(&cfg, &model)?;
+    let mut hooks: Vec<Box<dyn StepHook>> = cfg
+        .method
+        .method()
+        .step_hook(&cfg, &model)?
+        .into_iter()
+        .collect();
     // The steps' own peak, apart from loading's: reset the high-water mark (Linux) and note the resident base.
     let load_peak = peak_rss_mb();
     let _ = std::fs::write("/proc/self/clear_refs", "5");
@@ -213,8 +218,7 @@ pub fn train(model_dir: &Path, o: &TrainOpts) -> Result<()> {
                 .ok_or_else(|| factune_io::Error::config("one micro-batch per bench step"))
         };
         let t0 = Instant::now();
-        let hook = hook.as_deref_mut().map(|h| h as &mut dyn StepHook);
-        let report = trainer.step(&mut model, step, 1e-4, &mut next, hook)?;
+        let report = trainer.step(&mut model, step, 1e-4, &mut next, &mut hooks)?;
         last_loss = report.loss;
         if step > 0 {
             timed += t0.elapsed().as_secs_f64();

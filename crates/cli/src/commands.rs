@@ -297,6 +297,14 @@ pub fn eval(
     match task {
         "perplexity" => {
             let p = perplexity(&model, &tok, data, seq_len, batch)?;
+            if !p.loss.is_finite() {
+                bail!(
+                    "the loss is {} over {} tokens: {}",
+                    p.loss,
+                    p.tokens,
+                    non_finite_cause(&model)?
+                );
+            }
             if as_json {
                 println!(
                     "{}",
@@ -334,6 +342,25 @@ pub fn eval(
         other => bail!("unknown task `{other}`: expected auto, perplexity, mc or exact-match"),
     }
     Ok(())
+}
+
+/// Why a model computes non-finite values: the first weight holding NaN or Inf, or else its config.
+fn non_finite_cause(model: &Model) -> Result<String> {
+    for (name, t) in model.named_tensors() {
+        let finite = t
+            .to_dtype(candle_core::DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?
+            .iter()
+            .all(|x| x.is_finite());
+        if !finite {
+            return Ok(format!("tensor `{name}` holds NaN or infinite values"));
+        }
+    }
+    Ok(format!(
+        "every weight is finite, so the values in {} (rope_theta, norm epsilon, rope_scaling) are the likely cause",
+        model.dir.join("config.json").display()
+    ))
 }
 
 pub fn generate(

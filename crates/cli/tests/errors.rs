@@ -356,3 +356,29 @@ fn bad_run_configs_fail_before_the_model_loads() {
         "{e}"
     );
 }
+
+/// `eval` never exits 0 printing a NaN loss: a model whose weights hold NaN fails, naming the tensor.
+#[test]
+fn eval_with_non_finite_weights_fails_naming_the_tensor() {
+    let dir = tempfile::tempdir().unwrap();
+    let broken = dir.path().join("model");
+    std::fs::create_dir(&broken).unwrap();
+    for f in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(model().join(f), broken.join(f)).unwrap();
+    }
+    let mut bytes = std::fs::read(model().join("model.safetensors")).unwrap();
+    let header = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let meta: serde_json::Value = serde_json::from_slice(&bytes[8..8 + header]).unwrap();
+    let norm = &meta["model.norm.weight"];
+    assert_eq!(norm["dtype"], "F32", "{norm}");
+    let start = 8 + header + norm["data_offsets"][0].as_u64().unwrap() as usize;
+    bytes[start..start + 4].copy_from_slice(&f32::NAN.to_le_bytes());
+    std::fs::write(broken.join("model.safetensors"), bytes).unwrap();
+    let e = fails(&eval_args(
+        &broken,
+        None,
+        &data("quickstart-valid.jsonl"),
+        &["--task", "perplexity"],
+    ));
+    assert!(e.contains("NaN") && e.contains("model.norm.weight"), "{e}");
+}

@@ -85,3 +85,48 @@ fn relora_update_exceeds_the_adapter_rank_where_lora_stays_within_it() {
         "ReLoRA (4 cycles of rank 4) did not exceed r: {changed:?}"
     );
 }
+
+/// Resuming works from every checkpoint of a short run, and ends where the straight run ends: inside the
+/// learning-rate warmup (the adapters have not moved yet, so A's gradient is still zero), and at and just
+/// after each ReLoRA restart (the factors were just re-drawn).
+#[test]
+fn resume_from_every_checkpoint_matches_the_straight_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases: [(&str, &[&str], usize); 2] = [
+        (
+            "lora-warmup",
+            &["--warmup-steps", "3", "--save-steps", "1"],
+            5,
+        ),
+        (
+            "relora",
+            &[
+                "--relora-steps",
+                "3",
+                "--restart-warmup-steps",
+                "1",
+                "--save-steps",
+                "1",
+            ],
+            8,
+        ),
+    ];
+    for (name, extra, steps) in cases {
+        let straight = dir.path().join(name);
+        train(&straight, &steps.to_string(), extra);
+        let result = ["adapter_model.safetensors", "model.safetensors"]
+            .into_iter()
+            .find(|f| straight.join(f).exists())
+            .unwrap();
+        let want = sha(&straight.join(result));
+        for n in 1..steps {
+            let fresh = dir.path().join(format!("{name}-from-{n}"));
+            resume_into(&fresh, &straight.join(format!("checkpoint-{n}")));
+            assert_eq!(
+                sha(&fresh.join(result)),
+                want,
+                "{name}: {steps} steps straight != resumed from checkpoint-{n}"
+            );
+        }
+    }
+}

@@ -87,20 +87,48 @@ fn opt_f64(v: &Value, path: &Path, key: &str) -> Result<Option<f64>> {
     }
 }
 
-fn opt_bool(v: &Value, key: &str) -> Option<bool> {
-    v.get(key).and_then(Value::as_bool)
-}
-
-fn token_ids(v: Option<&Value>) -> Vec<u32> {
-    match v {
-        Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
-        Some(Value::Array(a)) => a
-            .iter()
-            .filter_map(|x| x.as_u64().map(|x| x as u32))
-            .collect(),
-        _ => vec![],
+/// A boolean key; absent or `null` is `None`, anything else but a bool is an error naming the key.
+fn opt_bool(v: &Value, path: &Path, key: &str) -> Result<Option<bool>> {
+    match v.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Bool(b)) => Ok(Some(*b)),
+        Some(x) => Err(Error::invalid(
+            path,
+            format!("key `{key}` must be true or false, got {x}"),
+        )),
     }
 }
+
+/// One token id: a non-negative integer that fits the tokenizer's u32 ids.
+fn token_id(x: &Value, path: &Path, key: &str) -> Result<u32> {
+    x.as_u64()
+        .and_then(|n| u32::try_from(n).ok())
+        .ok_or_else(|| {
+            Error::invalid(
+                path,
+                format!("key `{key}` must hold token ids (integers below 2^32), got {x}"),
+            )
+        })
+}
+
+/// `eos_token_id`: one id or a list of ids.
+fn token_ids(v: &Value, path: &Path, key: &str) -> Result<Vec<u32>> {
+    match v.get(key) {
+        None | Some(Value::Null) => Ok(vec![]),
+        Some(Value::Array(a)) => a.iter().map(|x| token_id(x, path, key)).collect(),
+        Some(x) => Ok(vec![token_id(x, path, key)?]),
+    }
+}
+
+fn opt_token_id(v: &Value, path: &Path, key: &str) -> Result<Option<u32>> {
+    match v.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(x) => token_id(x, path, key).map(Some),
+    }
+}
+
+/// The largest `max_position_embeddings` accepted: RoPE tables are precomputed for every position.
+pub const MAX_POSITIONS: usize = 1 << 20;
 
 impl ModelConfig {
     pub fn from_file(path: &Path) -> Result<Self> {
@@ -129,6 +157,17 @@ impl ModelConfig {
     }
 
     fn llama_family(v: &Value, path: &Path, model_type: &str) -> Result<Self> {
+        // The MLP is SwiGLU: an activation other than SiLU would be computed wrongly, not approximately.
+        match v.get("hidden_act") {
+            None | Some(Value::Null) => {}
+            Some(Value::String(a)) if a == "silu" || a == "swish" => {}
+            Some(a) => {
+                return Err(Error::invalid(
+                    path,
+                    format!("unsupported `hidden_act: {a}` for {model_type}; supported: silu"),
+                ))
+            }
+        }
         let hidden_size = get_usize(v, path, "hidden_size")?;
         let num_heads = get_usize(v, path, "num_attention_heads")?;
         let num_kv_heads = opt_usize(v, path, "num_key_value_heads")?.unwrap_or(num_heads);
@@ -152,11 +191,11 @@ impl ModelConfig {
             Some(s) => Self::rope_scaling(s, path)?,
             None => None,
         };
-        let attention_bias = opt_bool(v, "attention_bias").unwrap_or(false);
+        let attention_bias = opt_bool(v, path, "attention_bias")?.unwrap_or(false);
         let qwen = model_type == "qwen2";
         let uses_window = match model_type {
             "mistral" => true,
-            "qwen2" => opt_bool(v, "use_sliding_window").unwrap_or(false),
+            "qwen2" => opt_bool(v, path, "use_sliding_window")?.unwrap_or(false),
             _ => false,
         };
         Ok(ModelConfig {
@@ -178,15 +217,12 @@ impl ModelConfig {
             norm_eps: opt_f64(v, path, "rms_norm_eps")?.unwrap_or(1e-6),
             rope_theta,
             rope_scaling,
-            tie_word_embeddings: opt_bool(v, "tie_word_embeddings").unwrap_or(false),
+            tie_word_embeddings: opt_bool(v, path, "tie_word_embeddings")?.unwrap_or(false),
             qkv_bias: qwen || attention_bias,
             o_bias: !qwen && attention_bias,
-            mlp_bias: opt_bool(v, "mlp_bias").unwrap_or(false),
-            bos_token_id: v
-                .get("bos_token_id")
-                .and_then(Value::as_u64)
-                .map(|x| x as u32),
-            eos_token_ids: token_ids(v.get("eos_token_id")),
+            mlp_bias: opt_bool(v, path, "mlp_bias")?.unwrap_or(false),
+            bos_token_id: opt_token_id(v, path, "bos_token_id")?,
+            eos_token_ids: token_ids(v, path, "eos_token_id")?,
             raw: Value::Null,
         })
     }
@@ -255,15 +291,12 @@ impl ModelConfig {
             norm_eps: opt_f64(v, path, "layer_norm_epsilon")?.unwrap_or(1e-5),
             rope_theta: 0.0,
             rope_scaling: None,
-            tie_word_embeddings: opt_bool(v, "tie_word_embeddings").unwrap_or(true),
+            tie_word_embeddings: opt_bool(v, path, "tie_word_embeddings")?.unwrap_or(true),
             qkv_bias: true,
             o_bias: true,
             mlp_bias: true,
-            bos_token_id: v
-                .get("bos_token_id")
-                .and_then(Value::as_u64)
-                .map(|x| x as u32),
-            eos_token_ids: token_ids(v.get("eos_token_id")),
+            bos_token_id: opt_token_id(v, path, "bos_token_id")?,
+            eos_token_ids: token_ids(v, path, "eos_token_id")?,
             sliding_window: None,
             raw: Value::Null,
         })
@@ -277,11 +310,57 @@ impl ModelConfig {
             ("num_hidden_layers", self.num_layers),
             ("num_key_value_heads", self.num_kv_heads),
             ("head_dim", self.head_dim),
+            ("max_position_embeddings", self.max_position_embeddings),
         ];
         for (k, x) in nonzero {
             if x == 0 {
                 return Err(Error::invalid(path, format!("`{k}` must be > 0")));
             }
+        }
+        // Bounds well above any released model, checked before anything is sized from them (a config with
+        // 10^9 layers would otherwise ask for the memory of a terabyte model).
+        let bounded = [
+            ("vocab_size", self.vocab_size, 1 << 24),
+            ("hidden_size", self.hidden_size, 1 << 20),
+            ("intermediate_size", self.intermediate_size, 1 << 22),
+            ("num_hidden_layers", self.num_layers, 1 << 12),
+            ("num_attention_heads", self.num_heads, 1 << 12),
+            ("head_dim", self.head_dim, 1 << 14),
+        ];
+        for (k, x, max) in bounded {
+            if x > max {
+                return Err(Error::invalid(
+                    path,
+                    format!("`{k}` = {x} exceeds {max}: not a model factune can hold"),
+                ));
+            }
+        }
+        if self.max_position_embeddings > MAX_POSITIONS {
+            return Err(Error::invalid(
+                path,
+                format!(
+                    "`max_position_embeddings` = {} exceeds {MAX_POSITIONS} (factune precomputes position tables)",
+                    self.max_position_embeddings
+                ),
+            ));
+        }
+        if !(self.norm_eps.is_finite() && self.norm_eps > 0.0) {
+            return Err(Error::invalid(
+                path,
+                format!(
+                    "the norm epsilon (rms_norm_eps / layer_norm_epsilon) must be a positive number, got {}",
+                    self.norm_eps
+                ),
+            ));
+        }
+        if self.arch == Arch::Llama && !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
+            return Err(Error::invalid(
+                path,
+                format!(
+                    "`rope_theta` must be a positive number, got {}",
+                    self.rope_theta
+                ),
+            ));
         }
         if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return Err(Error::invalid(
@@ -301,13 +380,20 @@ impl ModelConfig {
         Ok(())
     }
 
-    /// Number of parameters implied by the config (counting a tied head once).
+    /// Number of parameters implied by the config (counting a tied head once); saturates instead of
+    /// overflowing, so an absurd config reads as "too many" rather than wrapping around.
     pub fn num_parameters(&self) -> usize {
-        let (h, i, v) = (self.hidden_size, self.intermediate_size, self.vocab_size);
-        let q = self.num_heads * self.head_dim;
-        let kv = self.num_kv_heads * self.head_dim;
+        let n = |x: usize| x as u128;
+        let (h, i, v) = (
+            n(self.hidden_size),
+            n(self.intermediate_size),
+            n(self.vocab_size),
+        );
+        let q = n(self.num_heads) * n(self.head_dim);
+        let kv = n(self.num_kv_heads) * n(self.head_dim);
         let head = if self.tie_word_embeddings { 0 } else { v * h };
-        match self.arch {
+        let layers = n(self.num_layers);
+        let total: u128 = match self.arch {
             Arch::Llama => {
                 let attn = h * q
                     + 2 * h * kv
@@ -315,18 +401,19 @@ impl ModelConfig {
                     + if self.qkv_bias { q + 2 * kv } else { 0 }
                     + if self.o_bias { h } else { 0 };
                 let mlp = 3 * h * i + if self.mlp_bias { 2 * i + h } else { 0 };
-                v * h + self.num_layers * (attn + mlp + 2 * h) + h + head
+                v * h + layers * (attn + mlp + 2 * h) + h + head
             }
             Arch::Gpt2 => {
                 let attn = 3 * h * h + 3 * h + h * h + h;
                 let mlp = 2 * h * i + i + h;
                 v * h
-                    + self.max_position_embeddings * h
-                    + self.num_layers * (attn + mlp + 4 * h)
+                    + n(self.max_position_embeddings) * h
+                    + layers * (attn + mlp + 4 * h)
                     + 2 * h
                     + head
             }
-        }
+        };
+        usize::try_from(total).unwrap_or(usize::MAX)
     }
 }
 
@@ -390,5 +477,37 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("multiple of num_key_value_heads"), "{e}");
+    }
+
+    #[test]
+    fn values_that_would_panic_abort_or_compute_wrongly_are_refused() {
+        let base = json!({
+            "model_type": "llama", "vocab_size": 100, "hidden_size": 64, "intermediate_size": 128,
+            "num_hidden_layers": 2, "num_attention_heads": 4
+        });
+        let with = |k: &str, v: Value| {
+            let mut c = base.clone();
+            c[k] = v;
+            parse(c).unwrap_err().to_string()
+        };
+        for (k, v, want) in [
+            ("max_position_embeddings", json!(0), "must be > 0"),
+            ("max_position_embeddings", json!(u64::MAX), "exceeds"),
+            ("max_position_embeddings", json!(10_000_000), "exceeds"),
+            ("num_hidden_layers", json!(1_000_000_000), "exceeds"),
+            ("hidden_act", json!("gelu"), "hidden_act"),
+            ("attention_bias", json!("yes"), "attention_bias"),
+            ("eos_token_id", json!(4_294_967_296u64), "eos_token_id"),
+            ("eos_token_id", json!([1, -2]), "eos_token_id"),
+            ("rope_theta", json!(0.0), "rope_theta"),
+            ("rms_norm_eps", json!(-1e-6), "rms_norm_eps"),
+        ] {
+            let e = with(k, v.clone());
+            assert!(e.contains(want) && e.contains(k), "{k} = {v}: {e}");
+        }
+        let mut c = base.clone();
+        c["hidden_act"] = json!("silu");
+        c["eos_token_id"] = json!(2);
+        assert_eq!(parse(c).unwrap().eos_token_ids, vec![2]);
     }
 }

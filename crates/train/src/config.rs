@@ -355,6 +355,65 @@ impl TrainConfig {
     /// here, naming the key.
     pub fn validate(&self) -> Result<()> {
         let bad = |k: &str, why: &str| Err(Error::config(format!("`{k}`: {why}")));
+        // Numbers a run multiplies by or divides through: NaN and infinities never mean anything here, and
+        // a value out of its range trains something other than what was asked.
+        let in_range = [
+            (
+                "lora_alpha",
+                self.lora_alpha,
+                f64::MIN,
+                f64::MAX,
+                "a finite number",
+            ),
+            (
+                "lora_dropout",
+                self.lora_dropout,
+                0.0,
+                1.0 - f64::EPSILON,
+                "in [0, 1)",
+            ),
+            (
+                "adam_beta1",
+                self.adam_beta1,
+                0.0,
+                1.0 - f64::EPSILON,
+                "in [0, 1)",
+            ),
+            (
+                "adam_beta2",
+                self.adam_beta2,
+                0.0,
+                1.0 - f64::EPSILON,
+                "in [0, 1)",
+            ),
+            (
+                "adam_epsilon",
+                self.adam_epsilon,
+                f64::MIN_POSITIVE,
+                f64::MAX,
+                "a positive number",
+            ),
+            (
+                "weight_decay",
+                self.weight_decay,
+                0.0,
+                f64::MAX,
+                "a finite number >= 0",
+            ),
+            ("warmup_ratio", self.warmup_ratio, 0.0, 1.0, "in [0, 1]"),
+            (
+                "max_grad_norm",
+                self.max_grad_norm,
+                0.0,
+                f64::MAX,
+                "a finite number >= 0 (0 disables clipping)",
+            ),
+        ];
+        for (k, x, lo, hi, what) in in_range {
+            if !(x.is_finite() && (lo..=hi).contains(&x)) {
+                return bad(k, &format!("{x} is out of range: must be {what}"));
+            }
+        }
         if !self.is_full() {
             self.adapter_config()?;
             let method = MethodConfig::named(&self.peft_type.to_uppercase())?;
@@ -593,5 +652,22 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("learning_rat"), "{e}");
+    }
+
+    #[test]
+    fn non_finite_and_out_of_range_numbers_are_named() {
+        for (toml, key) in [
+            ("max_grad_norm = inf", "max_grad_norm"),
+            ("learning_rate = nan", "learning_rate"),
+            ("adam_beta1 = 1.5", "adam_beta1"),
+            ("adam_epsilon = -1.0", "adam_epsilon"),
+            ("warmup_ratio = 2.0", "warmup_ratio"),
+            ("lora_dropout = 1.0", "lora_dropout"),
+        ] {
+            let c: TrainConfig = toml::from_str(toml).unwrap();
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains(key), "{toml}: {e}");
+        }
+        TrainConfig::default().validate().unwrap();
     }
 }

@@ -5,6 +5,10 @@
 
 use crate::config::TrainConfig;
 use crate::optim::lr_at;
+use factune_adapters::hooks::{Moments, StepHook};
+use factune_adapters::lora;
+use factune_io::Result;
+use factune_model::{Model, ParamRole};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
@@ -34,6 +38,14 @@ fn cycle_start(cfg: &TrainConfig, step: usize) -> Option<usize> {
     (s0 > 0).then_some(s0)
 }
 
+/// Whether the adapters in use at the start of step `step` have already been updated with a positive learning
+/// rate: some step since they were (re)initialised (the run's start, the end of the warm start, the last
+/// restart) had one. Until then a zero gradient is expected (LoRA's A while B is still zero), after it not.
+pub fn updated_before(cfg: &TrainConfig, step: usize) -> bool {
+    let since = cycle_start(cfg, step).unwrap_or(0);
+    (since..step).any(|s| lr(cfg, s) > 0.0)
+}
+
 /// Learning rate at `step`: the configured schedule (the envelope), except during the first
 /// `restart_warmup_steps` of a cycle, where it rises linearly from 0 to the envelope's value at the end of
 /// that warmup (as ReLoRA's `cosine_restarts`).
@@ -51,6 +63,48 @@ pub fn lr(cfg: &TrainConfig, step: usize) -> f64 {
     match cycle_start(cfg, step) {
         Some(s0) if step - s0 < rw => envelope(s0 + rw) * (step - s0) as f64 / rw as f64,
         _ => envelope(step),
+    }
+}
+
+/// ReLoRA's restarts as a step hook: before each restart step the LoRA factors are merged into the weights
+/// and re-drawn, and the moments of both factors pruned.
+pub struct Restarts {
+    cfg: TrainConfig,
+}
+
+impl Restarts {
+    pub fn new(cfg: &TrainConfig) -> Self {
+        Restarts { cfg: cfg.clone() }
+    }
+}
+
+impl StepHook for Restarts {
+    fn name(&self) -> &'static str {
+        "relora"
+    }
+
+    fn before_step(
+        &mut self,
+        model: &mut Model,
+        step: usize,
+        m: Moments<'_>,
+    ) -> Result<Option<serde_json::Value>> {
+        let Some(k) = restart_at(&self.cfg, step) else {
+            return Ok(None);
+        };
+        let merged = lora::merge_and_reinit(model, &mut restart_rng(self.cfg.seed, k))?;
+        for (i, role) in m.roles.iter().enumerate() {
+            if matches!(role, ParamRole::FactorA | ParamRole::FactorB) {
+                prune_moments(
+                    &mut m.exp_avg[i],
+                    &mut m.exp_avg_sq[i],
+                    self.cfg.optimizer_prune_ratio,
+                );
+            }
+        }
+        Ok(Some(serde_json::json!({
+            "event": "relora_restart", "restart": k, "merged_modules": merged
+        })))
     }
 }
 

@@ -3,7 +3,7 @@
 
 use crate::optim::{clip_grad_norm, AdamW};
 use candle_core::{Tensor, Var};
-use factune_adapters::hooks::StepHook;
+use factune_adapters::hooks::{Moments, StepHook};
 use factune_io::{Error, Result};
 use factune_model::{take_grads, Ctx, Model, ParamRole};
 use std::collections::HashMap;
@@ -35,8 +35,10 @@ pub struct StepReport {
     pub grad_norm: f64,
     /// Tokens in the step's micro-batches.
     pub tokens: usize,
-    /// What the hook logged.
-    pub logged: Option<(&'static str, serde_json::Value)>,
+    /// What the hooks logged with the step's metrics.
+    pub logged: Vec<(&'static str, serde_json::Value)>,
+    /// Events the hooks reported before the step (a ReLoRA restart).
+    pub events: Vec<serde_json::Value>,
 }
 
 /// Parameters, optimizer state and the gradient checks between steps.
@@ -54,14 +56,14 @@ pub struct Trainer {
 
 impl Trainer {
     /// `roles`: the adapters' parameter roles by name (`factune_adapters::peft::roles`); other parameters
-    /// are `Other`. `resumed`: the parameters already went through updates (a checkpoint), so gradients are
-    /// checked at the first step.
+    /// are `Other`. `updated`: the parameters as they are already went through an update with a positive
+    /// learning rate (a resumed run past its first real step), so gradients are checked at the first step.
     pub fn new(
         params: Params,
         roles: &HashMap<String, ParamRole>,
         opt: AdamW,
         settings: StepSettings,
-        resumed: bool,
+        updated: bool,
     ) -> Self {
         Trainer {
             roles: roles_of(&params, roles),
@@ -69,7 +71,7 @@ impl Trainer {
             opt,
             settings,
             checked_grads: false,
-            updated_with_lr: resumed,
+            updated_with_lr: updated,
         }
     }
 
@@ -92,17 +94,31 @@ impl Trainer {
         (self.checked_grads, self.updated_with_lr) = (false, false);
     }
 
-    /// Optimizer step `step` (0-based) at learning rate `lr`: `batch(j)` yields micro-batch `j` of the run
-    /// (`step · accumulation + micro`), whose gradients are averaged, checked, clipped and applied with AdamW.
+    /// Optimizer step `step` (0-based) at learning rate `lr`: the hooks' `before_step`, then `batch(j)` yields
+    /// micro-batch `j` of the run (`step · accumulation + micro`), whose gradients are averaged, checked,
+    /// clipped and applied with AdamW; the hooks' penalties join the loss and their `after_update` follows.
     pub fn step(
         &mut self,
         model: &mut Model,
         step: usize,
         lr: f64,
         batch: &mut dyn FnMut(usize) -> Result<MicroBatch>,
-        hook: Option<&mut dyn StepHook>,
+        hooks: &mut [Box<dyn StepHook>],
     ) -> Result<StepReport> {
         let s = self.settings.clone();
+        let mut events = Vec::new();
+        for h in hooks.iter_mut() {
+            let moments = Moments {
+                roles: &self.roles,
+                exp_avg: &mut self.opt.exp_avg,
+                exp_avg_sq: &mut self.opt.exp_avg_sq,
+            };
+            if let Some(event) = h.before_step(model, step, moments)? {
+                // the hook re-initialised parameters: their gradients are checked afresh
+                (self.checked_grads, self.updated_with_lr) = (false, false);
+                events.push(event);
+            }
+        }
         let dev = model.device.clone();
         let mut acc: Vec<Vec<f32>> = self.sizes().iter().map(|&n| vec![0.0; n]).collect();
         let mut got = vec![false; self.params.len()];
@@ -121,17 +137,13 @@ impl Trainer {
             let wanted: Vec<&Tensor> = self.params.iter().map(|(_, v)| v.as_tensor()).collect();
             let (loss, _, mut grads) =
                 model.loss_and_grads(&ids, &labels, &ctx, s.gradient_checkpointing, &wanted)?;
-            let penalty = match hook.as_deref() {
-                Some(h) => h.penalty(model)?,
-                None => None,
-            };
-            let loss = match penalty {
-                Some(p) => {
+            let mut loss = loss;
+            for h in hooks.iter() {
+                if let Some(p) = h.penalty(model)? {
                     take_grads(p.backward()?, &wanted, &mut grads)?;
-                    (loss + p.detach())?
+                    loss = (loss + p.detach())?;
                 }
-                None => loss,
-            };
+            }
             let l = loss.to_scalar::<f32>()? as f64;
             if !l.is_finite() {
                 return Err(Error::config(format!("loss is {l} at step {}", step + 1)));
@@ -165,10 +177,10 @@ impl Trainer {
         for ((_, var), val) in self.params.iter().zip(values) {
             var.set(&Tensor::from_vec(val, var.shape(), &dev)?)?;
         }
-        let logged = match hook {
-            Some(h) => h.after_update(model, &names, &acc, step)?,
-            None => None,
-        };
+        let mut logged = Vec::new();
+        for h in hooks.iter_mut() {
+            logged.extend(h.after_update(model, &names, &acc, step)?);
+        }
         self.checked_grads |= check_zero;
         self.updated_with_lr |= lr > 0.0;
         Ok(StepReport {
@@ -176,6 +188,7 @@ impl Trainer {
             grad_norm,
             tokens,
             logged,
+            events,
         })
     }
 }

@@ -10,12 +10,12 @@ use crate::step::{MicroBatch, Params, Trainer};
 use candle_core::{Device, Tensor, Var};
 use factune_adapters::hooks::StepHook;
 use factune_adapters::peft::thousands;
-use factune_adapters::{attach, lora, peft, trainable, trainable_summary};
+use factune_adapters::{attach, peft, trainable, trainable_summary};
 use factune_data::{collate, evaluate_loss, pad_id, to_tensor, Batches, Dataset, Example};
 use factune_io::weights::to_safetensors_bytes;
 use factune_io::{atomic, Error, Result, TextTokenizer, Weights};
 use factune_model::spectrum::update_spectra;
-use factune_model::{Ctx, Model, ParamRole};
+use factune_model::{Ctx, Model};
 use serde_json::json;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -156,24 +156,36 @@ impl TrainJob<'_> {
         if let Some(ckpt) = &self.resume {
             load_optimizer(&mut opt, &params, &ckpt.join(OPTIM_FILE))?;
         }
-        // What the method adds to each step (AdaLoRA's rank schedule), with its state when resuming.
-        let mut hook = adapter_cfg
-            .method
-            .method()
-            .step_hook(&adapter_cfg, self.model)?;
-        if let (Some(h), Some(ckpt)) = (hook.as_mut(), &self.resume) {
-            let w = Weights::from_files(&[ckpt.join(hook_file(h.name()))])?;
-            let tensors: HashMap<String, Tensor> = w
-                .names()
-                .map(|n| {
-                    Ok((
-                        n.to_string(),
-                        w.get(n, candle_core::DType::F32, &Device::Cpu)?,
-                    ))
-                })
-                .collect::<Result<_>>()?;
-            let meta: serde_json::Value = factune_io::error::read_json(&ckpt.join(STATE_FILE))?;
-            h.restore(&tensors, &meta[h.name()])?;
+        // What the method adds to each step (AdaLoRA's rank schedule) and ReLoRA's restarts, with their state
+        // when resuming.
+        let mut hooks: Vec<Box<dyn StepHook>> = Vec::new();
+        hooks.extend(
+            adapter_cfg
+                .method
+                .method()
+                .step_hook(&adapter_cfg, self.model)?,
+        );
+        if cfg.relora_steps > 0 {
+            hooks.push(Box::new(relora::Restarts::new(&cfg)));
+        }
+        if let Some(ckpt) = &self.resume {
+            for h in hooks.iter_mut() {
+                if h.state()?.is_none() {
+                    continue; // nothing to restore (ReLoRA's restarts are a function of the step)
+                }
+                let w = Weights::from_files(&[ckpt.join(hook_file(h.name()))])?;
+                let tensors: HashMap<String, Tensor> = w
+                    .names()
+                    .map(|n| {
+                        Ok((
+                            n.to_string(),
+                            w.get(n, candle_core::DType::F32, &Device::Cpu)?,
+                        ))
+                    })
+                    .collect::<Result<_>>()?;
+                let meta: serde_json::Value = factune_io::error::read_json(&ckpt.join(STATE_FILE))?;
+                h.restore(&tensors, &meta[h.name()])?;
+            }
         }
         let metrics_path = self.out.join("metrics.jsonl");
         let mut log = MetricsLog::open(&metrics_path, self.resume.is_none())?;
@@ -192,7 +204,7 @@ impl TrainJob<'_> {
             &peft::roles(self.model),
             opt,
             cfg.step_settings(),
-            start_step > 0,
+            relora::updated_before(&cfg, start_step),
         );
         self.progress.start(cfg.max_steps, start_step);
         let (mut last_loss, mut last_val, mut total_tokens) = (f64::NAN, None, 0usize);
@@ -207,26 +219,10 @@ impl TrainJob<'_> {
                 ));
                 log.write(&json!({"step": step, "event": "warm_start_end"}))?;
             }
-            if let Some(k) = relora::restart_at(&cfg, step) {
-                let merged =
-                    lora::merge_and_reinit(self.model, &mut relora::restart_rng(cfg.seed, k))?;
-                let opt = &mut trainer.opt;
-                for (i, role) in trainer.roles.iter().enumerate() {
-                    if matches!(role, ParamRole::FactorA | ParamRole::FactorB) {
-                        relora::prune_moments(
-                            &mut opt.exp_avg[i],
-                            &mut opt.exp_avg_sq[i],
-                            cfg.optimizer_prune_ratio,
-                        );
-                    }
-                }
-                log.write(&json!({"step": step, "event": "relora_restart", "restart": k, "merged_modules": merged}))?;
-            }
             let t0 = Instant::now();
             let lr = relora::lr(&cfg, step);
-            let step_hook = hook.as_deref_mut().map(|h| h as &mut dyn StepHook);
             let report = trainer
-                .step(self.model, step, lr, &mut micro_batch, step_hook)
+                .step(self.model, step, lr, &mut micro_batch, &mut hooks)
                 .map_err(|e| match e {
                     Error::Config(m) if m.starts_with("loss is") => Error::config(format!(
                         "{m} — stopping; the last good checkpoint (if any) in {} is kept",
@@ -234,11 +230,15 @@ impl TrainJob<'_> {
                     )),
                     e => e,
                 })?;
+            for mut event in report.events {
+                event["step"] = step.into();
+                log.write(&event)?;
+            }
             last_loss = report.loss;
             total_tokens += report.tokens;
             let tps = report.tokens as f64 / t0.elapsed().as_secs_f64();
             let mut entry = json!({"step": step + 1, "loss": last_loss, "lr": lr, "grad_norm": report.grad_norm, "tokens": report.tokens, "tokens_per_s": tps});
-            if let Some((key, value)) = report.logged {
+            for (key, value) in report.logged {
                 entry[key] = value;
             }
             log.write(&entry)?;
@@ -258,15 +258,17 @@ impl TrainJob<'_> {
                     &trainer.opt,
                     &trainer.params,
                     &adapter_cfg,
-                    hook.as_deref(),
+                    &hooks,
                 )?;
             }
         }
         self.progress.finish();
-        let last = match &hook {
-            Some(h) => h.final_adapter(self.model, &adapter_cfg)?,
-            None => None,
-        };
+        let mut last = None;
+        for h in &hooks {
+            if last.is_none() {
+                last = h.final_adapter(self.model, &adapter_cfg)?;
+            }
+        }
         if let Some((tensors, c, note)) = last {
             peft::write_tensors(self.model, &c, tensors, &self.out)?;
             self.progress.note(&note);
@@ -527,7 +529,7 @@ impl TrainJob<'_> {
         opt: &AdamW,
         params: &[(String, Var)],
         adapter_cfg: &factune_adapters::AdapterConfig,
-        hook: Option<&dyn StepHook>,
+        hooks: &[Box<dyn StepHook>],
     ) -> Result<()> {
         let dest = self.out.join(format!("checkpoint-{step}"));
         let staging = self
@@ -568,7 +570,7 @@ impl TrainJob<'_> {
             &to_safetensors_bytes(&tensors, None)?,
         )?;
         let mut state = json!({"step": step, "optimizer_t": opt.t, "config": self.config});
-        if let Some(h) = hook {
+        for h in hooks {
             if let Some((tensors, meta)) = h.state()? {
                 atomic::write_atomic(
                     &staging.join(hook_file(h.name())),
