@@ -162,6 +162,7 @@ pub fn train(
     // Everything that can be checked without the weights is checked before they load.
     cfg.validate()?;
     readable_file(data)?;
+    outside_model(output, model_dir)?;
     // Quantise while loading, so the dense weights never sit in memory all at once; inits built from the
     // full-precision weights (PiSSA, LoftQ, DoTA) need them dense, and the trainer quantises after them.
     let opts =
@@ -251,6 +252,42 @@ pub fn pretrain(
         crate::bench::peak_rss_mb(),
         output.display()
     );
+    Ok(())
+}
+
+/// An output directory that is not the model's and does not contain it: writing there would replace the base
+/// model's own files (a full fine-tune or a merge writes `model.safetensors`).
+fn outside_model(output: &Path, model: &Path) -> Result<()> {
+    // Where the output would be once created: its nearest existing ancestor, resolved, plus the rest.
+    fn resolved(p: &Path) -> PathBuf {
+        let mut missing = Vec::new();
+        let mut cur = p.to_path_buf();
+        loop {
+            if let Ok(real) = cur.canonicalize() {
+                return missing.iter().rev().fold(real, |acc, part| acc.join(part));
+            }
+            match (cur.file_name().map(|n| n.to_os_string()), cur.parent()) {
+                (Some(name), Some(parent)) => {
+                    missing.push(name);
+                    cur = if parent.as_os_str().is_empty() {
+                        PathBuf::from(".")
+                    } else {
+                        parent.to_path_buf()
+                    };
+                }
+                _ => return p.to_path_buf(),
+            }
+        }
+    }
+    let (out, model) = (resolved(output), resolved(model));
+    if model.starts_with(&out) {
+        bail!(
+            "--output {} is the model directory {} or contains it: the run would overwrite the base model; \
+             choose another output directory",
+            output.display(),
+            model.display()
+        );
+    }
     Ok(())
 }
 
@@ -435,6 +472,7 @@ pub fn merge(args: &ModelArgs, output: &Path, verify: bool) -> Result<()> {
     if args.adapter.is_none() {
         bail!("merge needs --adapter");
     }
+    outside_model(output, &args.model)?;
     let mut model = load_model(args)?;
     let before = if verify {
         Some(model.forward(&probe_ids(&model)?, None, &Ctx::default())?)
@@ -481,6 +519,7 @@ pub fn merge(args: &ModelArgs, output: &Path, verify: bool) -> Result<()> {
 }
 
 pub fn quantize(dir: &Path, output: &Path, double_quant: bool) -> Result<()> {
+    outside_model(output, dir)?;
     let t0 = std::time::Instant::now();
     let model = Model::load_with(dir, &Device::Cpu, Some(Nf4Options { double_quant }))?;
     let weights = Weights::from_model_dir(dir)?;

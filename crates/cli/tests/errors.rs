@@ -382,3 +382,65 @@ fn eval_with_non_finite_weights_fails_naming_the_tensor() {
     ));
     assert!(e.contains("NaN") && e.contains("model.norm.weight"), "{e}");
 }
+
+/// Training, merging or quantising into the model's own directory (or one that contains it) is refused
+/// before anything is written there.
+#[test]
+fn output_into_the_model_directory_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = dir.path().join("model");
+    std::fs::create_dir(&m).unwrap();
+    for f in std::fs::read_dir(model()).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, m.join(f.file_name().unwrap())).unwrap();
+    }
+    let before = sha(&m.join("model.safetensors"));
+    let d = data("quickstart-train.jsonl");
+    for out in [m.clone(), dir.path().to_path_buf(), m.join(".")] {
+        let e = fails(&train_args(
+            s(&m),
+            s(&d),
+            s(&out),
+            &["--peft-type", "full", "--max-steps", "1"],
+        ));
+        assert!(
+            e.contains("overwrite the base model"),
+            "{}: {e}",
+            out.display()
+        );
+        let e = fails(&["quantize", s(&m), "--output", s(&out)]);
+        assert!(
+            e.contains("overwrite the base model"),
+            "{}: {e}",
+            out.display()
+        );
+    }
+    assert_eq!(sha(&m.join("model.safetensors")), before);
+    // a fresh directory beside the model is fine
+    ok(&["quantize", s(&m), "--output", s(&dir.path().join("q"))]);
+}
+
+/// A run into a directory another live run is writing to fails at once; half-written checkpoints left by
+/// killed runs are removed when the next run starts there.
+#[test]
+fn output_directory_lock_and_cleanup_of_killed_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    std::fs::create_dir(&out).unwrap();
+    // this test process is alive: its PID in the lock stands for a run in progress
+    std::fs::write(out.join(".lock"), std::process::id().to_string()).unwrap();
+    let e = fails(&train_args(
+        s(&model()),
+        s(&data("quickstart-train.jsonl")),
+        s(&out),
+        &["--max-steps", "1"],
+    ));
+    assert!(e.contains("another factune run"), "{e}");
+    // a lock whose writer is gone (no PID above 2^22 runs) is taken over; the killed run's staging goes
+    std::fs::write(out.join(".lock"), "4194305").unwrap();
+    let partial = out.join(".checkpoint-3.partial-4194305");
+    std::fs::create_dir(&partial).unwrap();
+    train(&out, "1", &[]);
+    assert!(!partial.exists() && !out.join(".lock").exists());
+    assert!(out.join("adapter_model.safetensors").exists());
+}

@@ -74,6 +74,14 @@ impl TrainJob<'_> {
     pub fn run(mut self) -> Result<TrainOutcome> {
         let started = Instant::now();
         std::fs::create_dir_all(&self.out).map_err(|e| Error::io(&self.out, e))?;
+        // One run per output directory; what killed runs left half-written there goes first.
+        let _lock = atomic::OutputLock::acquire(&self.out)?;
+        let cleaned = atomic::clean_leftovers(&self.out)?;
+        if cleaned > 0 {
+            self.progress.note(&format!(
+                "removed {cleaned} half-written checkpoint or temporary file(s) left by runs that were killed"
+            ));
+        }
         let mut start_step = 0usize;
         if let Some(ckpt) = self.resume.clone() {
             (self.config, start_step) = checkpoint_state(&ckpt)?;
