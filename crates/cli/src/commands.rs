@@ -156,8 +156,18 @@ pub fn train(
     };
     overrides.apply(&mut cfg);
     if let Some(ckpt) = &resume {
-        eprintln!("resuming: the run's own config (saved in the checkpoint) is used");
-        cfg = factune_train::checkpoint_state(ckpt)?.0;
+        // The checkpoint's settings, with what may change (length, cadence) taken from this command.
+        let mut given = overrides.given();
+        if let Some(p) = config {
+            given.extend(toml_keys(p)?);
+        }
+        let (saved, steps) = factune_train::checkpoint_state(ckpt)?;
+        cfg = factune_train::resume::resumed_config(&saved, &cfg, &given, steps)?;
+        eprintln!(
+            "resuming {} at step {steps} of {} with its saved settings",
+            ckpt.display(),
+            cfg.max_steps
+        );
     }
     // Everything that can be checked without the weights is checked before they load.
     cfg.validate()?;
@@ -289,6 +299,23 @@ fn outside_model(output: &Path, model: &Path) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// The training keys a TOML file sets (aliases as the keys they stand for).
+fn toml_keys(path: &Path) -> Result<Vec<String>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let table: toml::Table =
+        toml::from_str(&text).with_context(|| format!("{}: invalid TOML", path.display()))?;
+    Ok(table
+        .keys()
+        .map(|k| {
+            TrainConfig::ALIASES
+                .iter()
+                .find(|(alias, _)| alias == k)
+                .map_or(k.clone(), |(_, key)| key.to_string())
+        })
+        .collect())
 }
 
 /// A data file that exists and is a file, named in the error otherwise.

@@ -23,6 +23,14 @@ macro_rules! train_overrides {
                 $( if let Some(v) = &self.$name { c.$name = v.clone(); } )*
                 c.method_keys.0.extend(self.method.0.clone());
             }
+
+            /// The keys given as flags.
+            pub fn given(&self) -> Vec<String> {
+                let mut keys = Vec::new();
+                $( if self.$name.is_some() { keys.push(stringify!($name).to_string()); } )*
+                keys.extend(self.method.0.keys().cloned());
+                keys
+            }
         }
     };
 }

@@ -258,3 +258,64 @@ fn bench_commands_report_on_the_embedded_model() {
         "{peak}"
     );
 }
+
+/// A resume means what it says: the checkpoint's settings, with only the length and the evaluation/save
+/// cadence open to change; other changed settings are refused with the differences listed; a run with
+/// nothing left to train is an error, not "train loss NaN"; and the metrics log holds each step once.
+#[test]
+fn resume_keeps_the_checkpoint_settings_and_logs_each_step_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    train(&out, "4", &["--save-steps", "2"]);
+    let want = sha(&out.join("adapter_model.safetensors"));
+    let resume = |ckpt: &str, extra: &[&str]| -> Vec<String> {
+        let ckpt = out.join(ckpt);
+        let mut args: Vec<String> = train_args(
+            s(&model()),
+            s(&data("quickstart-train.jsonl")),
+            s(&out),
+            &["--resume", s(&ckpt)],
+        )
+        .iter()
+        .map(|a| a.to_string())
+        .collect();
+        args.extend(extra.iter().map(|a| a.to_string()));
+        args
+    };
+    let run = |v: Vec<String>, good: bool| {
+        let v: Vec<&str> = v.iter().map(String::as_str).collect();
+        if good {
+            ok(&v)
+        } else {
+            fails(&v)
+        }
+    };
+    let e = run(resume("checkpoint-4", &[]), false);
+    assert!(
+        e.contains("nothing is left to train") && !e.contains("NaN"),
+        "{e}"
+    );
+    let e = run(
+        resume("checkpoint-2", &["--r", "16", "--learning-rate", "5e-4"]),
+        false,
+    );
+    assert!(
+        e.contains("`r`: 4 in the checkpoint, 16 given") && e.contains("`learning_rate`"),
+        "{e}"
+    );
+    // resumed into the same directory: the same adapter, and steps 3-4 logged once
+    run(resume("checkpoint-2", &[]), true);
+    assert_eq!(sha(&out.join("adapter_model.safetensors")), want);
+    let steps: Vec<u64> = std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v.get("loss").is_some())
+        .map(|v| v["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(steps, vec![1, 2, 3, 4]);
+    // a longer run from the last checkpoint
+    run(resume("checkpoint-4", &["--max-steps", "6"]), true);
+    let last = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    assert!(last.lines().any(|l| l.contains("\"step\":6")), "{last}");
+}

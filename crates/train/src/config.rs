@@ -265,6 +265,9 @@ macro_rules! train_config {
         impl TrainConfig {
             /// The training keys (the method's own come from `MethodConfig::ALL_KEYS`).
             pub const KEYS: &'static [&'static str] = &[$( stringify!($name) ),*];
+            /// Other spellings a TOML file may use, with the key each stands for.
+            pub const ALIASES: &'static [(&'static str, &'static str)] =
+                &[$( $( ($alias, stringify!($name)), )? )*];
         }
     };
 }

@@ -8,6 +8,7 @@ pub mod optim;
 pub mod pretrain;
 pub mod progress;
 pub mod relora;
+pub mod resume;
 pub mod step;
 pub mod trainer;
 

@@ -84,10 +84,19 @@ impl TrainJob<'_> {
         }
         let mut start_step = 0usize;
         if let Some(ckpt) = self.resume.clone() {
-            (self.config, start_step) = checkpoint_state(&ckpt)?;
+            // The caller resolves what may change (`resume::resumed_config`); nothing else may differ.
+            let (saved, steps) = checkpoint_state(&ckpt)?;
+            crate::resume::check_same(&saved, &self.config)?;
+            start_step = steps;
         }
         let cfg = self.config.clone();
         cfg.validate()?;
+        if start_step >= cfg.max_steps {
+            return Err(Error::config(format!(
+                "the checkpoint is at step {start_step} and max_steps is {}: nothing is left to train",
+                cfg.max_steps
+            )));
+        }
         if cfg.seq_len > self.model.max_positions() {
             return Err(Error::config(format!(
                 "seq_len {} exceeds the model's context of {} positions (max_position_embeddings)",
@@ -196,7 +205,10 @@ impl TrainJob<'_> {
             }
         }
         let metrics_path = self.out.join("metrics.jsonl");
-        let mut log = MetricsLog::open(&metrics_path, self.resume.is_none())?;
+        let mut log = match self.resume {
+            Some(_) => MetricsLog::resume(&metrics_path, start_step)?,
+            None => MetricsLog::open(&metrics_path, true)?,
+        };
         self.write_run_metadata(&train, &val)?;
 
         let batches = Batches::new(train.len(), cfg.data_seed, cfg.micro_batch_size);

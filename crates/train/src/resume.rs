@@ -1,0 +1,148 @@
+//! What a resumed run may change. A checkpoint fixes the run (method, rank, targets, data, seeds, schedule);
+//! only its length and its evaluation and checkpoint cadence may be given anew, so a resume never trains
+//! something other than what the checkpoint started.
+
+use crate::config::TrainConfig;
+use factune_io::{Error, Result};
+use serde_json::{Map, Value};
+
+/// Keys a resumed run may set to new values. A longer `max_steps` extends the run (the learning-rate
+/// schedule follows the new length from the checkpoint's step on).
+pub const RESUMABLE: &[&str] = &["max_steps", "eval_steps", "save_steps"];
+
+fn to_map(c: &TrainConfig) -> Result<Map<String, Value>> {
+    match serde_json::to_value(c) {
+        Ok(Value::Object(m)) => Ok(m),
+        _ => Err(Error::config(
+            "the training config does not serialise to an object",
+        )),
+    }
+}
+
+fn show(v: Option<&Value>) -> String {
+    v.map_or("unset".into(), Value::to_string)
+}
+
+/// The config a resume from a checkpoint `steps` steps in continues with: the checkpoint's `saved` config,
+/// with the keys the user `given` (flags, TOML keys) taken from `wanted` where they may change. Any other
+/// given key whose value differs is an error that lists every difference; a run with no steps left is one too.
+pub fn resumed_config(
+    saved: &TrainConfig,
+    wanted: &TrainConfig,
+    given: &[String],
+    steps: usize,
+) -> Result<TrainConfig> {
+    let (s, w) = (to_map(saved)?, to_map(wanted)?);
+    let mut out = s.clone();
+    let mut diffs = Vec::new();
+    for k in given {
+        let (a, b) = (s.get(k), w.get(k));
+        if a == b {
+            continue;
+        }
+        if RESUMABLE.contains(&k.as_str()) {
+            if let Some(b) = b {
+                out.insert(k.clone(), b.clone());
+            }
+        } else {
+            diffs.push(format!(
+                "`{k}`: {} in the checkpoint, {} given",
+                show(a),
+                show(b)
+            ));
+        }
+    }
+    if !diffs.is_empty() {
+        return Err(Error::config(format!(
+            "cannot resume with changed settings (only {} may change): {}",
+            RESUMABLE.join(", "),
+            diffs.join("; ")
+        )));
+    }
+    let cfg: TrainConfig = serde_json::from_value(Value::Object(out))
+        .map_err(|e| Error::config(format!("resumed config: {e}")))?;
+    if cfg.max_steps <= steps {
+        return Err(Error::config(format!(
+            "the checkpoint is at step {steps} and max_steps is {}: nothing is left to train; pass \
+             --max-steps N with N > {steps} to extend the run",
+            cfg.max_steps
+        )));
+    }
+    Ok(cfg)
+}
+
+/// Whether `config` is the checkpoint's `saved` one but for the resumable keys; an error listing the
+/// differences otherwise (a library caller resuming with another run's settings).
+pub fn check_same(saved: &TrainConfig, config: &TrainConfig) -> Result<()> {
+    let (mut s, mut c) = (to_map(saved)?, to_map(config)?);
+    for k in RESUMABLE {
+        s.remove(*k);
+        c.remove(*k);
+    }
+    let mut keys: Vec<&String> = s.keys().chain(c.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    let diffs: Vec<String> = keys
+        .into_iter()
+        .filter(|k| s.get(*k) != c.get(*k))
+        .map(|k| {
+            format!(
+                "`{k}`: {} in the checkpoint, {}",
+                show(s.get(k)),
+                show(c.get(k))
+            )
+        })
+        .collect();
+    if diffs.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::config(format!(
+            "the run's config differs from the checkpoint's: {}",
+            diffs.join("; ")
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(toml: &str) -> TrainConfig {
+        toml::from_str(toml).unwrap()
+    }
+
+    #[test]
+    fn only_the_length_and_cadence_change_and_differences_are_listed() {
+        let saved = cfg("max_steps = 40\nr = 8");
+        let given = |k: &[&str]| k.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let c = resumed_config(
+            &saved,
+            &cfg("max_steps = 80\nr = 8"),
+            &given(&["max_steps", "r"]),
+            40,
+        )
+        .unwrap();
+        assert_eq!((c.max_steps, c.r), (80, 8));
+        let e = resumed_config(
+            &saved,
+            &cfg("max_steps = 80\nr = 16\nlearning_rate = 5e-4"),
+            &given(&["max_steps", "r", "learning_rate"]),
+            40,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("`r`: 8 in the checkpoint, 16 given") && e.contains("`learning_rate`"),
+            "{e}"
+        );
+        let e = resumed_config(&saved, &saved, &[], 40)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("nothing is left to train"), "{e}");
+        // keys not given keep the checkpoint's values
+        let c = resumed_config(&saved, &cfg("r = 16"), &[], 10).unwrap();
+        assert_eq!(c.r, 8);
+        check_same(&saved, &c).unwrap();
+        assert!(check_same(&saved, &cfg("max_steps = 40\nr = 4")).is_err());
+    }
+}
