@@ -452,6 +452,14 @@ pub fn generate(
     if ids.is_empty() {
         bail!("the prompt encodes to no tokens");
     }
+    let context = model.max_positions();
+    if ids.len() >= context {
+        bail!(
+            "the prompt is {} tokens and fills the model's context of {context} positions \
+             (max_position_embeddings): nothing can be generated; shorten the prompt",
+            ids.len()
+        );
+    }
     let mut stop: Vec<u32> = model.cfg.eos_token_ids.clone();
     stop.extend(tok.eos_id());
     // Chat models often list extra end-of-turn tokens in generation_config.json.
@@ -474,9 +482,16 @@ pub fn generate(
             temperature,
             top_p,
             seed,
-            stop_ids: stop,
+            stop_ids: stop.clone(),
         },
     )?;
+    let stopped = out.last().is_some_and(|t| stop.contains(t));
+    if !stopped && out.len() < max_new_tokens && ids.len() + out.len() >= context {
+        eprintln!(
+            "stopped after {} of {max_new_tokens} new tokens: the model's context of {context} positions is full",
+            out.len()
+        );
+    }
     println!(
         "{}{}",
         if chat {

@@ -444,3 +444,20 @@ fn output_directory_lock_and_cleanup_of_killed_runs() {
     assert!(!partial.exists() && !out.join(".lock").exists());
     assert!(out.join("adapter_model.safetensors").exists());
 }
+
+/// Generation never returns nothing with exit 0: a prompt that fills the context is an error naming it.
+#[test]
+fn a_prompt_that_fills_the_context_is_an_error() {
+    let long = "the pen is in the drawer. ".repeat(200);
+    let m = model();
+    let e = fails(&[
+        "generate",
+        "--model",
+        s(&m),
+        "--max-new-tokens",
+        "40",
+        "--prompt",
+        &long,
+    ]);
+    assert!(e.contains("fills the model's context of 256 positions"), "{e}");
+}
