@@ -145,7 +145,7 @@ pub fn train(
     model_dir: &Path,
     data: &Path,
     config: Option<&Path>,
-    output: &Path,
+    (output, overwrite): (&Path, bool),
     resume: Option<PathBuf>,
     dev: &str,
     overrides: &TrainOverrides,
@@ -173,6 +173,21 @@ pub fn train(
     cfg.validate()?;
     readable_file(data)?;
     outside_model(output, model_dir)?;
+    if resume.is_none() && factune_train::holds_run(output) {
+        if !overwrite {
+            bail!(
+                "{} already holds a training run (run.json, checkpoint-N): pass --resume {}/checkpoint-N to \
+                 continue it, --overwrite to replace it, or another --output",
+                output.display(),
+                output.display()
+            );
+        }
+        let n = factune_train::clear_run(output)?;
+        eprintln!(
+            "--overwrite: removed the earlier run in {} ({n} entries)",
+            output.display()
+        );
+    }
     // Quantise while loading, so the dense weights never sit in memory all at once; inits built from the
     // full-precision weights (PiSSA, LoftQ, DoTA) need them dense, and the trainer quantises after them.
     let opts =

@@ -63,6 +63,9 @@ enum Command {
         /// Continue from OUT/checkpoint-N (bit-identical to an uninterrupted run)
         #[arg(long)]
         resume: Option<PathBuf>,
+        /// Replace an earlier run in --output (its checkpoints, adapter or model, metrics) instead of refusing
+        #[arg(long, conflicts_with = "resume")]
+        overwrite: bool,
         #[arg(long, default_value = "cpu")]
         device: String,
         #[command(flatten)]
@@ -278,13 +281,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             config,
             output,
             resume,
+            overwrite,
             device,
             overrides,
         } => commands::train(
             &model,
             &data,
             config.as_deref(),
-            &output,
+            (&output, overwrite),
             resume,
             &device,
             &overrides,

@@ -62,6 +62,8 @@ pub fn run(output: &Path, assets: Option<PathBuf>, steps: usize) -> Result<()> {
             got.lines().next().unwrap_or("")
         );
     }
+    // the quickstart owns its output directory: a rerun replaces the previous one
+    factune_train::clear_run(output)?;
     let outcome =
         crate::commands::run_training(&mut model, &tok, config(steps), &train, output, None)?;
     let after_em = exact_match(&model, &tok, &valid, 8, 0)?;

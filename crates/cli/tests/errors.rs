@@ -459,5 +459,8 @@ fn a_prompt_that_fills_the_context_is_an_error() {
         "--prompt",
         &long,
     ]);
-    assert!(e.contains("fills the model's context of 256 positions"), "{e}");
+    assert!(
+        e.contains("fills the model's context of 256 positions"),
+        "{e}"
+    );
 }

@@ -319,3 +319,23 @@ fn resume_keeps_the_checkpoint_settings_and_logs_each_step_once() {
     let last = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
     assert!(last.lines().any(|l| l.contains("\"step\":6")), "{last}");
 }
+
+/// Training into a directory that holds an earlier run is refused (its checkpoints would sit beside the new
+/// adapter and a later --resume would pick the wrong run) unless --overwrite, which replaces it.
+#[test]
+fn an_output_holding_a_run_needs_overwrite_or_resume() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    train(&out, "2", &["--save-steps", "1"]);
+    let (m, d) = (model(), data("quickstart-train.jsonl"));
+    let again = train_args(s(&m), s(&d), s(&out), &["--max-steps", "1"]);
+    let e = fails(&again);
+    assert!(
+        e.contains("already holds a training run") && e.contains("--overwrite"),
+        "{e}"
+    );
+    ok(&[&again[..], &["--overwrite"]].concat());
+    assert!(!out.join("checkpoint-1").exists() && !out.join("checkpoint-2").exists());
+    let logged = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    assert!(!logged.contains("\"step\":2"), "{logged}");
+}

@@ -9,7 +9,7 @@ use factune_io::{atomic, Error, Result};
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
-const TOKENIZER_FILES: &[&str] = &[
+pub const TOKENIZER_FILES: &[&str] = &[
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",

@@ -15,4 +15,4 @@ pub mod trainer;
 pub use config::TrainConfig;
 pub use progress::{Progress, Silent};
 pub use step::{StepSettings, Trainer};
-pub use trainer::{checkpoint_state, TrainJob, TrainOutcome};
+pub use trainer::{checkpoint_state, clear_run, holds_run, TrainJob, TrainOutcome};

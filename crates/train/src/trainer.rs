@@ -70,6 +70,67 @@ pub fn checkpoint_state(ckpt: &Path) -> Result<(TrainConfig, usize)> {
     Ok((config, step as usize))
 }
 
+/// Whether `out` holds a training run (its `run.json` or a checkpoint), which a new run would mix with.
+pub fn holds_run(out: &Path) -> bool {
+    out.join("run.json").exists()
+        || run_files(out).iter().any(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("checkpoint-"))
+        })
+}
+
+/// What a training run writes into its output directory, as found there: checkpoints, the adapter or full
+/// model, metrics, plots and reports.
+fn run_files(out: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(out) else {
+        return vec![];
+    };
+    let named = [
+        "run.json",
+        "metrics.jsonl",
+        "loss.png",
+        peft::CONFIG_FILE,
+        peft::WEIGHTS_FILE,
+        "update_spectrum.json",
+        "update_spectrum.png",
+        "quant_layout.json",
+        "loftq_errors.json",
+        peft::LOFTQ_BASE_DIR,
+        "config.json",
+        "model.safetensors",
+    ];
+    entries
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            let name = p.file_name().map(|n| n.to_string_lossy().into_owned());
+            name.is_some_and(|n| {
+                n.starts_with("checkpoint-")
+                    || named.contains(&n.as_str())
+                    || factune_model::save::TOKENIZER_FILES.contains(&n.as_str())
+            })
+        })
+        .collect()
+}
+
+/// Removes an earlier run from `out` (`--overwrite`): only what a run writes there, and only where `out`
+/// holds a run; returns how many entries went.
+pub fn clear_run(out: &Path) -> Result<usize> {
+    if !holds_run(out) {
+        return Ok(0);
+    }
+    let files = run_files(out);
+    for p in &files {
+        let gone = if p.is_dir() {
+            std::fs::remove_dir_all(p)
+        } else {
+            std::fs::remove_file(p)
+        };
+        gone.map_err(|e| Error::io(p, e))?;
+    }
+    Ok(files.len())
+}
+
 impl TrainJob<'_> {
     pub fn run(mut self) -> Result<TrainOutcome> {
         let started = Instant::now();
