@@ -137,6 +137,7 @@ def build(out):
     build_adalora(out)
     build_eva(out)
     build_untyped(out)
+    build_prompt(out)
     versions["bitsandbytes"] = build_nf4(out)
     versions["tensorly"] = build_mpo(out)
     with open(os.path.join(out, "VERSIONS.json"), "w") as f:
@@ -441,6 +442,57 @@ def build_mpo(out):
     return tensorly.__version__
 
 
+def build_prompt(out):
+    """The prompt family on the fixture Llama (GQA) and GPT-2: prompt tuning, P-tuning (MLP encoder) and prefix
+    tuning with and without the projection, each with logits of the real tokens, the loss with masked prompt
+    tokens, the gradients of every trainable tensor (encoder included, under `prompt_encoder.<name>`) and greedy
+    generation (the KV cache carries the prefix). The saved adapter holds PEFT's `prompt_embeddings`."""
+    from peft import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    n = 4
+    methods = {
+        "prompt": lambda: PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=n),
+        "ptuning": lambda: PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=n, encoder_hidden_size=32),
+        "prefix": lambda: PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=n),
+        "prefix-proj": lambda: PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=n,
+                                                  prefix_projection=True, encoder_hidden_size=32),
+    }
+    for name in ["llama", "gpt2"]:
+        for mname, make in methods.items():
+            model = AutoModelForCausalLM.from_pretrained(os.path.join(out, name), dtype=torch.float32).eval()
+            ids = input_ids()
+            labels = ids.clone()
+            labels[:, :3] = -100
+            set_seed(4)
+            pm = get_peft_model(model, make())
+            with torch.no_grad():
+                for pname, p in pm.named_parameters():
+                    if p.requires_grad:
+                        p.normal_(0.0, 0.5 if p.dim() == 2 and "embedding" in pname else 0.2)
+            o = pm(input_ids=ids, labels=labels)
+            o.loss.backward()
+            t = ids.shape[1]
+            ref = {"input_ids": ids.clone(), "labels": labels.clone(),
+                   "logits": o.logits[:, -t:].detach().float().contiguous(),
+                   "loss": o.loss.detach().reshape(1).float()}
+            for pname, p in pm.named_parameters():
+                if p.requires_grad:
+                    key = pname.replace("prompt_encoder.default.", "prompt_encoder.")
+                    ref[key] = p.detach().float().contiguous()
+                    ref[key + ".grad"] = p.grad.detach().float().contiguous()
+            with torch.no_grad():
+                prompt = ids[:1, :5]
+                gen = pm.generate(input_ids=prompt, max_new_tokens=6, do_sample=False, eos_token_id=None,
+                                  pad_token_id=0)
+            ref["greedy_prompt"] = prompt.clone()
+            ref["greedy_tokens"] = gen[:, 5:].to(torch.int64).contiguous()
+            pm.save_pretrained(os.path.join(out, f"{name}-{mname}"))
+            save_file({k: v.clone().contiguous() for k, v in ref.items()},
+                      os.path.join(out, f"{name}-{mname}-reference.safetensors"))
+            print(f"{name}-{mname}: loss {o.loss.item():.6f}, greedy {ref['greedy_tokens'].tolist()}")
+
+
 def verify(model_dir, adapter_dir, expect):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -477,6 +529,8 @@ def main():
     v2.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures"))
     u2 = sub.add_parser("build-untyped", help="only the PEFT adapter with task_type null")
     u2.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures"))
+    p2 = sub.add_parser("build-prompt", help="only the PEFT prompt-family fixtures")
+    p2.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures"))
     t = sub.add_parser("build-mpo", help="only the tensorly TT-SVD fixture")
     t.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures"))
     v = sub.add_parser("verify")
@@ -497,6 +551,8 @@ def main():
         build_adalora(a.out)
     elif a.cmd == "build-untyped":
         build_untyped(a.out)
+    elif a.cmd == "build-prompt":
+        build_prompt(a.out)
     elif a.cmd == "build-eva":
         build_eva(a.out)
     else:

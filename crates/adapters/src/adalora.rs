@@ -17,7 +17,8 @@
 
 use crate::config::{AdapterConfig, RankEntry};
 use crate::hooks::{FinalAdapter, HookState, StepHook};
-use crate::registry::Method;
+use crate::normal;
+use crate::registry::{Attachment, LinearMethod, Method};
 use candle_core::{DType, Tensor, Var};
 use factune_io::{Error, Result};
 use factune_model::{AdaptableLinear, Ctx, FrozenParts, LinearAdapter, Model};
@@ -105,35 +106,24 @@ impl LinearAdapter for AdaLora {
 
 pub struct AdaLoraMethod;
 
-fn normal(
-    shape: &[usize],
-    std: f32,
-    rng: &mut ChaCha8Rng,
-    dev: &candle_core::Device,
-) -> candle_core::Result<Tensor> {
-    use rand::Rng;
-    let n: usize = shape.iter().product();
-    let v: Vec<f32> = (0..n)
-        .map(|_| {
-            let (u, w): (f32, f32) = (rng.random::<f32>().max(f32::MIN_POSITIVE), rng.random());
-            (-2.0 * u.ln()).sqrt() * (std::f32::consts::TAU * w).cos() * std
-        })
-        .collect();
-    Tensor::from_vec(v, shape, dev)
-}
-
 impl Method for AdaLoraMethod {
     fn peft_type(&self) -> &'static str {
         "ADALORA"
     }
 
-    fn tensor_names(&self, _cfg: &AdapterConfig) -> Vec<&'static str> {
-        vec!["lora_A", "lora_B", "lora_E"]
+    fn attachment(&self) -> Attachment<'_> {
+        Attachment::Linear(self)
     }
 
     /// The rank schedule is the trainer's job (no user callback to forget), run as this hook.
     fn step_hook(&self, cfg: &AdapterConfig, model: &Model) -> Result<Option<Box<dyn StepHook>>> {
         Ok(Some(Box::new(RankAllocator::new(cfg, model)?)))
+    }
+}
+
+impl LinearMethod for AdaLoraMethod {
+    fn tensor_names(&self, _cfg: &AdapterConfig) -> Vec<&'static str> {
+        vec!["lora_A", "lora_B", "lora_E"]
     }
 
     fn init(

@@ -323,20 +323,35 @@ impl AdapterConfig {
     pub fn to_json(&self) -> Result<String> {
         let mut v = serde_json::to_value(self)
             .map_err(|e| Error::config(format!("adapter config: {e}")))?;
-        if matches!(self.method, MethodConfig::Vera(_)) {
-            if let Value::Object(m) = &mut v {
-                for k in [
-                    "lora_alpha",
-                    "lora_dropout",
-                    "use_rslora",
-                    "use_dora",
-                    "init_lora_weights",
-                    "rank_pattern",
-                    "alpha_pattern",
-                    "loftq_config",
-                ] {
-                    m.remove(k);
-                }
+        // LoRA's own keys, which VeRA lacks; the prompt family also lacks the linear layers' keys
+        const LORA: &[&str] = &[
+            "lora_alpha",
+            "lora_dropout",
+            "use_rslora",
+            "use_dora",
+            "init_lora_weights",
+            "rank_pattern",
+            "alpha_pattern",
+            "loftq_config",
+        ];
+        const LINEAR: &[&str] = &[
+            "r",
+            "target_modules",
+            "bias",
+            "fan_in_fan_out",
+            "layers_to_transform",
+            "layers_pattern",
+        ];
+        let drop: Vec<&str> = if self.method.method().attachment().is_prompt() {
+            LORA.iter().chain(LINEAR).copied().collect()
+        } else if matches!(self.method, MethodConfig::Vera(_)) {
+            LORA.to_vec()
+        } else {
+            Vec::new()
+        };
+        if let Value::Object(m) = &mut v {
+            for k in drop {
+                m.remove(k);
             }
         }
         serde_json::to_string_pretty(&v).map_err(|e| Error::config(format!("adapter config: {e}")))

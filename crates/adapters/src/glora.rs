@@ -11,7 +11,7 @@
 
 use crate::config::AdapterConfig;
 use crate::kaiming_uniform;
-use crate::registry::Method;
+use crate::registry::{Attachment, LinearMethod, Method};
 use candle_core::{DType, Tensor, Var};
 use factune_io::{Error, Result};
 use factune_model::kernels::frozen_linear;
@@ -148,6 +148,12 @@ impl Method for GloraMethod {
         "GLORA"
     }
 
+    fn attachment(&self) -> Attachment<'_> {
+        Attachment::Linear(self)
+    }
+}
+
+impl LinearMethod for GloraMethod {
     fn optional_names(&self) -> &'static [&'static str] {
         &["glora_D"]
     }

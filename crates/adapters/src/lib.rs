@@ -14,8 +14,12 @@ pub mod lqlora;
 pub mod method_config;
 pub mod mpo;
 pub mod multilora;
+pub mod p_tuning;
 pub mod peft;
 pub mod pissa;
+pub mod prefix_tuning;
+pub mod prompt_learning;
+pub mod prompt_tuning;
 pub mod registry;
 pub mod rosa;
 pub mod targets;
@@ -59,4 +63,22 @@ pub(crate) fn adapter_input(
     } else {
         Ok(x.clone())
     }
+}
+
+/// `N(0, std²)` values by Box–Muller from the seeded generator.
+pub(crate) fn normal(
+    shape: &[usize],
+    std: f32,
+    rng: &mut ChaCha8Rng,
+    dev: &candle_core::Device,
+) -> candle_core::Result<Tensor> {
+    use rand::Rng;
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = (0..n)
+        .map(|_| {
+            let (u, w): (f32, f32) = (rng.random::<f32>().max(f32::MIN_POSITIVE), rng.random());
+            (-2.0 * u.ln()).sqrt() * (std::f32::consts::TAU * w).cos() * std
+        })
+        .collect();
+    Tensor::from_vec(v, shape, dev)
 }

@@ -4,7 +4,7 @@
 use crate::config::AdapterConfig;
 use crate::dora::Dora;
 use crate::kaiming_uniform;
-use crate::registry::Method;
+use crate::registry::{Attachment, LinearMethod, Method};
 use crate::{loftq, pissa};
 use candle_core::{Tensor, Var};
 use factune_io::{Error, Result};
@@ -131,6 +131,12 @@ impl Method for LoraMethod {
         "LORA"
     }
 
+    fn attachment(&self) -> Attachment<'_> {
+        Attachment::Linear(self)
+    }
+}
+
+impl LinearMethod for LoraMethod {
     fn tensor_names(&self, cfg: &AdapterConfig) -> Vec<&'static str> {
         let mut n = vec!["lora_A.weight", "lora_B.weight"];
         if cfg.use_dora {

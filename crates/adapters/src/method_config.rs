@@ -83,6 +83,12 @@ methods! {
     MultiLora(crate::multilora::MultiLoraConfig) = "MULTILORA" => crate::multilora::MultiLoraMethod,
     Glora(crate::glora::GloraConfig) = "GLORA" => crate::glora::GloraMethod,
     AdaLora(crate::adalora::AdaLoraConfig) = "ADALORA" => crate::adalora::AdaLoraMethod,
+    /// Virtual input embeddings (the prompt family).
+    PromptTuning(crate::prompt_tuning::PromptTuningConfig) = "PROMPT_TUNING" => crate::prompt_tuning::PromptTuningMethod,
+    /// Virtual input embeddings from an MLP prompt encoder.
+    PTuning(crate::p_tuning::PTuningConfig) = "P_TUNING" => crate::p_tuning::PTuningMethod,
+    /// Per-layer key/value prefixes.
+    PrefixTuning(crate::prefix_tuning::PrefixTuningConfig) = "PREFIX_TUNING" => crate::prefix_tuning::PrefixTuningMethod,
 }
 
 impl Default for MethodConfig {

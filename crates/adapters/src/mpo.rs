@@ -12,7 +12,7 @@
 
 use crate::config::AdapterConfig;
 use crate::kaiming_uniform;
-use crate::registry::Method;
+use crate::registry::{Attachment, LinearMethod, Method};
 use candle_core::{DType, Tensor, Var};
 use factune_io::{Error, Result};
 use factune_model::mpo::{self, Modes};
@@ -196,6 +196,12 @@ impl Method for MpoMethod {
         "MPO"
     }
 
+    fn attachment(&self) -> Attachment<'_> {
+        Attachment::Linear(self)
+    }
+}
+
+impl LinearMethod for MpoMethod {
     fn tensor_names(&self, cfg: &AdapterConfig) -> Vec<&'static str> {
         // a config of another method names no cores (loading then reports the mismatch)
         let n = cfg

@@ -10,7 +10,7 @@
 
 use crate::config::AdapterConfig;
 use crate::kaiming_uniform;
-use crate::registry::Method;
+use crate::registry::{Attachment, LinearMethod, Method};
 use candle_core::{DType, Tensor, Var};
 use factune_io::{Error, Result};
 use factune_model::{AdaptableLinear, Ctx, FrozenParts, LinearAdapter};
@@ -169,6 +169,12 @@ impl Method for MultiLoraMethod {
         "MULTILORA"
     }
 
+    fn attachment(&self) -> Attachment<'_> {
+        Attachment::Linear(self)
+    }
+}
+
+impl LinearMethod for MultiLoraMethod {
     fn tensor_names(&self, cfg: &AdapterConfig) -> Vec<&'static str> {
         let n = branches(cfg).unwrap_or(2);
         (0..n)

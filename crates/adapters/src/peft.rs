@@ -3,6 +3,7 @@
 
 use crate::config::AdapterConfig;
 use crate::pissa;
+use crate::registry::{Attachment, LinearMethod, PromptMethod};
 use crate::targets::TargetMatcher;
 use candle_core::{DType, Tensor, Var};
 use factune_io::weights::to_safetensors_bytes;
@@ -17,15 +18,30 @@ pub const CONFIG_FILE: &str = "adapter_config.json";
 pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
 const KEY_PREFIX: &str = "base_model.model.";
 
-/// Wraps every targeted linear layer with a freshly initialised adapter. The RNG is seeded here, before any
-/// adapter is created, so the same seed gives the same adapter. Returns the wrapped module paths.
+/// Wraps every targeted linear layer with a freshly initialised adapter, or gives the model a prompt adapter.
+/// The RNG is seeded here, before any adapter is created, so the same seed gives the same adapter. Returns the
+/// wrapped module paths (none for a prompt adapter).
 pub fn attach(model: &mut Model, cfg: &AdapterConfig, seed: u64) -> Result<Vec<String>> {
     cfg.check(Path::new("adapter config"))?;
-    let m = cfg.method.method();
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    match cfg.method.method().attachment() {
+        Attachment::Linear(m) => attach_linear(model, cfg, m, &mut rng),
+        Attachment::Prompt(m) => {
+            model.prompt = Some(m.init(cfg, model, &mut rng)?);
+            Ok(Vec::new())
+        }
+    }
+}
+
+fn attach_linear(
+    model: &mut Model,
+    cfg: &AdapterConfig,
+    m: &dyn LinearMethod,
+    rng: &mut ChaCha8Rng,
+) -> Result<Vec<String>> {
     let matcher = TargetMatcher::new(&cfg.target_modules)?;
     let paths: Vec<String> = model.linears().iter().map(|l| l.path.clone()).collect();
     matcher.check_all_used(&paths.iter().map(String::as_str).collect::<Vec<_>>())?;
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let (max_out, max_in) = model
         .linears()
         .iter()
@@ -40,34 +56,43 @@ pub fn attach(model: &mut Model, cfg: &AdapterConfig, seed: u64) -> Result<Vec<S
             continue;
         }
         let (r, alpha) = (cfg.rank_for(&layer.path), cfg.alpha_for(&layer.path));
-        layer.adapter = Some(m.init(cfg, layer, r, alpha, &mut rng, &shared)?);
+        layer.adapter = Some(m.init(cfg, layer, r, alpha, rng, &shared)?);
         wrapped.push(layer.path.clone());
     }
     Ok(wrapped)
 }
 
-/// Trainable tensors under their PEFT keys, in module order.
+/// Trainable tensors under their PEFT keys (a prompt adapter's under its own names, as PEFT saves them), in
+/// module order.
 pub fn trainable(model: &Model) -> Vec<(String, Var)> {
-    let mut out = Vec::new();
-    for l in model.linears() {
-        if let Some(a) = &l.adapter {
-            for (name, v) in a.parameters() {
-                out.push((format!("{KEY_PREFIX}{}.{name}", l.path), v));
-            }
-        }
-    }
-    out
+    named_parameters(model)
+        .into_iter()
+        .map(|(k, v, _)| (k, v))
+        .collect()
 }
 
 /// The role of every adapter parameter, by the name [`trainable`] gives it (its method decides).
 pub fn roles(model: &Model) -> HashMap<String, ParamRole> {
-    let mut out = HashMap::new();
+    named_parameters(model)
+        .into_iter()
+        .map(|(k, _, role)| (k, role))
+        .collect()
+}
+
+fn named_parameters(model: &Model) -> Vec<(String, Var, ParamRole)> {
+    let mut out = Vec::new();
     for l in model.linears() {
         if let Some(a) = &l.adapter {
-            for (name, _) in a.parameters() {
+            for (name, v) in a.parameters() {
                 let role = a.role(&name);
-                out.insert(format!("{KEY_PREFIX}{}.{name}", l.path), role);
+                out.push((format!("{KEY_PREFIX}{}.{name}", l.path), v, role));
             }
+        }
+    }
+    if let Some(p) = &model.prompt {
+        for (name, v) in p.parameters() {
+            let role = p.role(&name);
+            out.push((name, v, role));
         }
     }
     out
@@ -182,6 +207,12 @@ pub const LOFTQ_BASE_DIR: &str = "loftq-base";
 /// `path_initial_model_for_weight_conversion`), and LoftQ, a plain LoRA with its 4-bit base in
 /// [`LOFTQ_BASE_DIR`]. Returns the config written.
 pub fn save_portable(model: &Model, cfg: &AdapterConfig, dir: &Path) -> Result<AdapterConfig> {
+    if let Some(p) = &model.prompt {
+        // PEFT saves what a prompt encoder produces, not the encoder (the form it loads for inference)
+        let tensors = p.portable()?.into_iter().collect();
+        write_tensors(model, cfg, tensors, dir)?;
+        return Ok(cfg.clone());
+    }
     let all_nf4 = model
         .linears()
         .iter()
@@ -273,7 +304,6 @@ pub fn load(
 ) -> Result<(AdapterConfig, LoadReport)> {
     let cfg_path = dir.join(CONFIG_FILE);
     let cfg = AdapterConfig::from_file(&cfg_path)?;
-    let m = cfg.method.method();
     let wpath = dir.join(WEIGHTS_FILE);
     if !wpath.exists() {
         return Err(Error::invalid(
@@ -282,6 +312,45 @@ pub fn load(
         ));
     }
     let weights = Weights::from_files(std::slice::from_ref(&wpath))?;
+    let report = match cfg.method.method().attachment() {
+        Attachment::Linear(m) => load_linear(model, &cfg, m, &weights, &wpath, allow_partial)?,
+        Attachment::Prompt(m) => load_prompt(model, &cfg, m, &weights, &wpath)?,
+    };
+    Ok((cfg, report))
+}
+
+/// A prompt adapter from every tensor of its file (the method checks the names and shapes).
+fn load_prompt(
+    model: &mut Model,
+    cfg: &AdapterConfig,
+    m: &dyn PromptMethod,
+    weights: &Weights,
+    wpath: &Path,
+) -> Result<LoadReport> {
+    let dev = model.device.clone();
+    let tensors = weights
+        .names()
+        .map(|n| Ok((n.to_string(), weights.get(n, DType::F32, &dev)?)))
+        .collect::<Result<HashMap<_, _>>>()?;
+    let adapter = m
+        .load_tensors(cfg, model, &tensors)
+        .map_err(|e| Error::invalid(wpath, e.to_string()))?;
+    model.prompt = Some(adapter);
+    Ok(LoadReport {
+        matched_modules: 1,
+        matched_tensors: tensors.len(),
+        ..Default::default()
+    })
+}
+
+fn load_linear(
+    model: &mut Model,
+    cfg: &AdapterConfig,
+    m: &dyn LinearMethod,
+    weights: &Weights,
+    wpath: &Path,
+    allow_partial: bool,
+) -> Result<LoadReport> {
     // Group tensors by module path.
     let mut by_module: HashMap<String, HashMap<String, String>> = HashMap::new();
     let mut report = LoadReport::default();
@@ -390,11 +459,11 @@ pub fn load(
             what += &format!("; first module without tensors: `{mm}`");
         }
         return Err(Error::invalid(
-            &wpath,
+            wpath,
             format!("{what} (pass --allow-partial to load anyway)"),
         ));
     }
-    Ok((cfg, report))
+    Ok(report)
 }
 
 /// Removes every adapter from the model.
@@ -402,6 +471,7 @@ pub fn detach(model: &mut Model) {
     for l in model.linears_mut() {
         l.adapter = None;
     }
+    model.prompt = None;
 }
 
 /// Helper for tests and tools: the adapter tensor under a PEFT key.

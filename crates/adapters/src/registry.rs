@@ -1,16 +1,45 @@
-//! Adapter methods by `peft_type`. Adding a method = its module (config, [`Method`], layer) + one variant of
-//! [`MethodConfig`](crate::method_config::MethodConfig), which is also the list searched here.
+//! Adapter methods by `peft_type`. Adding a method = its module (config, [`Method`] with its attachment
+//! point, layer) + one variant of [`MethodConfig`](crate::method_config::MethodConfig), which is also the list
+//! searched here.
 
 use crate::config::AdapterConfig;
 use crate::method_config::METHODS;
 use candle_core::Tensor;
 use factune_io::{Error, Result};
-use factune_model::{AdaptableLinear, LinearAdapter};
+use factune_model::{AdaptableLinear, LinearAdapter, Model, PromptAdapter};
 use rand_chacha::ChaCha8Rng;
 use std::collections::HashMap;
 
 pub trait Method: Sync {
     fn peft_type(&self) -> &'static str;
+    /// Where the method attaches to the model.
+    fn attachment(&self) -> Attachment<'_>;
+    /// What the method adds to each training step, if anything (made after the adapters are attached).
+    fn step_hook(
+        &self,
+        _cfg: &AdapterConfig,
+        _model: &Model,
+    ) -> Result<Option<Box<dyn crate::hooks::StepHook>>> {
+        Ok(None)
+    }
+}
+
+/// A method's attachment point, with what it implements there.
+pub enum Attachment<'a> {
+    /// Targeted linear layers, each given a [`LinearAdapter`] (the LoRA family, VeRA, MPO, …).
+    Linear(&'a dyn LinearMethod),
+    /// The sequence: virtual input embeddings or per-layer KV prefixes (the prompt family).
+    Prompt(&'a dyn PromptMethod),
+}
+
+impl Attachment<'_> {
+    pub fn is_prompt(&self) -> bool {
+        matches!(self, Attachment::Prompt(_))
+    }
+}
+
+/// A method that adapts targeted linear layers.
+pub trait LinearMethod: Sync {
     /// Tensor names per module as saved in `adapter_model.safetensors`, relative to the module path.
     fn tensor_names(&self, cfg: &AdapterConfig) -> Vec<&'static str>;
     /// A freshly initialised adapter for one layer. Inits built from W (PiSSA) may rewrite the layer's frozen
@@ -43,14 +72,6 @@ pub trait Method: Sync {
     ) -> Result<HashMap<String, Tensor>> {
         Ok(HashMap::new())
     }
-    /// What the method adds to each training step, if anything (made after the adapters are attached).
-    fn step_hook(
-        &self,
-        _cfg: &AdapterConfig,
-        _model: &factune_model::Model,
-    ) -> Result<Option<Box<dyn crate::hooks::StepHook>>> {
-        Ok(None)
-    }
     /// An adapter rebuilt from saved tensors (every name of `tensor_names` is present).
     fn load_tensors(
         &self,
@@ -59,6 +80,24 @@ pub trait Method: Sync {
         alpha: f64,
         t: &HashMap<String, Tensor>,
     ) -> Result<Box<dyn LinearAdapter>>;
+}
+
+/// A method that adds positions to the sequence (see `factune_model::prompt`).
+pub trait PromptMethod: Sync {
+    /// A freshly initialised adapter for `model` (whose vocabulary embeddings a text init reads).
+    fn init(
+        &self,
+        cfg: &AdapterConfig,
+        model: &Model,
+        rng: &mut ChaCha8Rng,
+    ) -> Result<Box<dyn PromptAdapter>>;
+    /// An adapter rebuilt from the tensors of an adapter file, by their names there.
+    fn load_tensors(
+        &self,
+        cfg: &AdapterConfig,
+        model: &Model,
+        t: &HashMap<String, Tensor>,
+    ) -> Result<Box<dyn PromptAdapter>>;
 }
 
 pub fn method(peft_type: &str) -> Result<&'static dyn Method> {

@@ -10,7 +10,7 @@
 use crate::config::AdapterConfig;
 use crate::kaiming_uniform;
 use crate::lora::Lora;
-use crate::registry::Method;
+use crate::registry::{Attachment, LinearMethod, Method};
 use candle_core::{DType, Tensor, Var};
 use factune_io::{Error, Result};
 use factune_model::kernels::{sparse_dense, sparse_linear};
@@ -149,6 +149,12 @@ impl Method for RosaMethod {
         "ROSA"
     }
 
+    fn attachment(&self) -> Attachment<'_> {
+        Attachment::Linear(self)
+    }
+}
+
+impl LinearMethod for RosaMethod {
     fn tensor_names(&self, _cfg: &AdapterConfig) -> Vec<&'static str> {
         vec![
             "lora_A.weight",

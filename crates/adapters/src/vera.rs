@@ -9,7 +9,7 @@
 
 use crate::config::AdapterConfig;
 use crate::kaiming_uniform;
-use crate::registry::Method;
+use crate::registry::{Attachment, LinearMethod, Method};
 use candle_core::{DType, Device, Tensor, Var};
 use factune_io::{Error, Result};
 use factune_model::{AdaptableLinear, Ctx, FrozenParts, LinearAdapter};
@@ -133,6 +133,12 @@ impl Method for VeraMethod {
         "VERA"
     }
 
+    fn attachment(&self) -> Attachment<'_> {
+        Attachment::Linear(self)
+    }
+}
+
+impl LinearMethod for VeraMethod {
     fn tensor_names(&self, _cfg: &AdapterConfig) -> Vec<&'static str> {
         vec!["vera_lambda_b", "vera_lambda_d"]
     }

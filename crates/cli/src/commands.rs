@@ -5,6 +5,7 @@ use crate::ModelArgs;
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use factune_adapters::peft;
+use factune_adapters::registry::Attachment;
 use factune_eval::{exact_match, generate as gen, multiple_choice, perplexity, GenConfig};
 use factune_io::{ChatMessage, TextTokenizer, Weights};
 use factune_model::{Ctx, Model, Nf4Options};
@@ -621,33 +622,50 @@ pub fn inspect(dir: &Path) -> Result<()> {
             .filter_map(|n| w.info(n))
             .map(|(s, _)| s.iter().product::<usize>())
             .sum();
-        let names = cfg.method.method().tensor_names(&cfg);
-        let modules = match names.first() {
-            Some(first) => w.names().filter(|n| n.ends_with(first)).count(),
-            None => 0,
-        };
         println!("adapter: {}", dir.display());
-        println!(
-            "  method: {}{}",
-            cfg.peft_type(),
-            if cfg.use_rslora {
-                " (rsLoRA scaling)"
-            } else {
-                ""
+        match cfg.method.method().attachment() {
+            Attachment::Prompt(_) => {
+                println!(
+                    "  method: {} (adds positions, adapts no weight)",
+                    cfg.peft_type()
+                );
+                let settings: Vec<String> = cfg
+                    .method
+                    .defaults()
+                    .into_iter()
+                    .map(|(k, v)| format!("{k}: {v}"))
+                    .collect();
+                println!("  {}", settings.join("  "));
+                println!("  trainable params: {params}");
             }
-        );
-        match &cfg.method {
-            factune_adapters::MethodConfig::Mpo(m) => println!(
-                "  bond_dim: {}  mpo_modes: {}  init_weights: {}  dropout: {}",
-                m.bond_dim, m.mpo_modes, m.init_weights, cfg.lora_dropout
-            ),
-            _ => println!(
-                "  r: {}  lora_alpha: {}  lora_dropout: {}",
-                cfg.r, cfg.lora_alpha, cfg.lora_dropout
-            ),
+            Attachment::Linear(m) => {
+                let modules = match m.tensor_names(&cfg).first() {
+                    Some(first) => w.names().filter(|n| n.ends_with(first)).count(),
+                    None => 0,
+                };
+                println!(
+                    "  method: {}{}",
+                    cfg.peft_type(),
+                    if cfg.use_rslora {
+                        " (rsLoRA scaling)"
+                    } else {
+                        ""
+                    }
+                );
+                match &cfg.method {
+                    factune_adapters::MethodConfig::Mpo(m) => println!(
+                        "  bond_dim: {}  mpo_modes: {}  init_weights: {}  dropout: {}",
+                        m.bond_dim, m.mpo_modes, m.init_weights, cfg.lora_dropout
+                    ),
+                    _ => println!(
+                        "  r: {}  lora_alpha: {}  lora_dropout: {}",
+                        cfg.r, cfg.lora_alpha, cfg.lora_dropout
+                    ),
+                }
+                println!("  target_modules: {:?}", cfg.target_modules);
+                println!("  adapted modules: {modules}  trainable params: {params}");
+            }
         }
-        println!("  target_modules: {:?}", cfg.target_modules);
-        println!("  adapted modules: {modules}  trainable params: {params}");
         println!(
             "  base model: {}",
             cfg.base_model_name_or_path.unwrap_or_default()

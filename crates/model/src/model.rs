@@ -5,6 +5,7 @@
 use crate::attention::{causal_attention, causal_mask, KvCache, Rope};
 use crate::kernels;
 use crate::linear::{AdaptableLinear, BaseWeight, Ctx};
+use crate::prompt::{PromptAdapter, VirtualInputs};
 use candle_core::backprop::GradStore;
 use candle_core::{Device, Tensor, Var};
 use factune_io::{Error, ModelConfig, Result};
@@ -106,11 +107,57 @@ pub struct Model {
     pub blocks: Vec<Block>,
     final_norm: Norm,
     lm_head: Tensor,
+    /// A sequence-level adapter (the prompt family), if one is attached.
+    pub prompt: Option<Box<dyn PromptAdapter>>,
+}
+
+/// A forward pass's input after the embeddings: what every block needs to know of the sequence.
+struct Prepared {
+    /// `[B, lead + T, H]`: the embedded tokens, after any virtual embeddings.
+    x: Tensor,
+    mask: Tensor,
+    /// The position of `x`'s first row (cached positions and any KV prefix come before it).
+    start: usize,
+    /// Rows of `x` that are virtual tokens, dropped before the head.
+    lead: usize,
+    /// Per layer, the KV prefix `[Hkv, n, D]` to place before the keys and values.
+    kv: Option<Vec<(Tensor, Tensor)>>,
+}
+
+impl Prepared {
+    /// The rows of `x: [B, lead + T, H]` that belong to real tokens.
+    fn real_rows(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self.lead {
+            0 => Ok(x.clone()),
+            n => x.narrow(1, n, x.dim(1)? - n),
+        }
+    }
 }
 
 impl Model {
+    /// Positions left for real tokens: the context (`max_position_embeddings`) less a prompt adapter's
+    /// virtual tokens.
     pub fn max_positions(&self) -> usize {
-        self.cfg.max_position_embeddings
+        self.cfg
+            .max_position_embeddings
+            .saturating_sub(self.virtual_tokens())
+    }
+
+    /// The positions a prompt adapter adds before every sequence (0 without one).
+    pub fn virtual_tokens(&self) -> usize {
+        self.prompt.as_ref().map_or(0, |p| p.num_virtual_tokens())
+    }
+
+    /// The vocabulary embeddings `[n, H]` of `ids` (a text-initialised prompt starts from them).
+    pub fn token_embeddings(&self, ids: &[u32]) -> Result<Tensor> {
+        let vocab = self.cfg.vocab_size;
+        if let Some(&bad) = ids.iter().find(|&&i| i as usize >= vocab) {
+            return Err(Error::config(format!(
+                "token id {bad} is outside the vocabulary of {vocab}"
+            )));
+        }
+        let ids = Tensor::new(ids, &self.device)?;
+        Ok(self.embed.index_select(&ids, 0)?.detach())
     }
 
     /// Final hidden states `[B, T, H]` for token ids `[B, T]`, continuing after the cached positions.
@@ -120,33 +167,49 @@ impl Model {
         mut cache: Option<&mut KvCache>,
         ctx: &Ctx,
     ) -> Result<Tensor> {
-        let offset = cache.as_ref().map_or(0, |c| c.len());
-        let mut x = self.embed_tokens(ids, offset)?;
-        let mask = self.mask_for(ids.dim(1)?, offset)?;
+        let cached = cache.as_ref().map_or(0, |c| c.len());
+        let p = self.prepare(ids, cached, ctx)?;
+        let mut x = p.x.clone();
         for (n, blk) in self.blocks.iter().enumerate() {
             let layer_cache = cache.as_deref_mut().map(|c| (c, n));
-            x = self.block_forward(blk, &x, layer_cache, offset, &mask, ctx)?;
+            x = self.block_forward(blk, &x, layer_cache, &p, n, ctx)?;
         }
-        Ok(self.final_norm.forward(&x)?)
+        Ok(self.final_norm.forward(&p.real_rows(&x)?)?)
     }
 
-    /// Token (and, for GPT-2, position) embeddings `[B, T, H]` of ids `[B, T]` at positions `offset..`,
-    /// after checking the ids and the length against the model.
-    fn embed_tokens(&self, ids: &Tensor, offset: usize) -> Result<Tensor> {
+    /// Embeds ids `[B, T]` after `cached` positions, with a prompt adapter's virtual inputs when the sequence
+    /// starts here, after checking the ids and the length against the model.
+    fn prepare(&self, ids: &Tensor, cached: usize, ctx: &Ctx) -> Result<Prepared> {
         let (b, t) = ids.dims2()?;
-        if offset + t > self.max_positions() {
+        let virt = match (&self.prompt, cached) {
+            (Some(p), 0) => Some(p.virtual_inputs(ctx)?),
+            _ => None,
+        };
+        let n = virt.as_ref().map_or(0, |v| v.len());
+        let (lead, kv) = match virt {
+            Some(VirtualInputs::Embeddings(e)) => (Some(e), None),
+            Some(VirtualInputs::KvPrefix(kv)) => {
+                self.check_prefix(&kv)?;
+                (None, Some(kv))
+            }
+            None => (None, None),
+        };
+        let total = cached + n + t;
+        let context = self.cfg.max_position_embeddings;
+        if total > context {
+            let virtual_note = match self.virtual_tokens() {
+                0 => String::new(),
+                v => format!(" (counting the adapter's {v} virtual tokens)"),
+            };
             return Err(Error::config(format!(
-                "sequence of {} tokens exceeds the model's context of {} positions (max_position_embeddings in {})",
-                offset + t,
-                self.max_positions(),
+                "sequence of {total} tokens{virtual_note} exceeds the model's context of {context} positions (max_position_embeddings in {})",
                 self.dir.join("config.json").display()
             )));
         }
         if let Some(w) = self.cfg.sliding_window {
-            if offset + t > w {
+            if total > w {
                 return Err(Error::config(format!(
-                    "sequence of {} tokens is longer than the sliding window ({w}); sliding-window attention is not implemented yet",
-                    offset + t
+                    "sequence of {total} tokens is longer than the sliding window ({w}); sliding-window attention is not implemented yet"
                 )));
             }
         }
@@ -157,34 +220,75 @@ impl Model {
                 "token id {max_id} is outside the vocabulary of {vocab}"
             )));
         }
-        let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?.reshape((
-            b,
-            t,
-            self.cfg.hidden_size,
-        ))?;
-        if let Some(pe) = &self.pos_embed {
-            x = x.broadcast_add(&pe.narrow(0, offset, t)?)?;
+        let hs = self.cfg.hidden_size;
+        let mut x = self
+            .embed
+            .index_select(&ids.flatten_all()?, 0)?
+            .reshape((b, t, hs))?;
+        let lead_rows = lead.as_ref().map_or(0, |e| e.dims()[0]);
+        if let Some(e) = lead {
+            if e.dims() != [lead_rows, hs] {
+                return Err(Error::config(format!(
+                    "{} virtual token embeddings are {:?}; the model's hidden size is {hs}",
+                    self.prompt.as_ref().map_or("", |p| p.method()),
+                    e.dims()
+                )));
+            }
+            let e = e.unsqueeze(0)?.broadcast_as((b, lead_rows, hs))?;
+            x = Tensor::cat(&[&e, &x], 1)?;
         }
-        Ok(x)
-    }
-
-    fn mask_for(&self, t: usize, offset: usize) -> Result<Tensor> {
+        let start = cached + kv.as_ref().map_or(0, |_| n);
+        if let Some(pe) = &self.pos_embed {
+            x = x.broadcast_add(&pe.narrow(0, start, lead_rows + t)?)?;
+        }
         let rep = self.cfg.num_heads / self.cfg.num_kv_heads;
-        Ok(causal_mask(t, offset, rep, &self.device)?)
+        Ok(Prepared {
+            x,
+            mask: causal_mask(lead_rows + t, start, rep, &self.device)?,
+            start,
+            lead: lead_rows,
+            kv,
+        })
     }
 
-    /// One block: `x + attn(ln1(x))`, then `+ mlp(ln2(·))`.
+    /// A KV prefix must give every layer keys and values `[kv_heads, n, head_dim]`.
+    fn check_prefix(&self, kv: &[(Tensor, Tensor)]) -> Result<()> {
+        let c = &self.cfg;
+        let method = self.prompt.as_ref().map_or("", |p| p.method());
+        if kv.len() != c.num_layers {
+            return Err(Error::config(format!(
+                "the {method} prefix has {} layers; the model has {}",
+                kv.len(),
+                c.num_layers
+            )));
+        }
+        let n = kv[0].0.dims().get(1).copied().unwrap_or(0);
+        let want = [c.num_kv_heads, n, c.head_dim];
+        for (l, (k, v)) in kv.iter().enumerate() {
+            if k.dims() != want || v.dims() != want {
+                return Err(Error::config(format!(
+                    "the {method} prefix of layer {l} has keys {:?} and values {:?}; the model expects {want:?} (key/value heads, virtual tokens, head dim)",
+                    k.dims(),
+                    v.dims()
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Block `layer`: `x + attn(ln1(x))`, then `+ mlp(ln2(·))`.
     fn block_forward(
         &self,
         blk: &Block,
         x: &Tensor,
         cache: Option<(&mut KvCache, usize)>,
-        offset: usize,
-        mask: &Tensor,
+        p: &Prepared,
+        layer: usize,
         ctx: &Ctx,
     ) -> candle_core::Result<Tensor> {
         let h = blk.ln1.forward(x)?;
-        let a = self.attention(&blk.attn, &h, cache, offset, mask, ctx)?;
+        let prefix = p.kv.as_ref().map(|kv| &kv[layer]);
+        let a = self.attention(&blk.attn, &h, cache, p, prefix, ctx)?;
         let x = (x + a)?;
         let h = blk.ln2.forward(&x)?;
         let m = match &blk.mlp {
@@ -217,36 +321,36 @@ impl Model {
             take_grads(loss.backward()?, wanted, &mut out)?;
             return Ok((loss.detach(), n, out));
         }
-        let x0 = self.embed_tokens(ids, 0)?;
-        let mask = self.mask_for(ids.dim(1)?, 0)?;
+        let p = self.prepare(ids, 0, ctx)?;
         // Forward, keeping each block's input only; the graph of a block is dropped as soon as it has run.
         let mut inputs = Vec::with_capacity(self.blocks.len());
-        let mut x = x0.detach();
-        for blk in &self.blocks {
-            let y = self.block_forward(blk, &x, None, 0, &mask, ctx)?.detach();
+        let mut x = p.x.detach();
+        for (l, blk) in self.blocks.iter().enumerate() {
+            let y = self.block_forward(blk, &x, None, &p, l, ctx)?.detach();
             inputs.push(std::mem::replace(&mut x, y));
         }
         // The head and the loss, differentiated with respect to the last block's output.
         let top = Var::from_tensor(&x)?;
         drop(x);
-        let (loss, n) = self.lm_loss(&self.final_norm.forward(top.as_tensor())?, labels)?;
+        let hidden = self.final_norm.forward(&p.real_rows(top.as_tensor())?)?;
+        let (loss, n) = self.lm_loss(&hidden, labels)?;
         let mut g = take_grads(loss.backward()?, wanted, &mut out)?
             .remove(top.as_tensor())
             .map(|t| t.detach());
         let loss = loss.detach();
         // Blocks from the top down: recompute, differentiate <output, dY>, pass dX down.
-        for (blk, input) in self.blocks.iter().zip(inputs).rev() {
+        for (l, (blk, input)) in self.blocks.iter().zip(inputs).enumerate().rev() {
             let Some(dy) = g else { break };
             let xv = Var::from_tensor(&input)?;
             drop(input);
-            let y = self.block_forward(blk, xv.as_tensor(), None, 0, &mask, ctx)?;
+            let y = self.block_forward(blk, xv.as_tensor(), None, &p, l, ctx)?;
             let bg = (y * dy)?.sum_all()?.backward()?;
             g = take_grads(bg, wanted, &mut out)?
                 .remove(xv.as_tensor())
                 .map(|t| t.detach());
         }
-        if let (Some(dx), true) = (g, x0.track_op()) {
-            take_grads((x0 * dx)?.sum_all()?.backward()?, wanted, &mut out)?;
+        if let (Some(dx), true) = (g, p.x.track_op()) {
+            take_grads((&p.x * dx)?.sum_all()?.backward()?, wanted, &mut out)?;
         }
         Ok((loss, n, out))
     }
@@ -256,29 +360,50 @@ impl Model {
         attn: &Attn,
         h: &Tensor,
         cache: Option<(&mut KvCache, usize)>,
-        offset: usize,
-        mask: &Tensor,
+        p: &Prepared,
+        prefix: Option<&(Tensor, Tensor)>,
         ctx: &Ctx,
     ) -> candle_core::Result<Tensor> {
         let (b, t, _) = h.dims3()?;
         let (nh, nkv, d) = (self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim);
         let heads = |x: Tensor, n: usize| x.reshape((b, t, n, d))?.transpose(1, 2)?.contiguous();
-        match attn {
-            Attn::Split { q, k, v, o } => {
-                let rope = self.rope.as_ref().expect("llama-family models have RoPE");
-                let qh = rope.apply_heads(&q.forward(h, ctx)?, nh, offset)?;
-                let kh = rope.apply_heads(&k.forward(h, ctx)?, nkv, offset)?;
-                let vh = heads(v.forward(h, ctx)?, nkv)?;
-                o.forward(&causal_attention(&qh, kh, vh, cache, mask)?, ctx)
+        // a KV prefix goes before this pass's keys and values (and so into the cache with them)
+        let with_prefix = |x: Tensor, pre: Option<&Tensor>| match pre {
+            Some(pre) => {
+                let pre = pre.unsqueeze(0)?.broadcast_as((b, nkv, pre.dims()[1], d))?;
+                Tensor::cat(&[&pre, &x], 2)
             }
-            Attn::Fused { qkv, o } => {
+            None => Ok(x),
+        };
+        let (pk, pv) = (prefix.map(|kv| &kv.0), prefix.map(|kv| &kv.1));
+        let (qh, kh, vh) = match attn {
+            Attn::Split { q, k, v, .. } => {
+                let rope = self.rope.as_ref().expect("llama-family models have RoPE");
+                (
+                    rope.apply_heads(&q.forward(h, ctx)?, nh, p.start)?,
+                    rope.apply_heads(&k.forward(h, ctx)?, nkv, p.start)?,
+                    heads(v.forward(h, ctx)?, nkv)?,
+                )
+            }
+            Attn::Fused { qkv, .. } => {
                 let hs = self.cfg.hidden_size;
                 let y = qkv.forward(h, ctx)?;
-                let qh = heads(y.narrow(2, 0, hs)?, nh)?;
-                let kh = heads(y.narrow(2, hs, hs)?, nh)?;
-                let vh = heads(y.narrow(2, 2 * hs, hs)?, nh)?;
-                o.forward(&causal_attention(&qh, kh, vh, cache, mask)?, ctx)
+                (
+                    heads(y.narrow(2, 0, hs)?, nh)?,
+                    heads(y.narrow(2, hs, hs)?, nh)?,
+                    heads(y.narrow(2, 2 * hs, hs)?, nh)?,
+                )
             }
+        };
+        let y = causal_attention(
+            &qh,
+            with_prefix(kh, pk)?,
+            with_prefix(vh, pv)?,
+            cache,
+            &p.mask,
+        )?;
+        match attn {
+            Attn::Split { o, .. } | Attn::Fused { o, .. } => o.forward(&y, ctx),
         }
     }
 

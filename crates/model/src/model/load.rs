@@ -321,6 +321,7 @@ impl Model {
                     rope: Some(rope),
                     blocks,
                     lm_head,
+                    prompt: None,
                 }
             }
             Arch::Gpt2 => {
@@ -375,6 +376,7 @@ impl Model {
                     rope: None,
                     blocks,
                     lm_head,
+                    prompt: None,
                 }
             }
         };

@@ -1,0 +1,138 @@
+//! P-tuning (Liu et al. 2021; `peft_type = "P_TUNING"`): prompt tuning's virtual embeddings, produced by a
+//! prompt encoder each forward, PEFT's MLP: `Linear(hidden, h) → ReLU → Linear(h, h) → ReLU → Linear(h,
+//! hidden)` over a `[num_virtual_tokens, hidden]` table (h = `encoder_hidden_size`, default the hidden size).
+//! Saved as PEFT does, the encoder's output as `prompt_embeddings`. PEFT's LSTM encoder is not implemented.
+
+use crate::config::AdapterConfig;
+use crate::prompt_learning::{check_shape, random_table, Activation, Layer, Output, Prompt};
+use crate::registry::{Attachment, Method, PromptMethod};
+use candle_core::Tensor;
+use factune_io::{Error, Result};
+use factune_model::{Model, PromptAdapter};
+use rand_chacha::ChaCha8Rng;
+use std::collections::HashMap;
+
+factune_io::choice! {
+    /// P-tuning's prompt encoder.
+    pub enum EncoderType for "encoder_reparameterization_type" {
+        Mlp = "MLP",
+        Lstm = "LSTM",
+    }
+}
+
+crate::keys::method_keys! {
+    /// P-tuning's keys, PEFT's `PromptEncoderConfig` names.
+    pub struct PTuningConfig {
+        /// Prompt family: number of virtual tokens placed before every input.
+        num_virtual_tokens: usize = 20,
+        /// P-tuning: the prompt encoder, MLP (LSTM is not implemented).
+        encoder_reparameterization_type: EncoderType = EncoderType::Mlp,
+        /// P-tuning / prefix projection: the encoder's hidden size (default: the model's, as PEFT).
+        encoder_hidden_size: Option<usize> = None,
+        /// P-tuning: LSTM layers (the MLP always has PEFT's three linear layers).
+        encoder_num_layers: usize = 2,
+        /// P-tuning: dropout inside the LSTM encoder.
+        encoder_dropout: f64 = 0.0,
+        /// Prompt family: the model's hidden size (PEFT records it; filled from the model when unset).
+        token_dim: Option<usize> = None,
+        /// Prompt family: the model's attention heads (PEFT records it; filled from the model when unset).
+        num_attention_heads: Option<usize> = None,
+        /// Prompt family: the model's layers (PEFT records it; filled from the model when unset).
+        num_layers: Option<usize> = None,
+        /// Prompt family: transformer stacks the prompt feeds (1 for decoder-only models).
+        num_transformer_submodules: Option<usize> = None,
+    }
+}
+
+pub struct PTuningMethod;
+
+impl Method for PTuningMethod {
+    fn peft_type(&self) -> &'static str {
+        "P_TUNING"
+    }
+
+    fn attachment(&self) -> Attachment<'_> {
+        Attachment::Prompt(self)
+    }
+}
+
+/// The config, checked against the model, and the encoder's layers (name, `[out, in]`, activation).
+type Plan = (usize, Vec<(String, (usize, usize), Option<Activation>)>);
+
+fn plan(cfg: &AdapterConfig, model: &Model) -> Result<Plan> {
+    let c: &PTuningConfig = cfg.options()?;
+    crate::prompt_learning::check_submodules(cfg, c.num_transformer_submodules)?;
+    let hs = model.cfg.hidden_size;
+    check_shape(
+        cfg,
+        model,
+        c.num_virtual_tokens,
+        [
+            ("token_dim", c.token_dim, hs),
+            (
+                "num_attention_heads",
+                c.num_attention_heads,
+                model.cfg.num_heads,
+            ),
+            ("num_layers", c.num_layers, model.cfg.num_layers),
+        ],
+    )?;
+    if c.encoder_reparameterization_type == EncoderType::Lstm {
+        return Err(Error::config(
+            "P_TUNING: encoder_reparameterization_type = LSTM is not implemented yet; use MLP (PEFT's recommended encoder)",
+        ));
+    }
+    let h = c.encoder_hidden_size.unwrap_or(hs);
+    if h == 0 {
+        return Err(Error::config(
+            "P_TUNING: encoder_hidden_size must be at least 1",
+        ));
+    }
+    let relu = Some(Activation::Relu);
+    let layers = vec![
+        ("mlp_head.0".to_string(), (h, hs), relu),
+        ("mlp_head.2".to_string(), (h, h), relu),
+        ("mlp_head.4".to_string(), (hs, h), None),
+    ];
+    Ok((c.num_virtual_tokens, layers))
+}
+
+impl PromptMethod for PTuningMethod {
+    fn init(
+        &self,
+        cfg: &AdapterConfig,
+        model: &Model,
+        rng: &mut ChaCha8Rng,
+    ) -> Result<Box<dyn PromptAdapter>> {
+        let (n, layers) = plan(cfg, model)?;
+        let table = random_table(n, model.cfg.hidden_size, rng, model)?;
+        let encoder = layers
+            .into_iter()
+            .map(|(name, shape, act)| Layer::new(name, shape, act, rng, model))
+            .collect::<Result<_>>()?;
+        Ok(Box::new(Prompt {
+            method: "P_TUNING",
+            output: Output::Embeddings,
+            table,
+            encoder,
+        }))
+    }
+
+    fn load_tensors(
+        &self,
+        cfg: &AdapterConfig,
+        model: &Model,
+        t: &HashMap<String, Tensor>,
+    ) -> Result<Box<dyn PromptAdapter>> {
+        let (n, layers) = plan(cfg, model)?;
+        Ok(Box::new(Prompt::from_tensors(
+            "P_TUNING",
+            Output::Embeddings,
+            n,
+            model,
+            &layers,
+            model.cfg.hidden_size,
+            t,
+        )?))
+    }
+}

@@ -1,0 +1,298 @@
+//! What PEFT's prompt-learning methods share: a table of `num_virtual_tokens` rows, optionally passed through
+//! a small encoder each forward (P-tuning's MLP, prefix tuning's projection), whose output becomes virtual
+//! input embeddings or per-layer key/value prefixes. On disk, as PEFT: the output alone, `prompt_embeddings`
+//! (what PEFT loads for inference); factune's checkpoints also keep the encoder, as
+//! `prompt_encoder.<PEFT's parameter name>`, so a run resumes exactly.
+
+use crate::config::AdapterConfig;
+use crate::{kaiming_uniform, normal};
+use candle_core::{Tensor, Var};
+use factune_io::{Error, Result};
+use factune_model::{Ctx, Model, PromptAdapter, VirtualInputs};
+use rand_chacha::ChaCha8Rng;
+use std::collections::HashMap;
+
+/// PEFT's name of the saved output.
+pub const PROMPT_EMBEDDINGS: &str = "prompt_embeddings";
+const ENCODER: &str = "prompt_encoder.";
+
+/// What the table (or its encoder) produces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Output {
+    /// `[n, hidden]` virtual input embeddings.
+    Embeddings,
+    /// `[n, layers · 2 · kv_heads · head_dim]`, PEFT's layout of per-layer keys and values.
+    KvPrefix {
+        layers: usize,
+        kv_heads: usize,
+        head_dim: usize,
+    },
+}
+
+impl Output {
+    /// Width of one virtual token's output.
+    pub fn width(&self, model: &Model) -> usize {
+        match *self {
+            Output::Embeddings => model.cfg.hidden_size,
+            Output::KvPrefix {
+                layers,
+                kv_heads,
+                head_dim,
+            } => layers * 2 * kv_heads * head_dim,
+        }
+    }
+
+    /// The output form of a model: keys and values for prefix tuning, embeddings otherwise.
+    pub fn kv_prefix(model: &Model) -> Self {
+        Output::KvPrefix {
+            layers: model.cfg.num_layers,
+            kv_heads: model.cfg.num_kv_heads,
+            head_dim: model.cfg.head_dim,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    Relu,
+    Tanh,
+}
+
+/// One `nn.Linear` of an encoder and the activation after it, if any.
+pub struct Layer {
+    pub name: String,
+    pub weight: Var,
+    pub bias: Var,
+    pub act: Option<Activation>,
+}
+
+impl Layer {
+    /// PyTorch's default `nn.Linear` init (weight and bias U(−1/√in, 1/√in)).
+    pub fn new(
+        name: String,
+        (out, inp): (usize, usize),
+        act: Option<Activation>,
+        rng: &mut ChaCha8Rng,
+        model: &Model,
+    ) -> Result<Self> {
+        let dev = &model.device;
+        Ok(Layer {
+            name,
+            weight: Var::from_tensor(&kaiming_uniform(&[out, inp], inp, rng, dev)?)?,
+            bias: Var::from_tensor(&kaiming_uniform(&[out], inp, rng, dev)?)?,
+            act,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let y = x
+            .matmul(&self.weight.as_tensor().t()?)?
+            .broadcast_add(self.bias.as_tensor())?;
+        match self.act {
+            Some(Activation::Relu) => y.relu(),
+            Some(Activation::Tanh) => y.tanh(),
+            None => Ok(y),
+        }
+    }
+}
+
+/// A prompt-learning adapter: the table, and the encoder it is trained through (none once loaded from
+/// PEFT's saved output).
+pub struct Prompt {
+    pub method: &'static str,
+    pub output: Output,
+    pub table: Var,
+    pub encoder: Vec<Layer>,
+}
+
+impl Prompt {
+    fn table_name(&self) -> &'static str {
+        if self.encoder.is_empty() {
+            PROMPT_EMBEDDINGS
+        } else {
+            "prompt_encoder.embedding.weight"
+        }
+    }
+
+    fn output(&self) -> candle_core::Result<Tensor> {
+        let mut x = self.table.as_tensor().clone();
+        for l in &self.encoder {
+            x = l.forward(&x)?;
+        }
+        Ok(x)
+    }
+
+    /// Rebuilds an adapter saved by PEFT (`prompt_embeddings`, the output) or by a factune checkpoint (the
+    /// table and `encoder`'s tensors under `prompt_encoder.`), checking every name and shape. `encoder` lists
+    /// the layers a checkpoint must hold (their names, shapes and activations).
+    pub fn from_tensors(
+        method: &'static str,
+        output: Output,
+        n: usize,
+        model: &Model,
+        encoder: &[(String, (usize, usize), Option<Activation>)],
+        table_width: usize,
+        t: &HashMap<String, Tensor>,
+    ) -> Result<Self> {
+        let width = output.width(model);
+        let shaped = |name: &str, shape: &[usize]| -> Result<Var> {
+            let v = t
+                .get(name)
+                .ok_or_else(|| Error::config(format!("missing tensor `{name}`")))?;
+            if v.dims() != shape {
+                return Err(Error::config(format!(
+                    "tensor `{name}` is {:?}; this model and num_virtual_tokens = {n} need {shape:?}",
+                    v.dims()
+                )));
+            }
+            Ok(Var::from_tensor(v)?)
+        };
+        let check_names = |known: &[String]| -> Result<()> {
+            match t.keys().find(|k| !known.contains(k)) {
+                Some(k) => Err(Error::config(format!(
+                    "unexpected tensor `{k}` in a {method} adapter (expected {})",
+                    known.join(", ")
+                ))),
+                None => Ok(()),
+            }
+        };
+        if t.contains_key(PROMPT_EMBEDDINGS) {
+            check_names(&[PROMPT_EMBEDDINGS.to_string()])?;
+            return Ok(Prompt {
+                method,
+                output,
+                table: shaped(PROMPT_EMBEDDINGS, &[n, width])?,
+                encoder: Vec::new(),
+            });
+        }
+        if encoder.is_empty() {
+            return Err(Error::config(format!(
+                "missing tensor `{PROMPT_EMBEDDINGS}` (the {method} adapter's [{n}, {width}] table)"
+            )));
+        }
+        let table_key = format!("{ENCODER}embedding.weight");
+        let mut known = vec![table_key.clone()];
+        let mut layers = Vec::new();
+        for (name, (out, inp), act) in encoder {
+            let (w, b) = (
+                format!("{ENCODER}{name}.weight"),
+                format!("{ENCODER}{name}.bias"),
+            );
+            layers.push(Layer {
+                name: name.clone(),
+                weight: shaped(&w, &[*out, *inp])?,
+                bias: shaped(&b, &[*out])?,
+                act: *act,
+            });
+            known.extend([w, b]);
+        }
+        check_names(&known)?;
+        Ok(Prompt {
+            method,
+            output,
+            table: shaped(&table_key, &[n, table_width])?,
+            encoder: layers,
+        })
+    }
+}
+
+impl PromptAdapter for Prompt {
+    fn method(&self) -> &'static str {
+        self.method
+    }
+
+    fn num_virtual_tokens(&self) -> usize {
+        self.table.dims()[0]
+    }
+
+    fn virtual_inputs(&self, _ctx: &Ctx) -> candle_core::Result<VirtualInputs> {
+        let y = self.output()?;
+        match self.output {
+            Output::Embeddings => Ok(VirtualInputs::Embeddings(y)),
+            Output::KvPrefix {
+                layers,
+                kv_heads,
+                head_dim,
+            } => {
+                // PEFT's view [n, layers·2, kv_heads, head_dim] permuted to [layers·2, kv_heads, n, head_dim]:
+                // entry 2l is layer l's keys, 2l + 1 its values
+                let n = y.dims()[0];
+                let kv = y
+                    .reshape((n, layers * 2, kv_heads, head_dim))?
+                    .permute((1, 2, 0, 3))?
+                    .contiguous()?;
+                (0..layers)
+                    .map(|l| Ok((kv.get(2 * l)?, kv.get(2 * l + 1)?)))
+                    .collect::<candle_core::Result<_>>()
+                    .map(VirtualInputs::KvPrefix)
+            }
+        }
+    }
+
+    fn parameters(&self) -> Vec<(String, Var)> {
+        let mut out = vec![(self.table_name().to_string(), self.table.clone())];
+        for l in &self.encoder {
+            out.push((format!("{ENCODER}{}.weight", l.name), l.weight.clone()));
+            out.push((format!("{ENCODER}{}.bias", l.name), l.bias.clone()));
+        }
+        out
+    }
+
+    fn portable(&self) -> candle_core::Result<Vec<(String, Tensor)>> {
+        Ok(vec![(
+            PROMPT_EMBEDDINGS.to_string(),
+            self.output()?.detach(),
+        )])
+    }
+}
+
+/// `N(0, 1)` rows, as `nn.Embedding` starts.
+pub fn random_table(n: usize, width: usize, rng: &mut ChaCha8Rng, model: &Model) -> Result<Var> {
+    Ok(Var::from_tensor(&normal(
+        &[n, width],
+        1.0,
+        rng,
+        &model.device,
+    )?)?)
+}
+
+/// The settings every prompt-learning config carries (PEFT's `PromptLearningConfig`), checked against the
+/// model: `num_virtual_tokens` > 0 and fitting the context, and the model shape PEFT recorded, where it did.
+pub fn check_shape(
+    cfg: &AdapterConfig,
+    model: &Model,
+    n: usize,
+    recorded: [(&str, Option<usize>, usize); 3],
+) -> Result<()> {
+    let method = cfg.peft_type();
+    if n == 0 {
+        return Err(Error::config(format!(
+            "{method}: num_virtual_tokens must be at least 1"
+        )));
+    }
+    let context = model.cfg.max_position_embeddings;
+    if n >= context {
+        return Err(Error::config(format!(
+            "{method}: num_virtual_tokens = {n} leaves no room in the model's context of {context} positions"
+        )));
+    }
+    for (key, given, want) in recorded {
+        if let Some(g) = given.filter(|&g| g != want) {
+            return Err(Error::config(format!(
+                "{method}: {key} = {g}, but the model has {want} (the adapter was made for another model)"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// `num_transformer_submodules`: decoder-only models have one stack (PEFT's 2 is for encoder-decoders).
+pub fn check_submodules(cfg: &AdapterConfig, given: Option<usize>) -> Result<()> {
+    match given {
+        None | Some(1) => Ok(()),
+        Some(k) => Err(Error::config(format!(
+            "{}: num_transformer_submodules = {k}; factune's models are decoder-only (1)",
+            cfg.peft_type()
+        ))),
+    }
+}
