@@ -102,11 +102,14 @@ pub fn load_model(args: &ModelArgs) -> Result<Model> {
         if let Some(o) = quantize {
             model.quantize_linears(o)?;
         }
+        let shape = match &model.prompt {
+            Some(p) => format!("{} virtual tokens", p.num_virtual_tokens()),
+            None => format!("r={}", cfg.r),
+        };
         eprintln!(
-            "adapter {} ({}, r={}): {report}",
+            "adapter {} ({}, {shape}): {report}",
             a.display(),
-            cfg.peft_type(),
-            cfg.r
+            cfg.peft_type()
         );
     }
     Ok(model)
@@ -532,6 +535,14 @@ pub fn merge(args: &ModelArgs, output: &Path, verify: bool) -> Result<()> {
     }
     outside_model(output, &args.model)?;
     let mut model = load_model(args)?;
+    if let Some(p) = &model.prompt {
+        bail!(
+            "{} adds {} virtual tokens and changes no weight: there is nothing to merge; use the adapter as \
+             --adapter with eval and generate (or PEFT's PeftModel.from_pretrained)",
+            p.method(),
+            p.num_virtual_tokens()
+        );
+    }
     let before = if verify {
         Some(model.forward(&probe_ids(&model)?, None, &Ctx::default())?)
     } else {

@@ -437,6 +437,9 @@ impl TrainConfig {
                 }
             }
         }
+        if !self.is_full() {
+            self.check_prompt_keys()?;
+        }
         if self.max_steps == 0 {
             return bad("max_steps", "must be > 0");
         }
@@ -546,6 +549,43 @@ impl TrainConfig {
             return bad("learning_rate", "must be a finite non-negative number");
         }
         Ok(())
+    }
+
+    /// The prompt family adapts no linear layer: a linear adapter's setting moved off its default would be
+    /// ignored, so it is an error naming the key.
+    fn check_prompt_keys(&self) -> Result<()> {
+        let method = MethodConfig::named(&self.peft_type.to_uppercase())?;
+        if !method.method().attachment().is_prompt() {
+            return Ok(());
+        }
+        let d = TrainConfig::default();
+        let set = [
+            ("r", self.r != d.r),
+            ("lora_alpha", self.lora_alpha != d.lora_alpha),
+            ("lora_dropout", self.lora_dropout != d.lora_dropout),
+            ("target_modules", self.target_modules != d.target_modules),
+            ("use_rslora", self.use_rslora != d.use_rslora),
+            ("use_dora", self.use_dora != d.use_dora),
+            (
+                "init_lora_weights",
+                self.init_lora_weights != d.init_lora_weights,
+            ),
+            (
+                "loraplus_lr_ratio",
+                self.loraplus_lr_ratio != d.loraplus_lr_ratio,
+            ),
+            (
+                "warm_start_steps",
+                self.warm_start_steps != d.warm_start_steps,
+            ),
+        ];
+        match set.iter().find(|(_, changed)| *changed) {
+            Some((k, _)) => Err(Error::config(format!(
+                "`{k}`: a setting of adapters on linear layers; peft_type = \"{}\" adds virtual tokens and adapts no layer",
+                method.peft_type()
+            ))),
+            None => Ok(()),
+        }
     }
 
     /// The adapter part: the shared PEFT keys and the method's own config (its keys as given, defaults for

@@ -460,8 +460,12 @@ impl TrainJob<'_> {
             .iter()
             .filter(|l| l.adapter.is_some())
             .count();
+        let what = match &self.model.prompt {
+            Some(p) => format!("{}: {} virtual tokens", p.method(), p.num_virtual_tokens()),
+            None => format!("{wrapped} modules"),
+        };
         self.progress.note(&format!(
-            "adapters: {wrapped} modules initialised in {:.2}s",
+            "adapters: {what} initialised in {:.2}s",
             t0.elapsed().as_secs_f64()
         ));
         params.extend(trainable(self.model));
@@ -618,7 +622,7 @@ impl TrainJob<'_> {
             .join(format!(".checkpoint-{step}.partial-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&staging);
         std::fs::create_dir_all(&staging).map_err(|e| Error::io(&staging, e))?;
-        if self.model.linears().iter().any(|l| l.adapter.is_some()) {
+        if self.model.prompt.is_some() || self.model.linears().iter().any(|l| l.adapter.is_some()) {
             let mut cfg = adapter_cfg.clone();
             if self.config.changes_base() {
                 // model.safetensors holds the current base (a PiSSA residual included): the adapter is plain

@@ -1,0 +1,204 @@
+//! The prompt family through the CLI on the embedded model: train (with gradient checkpointing), resume
+//! bit-identically, eval, generate, inspect; merge refuses; settings that do not apply are errors.
+
+mod support;
+
+use std::path::Path;
+use support::*;
+
+fn train_prompt(out: &Path, extra: &[&str]) -> String {
+    let d = data("quickstart-train.jsonl");
+    let m = model();
+    let mut args = train_args(s(&m), s(&d), s(out), &["--max-steps", "6"]);
+    args.extend_from_slice(&[
+        "--micro-batch-size",
+        "2",
+        "--seq-len",
+        "128",
+        "--learning-rate",
+        "1e-2",
+        "--num-virtual-tokens",
+        "6",
+        "--save-steps",
+        "3",
+        "--validation-split",
+        "0.01",
+    ]);
+    args.extend_from_slice(extra);
+    ok(&args)
+}
+
+#[test]
+fn each_prompt_method_trains_resumes_bit_identically_evaluates_and_generates() {
+    for method in [
+        &[
+            "--peft-type",
+            "PROMPT_TUNING",
+            "--gradient-checkpointing",
+            "true",
+        ][..],
+        &["--peft-type", "P_TUNING", "--encoder-hidden-size", "24"][..],
+        &[
+            "--peft-type",
+            "PREFIX_TUNING",
+            "--prefix-projection",
+            "true",
+        ][..],
+        &["--peft-type", "PREFIX_TUNING"][..],
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let straight = dir.path().join("straight");
+        let out = train_prompt(&straight, method);
+        assert!(out.contains("trained 6 steps"), "{method:?}: {out}");
+        let cfg: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(straight.join("adapter_config.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(cfg["peft_type"], method[1]);
+        assert!(
+            cfg.get("r").is_none() && cfg.get("target_modules").is_none(),
+            "{cfg}"
+        );
+        let fresh = dir.path().join("resumed");
+        resume_into(&fresh, &straight.join("checkpoint-3"));
+        assert_eq!(
+            sha(&straight.join("adapter_model.safetensors")),
+            sha(&fresh.join("adapter_model.safetensors")),
+            "{method:?}: 6 steps straight != 3 + resume 3"
+        );
+        let valid = data("quickstart-valid.jsonl");
+        let base = ok_json(&eval_args(
+            &model(),
+            None,
+            &valid,
+            &["--task", "perplexity", "--json"],
+        ));
+        let tuned = ok_json(&eval_args(
+            &model(),
+            Some(&straight),
+            &valid,
+            &["--task", "perplexity", "--json"],
+        ));
+        let (b, t) = (
+            base["perplexity"].as_f64().unwrap(),
+            tuned["perplexity"].as_f64().unwrap(),
+        );
+        assert!(t.is_finite() && t != b, "{method:?}: perplexity {b} -> {t}");
+        let em = ok_json(&eval_args(
+            &model(),
+            Some(&straight),
+            &valid,
+            &["--task", "exact-match", "--json"],
+        ));
+        assert!(em["n"].as_u64().unwrap() > 0, "{em}");
+        let text = ok(&[
+            "generate",
+            "--model",
+            s(&model()),
+            "--adapter",
+            s(&straight),
+            "--prompt",
+            "Once upon a time",
+            "--max-new-tokens",
+            "8",
+        ]);
+        assert!(text.starts_with("Once upon a time"), "{text}");
+        let shown = ok(&["inspect", s(&straight)]);
+        assert!(
+            shown.contains(method[1]) && shown.contains("num_virtual_tokens: 6"),
+            "{shown}"
+        );
+        let e = fails(&[
+            "merge",
+            "--model",
+            s(&model()),
+            "--adapter",
+            s(&straight),
+            "--output",
+            s(&dir.path().join("merged")),
+        ]);
+        assert!(e.contains("nothing to merge"), "{e}");
+    }
+}
+
+#[test]
+fn text_init_and_bad_prompt_settings() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = train_prompt(
+        &dir.path().join("text"),
+        &[
+            "--peft-type",
+            "PROMPT_TUNING",
+            "--prompt-tuning-init",
+            "TEXT",
+            "--prompt-tuning-init-text",
+            "Answer the question:",
+        ],
+    );
+    assert!(out.contains("trained 6 steps"), "{out}");
+    let d = data("quickstart-train.jsonl");
+    let m = model();
+    let o = dir.path().join("bad");
+    for (extra, want) in [
+        (
+            &["--peft-type", "PROMPT_TUNING", "--r", "16"][..],
+            "`r`: a setting of adapters on linear layers",
+        ),
+        (
+            &["--peft-type", "PROMPT_TUNING", "--num-virtual-tokens", "0"][..],
+            "num_virtual_tokens must be at least 1",
+        ),
+        (
+            &[
+                "--peft-type",
+                "PROMPT_TUNING",
+                "--prompt-tuning-init",
+                "TEXT",
+            ][..],
+            "needs prompt_tuning_init_text",
+        ),
+        (
+            &[
+                "--peft-type",
+                "PROMPT_TUNING",
+                "--prompt-tuning-init",
+                "TEXT",
+                "--prompt-tuning-init-text",
+                "",
+            ][..],
+            "tokenises to nothing",
+        ),
+        (
+            &[
+                "--peft-type",
+                "PROMPT_TUNING",
+                "--prompt-tuning-init",
+                "WORDS",
+            ][..],
+            "expected one of RANDOM, TEXT, SAMPLE_VOCAB",
+        ),
+        (
+            &[
+                "--peft-type",
+                "P_TUNING",
+                "--encoder-reparameterization-type",
+                "LSTM",
+            ][..],
+            "LSTM is not implemented",
+        ),
+        (
+            &[
+                "--peft-type",
+                "PREFIX_TUNING",
+                "--prompt-tuning-init",
+                "TEXT",
+            ][..],
+            "is a setting of PROMPT_TUNING",
+        ),
+    ] {
+        let mut args = train_args(s(&m), s(&d), s(&o), &["--max-steps", "2"]);
+        args.extend_from_slice(extra);
+        let e = fails(&args);
+        assert!(e.contains(want), "{extra:?}: {e}");
+    }
+}
