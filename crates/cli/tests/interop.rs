@@ -3,7 +3,8 @@
 //!     cargo test -p factune --test interop -- --ignored
 //!     python scripts/make_fixtures.py verify --model assets/default-model \
 //!         --adapter target/peft-interop/default/adapter --expect target/peft-interop/default/expect.safetensors
-//!     (and likewise for target/peft-interop/default-pissa, default-vera, default-dora, default-eva and default-adalora on assets/default-model, and tests/fixtures/llama and tests/fixtures/gpt2 with target/peft-interop/{llama,gpt2});
+//!     (and likewise for target/peft-interop/default-pissa, default-vera, default-prompt, default-ptuning, default-prefix, default-dora, default-eva and default-adalora on assets/default-model, and tests/fixtures/llama and tests/fixtures/gpt2 with target/peft-interop/{llama,gpt2});
+//!     (and tests/fixtures/{llama,gpt2} with target/peft-interop/{llama,gpt2}-{prompt,prefix}_tuning);
 //!     python scripts/make_fixtures.py verify --model target/peft-interop/gpt2/merged \
 //!         --expect target/peft-interop/gpt2/expect.safetensors      (a merged checkpoint, transformers alone)
 //!     python scripts/make_fixtures.py verify --model target/peft-interop/default-nf4/model \
@@ -56,6 +57,25 @@ fn export_for_peft() {
             &["--init-lora-weights", "pissa_niter_2"][..],
         ),
         ("default-vera", &["--method", "vera"][..]),
+        (
+            "default-prompt",
+            &["--peft-type", "PROMPT_TUNING", "--num-virtual-tokens", "8"][..],
+        ),
+        (
+            "default-ptuning",
+            &["--peft-type", "P_TUNING", "--num-virtual-tokens", "8"][..],
+        ),
+        (
+            "default-prefix",
+            &[
+                "--peft-type",
+                "PREFIX_TUNING",
+                "--num-virtual-tokens",
+                "8",
+                "--prefix-projection",
+                "true",
+            ][..],
+        ),
         ("default-dora", &["--use-dora", "true"][..]),
         ("default-eva", &["--init-lora-weights", "eva"][..]),
         (
@@ -84,16 +104,13 @@ fn export_for_peft() {
             .arg(repo().join("assets/data/quickstart-train.jsonl"))
             .arg("--output")
             .arg(&adapter)
-            .args([
-                "--max-steps",
-                "20",
-                "--target-modules",
-                "all-linear",
-                "--learning-rate",
-                "5e-3",
-                "--r",
-                "8",
-            ])
+            .args(["--max-steps", "20", "--learning-rate", "5e-3"])
+            // the prompt family adapts no linear layer
+            .args(if extra.contains(&"--peft-type") {
+                &[][..]
+            } else {
+                &["--target-modules", "all-linear", "--r", "8"][..]
+            })
             .args(extra)
             .status()
             .unwrap();
@@ -130,6 +147,27 @@ fn export_for_peft() {
             .status()
             .unwrap();
         assert!(status.success());
+    }
+
+    // 2b. Fresh prompt-family adapters (random prefixes) on the fixture Llama (GQA) and GPT-2.
+    for name in ["llama", "gpt2"] {
+        for peft_type in ["PROMPT_TUNING", "PREFIX_TUNING"] {
+            let dir = out.join(format!("{name}-{}", peft_type.to_lowercase()));
+            let _ = std::fs::remove_dir_all(&dir);
+            let mut model =
+                Model::load(&repo().join("tests/fixtures").join(name), &Device::Cpu).unwrap();
+            let method = serde_json::from_value(
+                serde_json::json!({"peft_type": peft_type, "num_virtual_tokens": 5}),
+            )
+            .unwrap();
+            let cfg = AdapterConfig {
+                method,
+                ..AdapterConfig::default()
+            };
+            attach(&mut model, &cfg, 7).unwrap();
+            peft::save_portable(&model, &cfg, &dir.join("adapter")).unwrap();
+            write_expect(&model, &dir);
+        }
     }
 
     // 3. 4-bit checkpoints written by `factune quantize` (bitsandbytes' layout), one with a QLoRA adapter
