@@ -360,7 +360,7 @@ fn load_linear(
         let key = format!("base_model.{name}");
         if !weights.contains(&key) {
             return Err(Error::invalid(
-                &wpath,
+                wpath,
                 format!(
                     "missing the shared tensor `{key}` ({} adapters saved with save_projection = false rely on \
                      PyTorch's random generator, which factune cannot reproduce: save them with \
@@ -380,7 +380,7 @@ fn load_linear(
         }
         let rest = key.strip_prefix(KEY_PREFIX).unwrap_or(key);
         match m
-            .tensor_names(&cfg)
+            .tensor_names(cfg)
             .iter()
             .find(|n| rest.ends_with(&format!(".{n}")))
         {
@@ -407,7 +407,7 @@ fn load_linear(
         seen.insert(layer.path.clone());
         let optional = m.optional_names();
         let required = m
-            .tensor_names(&cfg)
+            .tensor_names(cfg)
             .iter()
             .filter(|n| !optional.contains(n))
             .count();
@@ -430,8 +430,8 @@ fn load_linear(
         }
         let alpha = cfg.alpha_for(&layer.path);
         layer.adapter = Some(
-            m.load_tensors(&cfg, layer, alpha, &tensors)
-                .map_err(|e| Error::invalid(&wpath, e.to_string()))?,
+            m.load_tensors(cfg, layer, alpha, &tensors)
+                .map_err(|e| Error::invalid(wpath, e.to_string()))?,
         );
         report.matched_modules += 1;
         report.matched_tensors += names.len();
@@ -444,7 +444,7 @@ fn load_linear(
     report.unmatched_tensors.sort();
     if report.matched_modules == 0 {
         return Err(Error::invalid(
-            &wpath,
+            wpath,
             format!("no tensor of this adapter matches a module of the model ({report})"),
         ));
     }
