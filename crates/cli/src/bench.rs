@@ -133,16 +133,30 @@ pub fn train(model_dir: &Path, o: &TrainOpts) -> Result<()> {
     };
     let mut model = Model::load_with(model_dir, &Device::Cpu, opts)?;
     // The adapter a training run with these settings would attach (each method's own keys at their defaults).
-    let run = TrainConfig {
-        peft_type: o.method.to_uppercase(),
-        r,
+    let peft_type = o.method.to_uppercase();
+    let prompt = factune_adapters::MethodConfig::named(&peft_type)?
+        .method()
+        .attachment()
+        .is_prompt();
+    let run = if prompt {
+        // the prompt family has no rank or targets: its own keys at their defaults (20 virtual tokens)
+        TrainConfig {
+            peft_type,
+            max_steps: steps + 1,
+            ..TrainConfig::default()
+        }
+    } else {
+        TrainConfig {
+            peft_type,
+            r,
         lora_alpha: 2.0 * r as f64,
         lora_dropout: o.lora_dropout,
         use_dora: dora,
         target_modules: Targets::One("all-linear".into()),
         init_lora_weights: init.parse().map_err(anyhow::Error::msg)?,
-        max_steps: steps + 1,
-        ..TrainConfig::default()
+            max_steps: steps + 1,
+            ..TrainConfig::default()
+        }
     };
     run.validate()?;
     let cfg = run.adapter_config()?;
