@@ -443,7 +443,7 @@ def build_mpo(out):
 
 
 def build_prompt(out):
-    """The prompt family on the fixture Llama (GQA) and GPT-2: prompt tuning, P-tuning (MLP encoder) and prefix
+    """The prompt family on the fixture Llama (GQA) and GPT-2: prompt tuning, P-tuning (MLP and LSTM encoders) and prefix
     tuning with and without the projection, each with logits of the real tokens, the loss with masked prompt
     tokens, the gradients of every trainable tensor (encoder included, under `prompt_encoder.<name>`) and greedy
     generation (the KV cache carries the prefix). The saved adapter holds PEFT's `prompt_embeddings`."""
@@ -454,6 +454,8 @@ def build_prompt(out):
     methods = {
         "prompt": lambda: PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=n),
         "ptuning": lambda: PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=n, encoder_hidden_size=32),
+        "ptuning-lstm": lambda: PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=n, encoder_hidden_size=16,
+                                                    encoder_reparameterization_type="LSTM"),
         "prefix": lambda: PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=n),
         "prefix-proj": lambda: PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=n,
                                                   prefix_projection=True, encoder_hidden_size=32),

@@ -19,7 +19,9 @@ rows = [json.loads(l) for l in open(os.path.join(study, "summary.jsonl"))]
 NAMES = {"lora": "LoRA", "dota": "DoTA (MPO from W)", "random": "random-init MPO", "qdota": "QDoTA (DoTA, NF4 base)",
          "rslora": "rsLoRA", "loraplus": "LoRA+ (ratio 16)", "dora": "DoRA", "pissa": "PiSSA (niter 4)",
          "vera": "VeRA", "rosa": "sparse + low-rank", "multilora": "MultiLoRA (2 branches)", "glora": "GLoRA",
-         "mpo": "DoTA (MPO from W)", "adalora": "AdaLoRA (pruned to r)", "eva": "EVA (rho 2)"}
+         "mpo": "DoTA (MPO from W)", "adalora": "AdaLoRA (pruned to r)", "eva": "EVA (rho 2)",
+         "lora-r2": "LoRA r = 2", "prompt": "prompt tuning (random)", "prompt-text": "prompt tuning (text init)",
+         "ptuning": "P-tuning (MLP)", "prefix": "prefix tuning", "prefix-proj": "prefix tuning (projection)"}
 
 
 def final_val(run):

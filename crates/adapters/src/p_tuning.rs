@@ -1,7 +1,8 @@
 //! P-tuning (Liu et al. 2021; `peft_type = "P_TUNING"`): prompt tuning's virtual embeddings, produced by a
 //! prompt encoder each forward, PEFT's MLP: `Linear(hidden, h) → ReLU → Linear(h, h) → ReLU → Linear(h,
 //! hidden)` over a `[num_virtual_tokens, hidden]` table (h = `encoder_hidden_size`, default the hidden size).
-//! Saved as PEFT does, the encoder's output as `prompt_embeddings`. PEFT's LSTM encoder is not implemented.
+//! Saved as PEFT does, the encoder's output as `prompt_embeddings`. Training through PEFT's LSTM encoder is not
+//! implemented; adapters PEFT trained with it load (their file holds the output).
 
 use crate::config::AdapterConfig;
 use crate::prompt_learning::{check_shape, random_table, Activation, Layer, Output, Prompt};
@@ -78,9 +79,8 @@ fn plan(cfg: &AdapterConfig, model: &Model) -> Result<Plan> {
         ],
     )?;
     if c.encoder_reparameterization_type == EncoderType::Lstm {
-        return Err(Error::config(
-            "P_TUNING: encoder_reparameterization_type = LSTM is not implemented yet; use MLP (PEFT's recommended encoder)",
-        ));
+        // PEFT saves the encoder's output, so an LSTM-trained adapter loads as its table; training one does not
+        return Ok((c.num_virtual_tokens, Vec::new()));
     }
     let h = c.encoder_hidden_size.unwrap_or(hs);
     if h == 0 {
@@ -105,6 +105,12 @@ impl PromptMethod for PTuningMethod {
         rng: &mut ChaCha8Rng,
     ) -> Result<Box<dyn PromptAdapter>> {
         let (n, layers) = plan(cfg, model)?;
+        if layers.is_empty() {
+            return Err(Error::config(
+                "P_TUNING: training with encoder_reparameterization_type = LSTM is not implemented yet; use MLP \
+                 (PEFT's recommended encoder); LSTM-trained PEFT adapters do load",
+            ));
+        }
         let table = random_table(n, model.cfg.hidden_size, rng, model)?;
         let encoder = layers
             .into_iter()

@@ -14,6 +14,8 @@ use factune_model::{Ctx, KvCache, Model};
 use std::collections::HashMap;
 
 const CASES: &[&str] = &["prompt", "ptuning", "prefix", "prefix-proj"];
+/// Adapters PEFT saved that factune loads (an LSTM-trained P-tuning adapter is its output table).
+const LOADABLE: &[&str] = &["prompt", "ptuning", "ptuning-lstm", "prefix", "prefix-proj"];
 
 fn reference(name: &str) -> HashMap<String, Tensor> {
     candle_core::safetensors::load(
@@ -43,7 +45,7 @@ fn peft_name(ours: &str) -> String {
 #[test]
 fn peft_prompt_adapters_load_with_peft_logits_and_loss() {
     for base in ["llama", "gpt2"] {
-        for case in CASES {
+        for case in LOADABLE {
             let name = format!("{base}-{case}");
             let r = reference(&name);
             let mut m = Model::load(&fixture(base), &Device::Cpu).unwrap();
@@ -143,7 +145,7 @@ fn greedy(m: &Model, prompt: &Tensor, steps: usize) -> Vec<u32> {
 #[test]
 fn greedy_decoding_through_the_cache_matches_peft_generate() {
     for base in ["llama", "gpt2"] {
-        for case in CASES {
+        for case in LOADABLE {
             let name = format!("{base}-{case}");
             let r = reference(&name);
             let mut m = Model::load(&fixture(base), &Device::Cpu).unwrap();

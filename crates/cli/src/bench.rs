@@ -149,11 +149,11 @@ pub fn train(model_dir: &Path, o: &TrainOpts) -> Result<()> {
         TrainConfig {
             peft_type,
             r,
-        lora_alpha: 2.0 * r as f64,
-        lora_dropout: o.lora_dropout,
-        use_dora: dora,
-        target_modules: Targets::One("all-linear".into()),
-        init_lora_weights: init.parse().map_err(anyhow::Error::msg)?,
+            lora_alpha: 2.0 * r as f64,
+            lora_dropout: o.lora_dropout,
+            use_dora: dora,
+            target_modules: Targets::One("all-linear".into()),
+            init_lora_weights: init.parse().map_err(anyhow::Error::msg)?,
             max_steps: steps + 1,
             ..TrainConfig::default()
         }
