@@ -450,12 +450,15 @@ pub fn generate(
     args: &ModelArgs,
     prompt: &str,
     chat: bool,
-    max_new_tokens: usize,
-    temperature: f64,
-    top_p: f64,
-    seed: u64,
+    settings: GenConfig,
+    contrast: Option<(PathBuf, f64)>,
 ) -> Result<()> {
-    let (model, tok) = load(args)?;
+    let max_new_tokens = settings.max_new_tokens;
+    let (mut model, tok) = load(args)?;
+    let mut general = match &contrast {
+        Some((dir, weight)) => Some(general_prefix(&mut model, dir, *weight)?),
+        None => None,
+    };
     let text = if chat {
         tok.apply_chat_template(
             &[ChatMessage {
@@ -493,17 +496,16 @@ pub fn generate(
             _ => {}
         }
     }
-    let out = gen(
-        &model,
-        &ids,
-        &GenConfig {
-            max_new_tokens,
-            temperature,
-            top_p,
-            seed,
-            stop_ids: stop.clone(),
-        },
-    )?;
+    let gen_cfg = GenConfig {
+        stop_ids: stop.clone(),
+        ..settings
+    };
+    let out = match (&mut general, &contrast) {
+        (Some(g), Some((_, weight))) => {
+            factune_eval::generate_focused(&mut model, g, *weight, &ids, &gen_cfg)?
+        }
+        _ => gen(&model, &ids, &gen_cfg)?,
+    };
     let stopped = out.last().is_some_and(|t| stop.contains(t));
     if !stopped && out.len() < max_new_tokens && ids.len() + out.len() >= context {
         eprintln!(
@@ -521,6 +523,33 @@ pub fn generate(
         tok.decode(&out)?
     );
     Ok(())
+}
+
+/// Focused prefix tuning's general prefix, loaded from `dir` beside the model's own (specific) one.
+fn general_prefix(
+    model: &mut Model,
+    dir: &Path,
+    weight: f64,
+) -> Result<Option<Box<dyn factune_model::PromptAdapter>>> {
+    if model.prompt.is_none() {
+        bail!("--contrast-adapter (focused prefix tuning) needs --adapter to be a prompt-family adapter (the attribute-specific prefix)");
+    }
+    if !weight.is_finite() || weight < 0.0 {
+        bail!("--contrast-weight {weight}: expected a finite number >= 0");
+    }
+    let cfg = factune_adapters::AdapterConfig::from_file(&dir.join(peft::CONFIG_FILE))?;
+    if !cfg.method.method().attachment().is_prompt() {
+        bail!(
+            "{}: --contrast-adapter must be a prompt-family adapter (the general prefix), not {}",
+            dir.display(),
+            cfg.peft_type()
+        );
+    }
+    let specific = model.prompt.take();
+    let loaded = peft::load(model, dir, false);
+    let general = std::mem::replace(&mut model.prompt, specific);
+    loaded?;
+    Ok(general)
 }
 
 fn probe_ids(model: &Model) -> Result<Tensor> {

@@ -8,6 +8,7 @@ mod progress;
 mod quickstart;
 
 use clap::{Parser, Subcommand};
+use factune_eval::GenConfig;
 use std::path::PathBuf;
 
 #[derive(Parser)]
@@ -124,6 +125,14 @@ enum Command {
         top_p: f64,
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// Focused prefix tuning: the general prefix (a prompt-family adapter trained on all the data) whose
+        /// log-probabilities are subtracted from --adapter's (the attribute-specific prefix)
+        #[arg(long)]
+        contrast_adapter: Option<PathBuf>,
+        /// Focused prefix tuning: the weight α of the general prefix, next-token scores log p_specific − α ·
+        /// log p_general, re-normalised
+        #[arg(long, default_value_t = 1.0)]
+        contrast_weight: f64,
     },
     /// Merge an adapter into the base weights and write a full Hugging Face checkpoint
     Merge {
@@ -326,14 +335,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             temperature,
             top_p,
             seed,
+            contrast_adapter,
+            contrast_weight,
         } => commands::generate(
             &model,
             &prompt,
             chat,
-            max_new_tokens,
-            temperature,
-            top_p,
-            seed,
+            GenConfig {
+                max_new_tokens,
+                temperature,
+                top_p,
+                seed,
+                stop_ids: Vec::new(),
+            },
+            contrast_adapter.map(|a| (a, contrast_weight)),
         ),
         Command::Merge {
             mut model,

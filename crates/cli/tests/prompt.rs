@@ -202,3 +202,78 @@ fn text_init_and_bad_prompt_settings() {
         assert!(e.contains(want), "{extra:?}: {e}");
     }
 }
+
+#[test]
+fn focused_prefix_tuning_contrasts_a_specific_prefix_with_a_general_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let (general, specific) = (dir.path().join("general"), dir.path().join("specific"));
+    train_prompt(&general, &["--peft-type", "PREFIX_TUNING"]);
+    let d = data("reverse-train.jsonl");
+    let m = model();
+    let mut args = train_args(s(&m), s(&d), s(&specific), &["--max-steps", "6"]);
+    args.extend_from_slice(&[
+        "--peft-type",
+        "PREFIX_TUNING",
+        "--num-virtual-tokens",
+        "6",
+        "--learning-rate",
+        "1e-2",
+        "--seq-len",
+        "128",
+    ]);
+    ok(&args);
+    let gen = |extra: &[&str]| {
+        let mut a = vec![
+            "generate",
+            "--model",
+            s(&m),
+            "--adapter",
+            s(&specific),
+            "--prompt",
+            "Once upon a time",
+            "--max-new-tokens",
+            "12",
+        ];
+        a.extend_from_slice(extra);
+        ok(&a)
+    };
+    let plain = gen(&[]);
+    let g = s(&general);
+    // weight 0 is the specific prefix alone; a positive weight changes what is generated
+    assert_eq!(
+        gen(&["--contrast-adapter", g, "--contrast-weight", "0"]),
+        plain
+    );
+    let focused = gen(&["--contrast-adapter", g, "--contrast-weight", "1.5"]);
+    assert!(
+        focused.starts_with("Once upon a time") && focused != plain,
+        "{focused} / {plain}"
+    );
+    let e = fails(&[
+        "generate",
+        "--model",
+        s(&m),
+        "--prompt",
+        "x",
+        "--contrast-adapter",
+        g,
+    ]);
+    assert!(
+        e.contains("needs --adapter to be a prompt-family adapter"),
+        "{e}"
+    );
+    let e = fails(&[
+        "generate",
+        "--model",
+        s(&m),
+        "--adapter",
+        s(&specific),
+        "--prompt",
+        "x",
+        "--contrast-adapter",
+        g,
+        "--contrast-weight",
+        "nan",
+    ]);
+    assert!(e.contains("--contrast-weight NaN"), "{e}");
+}

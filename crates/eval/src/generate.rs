@@ -1,8 +1,9 @@
-//! Text generation with a KV cache: greedy, or temperature + top-p sampling with a seeded RNG.
+//! Text generation with a KV cache: greedy, or temperature + top-p sampling with a seeded RNG; focused prefix
+//! tuning's contrast of two prefixes.
 
 use candle_core::{Tensor, D};
 use factune_io::Result;
-use factune_model::{Ctx, Model};
+use factune_model::{Ctx, KvCache, Model, PromptAdapter};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -32,23 +33,88 @@ impl Default for GenConfig {
 /// New tokens after `prompt` (the stop token, when hit, is included).
 pub fn generate(model: &Model, prompt: &[u32], cfg: &GenConfig) -> Result<Vec<u32>> {
     let mut cache = model.new_cache();
+    let budget = budget(model, prompt, cfg);
+    decode(prompt, budget, cfg, |input| {
+        next_logits(model, &mut cache, input)
+    })
+}
+
+/// Focused prefix tuning's decoding (Ma et al., ACL 2023): the model's own prompt adapter is the
+/// specific-attribute prefix, `general` the prefix trained on all the data; each next token is drawn from
+/// `softmax(log p_specific − weight · log p_general)`, so what the general prefix also predicts (attributes the
+/// data carries implicitly) is suppressed. Both prefixes run on the one model, each with its own KV cache (a
+/// prompt adapter is consulted only when a cache is empty); temperature and top-p apply to the combined
+/// distribution; no plausibility cut-off is applied (the paper has none).
+pub fn generate_focused(
+    model: &mut Model,
+    general: &mut Option<Box<dyn PromptAdapter>>,
+    weight: f64,
+    prompt: &[u32],
+    cfg: &GenConfig,
+) -> Result<Vec<u32>> {
+    let mut budget_ = budget(model, prompt, cfg);
+    std::mem::swap(&mut model.prompt, general);
+    budget_ = budget_.min(budget(model, prompt, cfg));
+    std::mem::swap(&mut model.prompt, general);
+    let (mut specific_cache, mut general_cache) = (model.new_cache(), model.new_cache());
+    decode(prompt, budget_, cfg, |input| {
+        let ls = next_logits(model, &mut specific_cache, input)?;
+        let prefill = general_cache.is_empty();
+        if prefill {
+            std::mem::swap(&mut model.prompt, general);
+        }
+        let lg = next_logits(model, &mut general_cache, input);
+        if prefill {
+            std::mem::swap(&mut model.prompt, general);
+        }
+        focus(&ls, &lg?, weight)
+    })
+}
+
+/// `log_softmax(log_softmax(specific) − weight · log_softmax(general))`: FPT's contrast, re-normalised.
+pub fn focus(specific: &Tensor, general: &Tensor, weight: f64) -> Result<Tensor> {
+    let contrast = (log_softmax(specific)? - (log_softmax(general)? * weight)?)?;
+    log_softmax(&contrast)
+}
+
+fn log_softmax(x: &Tensor) -> Result<Tensor> {
+    let m = x.max_keepdim(D::Minus1)?;
+    let shifted = x.broadcast_sub(&m)?;
+    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    Ok(shifted.broadcast_sub(&lse)?)
+}
+
+/// New tokens the context leaves room for after `prompt` (the model's prompt adapter's positions counted).
+fn budget(model: &Model, prompt: &[u32], cfg: &GenConfig) -> usize {
+    cfg.max_new_tokens
+        .min(model.max_positions().saturating_sub(prompt.len()))
+}
+
+/// The last position's logits `[vocab]` after feeding `input` past `cache`.
+fn next_logits(model: &Model, cache: &mut KvCache, input: &[u32]) -> Result<Tensor> {
+    let ids = Tensor::new(input, &model.device)?.unsqueeze(0)?;
+    let hidden = model.forward_hidden(&ids, Some(cache), &Ctx::default())?;
+    let last = hidden.narrow(1, input.len() - 1, 1)?;
+    Ok(model.logits(&last)?.flatten_all()?)
+}
+
+/// The decoding loop: `next` gives the logits after feeding its input (the prompt first, then each new token).
+fn decode(
+    prompt: &[u32],
+    budget: usize,
+    cfg: &GenConfig,
+    mut next: impl FnMut(&[u32]) -> Result<Tensor>,
+) -> Result<Vec<u32>> {
     let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
-    let budget = cfg
-        .max_new_tokens
-        .min(model.max_positions().saturating_sub(prompt.len()));
     let mut out = Vec::with_capacity(budget);
     let mut input = prompt.to_vec();
     for _ in 0..budget {
-        let ids = Tensor::new(input.as_slice(), &model.device)?.unsqueeze(0)?;
-        let hidden = model.forward_hidden(&ids, Some(&mut cache), &Ctx::default())?;
-        let last = hidden.narrow(1, input.len() - 1, 1)?;
-        let logits = model.logits(&last)?.flatten_all()?;
-        let next = pick(&logits, cfg, &mut rng)?;
-        out.push(next);
-        if cfg.stop_ids.contains(&next) {
+        let token = pick(&next(&input)?, cfg, &mut rng)?;
+        out.push(token);
+        if cfg.stop_ids.contains(&token) {
             break;
         }
-        input = vec![next];
+        input = vec![token];
     }
     Ok(out)
 }
@@ -87,4 +153,45 @@ fn pick(logits: &Tensor, cfg: &GenConfig, rng: &mut ChaCha8Rng) -> Result<u32> {
         u -= q;
     }
     Ok(p[p.len() - 1].0 as u32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn focus_divides_out_the_general_distribution_and_renormalises() {
+        // p_specific = [1/3, 2/3], p_general = [3/4, 1/4]: p ∝ p_s / p_g = [4/9, 8/3] → [1/7, 6/7]
+        let dev = Device::Cpu;
+        let ls = Tensor::new(&[0f32, 2f32.ln()], &dev).unwrap();
+        let lg = Tensor::new(&[3f32.ln(), 0.0], &dev).unwrap();
+        let p: Vec<f32> = focus(&ls, &lg, 1.0)
+            .unwrap()
+            .exp()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert!(
+            (p[0] - 1.0 / 7.0).abs() < 1e-6 && (p[1] - 6.0 / 7.0).abs() < 1e-6,
+            "{p:?}"
+        );
+        // weight 0: the specific distribution itself
+        let p: Vec<f32> = focus(&ls, &lg, 0.0)
+            .unwrap()
+            .exp()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert!((p[0] - 1.0 / 3.0).abs() < 1e-6, "{p:?}");
+        // weight 0.5: p ∝ p_s / √p_g = [(1/3)/√(3/4), (2/3)/√(1/4)]
+        let p: Vec<f32> = focus(&ls, &lg, 0.5)
+            .unwrap()
+            .exp()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let (a, b) = (1.0 / 3.0 / 0.75f32.sqrt(), 2.0 / 3.0 / 0.5);
+        assert!((p[0] - a / (a + b)).abs() < 1e-6, "{p:?}");
+    }
 }

@@ -3,5 +3,5 @@
 pub mod generate;
 pub mod tasks;
 
-pub use generate::{generate, GenConfig};
+pub use generate::{generate, generate_focused, GenConfig};
 pub use tasks::{exact_match, multiple_choice, perplexity, Accuracy, ExactMatch, Perplexity};
