@@ -21,11 +21,9 @@ factune_io::choice! {
     }
 }
 
-crate::keys::method_keys! {
+crate::prompt_learning::prompt_method_keys! {
     /// P-tuning's keys, PEFT's `PromptEncoderConfig` names.
     pub struct PTuningConfig {
-        /// Prompt family: number of virtual tokens placed before every input.
-        num_virtual_tokens: usize = 20,
         /// P-tuning: the prompt encoder, MLP (LSTM is not implemented).
         encoder_reparameterization_type: EncoderType = EncoderType::Mlp,
         /// P-tuning / prefix projection: the encoder's hidden size (default: the model's, as PEFT).
@@ -34,14 +32,6 @@ crate::keys::method_keys! {
         encoder_num_layers: usize = 2,
         /// P-tuning: dropout inside the LSTM encoder.
         encoder_dropout: f64 = 0.0,
-        /// Prompt family: the model's hidden size (PEFT records it; filled from the model when unset).
-        token_dim: Option<usize> = None,
-        /// Prompt family: the model's attention heads (PEFT records it; filled from the model when unset).
-        num_attention_heads: Option<usize> = None,
-        /// Prompt family: the model's layers (PEFT records it; filled from the model when unset).
-        num_layers: Option<usize> = None,
-        /// Prompt family: transformer stacks the prompt feeds (1 for decoder-only models).
-        num_transformer_submodules: Option<usize> = None,
     }
 }
 

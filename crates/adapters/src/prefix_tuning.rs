@@ -14,25 +14,15 @@ use factune_model::{Model, PromptAdapter};
 use rand_chacha::ChaCha8Rng;
 use std::collections::HashMap;
 
-crate::keys::method_keys! {
+crate::prompt_learning::prompt_method_keys! {
     /// Prefix tuning's keys, PEFT's `PrefixTuningConfig` names.
     pub struct PrefixTuningConfig {
-        /// Prompt family: number of virtual tokens placed before every input.
-        num_virtual_tokens: usize = 20,
         /// Prefix tuning: train the prefixes through PEFT's two-layer tanh MLP (saved projected).
         prefix_projection: bool = false,
         /// P-tuning / prefix projection: the encoder's hidden size (default: the model's, as PEFT).
         encoder_hidden_size: Option<usize> = None,
         /// Prefix tuning: `zero` starts the prefixes (or the projection's last layer) at zero.
         init_weights: Option<String> = None,
-        /// Prompt family: kv_heads · head_dim for prefix tuning (PEFT records it; filled from the model when unset).
-        token_dim: Option<usize> = None,
-        /// Prompt family: key/value heads for prefix tuning (PEFT records it; filled from the model when unset).
-        num_attention_heads: Option<usize> = None,
-        /// Prompt family: the model's layers (PEFT records it; filled from the model when unset).
-        num_layers: Option<usize> = None,
-        /// Prompt family: transformer stacks the prompt feeds (1 for decoder-only models).
-        num_transformer_submodules: Option<usize> = None,
     }
 }
 

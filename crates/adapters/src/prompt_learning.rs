@@ -12,6 +12,30 @@ use factune_model::{Ctx, Model, PromptAdapter, VirtualInputs};
 use rand_chacha::ChaCha8Rng;
 use std::collections::HashMap;
 
+/// `method_keys!` for a prompt-learning method: its own keys, then the ones every `PromptLearningConfig` has.
+macro_rules! prompt_method_keys {
+    ($(#[doc = $sdoc:literal])* pub struct $name:ident { $($own:tt)* }) => {
+        crate::keys::method_keys! {
+            $(#[doc = $sdoc])*
+            pub struct $name {
+                $($own)*
+                /// Prompt family: number of virtual tokens placed before every input.
+                num_virtual_tokens: usize = 20,
+                /// Prompt family: the width PEFT records (hidden size; kv_heads · head_dim for prefix tuning), checked against the model when set.
+                token_dim: Option<usize> = None,
+                /// Prompt family: the heads PEFT records (key/value heads for prefix tuning), checked against the model when set.
+                num_attention_heads: Option<usize> = None,
+                /// Prompt family: the model's layers (PEFT records it), checked against the model when set.
+                num_layers: Option<usize> = None,
+                /// Prompt family: transformer stacks the prompt feeds (1 for decoder-only models).
+                num_transformer_submodules: Option<usize> = None,
+            }
+        }
+    };
+}
+
+pub(crate) use prompt_method_keys;
+
 /// PEFT's name of the saved output.
 pub const PROMPT_EMBEDDINGS: &str = "prompt_embeddings";
 const ENCODER: &str = "prompt_encoder.";

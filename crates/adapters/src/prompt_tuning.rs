@@ -24,25 +24,15 @@ factune_io::choice! {
     }
 }
 
-crate::keys::method_keys! {
+crate::prompt_learning::prompt_method_keys! {
     /// Prompt tuning's keys, PEFT's `PromptTuningConfig` names.
     pub struct PromptTuningConfig {
-        /// Prompt family: number of virtual tokens placed before every input.
-        num_virtual_tokens: usize = 20,
         /// Prompt tuning: RANDOM, TEXT (from prompt_tuning_init_text) or SAMPLE_VOCAB.
         prompt_tuning_init: PromptTuningInit = PromptTuningInit::Random,
         /// Prompt tuning: the text whose token embeddings start the prompt (with prompt_tuning_init = TEXT).
         prompt_tuning_init_text: Option<String> = None,
         /// Prompt tuning: a local tokenizer directory for the init text (default: the model's).
         tokenizer_name_or_path: Option<String> = None,
-        /// Prompt family: the model's hidden size (PEFT records it; filled from the model when unset).
-        token_dim: Option<usize> = None,
-        /// Prompt family: the model's attention heads (PEFT records it; filled from the model when unset).
-        num_attention_heads: Option<usize> = None,
-        /// Prompt family: the model's layers (PEFT records it; filled from the model when unset).
-        num_layers: Option<usize> = None,
-        /// Prompt family: transformer stacks the prompt feeds (1 for decoder-only models).
-        num_transformer_submodules: Option<usize> = None,
     }
 }
 
