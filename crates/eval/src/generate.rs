@@ -52,12 +52,15 @@ pub fn generate_focused(
     prompt: &[u32],
     cfg: &GenConfig,
 ) -> Result<Vec<u32>> {
-    let mut budget_ = budget(model, prompt, cfg);
-    std::mem::swap(&mut model.prompt, general);
-    budget_ = budget_.min(budget(model, prompt, cfg));
-    std::mem::swap(&mut model.prompt, general);
+    // the context must hold the prompt after either prefix
+    let general_room = model
+        .cfg
+        .max_position_embeddings
+        .saturating_sub(general.as_ref().map_or(0, |g| g.num_virtual_tokens()))
+        .saturating_sub(prompt.len());
+    let budget = budget(model, prompt, cfg).min(general_room);
     let (mut specific_cache, mut general_cache) = (model.new_cache(), model.new_cache());
-    decode(prompt, budget_, cfg, |input| {
+    decode(prompt, budget, cfg, |input| {
         let ls = next_logits(model, &mut specific_cache, input)?;
         let prefill = general_cache.is_empty();
         if prefill {

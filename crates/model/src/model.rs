@@ -150,12 +150,7 @@ impl Model {
 
     /// The vocabulary embeddings `[n, H]` of `ids` (a text-initialised prompt starts from them).
     pub fn token_embeddings(&self, ids: &[u32]) -> Result<Tensor> {
-        let vocab = self.cfg.vocab_size;
-        if let Some(&bad) = ids.iter().find(|&&i| i as usize >= vocab) {
-            return Err(Error::config(format!(
-                "token id {bad} is outside the vocabulary of {vocab}"
-            )));
-        }
+        self.check_ids(ids.iter().copied().max().unwrap_or(0))?;
         let ids = Tensor::new(ids, &self.device)?;
         Ok(self.embed.index_select(&ids, 0)?.detach())
     }
@@ -213,21 +208,15 @@ impl Model {
                 )));
             }
         }
-        let vocab = self.cfg.vocab_size as u32;
-        let max_id = ids.flatten_all()?.max(0)?.to_scalar::<u32>()?;
-        if max_id >= vocab {
-            return Err(Error::config(format!(
-                "token id {max_id} is outside the vocabulary of {vocab}"
-            )));
-        }
+        self.check_ids(ids.flatten_all()?.max(0)?.to_scalar::<u32>()?)?;
         let hs = self.cfg.hidden_size;
         let mut x = self
             .embed
             .index_select(&ids.flatten_all()?, 0)?
             .reshape((b, t, hs))?;
-        let lead_rows = lead.as_ref().map_or(0, |e| e.dims()[0]);
+        let lead_rows = if lead.is_some() { n } else { 0 };
         if let Some(e) = lead {
-            if e.dims() != [lead_rows, hs] {
+            if e.dims() != [n, hs] {
                 return Err(Error::config(format!(
                     "{} virtual token embeddings are {:?}; the model's hidden size is {hs}",
                     self.prompt.as_ref().map_or("", |p| p.method()),
@@ -249,6 +238,17 @@ impl Model {
             lead: lead_rows,
             kv,
         })
+    }
+
+    /// Every token id (`max_id` the largest) must be inside the vocabulary.
+    fn check_ids(&self, max_id: u32) -> Result<()> {
+        let vocab = self.cfg.vocab_size;
+        if max_id as usize >= vocab {
+            return Err(Error::config(format!(
+                "token id {max_id} is outside the vocabulary of {vocab}"
+            )));
+        }
+        Ok(())
     }
 
     /// A KV prefix must give every layer keys and values `[kv_heads, n, head_dim]`.

@@ -436,9 +436,7 @@ impl TrainConfig {
                     );
                 }
             }
-        }
-        if !self.is_full() {
-            self.check_prompt_keys()?;
+            self.check_prompt_keys(&method)?;
         }
         if self.max_steps == 0 {
             return bad("max_steps", "must be > 0");
@@ -553,8 +551,7 @@ impl TrainConfig {
 
     /// The prompt family adapts no linear layer: a linear adapter's setting moved off its default would be
     /// ignored, so it is an error naming the key.
-    fn check_prompt_keys(&self) -> Result<()> {
-        let method = MethodConfig::named(&self.peft_type.to_uppercase())?;
+    fn check_prompt_keys(&self, method: &MethodConfig) -> Result<()> {
         if !method.method().attachment().is_prompt() {
             return Ok(());
         }
