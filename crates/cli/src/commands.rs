@@ -175,7 +175,7 @@ pub fn train(
     }
     // Everything that can be checked without the weights is checked before they load.
     cfg.validate()?;
-    readable_file(data)?;
+    readable_data(data)?;
     outside_model(output, model_dir)?;
     if resume.is_none() && factune_train::holds_run(output) {
         if !overwrite {
@@ -254,7 +254,7 @@ pub fn pretrain(
     }
     overrides.apply(&mut file.training);
     file.training.validate()?;
-    readable_file(data)?;
+    readable_data(data)?;
     let vocab = file.tokenizer_vocab_size.unwrap_or(file.model.vocab_size);
     let actual = train_tokenizer(data, vocab, output)?;
     file.model.vocab_size = actual;
@@ -337,27 +337,16 @@ fn toml_keys(path: &Path) -> Result<Vec<String>> {
         .collect())
 }
 
-/// A data file that exists and is a file, named in the error otherwise.
-fn readable_file(path: &Path) -> Result<()> {
+/// Training data that exists: a file, or a directory of Parquet files; named in the error otherwise.
+fn readable_data(path: &Path) -> Result<()> {
     match std::fs::metadata(path) {
-        Ok(m) if m.is_file() => Ok(()),
+        Ok(m) if m.is_file() || m.is_dir() => Ok(()),
         Ok(_) => bail!(
             "{}: not a file (expected the training data)",
             path.display()
         ),
         Err(e) => bail!("{}: {e}", path.display()),
     }
-}
-
-fn detect_task(data: &Path) -> Result<&'static str> {
-    let text =
-        std::fs::read_to_string(data).with_context(|| format!("reading {}", data.display()))?;
-    let first = text.lines().find(|l| !l.trim().is_empty()).unwrap_or("");
-    Ok(match serde_json::from_str::<serde_json::Value>(first) {
-        Ok(v) if v.get("choices").is_some() => "mc",
-        Ok(v) if v.get("instruction").is_some() && v.get("output").is_some() => "exact-match",
-        _ => "perplexity",
-    })
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -373,7 +362,7 @@ pub fn eval(
 ) -> Result<()> {
     let (model, tok) = load(args)?;
     let task = if task == "auto" {
-        detect_task(data)?
+        factune_eval::detect_task(data)?
     } else {
         task
     };
@@ -388,10 +377,13 @@ pub fn eval(
                     non_finite_cause(&model)?
                 );
             }
+            if let Some(line) = p.truncation.summary(seq_len.min(model.max_positions())) {
+                eprintln!("note: {line}");
+            }
             if as_json {
                 println!(
                     "{}",
-                    json!({"loss": p.loss, "perplexity": p.perplexity, "tokens": p.tokens})
+                    json!({"loss": p.loss, "perplexity": p.perplexity, "tokens": p.tokens, "truncation": p.truncation})
                 );
             } else {
                 println!(

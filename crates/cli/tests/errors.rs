@@ -315,8 +315,12 @@ fn bad_run_configs_fail_before_the_model_loads() {
             &["quantize", "nf5", "none, nf4, mixed"],
         ),
         (
-            "data_format = \"csv\"",
-            &["data_format", "csv", "auto, text, alpaca, chat"],
+            "data_format = \"xlsx\"",
+            &[
+                "data_format",
+                "xlsx",
+                "auto, text, jsonl, json, csv, tsv, parquet, alpaca, chat",
+            ],
         ),
         (
             "base_dtype = \"int8\"",

@@ -1,23 +1,16 @@
-//! Training data: plain text (tokenised and packed into `seq_len` blocks), JSONL alpaca records and JSONL
-//! chat conversations (rendered with the tokenizer's chat template). Prompt tokens get label -100 so only
-//! responses are learned, unless `train_on_prompt`.
+//! Training data: a file's records (or plain text) tokenised into labelled examples. Prompt tokens get label
+//! -100 so only responses are learned, unless `train_on_prompt`. What truncation to `seq_len` cuts away is
+//! counted, and an example left with nothing to learn is an error unless the run allows it.
 
-use factune_io::{ChatMessage, Error, Result, TextTokenizer};
+use crate::shape::{Fields, Shape};
+use crate::source::{self, Contents, DataFormat, Locator};
+use factune_io::{Error, Result, TextTokenizer};
 use factune_model::loss::IGNORE_INDEX;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
-use serde_json::Value;
+use serde::Serialize;
 use std::path::Path;
-
-/// Prompt layout for alpaca records (the Stanford Alpaca template without its preamble).
-pub fn alpaca_prompt(instruction: &str, input: &str) -> String {
-    if input.trim().is_empty() {
-        format!("### Instruction:\n{instruction}\n\n### Response:\n")
-    } else {
-        format!("### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
-    }
-}
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Example {
@@ -25,106 +18,169 @@ pub struct Example {
     pub labels: Vec<i64>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Format {
-    Text,
-    Alpaca,
-    Chat,
+impl Example {
+    /// Tokens the loss learns: labelled positions after the first (position 0 has no prediction).
+    fn learned(&self) -> usize {
+        self.labels
+            .iter()
+            .skip(1)
+            .filter(|l| **l != IGNORE_INDEX)
+            .count()
+    }
 }
 
-factune_io::choice! {
-    /// How a data file is read: decided from the file (`auto`) or forced.
-    pub enum DataFormat for "data_format" {
-        Auto = "auto",
-        Text = "text",
-        Alpaca = "alpaca",
-        Chat = "chat",
+/// How a data file is turned into examples.
+#[derive(Debug, Clone)]
+pub struct DataOptions {
+    pub format: DataFormat,
+    pub fields: Fields,
+    pub seq_len: usize,
+    pub train_on_prompt: bool,
+    /// Skip (and count) examples whose every label token lies past `seq_len` instead of refusing the file.
+    pub allow_truncated_labels: bool,
+}
+
+impl DataOptions {
+    /// Reading for evaluation: the file's own format, default fields, responses only.
+    pub fn eval(seq_len: usize) -> Self {
+        DataOptions {
+            format: DataFormat::Auto,
+            fields: Fields::default(),
+            seq_len,
+            train_on_prompt: false,
+            allow_truncated_labels: true,
+        }
+    }
+}
+
+/// What cutting examples to `seq_len` removed, reported in the run summary and `run.json`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Truncation {
+    /// Examples longer than `seq_len`.
+    pub examples_cut: usize,
+    /// Examples that lost label tokens (part of their answer).
+    pub examples_losing_labels: usize,
+    /// Examples left with no label token, skipped (only with `allow_truncated_labels`).
+    pub examples_skipped: usize,
+    /// Label tokens of every example before truncation, and how many of them were cut away.
+    pub label_tokens: usize,
+    pub label_tokens_dropped: usize,
+}
+
+impl Truncation {
+    /// One line for the run summary, if anything was cut.
+    pub fn summary(&self, seq_len: usize) -> Option<String> {
+        (self.examples_cut > 0).then(|| {
+            format!(
+                "{} examples were longer than seq_len {seq_len} and were cut: {} lost label tokens \
+                 ({:.1}% of all label tokens dropped){}",
+                self.examples_cut,
+                self.examples_losing_labels,
+                100.0 * self.label_tokens_dropped as f64 / self.label_tokens.max(1) as f64,
+                if self.examples_skipped > 0 {
+                    format!(", {} kept no label token and were skipped", self.examples_skipped)
+                } else {
+                    String::new()
+                }
+            )
+        })
     }
 }
 
 pub struct Dataset {
-    pub format: Format,
+    pub shape: Shape,
     pub examples: Vec<Example>,
-    /// Examples cut to `seq_len`.
-    pub truncated: usize,
-}
-
-fn detect(path: &Path, first_line: Option<&str>) -> Format {
-    let is_jsonl = matches!(
-        path.extension().and_then(|e| e.to_str()),
-        Some("jsonl" | "json")
-    );
-    match first_line.and_then(|l| serde_json::from_str::<Value>(l).ok()) {
-        Some(v) if is_jsonl || v.is_object() => {
-            if v.get("messages").is_some() {
-                Format::Chat
-            } else {
-                Format::Alpaca
-            }
-        }
-        _ => Format::Text,
-    }
+    pub truncation: Truncation,
 }
 
 impl Dataset {
-    pub fn load(
-        path: &Path,
-        format: DataFormat,
-        tok: &TextTokenizer,
-        seq_len: usize,
-        train_on_prompt: bool,
-    ) -> Result<Self> {
-        let text = factune_io::error::read_to_string(path)?;
-        let first = text.lines().find(|l| !l.trim().is_empty());
-        let format = match format {
-            DataFormat::Auto => detect(path, first),
-            DataFormat::Text => Format::Text,
-            DataFormat::Alpaca => Format::Alpaca,
-            DataFormat::Chat => Format::Chat,
+    pub fn load(path: &Path, opts: &DataOptions, tok: &TextTokenizer) -> Result<Self> {
+        let records = match source::read(path, opts.format)? {
+            // `read` returns text only for `auto` or `text`; the forced record formats refuse prose.
+            Contents::Text(text) => {
+                return non_empty(
+                    path,
+                    Dataset {
+                        shape: Shape::Text,
+                        examples: pack_text(&text, tok, opts.seq_len)?,
+                        truncation: Truncation::default(),
+                    },
+                );
+            }
+            Contents::Records(r) => r,
+        };
+        let first = records
+            .first()
+            .ok_or_else(|| Error::invalid(path, "the file holds no records"))?;
+        let shape = match opts.format {
+            DataFormat::Alpaca => Shape::Alpaca,
+            DataFormat::Chat => Shape::Chat,
+            _ => Shape::detect(first, &opts.fields)
+                .map_err(|e| Error::invalid(path, format!("{}: {e}", first.at)))?,
         };
         let mut ds = Dataset {
-            format,
-            examples: vec![],
-            truncated: 0,
+            shape,
+            examples: Vec::with_capacity(records.len()),
+            truncation: Truncation::default(),
         };
-        match format {
-            Format::Text => ds.examples = pack_text(&text, tok, seq_len)?,
-            Format::Alpaca | Format::Chat => {
-                for (n, line) in text.lines().enumerate() {
-                    if line.trim().is_empty() {
-                        continue;
-                    }
-                    let where_ = || format!("line {}", n + 1);
-                    let v: Value = serde_json::from_str(line).map_err(|e| {
-                        Error::invalid(path, format!("{}: malformed JSON: {e}", where_()))
-                    })?;
-                    let (prompt_spans, full) = if format == Format::Alpaca {
-                        alpaca_record(&v, tok)
-                            .map_err(|e| Error::invalid(path, format!("{}: {e}", where_())))?
-                    } else {
-                        chat_record(&v, tok)
-                            .map_err(|e| Error::invalid(path, format!("{}: {e}", where_())))?
-                    };
-                    let mut ex = labelled(tok, &full, &prompt_spans, train_on_prompt)?;
-                    if ex.ids.len() > seq_len {
-                        ex.ids.truncate(seq_len);
-                        ex.labels.truncate(seq_len);
-                        ds.truncated += 1;
-                    }
-                    if ex.labels.iter().skip(1).all(|l| *l == IGNORE_INDEX) {
-                        continue; // nothing to learn from (the response was truncated away)
-                    }
-                    ds.examples.push(ex);
+        let mut emptied: Vec<Locator> = Vec::new();
+        for r in &records {
+            let bad = |e: String| Error::invalid(path, format!("{}: {e}", r.at));
+            let found = Shape::detect(r, &opts.fields).map_err(bad)?;
+            if found != shape && opts.format == DataFormat::Auto {
+                return Err(bad(format!(
+                    "a {} record, but the first ({}) is {}: every record must have one shape",
+                    found.name(),
+                    first.at,
+                    shape.name()
+                )));
+            }
+            let sample = shape.sample(r, &opts.fields, tok).map_err(bad)?;
+            let mut ex = labelled(
+                tok,
+                &sample.full,
+                &sample.prompt_spans,
+                opts.train_on_prompt,
+            )?;
+            let before = ex.learned();
+            if before == 0 {
+                return Err(bad(
+                    "nothing to learn: no token of the record is a label".into()
+                ));
+            }
+            ds.truncation.label_tokens += before;
+            if ex.ids.len() > opts.seq_len {
+                ex.ids.truncate(opts.seq_len);
+                ex.labels.truncate(opts.seq_len);
+                let after = ex.learned();
+                let t = &mut ds.truncation;
+                t.examples_cut += 1;
+                t.label_tokens_dropped += before - after;
+                t.examples_losing_labels += usize::from(after < before);
+                if after == 0 {
+                    t.examples_skipped += 1;
+                    emptied.push(r.at.clone());
+                    continue;
                 }
             }
+            ds.examples.push(ex);
         }
-        if ds.examples.is_empty() {
+        if !emptied.is_empty() && !opts.allow_truncated_labels {
+            let shown: Vec<String> = emptied.iter().take(3).map(ToString::to_string).collect();
             return Err(Error::invalid(
                 path,
-                "the dataset is empty (no example with tokens to train on)",
+                format!(
+                    "{} of {} examples keep no label token at seq_len {} ({}{}): everything they teach lies past \
+                     the cut. Raise seq_len, shorten their prompts, or pass --allow-truncated-labels to skip them",
+                    emptied.len(),
+                    records.len(),
+                    opts.seq_len,
+                    shown.join(", "),
+                    if emptied.len() > 3 { ", …" } else { "" }
+                ),
             ));
         }
-        Ok(ds)
+        non_empty(path, ds)
     }
 
     /// Splits off a validation set with a seeded shuffle. Keeps at least one example for training.
@@ -136,6 +192,16 @@ impl Dataset {
         let val = self.examples.split_off(n - n_val);
         (self.examples, val)
     }
+}
+
+fn non_empty(path: &Path, ds: Dataset) -> Result<Dataset> {
+    if ds.examples.is_empty() {
+        return Err(Error::invalid(
+            path,
+            "the dataset is empty (no example with tokens to train on)",
+        ));
+    }
+    Ok(ds)
 }
 
 /// Tokenises a text file as documents separated by blank lines, each followed by EOS, concatenated into one
@@ -156,76 +222,6 @@ pub fn pack_text(text: &str, tok: &TextTokenizer, seq_len: usize) -> Result<Vec<
             labels: c.iter().map(|&x| x as i64).collect(),
         })
         .collect())
-}
-
-fn field<'a>(v: &'a Value, k: &str) -> std::result::Result<&'a str, String> {
-    match v.get(k) {
-        Some(Value::String(s)) => Ok(s),
-        Some(_) => Err(format!("`{k}` must be a string")),
-        None => Err(format!("missing key `{k}`")),
-    }
-}
-
-/// (prompt byte spans, full text) of an alpaca record; the response ends with EOS.
-fn alpaca_record(
-    v: &Value,
-    tok: &TextTokenizer,
-) -> std::result::Result<(Vec<(usize, usize)>, String), String> {
-    let instruction = field(v, "instruction")?;
-    let input = v.get("input").and_then(Value::as_str).unwrap_or("");
-    let output = field(v, "output")?;
-    let prompt = alpaca_prompt(instruction, input);
-    let full = format!("{prompt}{output}{}", tok.eos_token.as_deref().unwrap_or(""));
-    Ok((vec![(0, prompt.len())], full))
-}
-
-/// (spans not produced by the assistant, full text) of a chat record: each assistant turn's span is found by
-/// rendering the conversation up to it with and without the generation prompt.
-fn chat_record(
-    v: &Value,
-    tok: &TextTokenizer,
-) -> std::result::Result<(Vec<(usize, usize)>, String), String> {
-    let msgs = v
-        .get("messages")
-        .and_then(Value::as_array)
-        .ok_or("missing array `messages`")?;
-    let mut messages = Vec::with_capacity(msgs.len());
-    for (i, m) in msgs.iter().enumerate() {
-        messages.push(ChatMessage {
-            role: field(m, "role")
-                .map_err(|e| format!("messages[{i}]: {e}"))?
-                .to_string(),
-            content: field(m, "content")
-                .map_err(|e| format!("messages[{i}]: {e}"))?
-                .to_string(),
-        });
-    }
-    if !messages.iter().any(|m| m.role == "assistant") {
-        return Err("conversation has no assistant message to learn".into());
-    }
-    let full = tok
-        .apply_chat_template(&messages, false)
-        .map_err(|e| e.to_string())?;
-    let mut prompt_spans = Vec::new();
-    let mut cursor = 0;
-    for (i, m) in messages.iter().enumerate() {
-        if m.role != "assistant" {
-            continue;
-        }
-        let before = tok
-            .apply_chat_template(&messages[..i], true)
-            .map_err(|e| e.to_string())?;
-        let through = tok
-            .apply_chat_template(&messages[..=i], false)
-            .map_err(|e| e.to_string())?;
-        if !full.starts_with(&before) || !full.starts_with(&through) {
-            return Err("chat_template does not render conversations incrementally; cannot locate assistant turns".into());
-        }
-        prompt_spans.push((cursor, before.len()));
-        cursor = through.len();
-    }
-    prompt_spans.push((cursor, full.len()));
-    Ok((prompt_spans, full))
 }
 
 /// Token ids of `full` with labels: tokens starting inside a prompt span get -100.

@@ -1,10 +1,13 @@
 //! Data for factune, shared by training and evaluation (neither depends on the other): files read into
-//! labelled examples, seeded batching, and the mean loss of a model over a set of examples.
+//! records (`source`), records read as text, prompt/completion, chat or alpaca (`shape`), labelled examples
+//! and seeded batching (`dataset`), and the mean loss of a model over a set of examples.
 
 pub mod dataset;
 pub mod loss;
+pub mod shape;
+pub mod source;
 
-pub use dataset::{
-    alpaca_prompt, collate, pack_text, Batches, DataFormat, Dataset, Example, Format,
-};
+pub use dataset::{collate, pack_text, Batches, DataOptions, Dataset, Example, Truncation};
 pub use loss::{evaluate_loss, pad_id, to_tensor};
+pub use shape::{alpaca_prompt, Fields, Shape};
+pub use source::{DataFormat, Locator, Record};

@@ -4,4 +4,6 @@ pub mod generate;
 pub mod tasks;
 
 pub use generate::{generate, generate_focused, GenConfig};
-pub use tasks::{exact_match, multiple_choice, perplexity, Accuracy, ExactMatch, Perplexity};
+pub use tasks::{
+    detect_task, exact_match, multiple_choice, perplexity, Accuracy, ExactMatch, Perplexity,
+};

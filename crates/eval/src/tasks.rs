@@ -3,7 +3,8 @@
 
 use crate::generate::{generate, GenConfig};
 use candle_core::{Tensor, D};
-use factune_data::{alpaca_prompt, evaluate_loss, Dataset};
+use factune_data::source::{self, Contents, Record};
+use factune_data::{evaluate_loss, DataFormat, DataOptions, Dataset, Fields, Shape, Truncation};
 use factune_io::{Error, Result, TextTokenizer};
 use factune_model::{Ctx, Model};
 use serde::Serialize;
@@ -15,10 +16,12 @@ pub struct Perplexity {
     pub loss: f64,
     pub perplexity: f64,
     pub tokens: usize,
+    /// What cutting examples to the context removed (examples left with no label token are not scored).
+    pub truncation: Truncation,
 }
 
 /// Token-weighted loss and perplexity of a text file (packed into `seq_len` blocks) or of the responses of
-/// an alpaca/chat JSONL file.
+/// an instruction or chat data file.
 pub fn perplexity(
     model: &Model,
     tok: &TextTokenizer,
@@ -27,12 +30,13 @@ pub fn perplexity(
     batch: usize,
 ) -> Result<Perplexity> {
     let seq_len = seq_len.min(model.max_positions());
-    let ds = Dataset::load(file, factune_data::DataFormat::Auto, tok, seq_len, false)?;
+    let ds = Dataset::load(file, &DataOptions::eval(seq_len), tok)?;
     let (loss, tokens) = evaluate_loss(model, &ds.examples, batch, tok.eos_id().unwrap_or(0))?;
     Ok(Perplexity {
         loss,
         perplexity: loss.exp(),
         tokens,
+        truncation: ds.truncation,
     })
 }
 
@@ -70,36 +74,95 @@ fn log_softmax(x: &Tensor) -> candle_core::Result<Tensor> {
     s.broadcast_sub(&s.exp()?.sum_keepdim(D::Minus1)?.log()?)
 }
 
-/// Multiple-choice JSONL: `{"question": …, "choices": [...], "answer": index}`. Each choice is scored as the
-/// continuation `" " + choice` of the question; `accuracy_norm` divides by the choice's byte length.
-pub fn multiple_choice(model: &Model, tok: &TextTokenizer, file: &Path) -> Result<Accuracy> {
-    let text = factune_io::error::read_to_string(file)?;
-    let (mut n, mut hit, mut hit_norm) = (0usize, 0usize, 0usize);
-    for (i, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
+/// The records of a data file (JSON lines, JSON array, CSV or Parquet), named in the error if it is text.
+fn records(file: &Path, task: &str) -> Result<Vec<Record>> {
+    match source::read(file, DataFormat::Auto)? {
+        Contents::Records(r) if !r.is_empty() => Ok(r),
+        Contents::Records(_) => Err(Error::invalid(file, "no records")),
+        Contents::Text(_) => Err(Error::invalid(
+            file,
+            format!(
+                "plain text, but {task} reads records (JSON lines, a JSON array, CSV or Parquet)"
+            ),
+        )),
+    }
+}
+
+/// The task a file's first record suggests: `choices` → multiple choice, a prompt with an answer →
+/// exact match, anything else (text included) → perplexity.
+pub fn detect_task(file: &Path) -> Result<&'static str> {
+    Ok(match source::read(file, DataFormat::Auto)? {
+        Contents::Records(r) => match r.first() {
+            Some(first) if first.fields.contains_key("choices") => "mc",
+            Some(first)
+                if matches!(
+                    Shape::detect(first, &Fields::default()),
+                    Ok(Shape::Alpaca | Shape::PromptCompletion)
+                ) =>
+            {
+                "exact-match"
+            }
+            _ => "perplexity",
+        },
+        Contents::Text(_) => "perplexity",
+    })
+}
+
+/// The index of the right choice: `answer` (or `label`) as an index, a letter (`"B"`, `"b"`), a digit string
+/// or the choice's text.
+fn answer_index(r: &Record, choices: &[&str]) -> std::result::Result<usize, String> {
+    let (key, v) = ["answer", "label"]
+        .iter()
+        .find_map(|k| r.fields.get(*k).map(|v| (*k, v)))
+        .ok_or("missing `answer`")?;
+    let index = match v {
+        Value::Number(n) => n.as_u64().map(|i| i as usize),
+        Value::String(s) => {
+            let s = s.trim();
+            let letter = (s.len() == 1 && s.as_bytes()[0].is_ascii_alphabetic())
+                .then(|| (s.as_bytes()[0].to_ascii_uppercase() - b'A') as usize);
+            s.parse::<usize>()
+                .ok()
+                .or(choices.iter().position(|c| c.trim() == s))
+                .or(letter)
         }
-        let bad = |what: String| Error::invalid(file, format!("line {}: {what}", i + 1));
-        let v: Value =
-            serde_json::from_str(line).map_err(|e| bad(format!("malformed JSON: {e}")))?;
-        let q = v
+        _ => None,
+    };
+    match index {
+        Some(i) if i < choices.len() => Ok(i),
+        _ => Err(format!(
+            "`{key}` {v} is neither an index, a letter nor the text of one of the {} choices",
+            choices.len()
+        )),
+    }
+}
+
+/// Multiple-choice records: `{"question": …, "choices": [...], "answer": …}` (answer as an index, a letter or
+/// the choice text). Each choice is scored as the continuation `" " + choice` of the question;
+/// `accuracy_norm` divides by the choice's byte length.
+pub fn multiple_choice(model: &Model, tok: &TextTokenizer, file: &Path) -> Result<Accuracy> {
+    let (mut n, mut hit, mut hit_norm) = (0usize, 0usize, 0usize);
+    for r in records(file, "multiple choice")? {
+        let bad = |what: String| Error::invalid(file, format!("{}: {what}", r.at));
+        let q = r
+            .fields
             .get("question")
             .and_then(Value::as_str)
             .ok_or_else(|| bad("missing string `question`".into()))?;
-        let choices: Vec<&str> = v
-            .get("choices")
-            .and_then(Value::as_array)
-            .map(|a| a.iter().filter_map(Value::as_str).collect())
-            .ok_or_else(|| bad("missing array `choices`".into()))?;
-        let answer = v
-            .get("answer")
-            .and_then(Value::as_u64)
-            .ok_or_else(|| bad("missing integer `answer`".into()))? as usize;
-        if answer >= choices.len() || choices.len() < 2 {
-            return Err(bad(format!(
-                "`answer` {answer} must index one of at least two choices"
-            )));
+        let choices: Vec<&str> = match r.fields.get("choices") {
+            Some(Value::Array(a)) => a
+                .iter()
+                .map(|c| {
+                    c.as_str()
+                        .ok_or_else(|| bad("`choices` must hold strings".into()))
+                })
+                .collect::<Result<_>>()?,
+            _ => return Err(bad("missing array `choices`".into())),
+        };
+        if choices.len() < 2 {
+            return Err(bad("needs at least two choices".into()));
         }
+        let answer = answer_index(&r, &choices).map_err(bad)?;
         let ctx = tok.encode(q, true)?;
         if ctx.is_empty() {
             return Err(bad("empty question".into()));
@@ -128,9 +191,6 @@ pub fn multiple_choice(model: &Model, tok: &TextTokenizer, file: &Path) -> Resul
         hit += (best.1 == answer) as usize;
         hit_norm += (best_norm.1 == answer) as usize;
     }
-    if n == 0 {
-        return Err(Error::invalid(file, "no multiple-choice records"));
-    }
     Ok(Accuracy {
         accuracy: hit as f64 / n as f64,
         accuracy_norm: hit_norm as f64 / n as f64,
@@ -146,8 +206,8 @@ pub struct ExactMatch {
     pub samples: Vec<(String, String, String)>,
 }
 
-/// Alpaca JSONL: generates greedily after the alpaca prompt and compares the first line of the answer
-/// (trimmed) with `output`.
+/// Records with a prompt and an answer (alpaca, prompt/completion, chat: the last assistant turn): generates
+/// greedily after the prompt and compares the first line of the answer (trimmed) with the expected one.
 pub fn exact_match(
     model: &Model,
     tok: &TextTokenizer,
@@ -155,7 +215,10 @@ pub fn exact_match(
     max_new_tokens: usize,
     limit: usize,
 ) -> Result<ExactMatch> {
-    let text = factune_io::error::read_to_string(file)?;
+    let records = records(file, "exact match")?;
+    let fields = Fields::default();
+    let shape = Shape::detect(&records[0], &fields)
+        .map_err(|e| Error::invalid(file, format!("{}: {e}", records[0].at)))?;
     let mut stop = tok.eos_id().into_iter().collect::<Vec<_>>();
     stop.extend(model.cfg.eos_token_ids.iter().copied());
     let cfg = GenConfig {
@@ -164,23 +227,13 @@ pub fn exact_match(
         ..GenConfig::default()
     };
     let (mut n, mut hit, mut samples) = (0usize, 0usize, Vec::new());
-    for (i, line) in text.lines().enumerate() {
-        if line.trim().is_empty() || (limit > 0 && n >= limit) {
-            continue;
-        }
-        let bad = |what: String| Error::invalid(file, format!("line {}: {what}", i + 1));
-        let v: Value =
-            serde_json::from_str(line).map_err(|e| bad(format!("malformed JSON: {e}")))?;
-        let get = |k: &str| {
-            v.get(k)
-                .and_then(Value::as_str)
-                .ok_or_else(|| bad(format!("missing string `{k}`")))
-        };
-        let prompt = alpaca_prompt(
-            get("instruction")?,
-            v.get("input").and_then(Value::as_str).unwrap_or(""),
-        );
-        let want = get("output")?.trim().to_string();
+    for r in records
+        .iter()
+        .take(if limit > 0 { limit } else { usize::MAX })
+    {
+        let bad = |what: String| Error::invalid(file, format!("{}: {what}", r.at));
+        let (prompt, want) = shape.question(r, &fields, tok).map_err(bad)?;
+        let want = want.trim().to_string();
         let ids = tok.encode(&prompt, true)?;
         let out = generate(model, &ids, &cfg)?;
         let got_full = tok.decode(&out)?;
@@ -190,9 +243,6 @@ pub fn exact_match(
         if samples.len() < 3 {
             samples.push((prompt, want, got_full));
         }
-    }
-    if n == 0 {
-        return Err(Error::invalid(file, "no records"));
     }
     Ok(ExactMatch {
         exact_match: hit as f64 / n as f64,

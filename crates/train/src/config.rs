@@ -121,8 +121,19 @@ macro_rules! with_train_keys {
         save_steps: usize = 0,
         /// Fraction of examples held out for validation
         validation_split: f64 = 0.1,
-        /// auto, text, alpaca or chat
+        /// How the data file is read: auto (from its extension and content), text, jsonl, json, csv, tsv or
+        /// parquet; alpaca or chat force the record shape
         data_format: $crate::config::DataFormat = $crate::config::DataFormat::Auto,
+        /// Field of a text record (TRL's name)
+        dataset_text_field: String = "text".into(),
+        /// Field of a prompt/completion record's prompt
+        prompt_field: String = "prompt".into(),
+        /// Field of a prompt/completion record's completion
+        completion_field: String = "completion".into(),
+        /// Field of a chat record's list of {role, content} messages
+        messages_field: String = "messages".into(),
+        /// Skip examples whose every label token lies past seq_len instead of refusing the data
+        allow_truncated_labels: bool = false,
         /// Also train on prompt tokens of instruction/chat data
         train_on_prompt: bool = false,
         /// ReLoRA: every N steps merge W ← W + sBA, re-initialise A and B, prune optimizer state (0: off)
@@ -332,6 +343,22 @@ impl TrainConfig {
             });
         } else {
             self.method_keys.0.clear();
+        }
+    }
+
+    /// How the data file becomes examples.
+    pub fn data_options(&self) -> factune_data::DataOptions {
+        factune_data::DataOptions {
+            format: self.data_format,
+            fields: factune_data::Fields {
+                text: self.dataset_text_field.clone(),
+                prompt: self.prompt_field.clone(),
+                completion: self.completion_field.clone(),
+                messages: self.messages_field.clone(),
+            },
+            seq_len: self.seq_len,
+            train_on_prompt: self.train_on_prompt,
+            allow_truncated_labels: self.allow_truncated_labels,
         }
     }
 

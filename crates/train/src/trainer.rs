@@ -11,7 +11,9 @@ use candle_core::{Device, Tensor, Var};
 use factune_adapters::hooks::StepHook;
 use factune_adapters::peft::thousands;
 use factune_adapters::{attach, peft, trainable, trainable_summary};
-use factune_data::{collate, evaluate_loss, pad_id, to_tensor, Batches, Dataset, Example};
+use factune_data::{
+    collate, evaluate_loss, pad_id, to_tensor, Batches, Dataset, Example, Truncation,
+};
 use factune_io::weights::to_safetensors_bytes;
 use factune_io::{atomic, Error, Result, TextTokenizer, Weights};
 use factune_model::spectrum::update_spectra;
@@ -165,21 +167,9 @@ impl TrainJob<'_> {
                 self.model.max_positions()
             )));
         }
-        let ds = Dataset::load(
-            &self.data,
-            cfg.data_format,
-            self.tokenizer,
-            cfg.seq_len,
-            cfg.train_on_prompt,
-        )?;
-        let (fmt, truncated) = (ds.format, ds.truncated);
+        let ds = Dataset::load(&self.data, &cfg.data_options(), self.tokenizer)?;
+        let (shape, truncation) = (ds.shape, ds.truncation.clone());
         let (train, val) = ds.split(cfg.validation_split, cfg.data_seed);
-        if truncated > 0 {
-            tracing::warn!(
-                "{truncated} examples were longer than seq_len {} and were truncated",
-                cfg.seq_len
-            );
-        }
         let mut adapter_cfg = cfg.adapter_config()?;
         if let Some(budget) = cfg.mixed_budget() {
             let t0 = Instant::now();
@@ -219,11 +209,15 @@ impl TrainJob<'_> {
             ));
         }
         self.progress.note(&format!(
-            "data: {} ({fmt:?}): {} training / {} validation examples",
+            "data: {} ({}): {} training / {} validation examples",
             self.data.display(),
+            shape.name(),
             train.len(),
             val.len()
         ));
+        if let Some(line) = truncation.summary(cfg.seq_len) {
+            self.progress.note(&line);
+        }
         let mut opt = AdamW::new(
             &sizes(&params),
             cfg.adam_beta1,
@@ -270,7 +264,7 @@ impl TrainJob<'_> {
             Some(_) => MetricsLog::resume(&metrics_path, start_step)?,
             None => MetricsLog::open(&metrics_path, true)?,
         };
-        self.write_run_metadata(&train, &val)?;
+        self.write_run_metadata(&train, &val, &truncation)?;
 
         let batches = Batches::new(train.len(), cfg.data_seed, cfg.micro_batch_size);
         let pad = pad_id(self.tokenizer);
@@ -591,7 +585,12 @@ impl TrainJob<'_> {
         )
     }
 
-    fn write_run_metadata(&self, train: &[Example], val: &[Example]) -> Result<()> {
+    fn write_run_metadata(
+        &self,
+        train: &[Example],
+        val: &[Example],
+        truncation: &Truncation,
+    ) -> Result<()> {
         let c = &self.config;
         let meta = json!({
             "factune_version": env!("CARGO_PKG_VERSION"),
@@ -599,6 +598,7 @@ impl TrainJob<'_> {
             "data": self.data.display().to_string(),
             "train_examples": train.len(),
             "validation_examples": val.len(),
+            "truncation": truncation,
             "seeds": {"init": c.seed, "data": c.data_seed, "dropout": c.dropout_seed},
             "resumed_from": self.resume.as_ref().map(|p| p.display().to_string()),
             "config": c,
