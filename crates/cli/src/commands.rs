@@ -145,6 +145,18 @@ pub fn run_training(
     Ok(outcome)
 }
 
+/// `train --print-config`: the TOML file and flags over the defaults, as the TOML a run would use.
+pub fn print_config(config: Option<&Path>, overrides: &TrainOverrides) -> Result<()> {
+    let mut cfg = match config {
+        Some(p) => TrainConfig::from_toml_file(p)?,
+        None => TrainConfig::default(),
+    };
+    overrides.apply(&mut cfg);
+    cfg.validate()?;
+    print!("{}", cfg.resolved_toml()?);
+    Ok(())
+}
+
 pub fn train(
     model_dir: &Path,
     data: &Path,

@@ -8,11 +8,11 @@ use serde_json::Value;
 use std::collections::BTreeMap;
 
 macro_rules! train_overrides {
-    ($( $(#[doc = $doc:literal])* $name:ident $(| $alias:literal)? : $ty:ty = $default:expr ),* $(,)?) => {
+    ($( $(#[doc = $doc:literal])* $name:ident $(| $alias:literal)* : $ty:ty = $default:expr ),* $(,)?) => {
         /// The training settings as command-line flags (`--learning-rate 1e-4`).
         #[derive(Debug, Clone, Default, clap::Args)]
         pub struct TrainOverrides {
-            $( $(#[doc = $doc])* #[arg(long, $(alias = $alias,)? help_heading = "Training settings (also TOML keys)")] pub $name: Option<$ty>, )*
+            $( $(#[doc = $doc])* #[arg(long, $(alias = $alias,)* help_heading = "Training settings (also TOML keys)")] pub $name: Option<$ty>, )*
             #[command(flatten)]
             pub method: MethodFlags,
         }
@@ -36,6 +36,37 @@ macro_rules! train_overrides {
 }
 
 factune_train::with_train_keys!(train_overrides);
+
+/// Appends each training flag's default to its help (`[default: 0.0002]`), read from
+/// `TrainConfig::default()` so the help cannot disagree with what a run uses.
+pub fn with_defaults(cmd: clap::Command) -> clap::Command {
+    let defaults = serde_json::to_value(TrainConfig::default()).unwrap_or_default();
+    let shown = |v: &Value| match v {
+        Value::String(s) => s.clone(),
+        Value::Array(a) => a
+            .iter()
+            .map(|x| x.as_str().map_or(x.to_string(), str::to_string))
+            .collect::<Vec<_>>()
+            .join(","),
+        Value::Object(o) if o.is_empty() => "none".into(),
+        other => other.to_string(),
+    };
+    let add = |sub: clap::Command| {
+        let mut sub = sub;
+        for key in TrainConfig::KEYS {
+            if sub.get_arguments().any(|a| a.get_id() == *key) {
+                let default = shown(&defaults[*key]);
+                sub = sub.mut_arg(*key, |a| {
+                    let help = a.get_help().map(ToString::to_string).unwrap_or_default();
+                    a.help(format!("{help} [default: {default}]"))
+                });
+            }
+        }
+        sub
+    };
+    cmd.mut_subcommand("train", add)
+        .mut_subcommand("pretrain", add)
+}
 
 /// The methods' own keys as flags (`--bond-dim 4`, `--d-initial 0.2`), built from each method's config
 /// struct: a method's keys and their help are declared once, in its module.

@@ -7,7 +7,7 @@ mod plot;
 mod progress;
 mod quickstart;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use factune_eval::GenConfig;
 use std::path::PathBuf;
 
@@ -50,17 +50,21 @@ pub struct ModelArgs {
 enum Command {
     /// Fine-tune a model with an adapter and save it in the PEFT format
     Train {
-        #[arg(long)]
-        model: PathBuf,
-        /// Training data: plain text, alpaca JSONL or chat JSONL
-        #[arg(long)]
-        data: PathBuf,
+        /// The base model: a local Hugging Face model directory
+        #[arg(long, required_unless_present = "print_config")]
+        model: Option<PathBuf>,
+        /// Training data: .jsonl, .json, .csv, .tsv, .parquet (or a directory of them) or .txt
+        #[arg(long, required_unless_present = "print_config")]
+        data: Option<PathBuf>,
         /// TOML file with PEFT/transformers key names (r, lora_alpha, target_modules, learning_rate, …)
         #[arg(long)]
         config: Option<PathBuf>,
         /// Output directory for the adapter, checkpoints, metrics.jsonl and loss.png
+        #[arg(long, required_unless_present = "print_config")]
+        output: Option<PathBuf>,
+        /// Print the fully resolved config (the TOML file and flags over the defaults) as TOML and exit
         #[arg(long)]
-        output: PathBuf,
+        print_config: bool,
         /// Continue from OUT/checkpoint-N (bit-identical to an uninterrupted run)
         #[arg(long)]
         resume: Option<PathBuf>,
@@ -257,7 +261,10 @@ fn main() {
         .with_writer(std::io::stderr)
         .init();
     // Every failure exits 1, a bad flag value as much as a bad file (help and --version exit 0).
-    let cli = Cli::try_parse().unwrap_or_else(|e| {
+    let matches = flags::with_defaults(Cli::command())
+        .try_get_matches()
+        .and_then(|m| Cli::from_arg_matches(&m));
+    let cli = matches.unwrap_or_else(|e| {
         let code = if e.use_stderr() { 1 } else { 0 };
         let _ = e.print();
         std::process::exit(code);
@@ -291,17 +298,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             output,
             resume,
             overwrite,
+            print_config,
             device,
             overrides,
-        } => commands::train(
-            &model,
-            &data,
-            config.as_deref(),
-            (&output, overwrite),
-            resume,
-            &device,
-            &overrides,
-        ),
+        } => match (model, data, output) {
+            (Some(model), Some(data), Some(output)) if !print_config => commands::train(
+                &model,
+                &data,
+                config.as_deref(),
+                (&output, overwrite),
+                resume,
+                &device,
+                &overrides,
+            ),
+            _ => commands::print_config(config.as_deref(), &overrides),
+        },
         Command::Pretrain {
             config,
             data,

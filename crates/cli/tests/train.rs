@@ -339,3 +339,116 @@ fn an_output_holding_a_run_needs_overwrite_or_resume() {
     let logged = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
     assert!(!logged.contains("\"step\":2"), "{logged}");
 }
+
+/// The shapes a safetensors file records, by tensor name (read from its JSON header).
+fn shapes(file: &std::path::Path) -> std::collections::BTreeMap<String, Vec<usize>> {
+    let bytes = std::fs::read(file).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    header
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(k, _)| *k != "__metadata__")
+        .map(|(k, v)| {
+            (
+                k.clone(),
+                serde_json::from_value(v["shape"].clone()).unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// PEFT's rank_pattern gives v_proj its own rank in training, in the saved adapter and its config; the adapter
+/// loads back. save_total_limit keeps the newest checkpoints only.
+#[test]
+fn rank_pattern_and_save_total_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    train(
+        &out,
+        "4",
+        &[
+            "--rank-pattern",
+            "v_proj=2",
+            "--save-steps",
+            "1",
+            "--save-total-limit",
+            "2",
+        ],
+    );
+    let s = shapes(&out.join("adapter_model.safetensors"));
+    let a = |m: &str| {
+        s.iter()
+            .find(|(k, _)| k.contains(&format!("layers.0.self_attn.{m}.lora_A")))
+            .map(|(_, v)| v[0])
+            .unwrap()
+    };
+    assert_eq!((a("q_proj"), a("v_proj")), (4, 2), "{s:?}");
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(cfg["rank_pattern"]["v_proj"], 2, "{cfg}");
+    let j = ok_json(&eval_args(
+        &model(),
+        Some(&out),
+        &data("quickstart-valid.jsonl"),
+        &["--task", "perplexity", "--json"],
+    ));
+    assert!(j["loss"].as_f64().unwrap().is_finite());
+    let mut kept: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("checkpoint-") || n.contains(".old."))
+        .collect();
+    kept.sort();
+    assert_eq!(kept, ["checkpoint-3", "checkpoint-4"]);
+}
+
+/// `--print-config` prints the resolved run (TOML file, flags, defaults) and a file with PEFT/TRL habits
+/// reads; every training flag's help shows its default.
+#[test]
+fn print_config_help_defaults_and_peft_trl_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let toml = dir.path().join("run.toml");
+    std::fs::write(
+        &toml,
+        "task_type = \"CAUSAL_LM\"\nbias = \"none\"\nper_device_train_batch_size = 2\nmax_seq_length = 128\n\
+         target_modules = \"q_proj,o_proj\"\nreport_to = \"none\"\n",
+    )
+    .unwrap();
+    let printed = ok(&["train", "--print-config", "--config", s(&toml), "--r", "4"]);
+    let c: toml::Table = toml::from_str(&printed).unwrap();
+    assert_eq!(c["micro_batch_size"].as_integer(), Some(2));
+    assert_eq!(c["seq_len"].as_integer(), Some(128));
+    assert_eq!(c["r"].as_integer(), Some(4));
+    assert_eq!(c["learning_rate"].as_float(), Some(2e-4));
+    assert_eq!(
+        c["target_modules"].as_array().unwrap().len(),
+        2,
+        "a TOML string of names reads as the flag does"
+    );
+    assert!(!c.contains_key("task_type"));
+    std::fs::write(&toml, "optim = \"paged_adamw_8bit\"\n").unwrap();
+    let e = fails(&["train", "--print-config", "--config", s(&toml)]);
+    assert!(
+        e.contains("`optim = \"paged_adamw_8bit\"`") && e.contains("adamw_torch"),
+        "{e}"
+    );
+    let help = ok(&["train", "--help"]);
+    for flag in [
+        "--learning-rate",
+        "--max-steps",
+        "--seq-len",
+        "--data-format",
+        "--save-total-limit",
+    ] {
+        let line = help
+            .lines()
+            .skip_while(|l| !l.trim_start().starts_with(flag))
+            .nth(1)
+            .unwrap_or_default();
+        assert!(line.contains("[default: "), "{flag}: {line}");
+    }
+}

@@ -72,6 +72,15 @@ pub fn publish_dir(staging: &Path, dest: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Removes a published directory as one step: it is renamed aside first (`NAME.old.PID`, which
+/// [`clean_leftovers`] finishes if the process is killed), so no half-deleted directory is ever left under its
+/// name.
+pub fn retire_dir(dir: &Path) -> Result<()> {
+    let old = dir.with_extension(format!("old.{}", std::process::id()));
+    std::fs::rename(dir, &old).map_err(|e| Error::io(dir, e))?;
+    std::fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))
+}
+
 /// Whether process `pid` is running (Linux: `/proc`). Elsewhere every process counts as running, so nothing
 /// of another process is ever removed.
 fn alive(pid: u32) -> bool {

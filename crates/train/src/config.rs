@@ -8,12 +8,32 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::Path;
 
-/// `target_modules`: `["q_proj", "v_proj"]` in TOML, `q_proj,v_proj` on the command line, or `all-linear`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// `target_modules`: `["q_proj", "v_proj"]` in TOML, `q_proj,v_proj` on the command line or as a TOML
+/// string (read the same way), `all-linear`, or a regex.
+#[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(untagged)]
 pub enum Targets {
     List(Vec<String>),
     One(String),
+}
+
+impl<'de> Deserialize<'de> for Targets {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            List(Vec<String>),
+            One(String),
+        }
+        match Raw::deserialize(d).map_err(|_| {
+            serde::de::Error::custom(
+                "`target_modules` must be a list of module names, a comma-separated string, all-linear or a regex",
+            )
+        })? {
+            Raw::List(l) => Ok(Targets::List(l)),
+            Raw::One(s) => s.parse().map_err(serde::de::Error::custom),
+        }
+    }
 }
 
 impl std::str::FromStr for Targets {
@@ -31,6 +51,36 @@ impl std::str::FromStr for Targets {
         } else {
             Ok(Targets::List(vec![s.to_string()]))
         }
+    }
+}
+
+/// Values by module-name regex (PEFT's `rank_pattern`, `alpha_pattern`): a TOML table, or `key=value,…` as a
+/// flag.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Patterns<T>(pub BTreeMap<String, T>);
+
+impl<T> Default for Patterns<T> {
+    fn default() -> Self {
+        Patterns(BTreeMap::new())
+    }
+}
+
+impl<T: std::str::FromStr> std::str::FromStr for Patterns<T> {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let mut out = BTreeMap::new();
+        for item in s.split(',').map(str::trim).filter(|x| !x.is_empty()) {
+            let (k, v) = item
+                .split_once('=')
+                .ok_or_else(|| format!("`{item}`: expected MODULE_REGEX=VALUE"))?;
+            let v = v
+                .trim()
+                .parse()
+                .map_err(|_| format!("`{item}`: `{}` is not a valid value", v.trim()))?;
+            out.insert(k.trim().to_string(), v);
+        }
+        Ok(Patterns(out))
     }
 }
 
@@ -67,6 +117,11 @@ macro_rules! with_train_keys {
         r: usize = 8,
         /// LoRA alpha (scale = alpha / r)
         lora_alpha: f64 = 16.0,
+        /// LoRA: ranks of the modules whose name matches a regex key, others take r (PEFT's rank_pattern;
+        /// TOML table `{ v_proj = 4 }`, flag `v_proj=4,o_proj=2`)
+        rank_pattern: $crate::config::Patterns<usize> = $crate::config::Patterns::default(),
+        /// LoRA: alphas of the modules whose name matches a regex key, others take lora_alpha (PEFT's alpha_pattern)
+        alpha_pattern: $crate::config::Patterns<f64> = $crate::config::Patterns::default(),
         /// Dropout on the adapter input
         lora_dropout: f64 = 0.05,
         /// Modules to adapt: names, a regex, or all-linear
@@ -105,10 +160,11 @@ macro_rules! with_train_keys {
         gradient_checkpointing: bool = false,
         /// Micro-batches per optimizer step
         gradient_accumulation_steps: usize = 1,
-        /// Sequences per micro-batch
-        micro_batch_size: usize = 4,
-        /// Tokens per sequence (longer examples are truncated, text is packed to this length)
-        seq_len: usize = 256,
+        /// Sequences per micro-batch (transformers: per_device_train_batch_size)
+        micro_batch_size | "per_device_train_batch_size": usize = 4,
+        /// Tokens per sequence (longer examples are truncated, text is packed to this length; TRL:
+        /// max_length, max_seq_length)
+        seq_len | "max_length" | "max_seq_length": usize = 256,
         /// Seed of adapter initialisation
         seed: u64 = 42,
         /// Seed of data shuffling and the train/validation split
@@ -119,6 +175,8 @@ macro_rules! with_train_keys {
         eval_steps: usize = 0,
         /// Checkpoint every N steps (0: none)
         save_steps: usize = 0,
+        /// Keep only the newest N checkpoints, deleting older ones as new ones are written (0: keep all)
+        save_total_limit: usize = 0,
         /// Fraction of examples held out for validation
         validation_split: f64 = 0.1,
         /// How the data file is read: auto (from its extension and content), text, jsonl, json, csv, tsv or
@@ -202,10 +260,19 @@ pub struct MethodKeys(pub BTreeMap<String, serde_json::Value>);
 
 impl<'de> Deserialize<'de> for MethodKeys {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
-        let keys = BTreeMap::<String, serde_json::Value>::deserialize(d)?;
-        if let Some(k) = keys.keys().find(|k| owner_of(k).is_none()) {
-            return Err(serde::de::Error::custom(unknown_key(k)));
+        let mut keys = BTreeMap::<String, serde_json::Value>::deserialize(d)?;
+        for (k, v) in &keys {
+            if owner_of(k).is_some() {
+                continue;
+            }
+            match crate::foreign::check(k, v) {
+                Some(Ok(())) => {}
+                Some(Err(why)) => return Err(serde::de::Error::custom(why)),
+                None => return Err(serde::de::Error::custom(unknown_key(k))),
+            }
         }
+        // PEFT/TRL keys whose value is what factune does anyway say nothing more.
+        keys.retain(|k, _| owner_of(k).is_some());
         Ok(MethodKeys(keys))
     }
 }
@@ -255,12 +322,12 @@ fn edit_distance(a: &str, b: &str) -> usize {
 }
 
 macro_rules! train_config {
-    ($( $(#[doc = $doc:literal])* $name:ident $(| $alias:literal)? : $ty:ty = $default:expr ),* $(,)?) => {
+    ($( $(#[doc = $doc:literal])* $name:ident $(| $alias:literal)* : $ty:ty = $default:expr ),* $(,)?) => {
         /// Every setting of a training run. Unknown keys in a TOML file are errors that name the key.
         #[derive(Debug, Clone, Serialize, Deserialize)]
         #[serde(default)]
         pub struct TrainConfig {
-            $( $(#[doc = $doc])* $(#[serde(alias = $alias)])? pub $name: $ty, )*
+            $( $(#[doc = $doc])* $(#[serde(alias = $alias)])* pub $name: $ty, )*
             /// The method's own keys (`bond_dim`, `d_initial`, …), flat beside the others; declared, with their
             /// defaults, by the method's config struct.
             #[serde(flatten)]
@@ -278,7 +345,7 @@ macro_rules! train_config {
             pub const KEYS: &'static [&'static str] = &[$( stringify!($name) ),*];
             /// Other spellings a TOML file may use, with the key each stands for.
             pub const ALIASES: &'static [(&'static str, &'static str)] =
-                &[$( $( ($alias, stringify!($name)), )? )*];
+                &[$( $( ($alias, stringify!($name)), )* )*];
         }
     };
 }
@@ -290,6 +357,20 @@ impl TrainConfig {
         let text = factune_io::error::read_to_string(path)?;
         toml::from_str(&text)
             .map_err(|e| Error::invalid(path, format!("invalid training config: {e}")))
+    }
+
+    /// The fully resolved config as TOML: every training key and the method's own keys, defaults included
+    /// (`factune train --print-config`); reading it back gives the same run.
+    pub fn resolved_toml(&self) -> Result<String> {
+        let mut c = self.clone();
+        if !self.is_full() {
+            // The values the run uses: given, implied by a training key (vera_dropout), or defaults.
+            for (k, v) in self.adapter_config()?.method.defaults() {
+                c.method_keys.0.entry(k).or_insert(v);
+            }
+        }
+        toml::to_string(&c)
+            .map_err(|e| Error::config(format!("cannot write the config as TOML: {e}")))
     }
 
     /// `peft_type = "full"`: every weight is trained (pre-training, baselines).
@@ -360,6 +441,41 @@ impl TrainConfig {
             train_on_prompt: self.train_on_prompt,
             allow_truncated_labels: self.allow_truncated_labels,
         }
+    }
+
+    /// `rank_pattern`/`alpha_pattern`: plain LoRA only (the other methods and inits size their factors from
+    /// `r`), keys that compile as regexes, ranks > 0 and finite alphas.
+    fn check_patterns(&self) -> Result<()> {
+        let given: [(&str, Vec<&String>); 2] = [
+            ("rank_pattern", self.rank_pattern.0.keys().collect()),
+            ("alpha_pattern", self.alpha_pattern.0.keys().collect()),
+        ];
+        let plain_lora = self.peft_type.eq_ignore_ascii_case("LORA")
+            && matches!(self.init_lora_weights, InitWeights::Flag(_))
+            && self.relora_steps == 0;
+        for (key, patterns) in given {
+            if !patterns.is_empty() && !plain_lora {
+                return Err(Error::config(format!(
+                    "`{key}` applies to peft_type = \"LORA\" with init_lora_weights true or false and no ReLoRA"
+                )));
+            }
+            for p in patterns {
+                if let Err(e) = regex::Regex::new(p) {
+                    return Err(Error::config(format!("`{key}`: `{p}` is not a regex: {e}")));
+                }
+            }
+        }
+        if let Some((k, _)) = self.rank_pattern.0.iter().find(|(_, r)| **r == 0) {
+            return Err(Error::config(format!(
+                "`rank_pattern`: `{k}` has rank 0; leave the module out of target_modules instead"
+            )));
+        }
+        if let Some((k, a)) = self.alpha_pattern.0.iter().find(|(_, a)| !a.is_finite()) {
+            return Err(Error::config(format!(
+                "`alpha_pattern`: `{k}` = {a} is not a finite number"
+            )));
+        }
+        Ok(())
     }
 
     /// What the shared training step reads.
@@ -465,6 +581,7 @@ impl TrainConfig {
             }
             self.check_prompt_keys(&method)?;
         }
+        self.check_patterns()?;
         if self.max_steps == 0 {
             return bad("max_steps", "must be > 0");
         }
@@ -660,6 +777,13 @@ impl TrainConfig {
             } else {
                 Default::default()
             },
+            rank_pattern: self
+                .rank_pattern
+                .0
+                .iter()
+                .map(|(k, r)| (k.clone(), factune_adapters::RankEntry::Rank(*r)))
+                .collect(),
+            alpha_pattern: self.alpha_pattern.0.clone(),
             method,
             ..AdapterConfig::default()
         })
@@ -736,5 +860,124 @@ mod tests {
             assert!(e.contains(key), "{toml}: {e}");
         }
         TrainConfig::default().validate().unwrap();
+    }
+
+    /// PEFT's and TRL's keys: aliases where factune has the setting, accepted where the value is what factune
+    /// does, refused with what to write where not.
+    #[test]
+    fn peft_and_trl_keys_are_mapped_accepted_or_refused_by_name() {
+        let c: TrainConfig = toml::from_str(
+            "per_device_train_batch_size = 2\nmax_seq_length = 64\ntask_type = \"CAUSAL_LM\"\nbias = \"none\"\n\
+             optim = \"adamw_torch\"\nreport_to = \"none\"\npacking = false\nlogging_steps = 1\n\
+             modules_to_save = []\nbf16 = false",
+        )
+        .unwrap();
+        assert_eq!((c.micro_batch_size, c.seq_len), (2, 64));
+        assert!(c.method_keys.0.is_empty(), "{:?}", c.method_keys);
+        c.validate().unwrap();
+        let c: TrainConfig = toml::from_str("max_length = 32").unwrap();
+        assert_eq!(c.seq_len, 32);
+        for (text, says) in [
+            ("bias = \"all\"", "bias = \"none\" is the only value"),
+            (
+                "optim = \"adamw_8bit\"",
+                "8-bit and other optimizers are not supported",
+            ),
+            (
+                "report_to = \"wandb\"",
+                "TensorBoard and W&B are not supported",
+            ),
+            ("num_train_epochs = 3", "set max_steps"),
+            ("packing = true", "not supported yet"),
+            (
+                "modules_to_save = [\"lm_head\"]",
+                "train_embeddings_and_norms",
+            ),
+            ("bf16 = true", "base_dtype"),
+            ("task_type = \"SEQ_CLS\"", "causal language models"),
+            ("load_best_model_at_end = true", "not supported yet"),
+        ] {
+            let e = toml::from_str::<TrainConfig>(text).unwrap_err().to_string();
+            let key = text.split(' ').next().unwrap();
+            assert!(
+                e.contains(&format!("`{key} = ")) && e.contains(says),
+                "{text}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn rank_and_alpha_patterns_reach_the_adapter_config_and_are_checked() {
+        let c: TrainConfig = toml::from_str(
+            "r = 8\nrank_pattern = { v_proj = 2 }\nalpha_pattern = { \"q_proj\" = 4.0 }",
+        )
+        .unwrap();
+        c.validate().unwrap();
+        let a = c.adapter_config().unwrap();
+        assert_eq!(a.rank_for("model.layers.0.self_attn.v_proj"), 2);
+        assert_eq!(a.rank_for("model.layers.0.self_attn.q_proj"), 8);
+        assert_eq!(a.alpha_for("model.layers.0.self_attn.q_proj"), 4.0);
+        let flag: Patterns<usize> = "v_proj=2, o_proj=4".parse().unwrap();
+        assert_eq!(flag.0.len(), 2);
+        assert!("v_proj".parse::<Patterns<usize>>().is_err());
+        for (text, says) in [
+            ("rank_pattern = { v_proj = 0 }", "rank 0"),
+            ("rank_pattern = { \"(\" = 2 }", "is not a regex"),
+            (
+                "peft_type = \"VERA\"\nrank_pattern = { v_proj = 2 }",
+                "applies to peft_type = \"LORA\"",
+            ),
+            (
+                "init_lora_weights = \"pissa\"\nalpha_pattern = { v_proj = 2.0 }",
+                "applies to peft_type",
+            ),
+        ] {
+            let c: TrainConfig = toml::from_str(text).unwrap();
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains(says), "{text}: {e}");
+        }
+    }
+
+    #[test]
+    fn the_resolved_config_reads_back_as_the_same_run() {
+        for text in [
+            "",
+            "peft_type = \"VERA\"\nr = 32\nrank_pattern = {}",
+            "rank_pattern = { v_proj = 2 }\nr = 4",
+        ] {
+            let c: TrainConfig = toml::from_str(text).unwrap();
+            let printed = c.resolved_toml().unwrap();
+            assert!(printed.contains("learning_rate = 0.0002"), "{printed}");
+            let back: TrainConfig = toml::from_str(&printed).unwrap();
+            back.validate().unwrap();
+            assert_eq!(
+                serde_json::to_value(back.adapter_config().unwrap()).unwrap(),
+                serde_json::to_value(c.adapter_config().unwrap()).unwrap(),
+                "{printed}"
+            );
+            assert_eq!(back.resolved_toml().unwrap(), printed);
+        }
+        let vera: TrainConfig = toml::from_str("peft_type = \"VERA\"").unwrap();
+        assert!(vera.resolved_toml().unwrap().contains("d_initial"));
+    }
+
+    #[test]
+    fn a_toml_target_string_reads_as_the_flag_does() {
+        let c: TrainConfig = toml::from_str("target_modules = \"q_proj,v_proj\"").unwrap();
+        assert_eq!(
+            c.target_modules,
+            Targets::List(vec!["q_proj".into(), "v_proj".into()])
+        );
+        let c: TrainConfig = toml::from_str("target_modules = \"o_proj\"").unwrap();
+        assert_eq!(c.target_modules, Targets::List(vec!["o_proj".into()]));
+        let c: TrainConfig = toml::from_str("target_modules = \".*\\\\.0\\\\..*q_proj\"").unwrap();
+        assert!(matches!(c.target_modules, Targets::One(_)));
+        let e = toml::from_str::<TrainConfig>("target_modules = 3")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("comma-separated") && !e.contains("untagged"),
+            "{e}"
+        );
     }
 }

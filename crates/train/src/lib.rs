@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod diagnostics;
+pub mod foreign;
 pub mod metrics;
 pub mod optim;
 pub mod pretrain;

@@ -8,7 +8,7 @@ use serde_json::{Map, Value};
 
 /// Keys a resumed run may set to new values. A longer `max_steps` extends the run (the learning-rate
 /// schedule follows the new length from the checkpoint's step on).
-pub const RESUMABLE: &[&str] = &["max_steps", "eval_steps", "save_steps"];
+pub const RESUMABLE: &[&str] = &["max_steps", "eval_steps", "save_steps", "save_total_limit"];
 
 fn to_map(c: &TrainConfig) -> Result<Map<String, Value>> {
     match serde_json::to_value(c) {

@@ -667,7 +667,32 @@ impl TrainJob<'_> {
         let text =
             serde_json::to_string_pretty(&state).map_err(|e| Error::config(e.to_string()))?;
         atomic::write_atomic(&staging.join(STATE_FILE), text.as_bytes())?;
-        atomic::publish_dir(&staging, &dest)
+        atomic::publish_dir(&staging, &dest)?;
+        self.prune_checkpoints()
+    }
+
+    /// `save_total_limit`: removes all but the newest N `checkpoint-STEP` directories.
+    fn prune_checkpoints(&self) -> Result<()> {
+        let limit = self.config.save_total_limit;
+        if limit == 0 {
+            return Ok(());
+        }
+        let mut steps: Vec<usize> = std::fs::read_dir(&self.out)
+            .map_err(|e| Error::io(&self.out, e))?
+            .flatten()
+            .filter_map(|e| {
+                e.file_name()
+                    .to_str()?
+                    .strip_prefix("checkpoint-")?
+                    .parse()
+                    .ok()
+            })
+            .collect();
+        steps.sort_unstable();
+        for step in &steps[..steps.len().saturating_sub(limit)] {
+            atomic::retire_dir(&self.out.join(format!("checkpoint-{step}")))?;
+        }
+        Ok(())
     }
 }
 
