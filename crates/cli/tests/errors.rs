@@ -468,3 +468,25 @@ fn a_prompt_that_fills_the_context_is_an_error() {
         "{e}"
     );
 }
+
+/// A micro-batch whose activations cannot fit is refused before the first step allocates it; an OS error
+/// is printed once.
+#[test]
+fn an_impossible_micro_batch_is_refused_and_os_errors_print_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let d = data("quickstart-train.jsonl");
+    let e = fails(&train_args(
+        s(&model()),
+        s(&d),
+        s(&out),
+        &["--max-steps", "1", "--micro-batch-size", "10000000"],
+    ));
+    assert!(
+        e.contains("micro_batch_size 10000000") && e.contains("GB of activations"),
+        "{e}"
+    );
+    let missing = dir.path().join("missing.toml");
+    let e = fails(&["train", "--print-config", "--config", s(&missing)]);
+    assert_eq!(e.matches("No such file or directory").count(), 1, "{e}");
+}

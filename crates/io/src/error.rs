@@ -4,11 +4,12 @@ use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{}: {source}", path.display())]
+    /// The OS error is part of the message and deliberately not a `source`: printing the chain (`{:#}`)
+    /// would say it twice.
+    #[error("{}: {cause}", path.display())]
     Io {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// The file exists but its content is not what was expected; `what` says what was.
     #[error("{}: {what}", path.display())]
@@ -33,7 +34,7 @@ impl Error {
     pub fn io(path: impl AsRef<Path>, source: std::io::Error) -> Self {
         Error::Io {
             path: path.as_ref().to_path_buf(),
-            source,
+            cause: source,
         }
     }
 

@@ -31,6 +31,43 @@ fn token_string(v: Option<&Value>) -> Option<String> {
     }
 }
 
+/// A `TemplateProcessing` post-processor (alone or in a `Sequence`) must define every special token its
+/// templates name, with as many ids as tokens: `tokenizers` checks neither when it reads the file and panics
+/// on the first encode.
+fn check_post_processor(pp: &Value) -> std::result::Result<(), String> {
+    match pp.get("type").and_then(Value::as_str) {
+        Some("Sequence") => pp
+            .get("processors")
+            .and_then(Value::as_array)
+            .map_or(Ok(()), |ps| ps.iter().try_for_each(check_post_processor)),
+        Some("TemplateProcessing") => {
+            let defined = pp.get("special_tokens").and_then(Value::as_object);
+            for (name, t) in defined.into_iter().flatten() {
+                let len = |k: &str| t.get(k).and_then(Value::as_array).map(Vec::len);
+                if len("ids") != len("tokens") {
+                    return Err(format!(
+                        "post_processor.special_tokens `{name}`: `ids` and `tokens` must be lists of one length"
+                    ));
+                }
+            }
+            for part in ["single", "pair"] {
+                for piece in pp.get(part).and_then(Value::as_array).into_iter().flatten() {
+                    let Some(id) = piece.pointer("/SpecialToken/id").and_then(Value::as_str) else {
+                        continue;
+                    };
+                    if !defined.is_some_and(|d| d.contains_key(id)) {
+                        return Err(format!(
+                            "post_processor.{part} names the special token `{id}`, which post_processor.special_tokens does not define"
+                        ));
+                    }
+                }
+            }
+            Ok(())
+        }
+        _ => Ok(()),
+    }
+}
+
 impl TextTokenizer {
     /// Loads `tokenizer.json` (required) and `tokenizer_config.json` (optional) from a model directory.
     pub fn from_dir(dir: &Path) -> Result<Self> {
@@ -40,6 +77,10 @@ impl TextTokenizer {
                 &path,
                 "missing tokenizer.json (factune needs a fast tokenizer file)",
             ));
+        }
+        let file: Value = crate::error::read_json(&path)?;
+        if let Some(pp) = file.get("post_processor") {
+            check_post_processor(pp).map_err(|e| Error::invalid(&path, e))?;
         }
         let inner = tokenizers::Tokenizer::from_file(&path)
             .map_err(|e| Error::invalid(&path, format!("cannot load tokenizer: {e}")))?;

@@ -170,6 +170,7 @@ impl TrainJob<'_> {
         let ds = Dataset::load(&self.data, &cfg.data_options(), self.tokenizer)?;
         let (shape, truncation) = (ds.shape, ds.truncation.clone());
         let (train, val) = ds.split(cfg.validation_split, cfg.data_seed);
+        check_activation_memory(&cfg, &self.model.cfg, &train)?;
         let mut adapter_cfg = cfg.adapter_config()?;
         if let Some(budget) = cfg.mixed_budget() {
             let t0 = Instant::now();
@@ -694,6 +695,47 @@ impl TrainJob<'_> {
         }
         Ok(())
     }
+}
+
+/// Refuses a micro-batch whose activations cannot fit in this machine's memory, before the first step
+/// allocates them (which would abort the process). The bound is a floor, so no run that fits is refused: the
+/// residual stream kept at every block boundary, f32, even with gradient checkpointing.
+fn check_activation_memory(
+    cfg: &TrainConfig,
+    model: &factune_io::ModelConfig,
+    train: &[Example],
+) -> Result<()> {
+    let Some(total) = total_memory_bytes() else {
+        return Ok(());
+    };
+    let longest = train.iter().map(|e| e.ids.len()).max().unwrap_or(0);
+    let floor = (cfg.micro_batch_size as u128)
+        * longest.min(cfg.seq_len) as u128
+        * model.hidden_size as u128
+        * model.num_layers as u128
+        * 4;
+    if floor > total as u128 {
+        return Err(Error::config(format!(
+            "micro_batch_size {} × {} tokens needs at least {:.1} GB of activations ({} layers × hidden {}), \
+             more than this machine's {:.1} GB: lower micro_batch_size (and raise gradient_accumulation_steps for \
+             the same batch) or seq_len",
+            cfg.micro_batch_size,
+            longest.min(cfg.seq_len),
+            floor as f64 / 1e9,
+            model.num_layers,
+            model.hidden_size,
+            total as f64 / 1e9
+        )));
+    }
+    Ok(())
+}
+
+/// Physical memory (Linux: `MemTotal` of /proc/meminfo); `None` where it cannot be read.
+fn total_memory_bytes() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
 }
 
 fn load_optimizer(opt: &mut AdamW, params: &[(String, Var)], path: &Path) -> Result<()> {
