@@ -3,7 +3,7 @@
 //!     cargo test -p factune --test interop -- --ignored
 //!     python scripts/make_fixtures.py verify --model assets/default-model \
 //!         --adapter target/peft-interop/default/adapter --expect target/peft-interop/default/expect.safetensors
-//!     (and likewise for target/peft-interop/default-pissa, default-vera, default-prompt, default-ptuning, default-prefix, default-dora, default-eva and default-adalora on assets/default-model, and tests/fixtures/llama and tests/fixtures/gpt2 with target/peft-interop/{llama,gpt2});
+//!     (and likewise for target/peft-interop/default-pissa, default-vera, default-prompt, default-ptuning, default-prefix, default-dora, default-patterns, default-eva and default-adalora on assets/default-model, and tests/fixtures/llama and tests/fixtures/gpt2 with target/peft-interop/{llama,gpt2});
 //!     (and tests/fixtures/{llama,gpt2} with target/peft-interop/{llama,gpt2}-{prompt,prefix}_tuning);
 //!     python scripts/make_fixtures.py verify --model target/peft-interop/gpt2/merged \
 //!         --expect target/peft-interop/gpt2/expect.safetensors      (a merged checkpoint, transformers alone)
@@ -77,6 +77,15 @@ fn export_for_peft() {
             ][..],
         ),
         ("default-dora", &["--use-dora", "true"][..]),
+        (
+            "default-patterns",
+            &[
+                "--rank-pattern",
+                "v_proj=2,down_proj=4",
+                "--alpha-pattern",
+                "o_proj=4",
+            ][..],
+        ),
         ("default-eva", &["--init-lora-weights", "eva"][..]),
         (
             "default-adalora",
