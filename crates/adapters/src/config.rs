@@ -234,6 +234,13 @@ impl AdapterConfig {
     /// Reads an `adapter_config.json`: unknown keys are ignored with a warning, features factune does not
     /// implement are errors (never silently dropped).
     pub fn from_file(path: &Path) -> Result<Self> {
+        let dir = path.parent().unwrap_or(Path::new("."));
+        if !path.exists() && dir.join("config.json").exists() {
+            return Err(Error::invalid(
+                dir,
+                "a full model (config.json, no adapter_config.json), not an adapter: pass it as --model",
+            ));
+        }
         let raw: Value = factune_io::error::read_json(path)?;
         let Value::Object(map) = &raw else {
             return Err(Error::invalid(path, "expected a JSON object"));

@@ -24,8 +24,9 @@ struct Cli {
 
 #[derive(clap::Args, Clone)]
 pub struct ModelArgs {
-    /// A local Hugging Face model directory (config.json, *.safetensors, tokenizer.json)
-    #[arg(long)]
+    /// A local Hugging Face model directory (config.json, *.safetensors, tokenizer.json), or a Hub id
+    /// (`org/name`) already in the local Hugging Face cache
+    #[arg(long, value_parser = factune_io::hub::resolve_model)]
     pub model: PathBuf,
     /// A PEFT-format adapter directory to apply (adapter_config.json + adapter_model.safetensors)
     #[arg(long)]
@@ -50,8 +51,9 @@ pub struct ModelArgs {
 enum Command {
     /// Fine-tune a model with an adapter and save it in the PEFT format
     Train {
-        /// The base model: a local Hugging Face model directory
-        #[arg(long, required_unless_present = "print_config")]
+        /// The base model: a local Hugging Face model directory, or a Hub id (`org/name`) already in the
+        /// local Hugging Face cache
+        #[arg(long, required_unless_present = "print_config", value_parser = factune_io::hub::resolve_model)]
         model: Option<PathBuf>,
         /// Training data: .jsonl, .json, .csv, .tsv, .parquet (or a directory of them) or .txt
         #[arg(long, required_unless_present = "print_config")]

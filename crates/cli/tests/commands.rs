@@ -60,3 +60,44 @@ fn eval_generate_merge_inspect() {
         "{i}"
     );
 }
+
+/// `--model org/name` is found in the local Hugging Face cache (HF_HOME), never downloaded.
+#[test]
+fn a_hub_id_resolves_to_the_cached_snapshot() {
+    let home = tempfile::tempdir().unwrap();
+    let snap = home.path().join("hub/models--acme--tiny/snapshots/r1");
+    std::fs::create_dir_all(snap.parent().unwrap()).unwrap();
+    std::os::unix::fs::symlink(model(), &snap).unwrap();
+    let run = |hf_home: &std::path::Path| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_factune"))
+            .args([
+                "generate",
+                "--model",
+                "acme/tiny",
+                "--prompt",
+                "Tom has",
+                "--max-new-tokens",
+                "3",
+            ])
+            .env("HF_HOME", hf_home)
+            .env_remove("HF_HUB_CACHE")
+            .output()
+            .unwrap()
+    };
+    let o = run(home.path());
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let direct = ok(&[
+        "generate",
+        "--model",
+        s(&model()),
+        "--prompt",
+        "Tom has",
+        "--max-new-tokens",
+        "3",
+    ]);
+    assert_eq!(String::from_utf8_lossy(&o.stdout), direct);
+    let o = run(&home.path().join("elsewhere"));
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(e.contains("huggingface-cli download acme/tiny"), "{e}");
+}
