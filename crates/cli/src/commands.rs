@@ -188,6 +188,9 @@ pub fn train(
     // Everything that can be checked without the weights is checked before they load.
     cfg.validate()?;
     readable_data(data)?;
+    if !cfg.eval_data.is_empty() {
+        readable_data(Path::new(&cfg.eval_data))?;
+    }
     outside_model(output, model_dir)?;
     if resume.is_none() && factune_train::holds_run(output) {
         if !overwrite {

@@ -136,3 +136,41 @@ fn eval_reads_the_shapes_and_answer_forms() {
         "{e}"
     );
 }
+
+/// `--eval-data`: every training example trains and validation comes from the file.
+#[test]
+fn a_separate_validation_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let m = model();
+    let (train, valid) = (
+        data("quickstart-train.jsonl"),
+        data("quickstart-valid.jsonl"),
+    );
+    let lines = |p: &std::path::Path| {
+        std::fs::read_to_string(p)
+            .unwrap()
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .count()
+    };
+    let mut args = train_args(
+        s(&m),
+        s(&train),
+        s(&out),
+        &["--max-steps", "1", "--eval-data", s(&valid)],
+    );
+    ok(&args);
+    let run: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("run.json")).unwrap()).unwrap();
+    assert_eq!(run["train_examples"], lines(&train));
+    assert_eq!(run["validation_examples"], lines(&valid));
+    let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    assert!(metrics.contains("val_loss"), "{metrics}");
+    args.extend(["--validation-split", "0.2", "--overwrite"]);
+    let e = fails(&args);
+    assert!(
+        e.contains("set one of validation_split and eval_data"),
+        "{e}"
+    );
+}

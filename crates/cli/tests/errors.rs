@@ -35,7 +35,10 @@ fn bad_inputs_get_clear_errors() {
     let e = run(&train, &["--seq-len", "100000"]);
     assert!(e.contains("exceeds the model's context"), "{e}");
     let e = fails(&eval_args(&model(), Some(&model()), &train, &[]));
-    assert!(e.contains("a full model") && e.contains("pass it as --model"), "{e}");
+    assert!(
+        e.contains("a full model") && e.contains("pass it as --model"),
+        "{e}"
+    );
     let cfg = d.join("run.toml");
     std::fs::write(&cfg, "learning_rat = 1e-3\n").unwrap();
     let e = fails(&train_args(&m, s(&train), s(&out), &["--config", s(&cfg)]));

@@ -179,6 +179,9 @@ macro_rules! with_train_keys {
         save_total_limit: usize = 0,
         /// Fraction of examples held out for validation
         validation_split: f64 = 0.1,
+        /// A separate validation file (TRL's eval_dataset), read like the training data: every training example
+        /// trains, and validation_split must stay at its default or be 0
+        eval_data: String = String::new(),
         /// How the data file is read: auto (from its extension and content), text, jsonl, json, csv, tsv or
         /// parquet; alpaca or chat force the record shape
         data_format: $crate::config::DataFormat = $crate::config::DataFormat::Auto,
@@ -596,6 +599,12 @@ impl TrainConfig {
         }
         if !(0.0..1.0).contains(&self.validation_split) {
             return bad("validation_split", "must be in [0, 1)");
+        }
+        if !self.eval_data.is_empty() && ![0.0, 0.1].contains(&self.validation_split) {
+            return bad(
+                "validation_split",
+                "validation comes from eval_data; set one of validation_split and eval_data, not both",
+            );
         }
         if !(self.loraplus_lr_ratio.is_finite() && self.loraplus_lr_ratio > 0.0) {
             return bad("loraplus_lr_ratio", "must be a finite positive number");

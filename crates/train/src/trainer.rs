@@ -169,7 +169,16 @@ impl TrainJob<'_> {
         }
         let ds = Dataset::load(&self.data, &cfg.data_options(), self.tokenizer)?;
         let (shape, truncation) = (ds.shape, ds.truncation.clone());
-        let (train, val) = ds.split(cfg.validation_split, cfg.data_seed);
+        let (train, val) = if cfg.eval_data.is_empty() {
+            ds.split(cfg.validation_split, cfg.data_seed)
+        } else {
+            let eval = Dataset::load(
+                Path::new(&cfg.eval_data),
+                &cfg.data_options(),
+                self.tokenizer,
+            )?;
+            (ds.examples, eval.examples)
+        };
         check_activation_memory(&cfg, &self.model.cfg, &train)?;
         let mut adapter_cfg = cfg.adapter_config()?;
         if let Some(budget) = cfg.mixed_budget() {
