@@ -142,7 +142,7 @@ pub fn train(model_dir: &Path, o: &TrainOpts) -> Result<()> {
         // the prompt family has no rank or targets: its own keys at their defaults (20 virtual tokens)
         TrainConfig {
             peft_type,
-            max_steps: steps + 1,
+            max_steps: steps as i64 + 1,
             ..TrainConfig::default()
         }
     } else {
@@ -154,7 +154,7 @@ pub fn train(model_dir: &Path, o: &TrainOpts) -> Result<()> {
             use_dora: dora,
             target_modules: Targets::One("all-linear".into()),
             init_lora_weights: init.parse().map_err(anyhow::Error::msg)?,
-            max_steps: steps + 1,
+            max_steps: steps as i64 + 1,
             ..TrainConfig::default()
         }
     };

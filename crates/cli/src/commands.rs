@@ -145,13 +145,24 @@ pub fn run_training(
     Ok(outcome)
 }
 
-/// `train --print-config`: the TOML file and flags over the defaults, as the TOML a run would use.
-pub fn print_config(config: Option<&Path>, overrides: &TrainOverrides) -> Result<()> {
-    let mut cfg = match config {
-        Some(p) => TrainConfig::from_toml_file(p)?,
-        None => TrainConfig::default(),
+/// The TOML file and flags over the defaults, and the keys they name.
+fn resolve_config(
+    config: Option<&Path>,
+    overrides: &TrainOverrides,
+) -> Result<(TrainConfig, Vec<String>)> {
+    let (mut cfg, mut given) = match config {
+        Some(p) => TrainConfig::from_toml_file_with_keys(p)?,
+        None => (TrainConfig::default(), vec![]),
     };
     overrides.apply(&mut cfg);
+    given.extend(overrides.given());
+    cfg.settle_length(&given);
+    Ok((cfg, given))
+}
+
+/// `train --print-config`: the config a run would use, as TOML.
+pub fn print_config(config: Option<&Path>, overrides: &TrainOverrides) -> Result<()> {
+    let (cfg, _) = resolve_config(config, overrides)?;
     cfg.validate()?;
     print!("{}", cfg.resolved_toml()?);
     Ok(())
@@ -166,23 +177,18 @@ pub fn train(
     dev: &str,
     overrides: &TrainOverrides,
 ) -> Result<()> {
-    let mut cfg = match config {
-        Some(p) => TrainConfig::from_toml_file(p)?,
-        None => TrainConfig::default(),
-    };
-    overrides.apply(&mut cfg);
+    let (mut cfg, given) = resolve_config(config, overrides)?;
     if let Some(ckpt) = &resume {
         // The checkpoint's settings, with what may change (length, cadence) taken from this command.
-        let mut given = overrides.given();
-        if let Some(p) = config {
-            given.extend(toml_keys(p)?);
-        }
         let (saved, steps) = factune_train::checkpoint_state(ckpt)?;
         cfg = factune_train::resume::resumed_config(&saved, &cfg, &given, steps)?;
+        let length = match cfg.max_steps {
+            -1 => format!("num_train_epochs {}", cfg.num_train_epochs),
+            n => format!("{n} steps"),
+        };
         eprintln!(
-            "resuming {} at step {steps} of {} with its saved settings",
-            ckpt.display(),
-            cfg.max_steps
+            "resuming {} at step {steps} ({length}) with its saved settings",
+            ckpt.display()
         );
     }
     // Everything that can be checked without the weights is checked before they load.
@@ -260,16 +266,26 @@ pub fn pretrain(
     // Pre-training is full-rank unless the file picks an adapter method (LoRA / ReLoRA pre-training).
     let raw: toml::Value = toml::from_str(&text)
         .with_context(|| format!("{}: invalid pretrain config", config.display()))?;
-    if raw
+    let mut given: Vec<String> = raw
         .get("training")
-        .and_then(|t| t.get("peft_type"))
-        .is_none()
-    {
+        .and_then(|t| t.as_table())
+        .map(|t| t.keys().cloned().collect())
+        .unwrap_or_default();
+    if !given.iter().any(|k| k == "peft_type") {
         file.training.peft_type = "full".into();
     }
     overrides.apply(&mut file.training);
+    given.extend(overrides.given());
+    file.training.settle_length(&given);
     file.training.validate()?;
-    readable_data(data)?;
+    // pre-training reads one text corpus (its tokenizer is trained on it)
+    if !data.is_file() {
+        readable_data(data)?;
+        bail!(
+            "{}: pre-training reads one text file, not a directory",
+            data.display()
+        );
+    }
     let vocab = file.tokenizer_vocab_size.unwrap_or(file.model.vocab_size);
     let actual = train_tokenizer(data, vocab, output)?;
     file.model.vocab_size = actual;
@@ -336,22 +352,6 @@ fn outside_model(output: &Path, model: &Path) -> Result<()> {
 }
 
 /// The training keys a TOML file sets (aliases as the keys they stand for).
-fn toml_keys(path: &Path) -> Result<Vec<String>> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let table: toml::Table =
-        toml::from_str(&text).with_context(|| format!("{}: invalid TOML", path.display()))?;
-    Ok(table
-        .keys()
-        .map(|k| {
-            TrainConfig::ALIASES
-                .iter()
-                .find(|(alias, _)| alias == k)
-                .map_or(k.clone(), |(_, key)| key.to_string())
-        })
-        .collect())
-}
-
 /// Training data that exists: a file, or a directory of Parquet files; named in the error otherwise.
 fn readable_data(path: &Path) -> Result<()> {
     match std::fs::metadata(path) {

@@ -12,7 +12,7 @@ macro_rules! train_overrides {
         /// The training settings as command-line flags (`--learning-rate 1e-4`).
         #[derive(Debug, Clone, Default, clap::Args)]
         pub struct TrainOverrides {
-            $( $(#[doc = $doc])* #[arg(long, $(alias = $alias,)* help_heading = "Training settings (also TOML keys)")] pub $name: Option<$ty>, )*
+            $( $(#[doc = $doc])* #[arg(long, allow_negative_numbers = true, $(alias = $alias,)* help_heading = "Training settings (also TOML keys)")] pub $name: Option<$ty>, )*
             #[command(flatten)]
             pub method: MethodFlags,
         }

@@ -25,7 +25,7 @@ pub fn config(steps: usize) -> TrainConfig {
         target_modules: Targets::One("all-linear".into()),
         learning_rate: 2e-3,
         warmup_steps: steps / 10,
-        max_steps: steps,
+        max_steps: steps as i64,
         micro_batch_size: 8,
         seq_len: 256,
         eval_steps: 50,

@@ -452,3 +452,172 @@ fn print_config_help_defaults_and_peft_trl_keys() {
         assert!(line.contains("[default: "), "{flag}: {line}");
     }
 }
+
+/// `num_train_epochs` (transformers' length): without max_steps it gives ceil(epochs × examples / (micro-batch
+/// × accumulation)) steps; more epochs on resume extend the run; a positive max_steps overrides it, said so.
+#[test]
+fn num_train_epochs_sets_the_length_and_extends_on_resume() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_file = dir.path().join("ten.jsonl");
+    let lines: Vec<String> = (0..10)
+        .map(|i| {
+            format!(
+                "{{\"prompt\": \"Count {i}:\", \"completion\": \" {} {}\"}}",
+                i + 1,
+                i + 2
+            )
+        })
+        .collect();
+    std::fs::write(&data_file, lines.join("\n")).unwrap();
+    let out = dir.path().join("run");
+    let args = |out: &std::path::Path, extra: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = train_args(s(&model()), s(&data_file), s(out), extra)
+            .iter()
+            .map(|a| a.to_string())
+            .collect();
+        v.extend(
+            [
+                "--micro-batch-size",
+                "2",
+                "--gradient-accumulation-steps",
+                "2",
+                "--validation-split",
+                "0",
+                "--seq-len",
+                "32",
+            ]
+            .map(String::from),
+        );
+        v
+    };
+    let run = |v: Vec<String>| {
+        let o = factune(&v.iter().map(String::as_str).collect::<Vec<_>>());
+        let err = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert!(o.status.success(), "{err}");
+        (String::from_utf8_lossy(&o.stdout).into_owned(), err)
+    };
+    let logged = |out: &std::path::Path| -> Vec<u64> {
+        std::fs::read_to_string(out.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|v| v.get("loss").is_some())
+            .map(|v| v["step"].as_u64().unwrap())
+            .collect()
+    };
+    // 1.5 × 10 examples / 4 per step = 3.75 → 4 steps
+    let (stdout, err) = run(args(
+        &out,
+        &["--num-train-epochs", "1.5", "--save-steps", "2"],
+    ));
+    assert!(stdout.contains("trained 4 steps"), "{stdout}");
+    assert!(err.contains("num_train_epochs 1.5: 4 steps"), "{err}");
+    assert_eq!(logged(&out), vec![1, 2, 3, 4]);
+    // three epochs from checkpoint-2: 30 / 4 → 8 steps
+    let ckpt = out.join("checkpoint-2");
+    let (stdout, _) = run(args(
+        &out,
+        &["--resume", s(&ckpt), "--num-train-epochs", "3"],
+    ));
+    assert!(stdout.contains("trained 8 steps"), "{stdout}");
+    assert_eq!(logged(&out), (1..=8).collect::<Vec<_>>());
+    // a positive max_steps wins, as in transformers, and the run says so
+    let other = dir.path().join("other");
+    let (stdout, err) = run(args(
+        &other,
+        &["--num-train-epochs", "3", "--max-steps", "2"],
+    ));
+    assert!(stdout.contains("trained 2 steps"), "{stdout}");
+    assert!(
+        err.contains("num_train_epochs 3 applies only with max_steps = -1"),
+        "{err}"
+    );
+    let e = fails(&train_args(
+        s(&model()),
+        s(&data_file),
+        s(&dir.path().join("x")),
+        &["--max-steps", "-1"],
+    ));
+    assert!(e.contains("set num_train_epochs"), "{e}");
+}
+
+/// `load_best_model_at_end`: the result is the evaluation with the lowest validation loss, byte for byte the
+/// adapter checkpointed at that step; `early_stopping_patience` stops after that many evaluations without an
+/// improvement larger than the threshold.
+#[test]
+fn best_model_at_end_and_early_stopping() {
+    let dir = tempfile::tempdir().unwrap();
+    let (m, d) = (model(), data("quickstart-train.jsonl"));
+    let run = |out: &std::path::Path, extra: &[&str]| {
+        let mut args = train_args(
+            s(&m),
+            s(&d),
+            s(out),
+            &["--max-steps", "8", "--micro-batch-size", "2"],
+        );
+        args.extend_from_slice(&["--r", "4", "--eval-steps", "1", "--validation-split", "0.2"]);
+        args.extend_from_slice(extra);
+        ok(&args)
+    };
+    let out = dir.path().join("best");
+    // a learning rate this high overshoots: the validation loss falls, then rises
+    let stdout = run(
+        &out,
+        &[
+            "--learning-rate",
+            "3e-2",
+            "--save-steps",
+            "1",
+            "--load-best-model-at-end",
+            "true",
+        ],
+    );
+    let metrics: Vec<serde_json::Value> = std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let vals: Vec<(u64, f64)> = metrics
+        .iter()
+        .filter_map(|v| Some((v["step"].as_u64()?, v.get("val_loss")?.as_f64()?)))
+        .collect();
+    let (best_step, best_loss) = vals
+        .iter()
+        .copied()
+        .min_by(|a, b| a.1.total_cmp(&b.1))
+        .unwrap();
+    assert!(
+        best_step < 8,
+        "the scenario needs a best before the end: {vals:?}"
+    );
+    assert_eq!(
+        sha(&out.join("adapter_model.safetensors")),
+        sha(&out.join(format!("checkpoint-{best_step}/adapter_model.safetensors"))),
+        "the result is not step {best_step}'s adapter"
+    );
+    assert!(
+        stdout.contains(&format!("validation loss {best_loss:.4}")),
+        "{stdout}"
+    );
+    // three evaluations: the first sets the best, no later one beats it by 10
+    let stop = dir.path().join("stop");
+    let stdout = run(
+        &stop,
+        &[
+            "--early-stopping-patience",
+            "2",
+            "--early-stopping-threshold",
+            "10",
+        ],
+    );
+    assert!(stdout.contains("trained 3 steps"), "{stdout}");
+    let log = std::fs::read_to_string(stop.join("metrics.jsonl")).unwrap();
+    assert!(log.contains("\"event\":\"early_stop\""), "{log}");
+    let e = fails(&train_args(
+        s(&model()),
+        s(&data("quickstart-train.jsonl")),
+        s(&dir.path().join("x")),
+        &["--load-best-model-at-end", "true"],
+    ));
+    assert!(e.contains("set eval_steps"), "{e}");
+}

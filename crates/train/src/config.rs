@@ -151,8 +151,13 @@ macro_rules! with_train_keys {
         warmup_steps: usize = 0,
         /// Warmup as a fraction of max_steps (used when warmup_steps is 0)
         warmup_ratio: f64 = 0.0,
-        /// Optimizer steps to run
-        max_steps: usize = 100,
+        /// Optimizer steps to run; -1: as many as num_train_epochs passes over the training examples take (set
+        /// when num_train_epochs is given without max_steps; a positive max_steps sets the length, as in
+        /// transformers)
+        max_steps: i64 = 100,
+        /// Passes over the training examples (transformers' name), used when max_steps is -1: the run takes
+        /// ceil(epochs × examples / (micro_batch_size × gradient_accumulation_steps)) steps
+        num_train_epochs: f64 = 0.0,
         /// Clip the global gradient norm (0 disables)
         max_grad_norm: f64 = 1.0,
         /// Keep activations only at block boundaries and recompute each block in the backward (one extra forward
@@ -177,6 +182,17 @@ macro_rules! with_train_keys {
         save_steps: usize = 0,
         /// Keep only the newest N checkpoints, deleting older ones as new ones are written (0: keep all)
         save_total_limit: usize = 0,
+        /// The result is the trainable values of the evaluation (every eval_steps steps and the end) with the
+        /// lowest validation loss, not the last step's
+        load_best_model_at_end: bool = false,
+        /// What picks the best evaluation and stops early: eval_loss (validation loss, lower is better), the
+        /// one metric a run measures
+        metric_for_best_model: String = "eval_loss".into(),
+        /// Stop after this many evaluations in a row without an improvement larger than
+        /// early_stopping_threshold (transformers' EarlyStoppingCallback; 0: never)
+        early_stopping_patience: usize = 0,
+        /// The improvement of the validation loss over the best so far that resets early_stopping_patience
+        early_stopping_threshold: f64 = 0.0,
         /// Fraction of examples held out for validation
         validation_split: f64 = 0.1,
         /// A separate validation file (TRL's eval_dataset), read like the training data: every training example
@@ -357,9 +373,27 @@ with_train_keys!(train_config);
 
 impl TrainConfig {
     pub fn from_toml_file(path: &Path) -> Result<Self> {
+        Ok(Self::from_toml_file_with_keys(path)?.0)
+    }
+
+    /// The config a TOML file gives, and the keys it names (aliases as the keys they stand for).
+    pub fn from_toml_file_with_keys(path: &Path) -> Result<(Self, Vec<String>)> {
         let text = factune_io::error::read_to_string(path)?;
-        toml::from_str(&text)
-            .map_err(|e| Error::invalid(path, format!("invalid training config: {e}")))
+        let invalid =
+            |e: toml::de::Error| Error::invalid(path, format!("invalid training config: {e}"));
+        let table: toml::Table = toml::from_str(&text).map_err(invalid)?;
+        let mut cfg: TrainConfig = toml::from_str(&text).map_err(invalid)?;
+        let keys: Vec<String> = table
+            .keys()
+            .map(|k| {
+                Self::ALIASES
+                    .iter()
+                    .find(|(alias, _)| alias == k)
+                    .map_or(k.clone(), |(_, key)| key.to_string())
+            })
+            .collect();
+        cfg.settle_length(&keys);
+        Ok((cfg, keys))
     }
 
     /// The fully resolved config as TOML: every training key and the method's own keys, defaults included
@@ -481,6 +515,105 @@ impl TrainConfig {
         Ok(())
     }
 
+    /// The run's length in optimizer steps (0 while it is still to come from `num_train_epochs`).
+    pub fn total_steps(&self) -> usize {
+        usize::try_from(self.max_steps).unwrap_or(0)
+    }
+
+    /// `max_steps` positive, or -1 with `num_train_epochs` to give the length.
+    fn check_length(&self) -> Result<()> {
+        let e = self.num_train_epochs;
+        if !(e.is_finite() && e >= 0.0) {
+            return Err(Error::config(format!(
+                "`num_train_epochs`: {e} is out of range: must be a finite number >= 0"
+            )));
+        }
+        match self.max_steps {
+            -1 if e == 0.0 => Err(Error::config(
+                "`max_steps = -1` trains for num_train_epochs passes over the data; set num_train_epochs (transformers' default is 3) or a positive max_steps",
+            )),
+            -1 => Ok(()),
+            n if n > 0 => Ok(()),
+            n => Err(Error::config(format!(
+                "`max_steps`: {n} is out of range: must be > 0, or -1 for num_train_epochs"
+            ))),
+        }
+    }
+
+    /// `load_best_model_at_end` and early stopping: validation loss, evaluations during the run, and
+    /// trainable values that mean the same at the end as when they were measured.
+    fn check_best(&self) -> Result<()> {
+        if !["eval_loss", "loss", "val_loss"].contains(&self.metric_for_best_model.as_str()) {
+            return Err(Error::config(format!(
+                "`metric_for_best_model`: `{}` is not measured; a run measures eval_loss (validation loss)",
+                self.metric_for_best_model
+            )));
+        }
+        let t = self.early_stopping_threshold;
+        if !(t.is_finite() && t >= 0.0) {
+            return Err(Error::config(format!(
+                "`early_stopping_threshold`: {t} is out of range: must be a finite number >= 0"
+            )));
+        }
+        let key = if self.load_best_model_at_end {
+            "load_best_model_at_end"
+        } else if self.early_stopping_patience > 0 {
+            "early_stopping_patience"
+        } else {
+            return Ok(());
+        };
+        let why = if self.eval_steps == 0 {
+            "needs evaluations during the run: set eval_steps"
+        } else if self.validation_split == 0.0 && self.eval_data.is_empty() {
+            "needs validation data: validation_split > 0 or eval_data"
+        } else if self.load_best_model_at_end
+            && (self.relora_steps > 0
+                || self.warm_start_steps > 0
+                || self.peft_type.eq_ignore_ascii_case("ADALORA"))
+        {
+            "cannot go back to an earlier step's values when ReLoRA merges, a warm start switches or AdaLoRA \
+             prunes ranks during the run"
+        } else {
+            return Ok(());
+        };
+        Err(Error::config(format!("`{key}` {why}")))
+    }
+
+    /// The length the keys `given` (TOML keys, flags) ask for: `num_train_epochs` given without `max_steps`
+    /// sets the length, as in transformers, where `max_steps` defaults to -1.
+    pub fn settle_length(&mut self, given: &[String]) {
+        let has = |k: &str| given.iter().any(|g| g == k);
+        if has("num_train_epochs") && !has("max_steps") {
+            self.max_steps = -1;
+        }
+    }
+
+    /// Fixes `max_steps` from `num_train_epochs` once the training examples are counted; returns what the run
+    /// then does, or why the length cannot be met.
+    pub fn resolve_length(&mut self, train_examples: usize) -> Result<Option<String>> {
+        if self.max_steps != -1 {
+            return Ok((self.num_train_epochs > 0.0).then(|| {
+                format!(
+                    "max_steps {} sets the run's length; num_train_epochs {} applies only with max_steps = -1",
+                    self.max_steps, self.num_train_epochs
+                )
+            }));
+        }
+        let per_step = (self.micro_batch_size * self.gradient_accumulation_steps) as f64;
+        let steps = (self.num_train_epochs * train_examples as f64 / per_step).ceil();
+        if !(1.0..i64::MAX as f64).contains(&steps) {
+            return Err(Error::config(format!(
+                "num_train_epochs {} over {train_examples} training examples gives {steps} steps of {per_step} examples: nothing to train or out of range",
+                self.num_train_epochs
+            )));
+        }
+        self.max_steps = steps as i64;
+        Ok(Some(format!(
+            "num_train_epochs {}: {} steps of {} examples (micro_batch_size × gradient_accumulation_steps) over {train_examples} training examples",
+            self.num_train_epochs, self.max_steps, per_step
+        )))
+    }
+
     /// What the shared training step reads.
     pub fn step_settings(&self) -> crate::step::StepSettings {
         crate::step::StepSettings {
@@ -496,7 +629,7 @@ impl TrainConfig {
         if self.warmup_steps > 0 {
             self.warmup_steps
         } else {
-            (self.warmup_ratio * self.max_steps as f64).ceil() as usize
+            (self.warmup_ratio * self.total_steps() as f64).ceil() as usize
         }
     }
 
@@ -585,9 +718,8 @@ impl TrainConfig {
             self.check_prompt_keys(&method)?;
         }
         self.check_patterns()?;
-        if self.max_steps == 0 {
-            return bad("max_steps", "must be > 0");
-        }
+        self.check_length()?;
+        self.check_best()?;
         if self.micro_batch_size == 0 || self.gradient_accumulation_steps == 0 {
             return bad(
                 "micro_batch_size/gradient_accumulation_steps",
@@ -647,7 +779,10 @@ impl TrainConfig {
                 "switches from full-rank training to adapters; it needs an adapter peft_type, not \"full\"",
             );
         }
-        if self.warm_start_steps >= self.max_steps && self.warm_start_steps > 0 {
+        if self.max_steps > 0
+            && self.warm_start_steps >= self.total_steps()
+            && self.warm_start_steps > 0
+        {
             return bad("warm_start_steps", "must be smaller than max_steps");
         }
         if self.quantize == Quantize::Mixed
@@ -758,7 +893,8 @@ impl TrainConfig {
             ("ADALORA", "total_step", serde_json::json!(self.max_steps)),
         ];
         for (method, key, value) in implied {
-            if peft_type == method {
+            // a length still to come from num_train_epochs is set once the data is read
+            if peft_type == method && value.as_i64() != Some(-1) {
                 own.entry(key).or_insert(value);
             }
         }
@@ -802,6 +938,27 @@ impl TrainConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn epochs_give_the_length_unless_max_steps_is_given() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = |text: &str| {
+            let p = dir.path().join("c.toml");
+            std::fs::write(&p, text).unwrap();
+            TrainConfig::from_toml_file(&p).unwrap()
+        };
+        let mut c = file("num_train_epochs = 2\nmicro_batch_size = 3");
+        assert_eq!(c.max_steps, -1);
+        c.validate().unwrap();
+        assert!(c.resolve_length(10).unwrap().unwrap().contains("7 steps"));
+        assert_eq!(c.max_steps, 7); // ceil(2 × 10 / 3)
+        assert_eq!(file("num_train_epochs = 2\nmax_steps = 5").max_steps, 5);
+        assert!(file("max_steps = -1").validate().is_err());
+        let mut c = file("num_train_epochs = 0.01");
+        c.resolve_length(10).unwrap();
+        assert_eq!(c.max_steps, 1, "a part of an epoch is at least one step");
+        assert!(file("num_train_epochs = -1").validate().is_err());
+    }
 
     #[test]
     fn method_is_an_alias_of_peft_type() {
@@ -896,7 +1053,6 @@ mod tests {
                 "report_to = \"wandb\"",
                 "TensorBoard and W&B are not supported",
             ),
-            ("num_train_epochs = 3", "set max_steps"),
             ("packing = true", "not supported yet"),
             (
                 "modules_to_save = [\"lm_head\"]",
@@ -904,7 +1060,6 @@ mod tests {
             ),
             ("bf16 = true", "base_dtype"),
             ("task_type = \"SEQ_CLS\"", "causal language models"),
-            ("load_best_model_at_end = true", "not supported yet"),
         ] {
             let e = toml::from_str::<TrainConfig>(text).unwrap_err().to_string();
             let key = text.split(' ').next().unwrap();

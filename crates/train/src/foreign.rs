@@ -23,8 +23,6 @@ fn empty(v: &Value) -> bool {
     }
 }
 
-const NOT_YET: &str = "not supported yet";
-
 /// (key, the values accepted, why the others are refused and what to write).
 const KEYS: &[(&str, Accepts, &str)] = &[
     // PEFT's LoraConfig / PeftConfig
@@ -38,14 +36,11 @@ const KEYS: &[(&str, Accepts, &str)] = &[
     ("layers_pattern", empty, "not supported yet: pick layers with a target_modules regex"),
     ("exclude_modules", empty, "not supported yet: write target_modules as a regex that leaves those modules out"),
     // transformers' TrainingArguments and TRL's SFTConfig
-    ("num_train_epochs", |_| false, "not supported yet: set max_steps (the run prints the training example count; one epoch is examples / (micro_batch_size × gradient_accumulation_steps) steps)"),
     ("logging_steps", |v| v.as_u64() == Some(1), "factune logs every step (metrics.jsonl and the progress line); remove logging_steps"),
     ("eval_strategy", |v| is_str(v, &["steps"]), "factune evaluates every eval_steps steps and at the end: eval_strategy = \"steps\" with eval_steps, or eval_steps = 0 for the end only"),
     ("evaluation_strategy", |v| is_str(v, &["steps"]), "factune evaluates every eval_steps steps and at the end: use eval_steps"),
     ("save_strategy", |v| is_str(v, &["steps"]), "factune checkpoints every save_steps steps: save_strategy = \"steps\" with save_steps, or save_steps = 0 for none"),
-    ("load_best_model_at_end", |v| v == &Value::Bool(false), NOT_YET),
-    ("metric_for_best_model", |_| false, NOT_YET),
-    ("early_stopping_patience", |_| false, NOT_YET),
+    ("greater_is_better", |v| v.is_null() || v == &Value::Bool(false), "the best evaluation is the one with the lowest validation loss (metric_for_best_model = \"eval_loss\")"),
     ("packing", |v| v == &Value::Bool(false), "not supported yet: instruction and chat examples are padded per micro-batch; plain text files are packed"),
     ("optim", |v| is_str(v, &["adamw_torch", "adamw_torch_fused", "adamw_hf", "adamw"]), "factune's optimizer is AdamW with f32 moments: optim = \"adamw_torch\" (8-bit and other optimizers are not supported)"),
     ("bf16", |v| v == &Value::Bool(false), "compute is f32; base_dtype = \"bfloat16\" holds the frozen weights in bf16"),

@@ -1,6 +1,7 @@
 //! Training for factune: configuration, AdamW and schedules, the one training step, the run around it and
 //! its checkpoints. No printing or drawing: runs report through [`Progress`].
 
+pub mod best;
 pub mod config;
 pub mod diagnostics;
 pub mod foreign;

@@ -55,7 +55,7 @@ pub fn lr(cfg: &TrainConfig, step: usize) -> f64 {
             cfg.lr_scheduler_type,
             s,
             cfg.warmup(),
-            cfg.max_steps,
+            cfg.total_steps(),
             cfg.learning_rate,
         )
     };

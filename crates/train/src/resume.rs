@@ -6,9 +6,15 @@ use crate::config::TrainConfig;
 use factune_io::{Error, Result};
 use serde_json::{Map, Value};
 
-/// Keys a resumed run may set to new values. A longer `max_steps` extends the run (the learning-rate
-/// schedule follows the new length from the checkpoint's step on).
-pub const RESUMABLE: &[&str] = &["max_steps", "eval_steps", "save_steps", "save_total_limit"];
+/// Keys a resumed run may set to new values. A longer `max_steps` (or more `num_train_epochs`) extends the
+/// run (the learning-rate schedule follows the new length from the checkpoint's step on).
+pub const RESUMABLE: &[&str] = &[
+    "max_steps",
+    "num_train_epochs",
+    "eval_steps",
+    "save_steps",
+    "save_total_limit",
+];
 
 fn to_map(c: &TrainConfig) -> Result<Map<String, Value>> {
     match serde_json::to_value(c) {
@@ -59,9 +65,14 @@ pub fn resumed_config(
             diffs.join("; ")
         )));
     }
-    let cfg: TrainConfig = serde_json::from_value(Value::Object(out))
+    let mut cfg: TrainConfig = serde_json::from_value(Value::Object(out))
         .map_err(|e| Error::config(format!("resumed config: {e}")))?;
-    if cfg.max_steps <= steps {
+    // new epochs without a new max_steps: the length comes from them again once the data is read
+    let has = |k: &str| given.iter().any(|g| g == k);
+    if has("num_train_epochs") && !has("max_steps") {
+        cfg.max_steps = -1;
+    }
+    if cfg.max_steps > 0 && cfg.total_steps() <= steps {
         return Err(Error::config(format!(
             "the checkpoint is at step {steps} and max_steps is {}: nothing is left to train; pass \
              --max-steps N with N > {steps} to extend the run",

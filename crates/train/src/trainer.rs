@@ -1,6 +1,7 @@
 //! The training run around the shared step: data, phases (warm start, ReLoRA restarts), schedule,
 //! validation, atomic checkpoints that resume bit-identically, JSONL metrics and the saved result.
 
+use crate::best::Best;
 use crate::config::TrainConfig;
 use crate::metrics::MetricsLog;
 use crate::optim::AdamW;
@@ -28,9 +29,28 @@ const OPTIM_FILE: &str = "optimizer.safetensors";
 /// Every model tensor, for runs that change the base (full, ReLoRA, warm start, trained embeddings).
 const MODEL_STATE_FILE: &str = "model.safetensors";
 
+/// The state name of the best evaluation (`best_state.safetensors`).
+const BEST: &str = "best";
+
 /// The checkpoint file of a method hook's tensors (`adalora_state.safetensors`).
 fn hook_file(name: &str) -> String {
     format!("{name}_state.safetensors")
+}
+
+/// A hook's (or the best evaluation's) checkpointed tensors and its entry in `trainer_state.json`.
+fn read_state(ckpt: &Path, name: &str) -> Result<(HashMap<String, Tensor>, serde_json::Value)> {
+    let w = Weights::from_files(&[ckpt.join(hook_file(name))])?;
+    let tensors = w
+        .names()
+        .map(|n| {
+            Ok((
+                n.to_string(),
+                w.get(n, candle_core::DType::F32, &Device::Cpu)?,
+            ))
+        })
+        .collect::<Result<_>>()?;
+    let meta: serde_json::Value = factune_io::error::read_json(&ckpt.join(STATE_FILE))?;
+    Ok((tensors, meta[name].clone()))
 }
 
 fn sizes(params: &[(String, Var)]) -> Vec<usize> {
@@ -152,14 +172,8 @@ impl TrainJob<'_> {
             crate::resume::check_same(&saved, &self.config)?;
             start_step = steps;
         }
+        self.config.validate()?;
         let cfg = self.config.clone();
-        cfg.validate()?;
-        if start_step >= cfg.max_steps {
-            return Err(Error::config(format!(
-                "the checkpoint is at step {start_step} and max_steps is {}: nothing is left to train",
-                cfg.max_steps
-            )));
-        }
         if cfg.seq_len > self.model.max_positions() {
             return Err(Error::config(format!(
                 "seq_len {} exceeds the model's context of {} positions (max_position_embeddings)",
@@ -179,6 +193,15 @@ impl TrainJob<'_> {
             )?;
             (ds.examples, eval.examples)
         };
+        let length_note = self.config.resolve_length(train.len())?;
+        self.config.validate()?; // what depends on the length (warm start, AdaLoRA's schedule)
+        let cfg = self.config.clone();
+        if start_step >= cfg.total_steps() {
+            return Err(Error::config(format!(
+                "the checkpoint is at step {start_step} and the run is {} steps long: nothing is left to train",
+                cfg.max_steps
+            )));
+        }
         check_activation_memory(&cfg, &self.model.cfg, &train)?;
         let mut adapter_cfg = cfg.adapter_config()?;
         if let Some(budget) = cfg.mixed_budget() {
@@ -228,6 +251,9 @@ impl TrainJob<'_> {
         if let Some(line) = truncation.summary(cfg.seq_len) {
             self.progress.note(&line);
         }
+        if let Some(line) = length_note.filter(|_| start_step == 0) {
+            self.progress.note(&line);
+        }
         let mut opt = AdamW::new(
             &sizes(&params),
             cfg.adam_beta1,
@@ -252,21 +278,11 @@ impl TrainJob<'_> {
         }
         if let Some(ckpt) = &self.resume {
             for h in hooks.iter_mut() {
-                if h.state()?.is_none() {
-                    continue; // nothing to restore (ReLoRA's restarts are a function of the step)
+                if h.state()?.is_some() {
+                    // (ReLoRA's restarts are a function of the step: nothing to restore)
+                    let (tensors, meta) = read_state(ckpt, h.name())?;
+                    h.restore(&tensors, &meta)?;
                 }
-                let w = Weights::from_files(&[ckpt.join(hook_file(h.name()))])?;
-                let tensors: HashMap<String, Tensor> = w
-                    .names()
-                    .map(|n| {
-                        Ok((
-                            n.to_string(),
-                            w.get(n, candle_core::DType::F32, &Device::Cpu)?,
-                        ))
-                    })
-                    .collect::<Result<_>>()?;
-                let meta: serde_json::Value = factune_io::error::read_json(&ckpt.join(STATE_FILE))?;
-                h.restore(&tensors, &meta[h.name()])?;
             }
         }
         let metrics_path = self.out.join("metrics.jsonl");
@@ -291,9 +307,15 @@ impl TrainJob<'_> {
             cfg.step_settings(),
             relora::updated_before(&cfg, start_step),
         );
-        self.progress.start(cfg.max_steps, start_step);
+        let mut best = Best::new(&cfg);
+        if let (Some(b), Some(ckpt)) = (best.as_mut(), &self.resume) {
+            let (tensors, meta) = read_state(ckpt, BEST)?;
+            b.restore(&tensors, &meta, &trainer.params)?;
+        }
+        self.progress.start(cfg.total_steps(), start_step);
         let (mut last_loss, mut last_val, mut total_tokens) = (f64::NAN, None, 0usize);
-        for step in start_step..cfg.max_steps {
+        let mut steps_run = cfg.total_steps();
+        for step in start_step..cfg.total_steps() {
             if cfg.warm_start_steps > 0 && step == cfg.warm_start_steps {
                 let (next, used) = self.switch_to_adapters(&train)?;
                 adapter_cfg = used;
@@ -328,7 +350,8 @@ impl TrainJob<'_> {
             }
             log.write(&entry)?;
             self.progress.step(step + 1, last_loss, lr, tps);
-            let done = step + 1 == cfg.max_steps;
+            let done = step + 1 == cfg.total_steps();
+            let mut stop = false;
             if !val.is_empty() && ((cfg.eval_steps > 0 && (step + 1) % cfg.eval_steps == 0) || done)
             {
                 let (vl, _) = evaluate_loss(self.model, &val, cfg.micro_batch_size, pad)?;
@@ -336,6 +359,9 @@ impl TrainJob<'_> {
                 self.progress
                     .note(&format!("step {}: val_loss {vl:.4}", step + 1));
                 last_val = Some(vl);
+                if let Some(b) = best.as_mut() {
+                    stop = b.observe(step + 1, vl, &trainer.params)? && !done;
+                }
             }
             if cfg.save_steps > 0 && (step + 1) % cfg.save_steps == 0 {
                 self.save_checkpoint(
@@ -343,11 +369,32 @@ impl TrainJob<'_> {
                     &trainer.opt,
                     &trainer.params,
                     &adapter_cfg,
-                    &hooks,
+                    (&hooks, best.as_ref()),
                 )?;
+            }
+            if stop {
+                log.write(&json!({"step": step + 1, "event": "early_stop"}))?;
+                self.progress.note(&format!(
+                    "step {}: early stopping: {} evaluations without an improvement over {:.4} (step {})",
+                    step + 1,
+                    cfg.early_stopping_patience,
+                    best.as_ref().and_then(|b| b.val_loss).unwrap_or(f64::NAN),
+                    best.as_ref().map_or(0, |b| b.step)
+                ));
+                steps_run = step + 1;
+                break;
             }
         }
         self.progress.finish();
+        if let Some(b) = &best {
+            if let Some(note) = b.load_into(&trainer.params)? {
+                log.write(
+                    &json!({"step": b.step, "event": "best_loaded", "val_loss": b.val_loss}),
+                )?;
+                self.progress.note(&note);
+                last_val = b.val_loss;
+            }
+        }
         let mut last = None;
         for h in &hooks {
             if last.is_none() {
@@ -374,7 +421,7 @@ impl TrainJob<'_> {
             }
         }
         Ok(TrainOutcome {
-            steps: cfg.max_steps,
+            steps: steps_run,
             final_train_loss: last_loss,
             final_val_loss: last_val,
             seconds: started.elapsed().as_secs_f64(),
@@ -624,7 +671,7 @@ impl TrainJob<'_> {
         opt: &AdamW,
         params: &[(String, Var)],
         adapter_cfg: &factune_adapters::AdapterConfig,
-        hooks: &[Box<dyn StepHook>],
+        (hooks, best): (&[Box<dyn StepHook>], Option<&Best>),
     ) -> Result<()> {
         let dest = self.out.join(format!("checkpoint-{step}"));
         let staging = self
@@ -665,14 +712,17 @@ impl TrainJob<'_> {
             &to_safetensors_bytes(&tensors, None)?,
         )?;
         let mut state = json!({"step": step, "optimizer_t": opt.t, "config": self.config});
+        let mut states = Vec::new();
         for h in hooks {
-            if let Some((tensors, meta)) = h.state()? {
-                atomic::write_atomic(
-                    &staging.join(hook_file(h.name())),
-                    &to_safetensors_bytes(&tensors, None)?,
-                )?;
-                state[h.name()] = meta;
-            }
+            states.extend(h.state()?.map(|s| (h.name(), s)));
+        }
+        states.extend(best.map(|b| (BEST, b.state(params))));
+        for (name, (tensors, meta)) in states {
+            atomic::write_atomic(
+                &staging.join(hook_file(name)),
+                &to_safetensors_bytes(&tensors, None)?,
+            )?;
+            state[name] = meta;
         }
         let text =
             serde_json::to_string_pretty(&state).map_err(|e| Error::config(e.to_string()))?;
