@@ -128,7 +128,7 @@ pub fn run_training(
     config: TrainConfig,
     data: &Path,
     out: &Path,
-    resume: Option<PathBuf>,
+    (resume, override_schedule): (Option<PathBuf>, bool),
 ) -> Result<TrainOutcome> {
     let bar = crate::progress::Bar::for_stderr();
     let outcome = TrainJob {
@@ -138,6 +138,7 @@ pub fn run_training(
         data: data.to_path_buf(),
         out: out.to_path_buf(),
         resume,
+        override_schedule,
         progress: &bar,
     }
     .run()?;
@@ -173,7 +174,7 @@ pub fn train(
     data: &Path,
     config: Option<&Path>,
     (output, overwrite): (&Path, bool),
-    resume: Option<PathBuf>,
+    (resume, override_schedule): (Option<PathBuf>, bool),
     dev: &str,
     overrides: &TrainOverrides,
 ) -> Result<()> {
@@ -181,7 +182,8 @@ pub fn train(
     if let Some(ckpt) = &resume {
         // The checkpoint's settings, with what may change (length, cadence) taken from this command.
         let (saved, steps) = factune_train::checkpoint_state(ckpt)?;
-        cfg = factune_train::resume::resumed_config(&saved, &cfg, &given, steps)?;
+        cfg =
+            factune_train::resume::resumed_config(&saved, &cfg, &given, steps, override_schedule)?;
         let length = match cfg.max_steps {
             -1 => format!("num_train_epochs {}", cfg.num_train_epochs),
             n => format!("{n} steps"),
@@ -219,7 +221,14 @@ pub fn train(
         cfg.load_options(cfg.adapter_config()?.init_reads_base() || cfg.mixed_budget().is_some());
     let mut model = Model::load_with(model_dir, &device(dev)?, opts)?;
     let tok = TextTokenizer::from_dir(model_dir)?;
-    let outcome = run_training(&mut model, &tok, cfg, data, output, resume)?;
+    let outcome = run_training(
+        &mut model,
+        &tok,
+        cfg,
+        data,
+        output,
+        (resume, override_schedule),
+    )?;
     println!(
         "trained {} steps in {:.1}s ({:.0} tokens/s): train loss {:.4}{}",
         outcome.steps,
@@ -299,7 +308,7 @@ pub fn pretrain(
         "tokenizer: {actual} tokens; model: {} parameters",
         model.num_base_parameters()
     );
-    let outcome = run_training(&mut model, &tok, file.training, data, output, None)?;
+    let outcome = run_training(&mut model, &tok, file.training, data, output, (None, false))?;
     println!(
         "pre-trained {} steps in {:.0}s: train loss {:.4}{}; peak RSS {:.0} MB; model written to {}",
         outcome.steps,

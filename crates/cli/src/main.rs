@@ -70,6 +70,10 @@ enum Command {
         /// Continue from OUT/checkpoint-N (bit-identical to an uninterrupted run)
         #[arg(long)]
         resume: Option<PathBuf>,
+        /// With --resume: let learning_rate, lr_scheduler_type, warmup_steps and warmup_ratio take new values
+        /// (later steps follow the new schedule at their step); without it a changed schedule is refused
+        #[arg(long, requires = "resume")]
+        override_schedule: bool,
         /// Replace an earlier run in --output (its checkpoints, adapter or model, metrics) instead of refusing
         #[arg(long, conflicts_with = "resume")]
         overwrite: bool,
@@ -299,6 +303,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             config,
             output,
             resume,
+            override_schedule,
             overwrite,
             print_config,
             device,
@@ -309,7 +314,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 &data,
                 config.as_deref(),
                 (&output, overwrite),
-                resume,
+                (resume, override_schedule),
                 &device,
                 &overrides,
             ),

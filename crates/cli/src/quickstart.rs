@@ -64,8 +64,14 @@ pub fn run(output: &Path, assets: Option<PathBuf>, steps: usize) -> Result<()> {
     }
     // the quickstart owns its output directory: a rerun replaces the previous one
     factune_train::clear_run(output)?;
-    let outcome =
-        crate::commands::run_training(&mut model, &tok, config(steps), &train, output, None)?;
+    let outcome = crate::commands::run_training(
+        &mut model,
+        &tok,
+        config(steps),
+        &train,
+        output,
+        (None, false),
+    )?;
     let after_em = exact_match(&model, &tok, &valid, 8, 0)?;
     let after_ppl = perplexity(&model, &tok, &valid, 256, 8)?;
     println!(

@@ -314,10 +314,42 @@ fn resume_keeps_the_checkpoint_settings_and_logs_each_step_once() {
         .map(|v| v["step"].as_u64().unwrap())
         .collect();
     assert_eq!(steps, vec![1, 2, 3, 4]);
+    // the data is compared by content: an edited copy is refused, an identical one elsewhere is the same run
+    let text = std::fs::read_to_string(data("quickstart-train.jsonl")).unwrap();
+    let edited = dir.path().join("edited.jsonl");
+    std::fs::write(&edited, text.replacen('a', "b", 1)).unwrap();
+    let with_data = |file: &std::path::Path| {
+        let ckpt = out.join("checkpoint-2");
+        train_args(s(&model()), s(file), s(&out), &["--resume", s(&ckpt)])
+            .iter()
+            .map(|a| a.to_string())
+            .collect::<Vec<_>>()
+    };
+    let e = run(with_data(&edited), false);
+    assert!(e.contains("data: the checkpoint trained on"), "{e}");
+    let copy = dir.path().join("copy.jsonl");
+    std::fs::write(&copy, &text).unwrap();
+    run(with_data(&copy), true);
+    assert_eq!(sha(&out.join("adapter_model.safetensors")), want);
     // a longer run from the last checkpoint
     run(resume("checkpoint-4", &["--max-steps", "6"]), true);
     let last = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
     assert!(last.lines().any(|l| l.contains("\"step\":6")), "{last}");
+    // a new learning rate only when asked for; later steps then follow the new schedule
+    let faster = ["--max-steps", "7", "--learning-rate", "5e-2"];
+    let e = run(resume("checkpoint-4", &faster), false);
+    assert!(e.contains("--override-schedule"), "{e}");
+    let mut asked = faster.to_vec();
+    asked.push("--override-schedule");
+    run(resume("checkpoint-4", &asked), true);
+    let lr7 = std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|v| v["step"] == 7 && v.get("lr").is_some())
+        .map(|v| v["lr"].as_f64().unwrap())
+        .unwrap();
+    assert!(lr7 > 1e-3, "step 7 ran at {lr7}, not on the new schedule");
 }
 
 /// Training into a directory that holds an earlier run is refused (its checkpoints would sit beside the new

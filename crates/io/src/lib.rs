@@ -5,6 +5,7 @@ pub mod atomic;
 pub mod choice;
 pub mod config;
 pub mod error;
+pub mod fingerprint;
 pub mod hub;
 pub mod tokenizer;
 pub mod weights;

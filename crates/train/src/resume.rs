@@ -16,6 +16,20 @@ pub const RESUMABLE: &[&str] = &[
     "save_total_limit",
 ];
 
+/// The learning-rate schedule's keys, which a resume may change only when asked to (`--override-schedule`):
+/// the rate at each later step is then the new schedule's value at that step.
+pub const SCHEDULE: &[&str] = &[
+    "learning_rate",
+    "lr_scheduler_type",
+    "warmup_steps",
+    "warmup_ratio",
+];
+
+/// Whether `key` may change on resume.
+fn may_change(key: &str, override_schedule: bool) -> bool {
+    RESUMABLE.contains(&key) || (override_schedule && SCHEDULE.contains(&key))
+}
+
 fn to_map(c: &TrainConfig) -> Result<Map<String, Value>> {
     match serde_json::to_value(c) {
         Ok(Value::Object(m)) => Ok(m),
@@ -32,11 +46,13 @@ fn show(v: Option<&Value>) -> String {
 /// The config a resume from a checkpoint `steps` steps in continues with: the checkpoint's `saved` config,
 /// with the keys the user `given` (flags, TOML keys) taken from `wanted` where they may change. Any other
 /// given key whose value differs is an error that lists every difference; a run with no steps left is one too.
+/// `override_schedule` lets the learning-rate schedule's keys change too.
 pub fn resumed_config(
     saved: &TrainConfig,
     wanted: &TrainConfig,
     given: &[String],
     steps: usize,
+    override_schedule: bool,
 ) -> Result<TrainConfig> {
     let (s, w) = (to_map(saved)?, to_map(wanted)?);
     let mut out = s.clone();
@@ -46,7 +62,7 @@ pub fn resumed_config(
         if a == b {
             continue;
         }
-        if RESUMABLE.contains(&k.as_str()) {
+        if may_change(k, override_schedule) {
             if let Some(b) = b {
                 out.insert(k.clone(), b.clone());
             }
@@ -60,8 +76,9 @@ pub fn resumed_config(
     }
     if !diffs.is_empty() {
         return Err(Error::config(format!(
-            "cannot resume with changed settings (only {} may change): {}",
+            "cannot resume with changed settings (only {} may change; {} with --override-schedule): {}",
             RESUMABLE.join(", "),
+            SCHEDULE.join(", "),
             diffs.join("; ")
         )));
     }
@@ -82,14 +99,16 @@ pub fn resumed_config(
     Ok(cfg)
 }
 
-/// Whether `config` is the checkpoint's `saved` one but for the resumable keys; an error listing the
+/// Whether `config` is the checkpoint's `saved` one but for the keys that may change; an error listing the
 /// differences otherwise (a library caller resuming with another run's settings).
-pub fn check_same(saved: &TrainConfig, config: &TrainConfig) -> Result<()> {
+pub fn check_same(
+    saved: &TrainConfig,
+    config: &TrainConfig,
+    override_schedule: bool,
+) -> Result<()> {
     let (mut s, mut c) = (to_map(saved)?, to_map(config)?);
-    for k in RESUMABLE {
-        s.remove(*k);
-        c.remove(*k);
-    }
+    s.retain(|k, _| !may_change(k, override_schedule));
+    c.retain(|k, _| !may_change(k, override_schedule));
     let mut keys: Vec<&String> = s.keys().chain(c.keys()).collect();
     keys.sort();
     keys.dedup();
@@ -131,6 +150,7 @@ mod tests {
             &cfg("max_steps = 80\nr = 8"),
             &given(&["max_steps", "r"]),
             40,
+            false,
         )
         .unwrap();
         assert_eq!((c.max_steps, c.r), (80, 8));
@@ -139,6 +159,7 @@ mod tests {
             &cfg("max_steps = 80\nr = 16\nlearning_rate = 5e-4"),
             &given(&["max_steps", "r", "learning_rate"]),
             40,
+            false,
         )
         .unwrap_err()
         .to_string();
@@ -146,14 +167,22 @@ mod tests {
             e.contains("`r`: 8 in the checkpoint, 16 given") && e.contains("`learning_rate`"),
             "{e}"
         );
-        let e = resumed_config(&saved, &saved, &[], 40)
+        let e = resumed_config(&saved, &saved, &[], 40, false)
             .unwrap_err()
             .to_string();
         assert!(e.contains("nothing is left to train"), "{e}");
         // keys not given keep the checkpoint's values
-        let c = resumed_config(&saved, &cfg("r = 16"), &[], 10).unwrap();
+        let c = resumed_config(&saved, &cfg("r = 16"), &[], 10, false).unwrap();
         assert_eq!(c.r, 8);
-        check_same(&saved, &c).unwrap();
-        assert!(check_same(&saved, &cfg("max_steps = 40\nr = 4")).is_err());
+        check_same(&saved, &c, false).unwrap();
+        assert!(check_same(&saved, &cfg("max_steps = 40\nr = 4"), false).is_err());
+        // the schedule changes only when asked to
+        let faster = cfg("max_steps = 40\nr = 8\nlearning_rate = 1e-3");
+        let lr = given(&["learning_rate"]);
+        assert!(resumed_config(&saved, &faster, &lr, 10, false).is_err());
+        let c = resumed_config(&saved, &faster, &lr, 10, true).unwrap();
+        assert_eq!(c.learning_rate, 1e-3);
+        assert!(check_same(&saved, &c, false).is_err());
+        check_same(&saved, &c, true).unwrap();
     }
 }

@@ -37,6 +37,41 @@ fn hook_file(name: &str) -> String {
     format!("{name}_state.safetensors")
 }
 
+/// Refuses a resume whose data, eval_data or model differ in content from those the checkpoint trained on
+/// (checkpoints written before inputs were recorded are not compared).
+fn same_inputs(ckpt: &Path, now: &serde_json::Value) -> Result<()> {
+    let state: serde_json::Value = factune_io::error::read_json(&ckpt.join(STATE_FILE))?;
+    let Some(then) = state.get("inputs") else {
+        return Ok(());
+    };
+    let diffs: Vec<String> = ["data", "eval_data", "model"]
+        .into_iter()
+        .filter(|k| {
+            let id = |v: &serde_json::Value| {
+                v.get(*k)
+                    .map(|x| (x.get("sha256").cloned(), x.get("fingerprint").cloned()))
+            };
+            id(then) != id(now)
+        })
+        .map(|k| {
+            let path = |v: &serde_json::Value| v[k]["path"].as_str().unwrap_or("none").to_string();
+            format!(
+                "{k}: the checkpoint trained on {}, this run reads {} with other contents",
+                path(then),
+                path(now)
+            )
+        })
+        .collect();
+    if diffs.is_empty() {
+        return Ok(());
+    }
+    Err(Error::config(format!(
+        "cannot resume {}: {} (a resume continues the same run; start a new one with another --output)",
+        ckpt.display(),
+        diffs.join("; ")
+    )))
+}
+
 /// A hook's (or the best evaluation's) checkpointed tensors and its entry in `trainer_state.json`.
 fn read_state(ckpt: &Path, name: &str) -> Result<(HashMap<String, Tensor>, serde_json::Value)> {
     let w = Weights::from_files(&[ckpt.join(hook_file(name))])?;
@@ -76,6 +111,8 @@ pub struct TrainJob<'a> {
     pub data: PathBuf,
     pub out: PathBuf,
     pub resume: Option<PathBuf>,
+    /// A resume may change the learning-rate schedule (`resume::SCHEDULE`).
+    pub override_schedule: bool,
     /// Where the run reports its steps and notes.
     pub progress: &'a dyn Progress,
 }
@@ -169,8 +206,12 @@ impl TrainJob<'_> {
         if let Some(ckpt) = self.resume.clone() {
             // The caller resolves what may change (`resume::resumed_config`); nothing else may differ.
             let (saved, steps) = checkpoint_state(&ckpt)?;
-            crate::resume::check_same(&saved, &self.config)?;
+            crate::resume::check_same(&saved, &self.config, self.override_schedule)?;
             start_step = steps;
+        }
+        let inputs = self.inputs()?;
+        if let Some(ckpt) = &self.resume {
+            same_inputs(ckpt, &inputs)?;
         }
         self.config.validate()?;
         let cfg = self.config.clone();
@@ -290,7 +331,7 @@ impl TrainJob<'_> {
             Some(_) => MetricsLog::resume(&metrics_path, start_step)?,
             None => MetricsLog::open(&metrics_path, true)?,
         };
-        self.write_run_metadata(&train, &val, &truncation)?;
+        self.write_run_metadata(&train, &val, &truncation, &inputs)?;
 
         let batches = Batches::new(train.len(), cfg.data_seed, cfg.micro_batch_size);
         let pad = pad_id(self.tokenizer);
@@ -369,7 +410,7 @@ impl TrainJob<'_> {
                     &trainer.opt,
                     &trainer.params,
                     &adapter_cfg,
-                    (&hooks, best.as_ref()),
+                    (&hooks, best.as_ref(), &inputs),
                 )?;
             }
             if stop {
@@ -647,6 +688,7 @@ impl TrainJob<'_> {
         train: &[Example],
         val: &[Example],
         truncation: &Truncation,
+        inputs: &serde_json::Value,
     ) -> Result<()> {
         let c = &self.config;
         let meta = json!({
@@ -656,12 +698,27 @@ impl TrainJob<'_> {
             "train_examples": train.len(),
             "validation_examples": val.len(),
             "truncation": truncation,
+            "inputs": inputs,
             "seeds": {"init": c.seed, "data": c.data_seed, "dropout": c.dropout_seed},
             "resumed_from": self.resume.as_ref().map(|p| p.display().to_string()),
             "config": c,
         });
         let text = serde_json::to_string_pretty(&meta).map_err(|e| Error::config(e.to_string()))?;
         atomic::write_atomic(&self.out.join("run.json"), text.as_bytes())
+    }
+
+    /// What the run reads, by content: the data (and eval_data) by SHA-256, the model by its fingerprint.
+    fn inputs(&self) -> Result<serde_json::Value> {
+        use factune_io::fingerprint::{data_sha256, model_fingerprint};
+        let mut v = json!({
+            "data": {"path": self.data.display().to_string(), "sha256": data_sha256(&self.data)?},
+            "model": {"path": self.model.dir.display().to_string(), "fingerprint": model_fingerprint(&self.model.dir)?},
+        });
+        if !self.config.eval_data.is_empty() {
+            let p = Path::new(&self.config.eval_data);
+            v["eval_data"] = json!({"path": p.display().to_string(), "sha256": data_sha256(p)?});
+        }
+        Ok(v)
     }
 
     /// `OUT/checkpoint-N/`: adapter, optimizer moments, step and config, published as a whole directory.
@@ -671,7 +728,7 @@ impl TrainJob<'_> {
         opt: &AdamW,
         params: &[(String, Var)],
         adapter_cfg: &factune_adapters::AdapterConfig,
-        (hooks, best): (&[Box<dyn StepHook>], Option<&Best>),
+        (hooks, best, inputs): (&[Box<dyn StepHook>], Option<&Best>, &serde_json::Value),
     ) -> Result<()> {
         let dest = self.out.join(format!("checkpoint-{step}"));
         let staging = self
@@ -711,7 +768,8 @@ impl TrainJob<'_> {
             &staging.join(OPTIM_FILE),
             &to_safetensors_bytes(&tensors, None)?,
         )?;
-        let mut state = json!({"step": step, "optimizer_t": opt.t, "config": self.config});
+        let mut state =
+            json!({"step": step, "optimizer_t": opt.t, "config": self.config, "inputs": inputs});
         let mut states = Vec::new();
         for h in hooks {
             states.extend(h.state()?.map(|s| (h.name(), s)));
