@@ -85,6 +85,9 @@ pub struct AdapterConfig {
     pub base_model_name_or_path: Option<String>,
     #[serde(default)]
     pub modules_to_save: Option<Vec<String>>,
+    /// PEFT's module exclusions (a list of names or a regex); not written when unset, for PEFT < 0.14.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exclude_modules: Option<TargetModules>,
     #[serde(default)]
     pub layers_to_transform: Option<Value>,
     #[serde(default)]
@@ -115,7 +118,6 @@ const KNOWN_INERT: &[&str] = &[
     "eva_config",
     "corda_config",
     "layer_replication",
-    "exclude_modules",
     "use_qalora",
     "qalora_group_size",
     "trainable_token_indices",
@@ -182,7 +184,7 @@ impl AdapterConfig {
 
     /// Whether `target_modules` selects the module at `path`.
     pub fn target_modules_match(&self, path: &str) -> bool {
-        crate::targets::TargetMatcher::new(&self.target_modules).is_ok_and(|m| m.matches(path))
+        crate::targets::TargetMatcher::for_config(self).is_ok_and(|m| m.matches(path))
     }
 
     /// The dropout on the adapter's input: `vera_dropout` for VeRA, `lora_dropout` otherwise.
@@ -301,16 +303,8 @@ impl AdapterConfig {
                 format!("bias `{}` is not supported; use bias: none", self.bias),
             ));
         }
-        if self
-            .layers_to_transform
-            .as_ref()
-            .is_some_and(|v| !v.is_null())
-        {
-            return Err(Error::invalid(
-                path,
-                "layers_to_transform is not supported yet",
-            ));
-        }
+        crate::targets::TargetMatcher::for_config(self)
+            .map_err(|e| Error::invalid(path, e.to_string()))?;
         if self.modules_to_save.as_ref().is_some_and(|v| !v.is_empty()) {
             return Err(Error::invalid(path, "modules_to_save is not supported yet"));
         }
@@ -348,6 +342,7 @@ impl AdapterConfig {
             "fan_in_fan_out",
             "layers_to_transform",
             "layers_pattern",
+            "exclude_modules",
         ];
         let drop: Vec<&str> = if self.method.method().attachment().is_prompt() {
             LORA.iter().chain(LINEAR).copied().collect()

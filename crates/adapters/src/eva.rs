@@ -46,7 +46,7 @@ pub struct Collector {
 impl Collector {
     /// Starts capturing the inputs of the layers `cfg` targets.
     pub fn start(model: &mut Model, cfg: &AdapterConfig) -> Result<Self> {
-        let matcher = TargetMatcher::new(&cfg.target_modules)?;
+        let matcher = TargetMatcher::for_config(cfg)?;
         let mut layers = BTreeMap::new();
         for l in model.linears_mut() {
             if matcher.matches(&l.path) {

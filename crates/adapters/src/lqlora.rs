@@ -103,7 +103,7 @@ pub fn plan(
     budget: f64,
     double_quant: bool,
 ) -> Result<Vec<Choice>> {
-    let matcher = TargetMatcher::new(&cfg.target_modules)?;
+    let matcher = TargetMatcher::for_config(cfg)?;
     let loftq = cfg.init_lora_weights == "loftq";
     let mut table = Vec::new();
     let mut norms = Vec::new();

@@ -39,7 +39,7 @@ fn attach_linear(
     m: &dyn LinearMethod,
     rng: &mut ChaCha8Rng,
 ) -> Result<Vec<String>> {
-    let matcher = TargetMatcher::new(&cfg.target_modules)?;
+    let matcher = TargetMatcher::for_config(cfg)?;
     let paths: Vec<String> = model.linears().iter().map(|l| l.path.clone()).collect();
     matcher.check_all_used(&paths.iter().map(String::as_str).collect::<Vec<_>>())?;
     let (max_out, max_in) = model
@@ -394,7 +394,7 @@ fn load_linear(
             None => report.unmatched_tensors.push(key.to_string()),
         }
     }
-    let matcher = TargetMatcher::new(&cfg.target_modules)?;
+    let matcher = TargetMatcher::for_config(cfg)?;
     let mut seen = BTreeSet::new();
     for layer in model.linears_mut() {
         let Some(names) = by_module.get(&layer.path) else {

@@ -42,6 +42,8 @@ factune_train::with_train_keys!(train_overrides);
 pub fn with_defaults(cmd: clap::Command) -> clap::Command {
     let defaults = serde_json::to_value(TrainConfig::default()).unwrap_or_default();
     let shown = |v: &Value| match v {
+        Value::String(s) if s.is_empty() => "none".into(),
+        Value::Array(a) if a.is_empty() => "none".into(),
         Value::String(s) => s.clone(),
         Value::Array(a) => a
             .iter()

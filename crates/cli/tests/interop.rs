@@ -3,7 +3,7 @@
 //!     cargo test -p factune --test interop -- --ignored
 //!     python scripts/make_fixtures.py verify --model assets/default-model \
 //!         --adapter target/peft-interop/default/adapter --expect target/peft-interop/default/expect.safetensors
-//!     (and likewise for target/peft-interop/default-pissa, default-vera, default-prompt, default-ptuning, default-prefix, default-dora, default-patterns, default-eva and default-adalora on assets/default-model, and tests/fixtures/llama and tests/fixtures/gpt2 with target/peft-interop/{llama,gpt2});
+//!     (and likewise for target/peft-interop/default-pissa, default-vera, default-prompt, default-ptuning, default-prefix, default-dora, default-patterns, default-layers, default-eva and default-adalora on assets/default-model, and tests/fixtures/llama and tests/fixtures/gpt2 with target/peft-interop/{llama,gpt2});
 //!     (and tests/fixtures/{llama,gpt2} with target/peft-interop/{llama,gpt2}-{prompt,prefix}_tuning);
 //!     python scripts/make_fixtures.py verify --model target/peft-interop/gpt2/merged \
 //!         --expect target/peft-interop/gpt2/expect.safetensors      (a merged checkpoint, transformers alone)
@@ -84,6 +84,15 @@ fn export_for_peft() {
                 "v_proj=2,down_proj=4",
                 "--alpha-pattern",
                 "o_proj=4",
+            ][..],
+        ),
+        (
+            "default-layers",
+            &[
+                "--layers-to-transform",
+                "0",
+                "--exclude-modules",
+                "down_proj",
             ][..],
         ),
         ("default-eva", &["--init-lora-weights", "eva"][..]),

@@ -653,3 +653,38 @@ fn best_model_at_end_and_early_stopping() {
     ));
     assert!(e.contains("set eval_steps"), "{e}");
 }
+
+/// PEFT's `layers_to_transform` and `exclude_modules` (from a TOML file, as users write them): only the named
+/// layers' modules, none excluded; PEFT reads the written config the same way (interop `default-layers`).
+#[test]
+fn layers_to_transform_and_exclude_modules() {
+    let dir = tempfile::tempdir().unwrap();
+    let toml = dir.path().join("c.toml");
+    std::fs::write(
+        &toml,
+        "layers_to_transform = 1\nexclude_modules = [\"v_proj\"]\n",
+    )
+    .unwrap();
+    let out = dir.path().join("run");
+    train(&out, "1", &["--config", s(&toml)]); // targets q_proj, v_proj, down_proj
+    let keys: Vec<String> = shapes(&out.join("adapter_model.safetensors"))
+        .into_keys()
+        .collect();
+    assert!(!keys.is_empty());
+    assert!(
+        keys.iter()
+            .all(|k| k.contains(".layers.1.") && !k.contains("o_proj")),
+        "{keys:?}"
+    );
+    assert_eq!(keys.len(), 4, "q_proj and down_proj of layer 1: {keys:?}");
+    let e = fails(&train_args(
+        s(&model()),
+        s(&data("quickstart-train.jsonl")),
+        s(&dir.path().join("x")),
+        &["--target-modules", ".*q_proj", "--layers-to-transform", "0"],
+    ));
+    assert!(
+        e.contains("cannot be used when target_modules is a regex"),
+        "{e}"
+    );
+}

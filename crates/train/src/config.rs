@@ -54,6 +54,43 @@ impl std::str::FromStr for Targets {
     }
 }
 
+/// PEFT's `layers_to_transform`: a layer index or a list of them in TOML, `0,2,5` as a flag (empty: every
+/// layer).
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[serde(transparent)]
+pub struct Layers(pub Vec<usize>);
+
+impl<'de> Deserialize<'de> for Layers {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            One(usize),
+            List(Vec<usize>),
+        }
+        match Raw::deserialize(d).map_err(|_| {
+            serde::de::Error::custom(
+                "`layers_to_transform` must be a layer index or a list of them",
+            )
+        })? {
+            Raw::One(i) => Ok(Layers(vec![i])),
+            Raw::List(l) => Ok(Layers(l)),
+        }
+    }
+}
+
+impl std::str::FromStr for Layers {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        s.split(',')
+            .map(str::trim)
+            .filter(|x| !x.is_empty())
+            .map(|x| x.parse().map_err(|_| format!("`{x}` is not a layer index")))
+            .collect::<std::result::Result<_, _>>()
+            .map(Layers)
+    }
+}
+
 /// Values by module-name regex (PEFT's `rank_pattern`, `alpha_pattern`): a TOML table, or `key=value,…` as a
 /// flag.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -126,6 +163,13 @@ macro_rules! with_train_keys {
         lora_dropout: f64 = 0.05,
         /// Modules to adapt: names, a regex, or all-linear
         target_modules: $crate::config::Targets = $crate::config::Targets::List(vec!["q_proj".into(), "v_proj".into()]),
+        /// Modules never adapted, even when target_modules selects them: names (suffixes) or a regex (PEFT's
+        /// exclude_modules)
+        exclude_modules: $crate::config::Targets = $crate::config::Targets::List(vec![]),
+        /// Adapt only these layer indexes (PEFT's layers_to_transform; with target_modules names or all-linear)
+        layers_to_transform: $crate::config::Layers = $crate::config::Layers::default(),
+        /// The module-list name before the layer index (PEFT's layers_pattern: layers, h, …; empty: any)
+        layers_pattern: String = String::new(),
         /// rsLoRA scaling alpha / sqrt(r)
         use_rslora: bool = false,
         /// DoRA: trainable per-row magnitude over the LoRA-updated direction
@@ -849,6 +893,12 @@ impl TrainConfig {
             ("lora_alpha", self.lora_alpha != d.lora_alpha),
             ("lora_dropout", self.lora_dropout != d.lora_dropout),
             ("target_modules", self.target_modules != d.target_modules),
+            ("exclude_modules", self.exclude_modules != d.exclude_modules),
+            (
+                "layers_to_transform",
+                self.layers_to_transform != d.layers_to_transform,
+            ),
+            ("layers_pattern", self.layers_pattern != d.layers_pattern),
             ("use_rslora", self.use_rslora != d.use_rslora),
             ("use_dora", self.use_dora != d.use_dora),
             (
@@ -929,6 +979,15 @@ impl TrainConfig {
                 .map(|(k, r)| (k.clone(), factune_adapters::RankEntry::Rank(*r)))
                 .collect(),
             alpha_pattern: self.alpha_pattern.0.clone(),
+            exclude_modules: match &self.exclude_modules {
+                Targets::List(l) if l.is_empty() => None,
+                Targets::List(l) => Some(TargetModules::List(l.clone())),
+                Targets::One(s) => Some(TargetModules::Pattern(s.clone())),
+            },
+            layers_to_transform: (!self.layers_to_transform.0.is_empty())
+                .then(|| serde_json::json!(self.layers_to_transform.0)),
+            layers_pattern: (!self.layers_pattern.is_empty())
+                .then(|| serde_json::json!(self.layers_pattern)),
             method,
             ..AdapterConfig::default()
         })

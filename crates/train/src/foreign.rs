@@ -32,9 +32,6 @@ const KEYS: &[(&str, Accepts, &str)] = &[
     ("inference_mode", |v| v == &Value::Bool(false), "a training run trains the adapter; inference_mode = true is for loading one"),
     ("base_model_name_or_path", |_| false, "the base model is --model DIR (factune reads local directories and does not download); remove the key"),
     ("modules_to_save", empty, "not supported yet: factune trains adapters (train_embeddings_and_norms = true trains the embeddings, norms and LM head in full)"),
-    ("layers_to_transform", empty, "not supported yet: pick layers with a target_modules regex, e.g. '.*\\.(0|1)\\..*(q_proj|v_proj)'"),
-    ("layers_pattern", empty, "not supported yet: pick layers with a target_modules regex"),
-    ("exclude_modules", empty, "not supported yet: write target_modules as a regex that leaves those modules out"),
     // transformers' TrainingArguments and TRL's SFTConfig
     ("logging_steps", |v| v.as_u64() == Some(1), "factune logs every step (metrics.jsonl and the progress line); remove logging_steps"),
     ("eval_strategy", |v| is_str(v, &["steps"]), "factune evaluates every eval_steps steps and at the end: eval_strategy = \"steps\" with eval_steps, or eval_steps = 0 for the end only"),
