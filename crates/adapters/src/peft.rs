@@ -185,12 +185,17 @@ pub fn write_tensors(
     write(model, cfg, &tensors_bytes(tensors)?, dir)
 }
 
+/// The pair is never mixed: an earlier config goes first and the new one is published last, so a process
+/// killed in between leaves weights without a config (refused as incomplete), never new weights beside an
+/// old config.
 fn write(model: &Model, cfg: &AdapterConfig, bytes: &[u8], dir: &Path) -> Result<()> {
+    let config = saved_config(model, cfg).to_json()?;
+    let old = dir.join(CONFIG_FILE);
+    if old.exists() {
+        std::fs::remove_file(&old).map_err(|e| Error::io(&old, e))?;
+    }
     atomic::write_atomic(&dir.join(WEIGHTS_FILE), bytes)?;
-    atomic::write_atomic(
-        &dir.join(CONFIG_FILE),
-        saved_config(model, cfg).to_json()?.as_bytes(),
-    )
+    atomic::write_atomic(&old, config.as_bytes())
 }
 
 /// Writes `adapter_config.json` and `adapter_model.safetensors` into `dir`, each atomically, in the method's
