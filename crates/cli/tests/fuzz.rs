@@ -8,7 +8,7 @@
 //!     FACTUNE_FUZZ_ITERS=200000 cargo test --release -p factune --test fuzz -- --nocapture
 //!
 //! `FACTUNE_FUZZ_ITERS` is the number of inputs per target (the default is the smoke run's), and
-//! `FACTUNE_FUZZ_SEED` picks another sequence. docs/reliability.md records the long runs.
+//! `FACTUNE_FUZZ_SEED` picks another sequence, `FACTUNE_FUZZ_ONLY=data,tokenizer` runs some targets. docs/reliability.md records the long runs.
 
 mod support;
 
@@ -206,10 +206,12 @@ fn iterations() -> usize {
     std::env::var("FACTUNE_FUZZ_ITERS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(300)
+        .unwrap_or(600)
 }
 
 static LAST_PANIC: Mutex<Option<String>> = Mutex::new(None);
+/// Whether a target is running: its panics are recorded, others (the test's own assertions) printed.
+static IN_TARGET: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// Feeds mutations of the seeds to `run` (with the seed's index; it writes the input where the target reads it, under
 /// the scratch directory, calls it, and says whether the input was read without error). Returns the inputs tried; panics and slow inputs fail the test.
@@ -219,6 +221,9 @@ fn fuzz(
     window: usize,
     run: impl Fn(&Path, usize, &[u8]) -> bool,
 ) -> usize {
+    if std::env::var("FACTUNE_FUZZ_ONLY").is_ok_and(|only| !only.split(',').any(|t| t == name)) {
+        return 0;
+    }
     let seed = std::env::var("FACTUNE_FUZZ_SEED")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -238,7 +243,9 @@ fn fuzz(
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let t0 = Instant::now();
+        IN_TARGET.store(true, std::sync::atomic::Ordering::SeqCst);
         let outcome = catch_unwind(AssertUnwindSafe(|| run(&dir, i % seeds.len(), &input)));
+        IN_TARGET.store(false, std::sync::atomic::Ordering::SeqCst);
         slowest = slowest.max(t0.elapsed());
         accepted += usize::from(matches!(outcome, Ok(true)));
         if outcome.is_err() {
@@ -268,8 +275,13 @@ fn fuzz(
 }
 
 fn quiet_panics() {
-    std::panic::set_hook(Box::new(|info| {
-        *LAST_PANIC.lock().unwrap() = Some(info.to_string());
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if IN_TARGET.load(std::sync::atomic::Ordering::SeqCst) {
+            *LAST_PANIC.lock().unwrap() = Some(info.to_string());
+        } else {
+            default(info);
+        }
     }));
 }
 
@@ -369,9 +381,7 @@ fn every_reader_survives_mutated_inputs() {
     .map(|f| (f.to_string(), read(fixture("data").join(f))))
     .chain([(
         "train.txt".to_string(),
-        std::fs::read_to_string(data("quickstart-train.jsonl")).unwrap()[..4000]
-            .as_bytes()
-            .to_vec(),
+        read(data("quickstart-train.jsonl"))[..4000].to_vec(),
     )])
     .collect();
     let bodies: Vec<Vec<u8>> = data_seeds.iter().map(|(_, b)| b.clone()).collect();

@@ -282,7 +282,8 @@ impl ModelConfig {
             model_type: "gpt2".into(),
             vocab_size: get_usize(v, path, "vocab_size")?,
             hidden_size,
-            intermediate_size: opt_usize(v, path, "n_inner")?.unwrap_or(4 * hidden_size),
+            intermediate_size: opt_usize(v, path, "n_inner")?
+                .unwrap_or(hidden_size.saturating_mul(4)),
             num_layers: get_usize(v, path, "n_layer")?,
             num_heads,
             num_kv_heads: num_heads,

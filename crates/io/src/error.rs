@@ -53,3 +53,21 @@ pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
     let text = read_to_string(path)?;
     serde_json::from_str(&text).map_err(|e| Error::invalid(path, format!("invalid JSON: {e}")))
 }
+
+/// Runs a third-party reader that may panic on malformed input (`tokenizers` on some BPE merges), turning a
+/// panic into an error naming `path`. The panic hook is silenced meanwhile, so no panic message reaches the
+/// user (the hook is process-wide: a panic on another thread in that moment would go unreported).
+pub fn guarded<T>(path: &Path, f: impl FnOnce() -> T) -> Result<T> {
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    std::panic::set_hook(hook);
+    out.map_err(|p| {
+        let why = p
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| p.downcast_ref::<&str>().copied())
+            .unwrap_or("malformed contents");
+        Error::invalid(path, format!("cannot be read: {why}"))
+    })
+}

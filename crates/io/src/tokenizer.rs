@@ -82,7 +82,7 @@ impl TextTokenizer {
         if let Some(pp) = file.get("post_processor") {
             check_post_processor(pp).map_err(|e| Error::invalid(&path, e))?;
         }
-        let inner = tokenizers::Tokenizer::from_file(&path)
+        let inner = crate::error::guarded(&path, || tokenizers::Tokenizer::from_file(&path))?
             .map_err(|e| Error::invalid(&path, format!("cannot load tokenizer: {e}")))?;
         let mut tok = TextTokenizer {
             inner,

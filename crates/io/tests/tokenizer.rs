@@ -44,3 +44,29 @@ fn undefined_or_ragged_template_special_tokens_are_errors() {
     )]}));
     assert!(e.err().unwrap().contains("one length"));
 }
+
+/// `tokenizers` panics building a BPE whose merge's second part is shorter than `continuing_subword_prefix`
+/// (found by the fuzz harness); the load is guarded, so it is an error naming the file.
+#[test]
+fn a_panic_inside_tokenizers_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let tok = json!({
+        "version": "1.0",
+        "truncation": null, "padding": null, "added_tokens": [], "normalizer": null,
+        "pre_tokenizer": null, "post_processor": null, "decoder": null,
+        "model": {
+            "type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": "##",
+            "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
+            "vocab": {"a": 0, "b": 1, "ab": 2}, "merges": ["a b"]
+        }
+    });
+    std::fs::write(dir.path().join("tokenizer.json"), tok.to_string()).unwrap();
+    let e = TextTokenizer::from_dir(dir.path())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("tokenizer.json") && e.contains("cannot be read"),
+        "{e}"
+    );
+}

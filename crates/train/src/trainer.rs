@@ -244,6 +244,9 @@ impl TrainJob<'_> {
             )));
         }
         check_activation_memory(&cfg, &self.model.cfg, &train)?;
+        if let Some(line) = check_work(&cfg, train.len())? {
+            self.progress.note(&line);
+        }
         let mut adapter_cfg = cfg.adapter_config()?;
         if let Some(budget) = cfg.mixed_budget() {
             let t0 = Instant::now();
@@ -847,6 +850,42 @@ fn check_activation_memory(
     Ok(())
 }
 
+/// Refuses settings whose work has no sensible end on this data (a step or EVA's statistics reading the
+/// data many times over) and says how many passes over the data the run makes when that is many.
+fn check_work(cfg: &TrainConfig, examples: usize) -> Result<Option<String>> {
+    let n = examples.max(1) as f64;
+    let per_step = cfg.micro_batch_size as f64 * cfg.gradient_accumulation_steps as f64;
+    if per_step > 100.0 * n {
+        return Err(Error::config(format!(
+            "one step of micro_batch_size {} × gradient_accumulation_steps {} reads {per_step:.0} examples, {:.0} \
+             passes over the {examples} training examples: lower gradient_accumulation_steps",
+            cfg.micro_batch_size,
+            cfg.gradient_accumulation_steps,
+            per_step / n
+        )));
+    }
+    let eva = cfg.eva_batches as f64 * cfg.micro_batch_size as f64;
+    if cfg.init_lora_weights == crate::config::InitWeights::Named("eva".into())
+        && eva > n + cfg.micro_batch_size as f64
+    {
+        return Err(Error::config(format!(
+            "eva_batches {} reads {eva:.0} examples, more than one pass over the {examples} training examples \
+             (PEFT's EVA stops at the end of the data): at most {} batches of {}",
+            cfg.eva_batches,
+            examples.div_ceil(cfg.micro_batch_size),
+            cfg.micro_batch_size
+        )));
+    }
+    let epochs = cfg.total_steps() as f64 * per_step / n;
+    Ok((epochs > 1000.0).then(|| {
+        format!(
+            "the run reads the {examples} training examples {epochs:.3e} times ({} steps of {per_step:.0}); \
+             the progress line shows the time it takes",
+            cfg.total_steps()
+        )
+    }))
+}
+
 /// Physical memory (Linux: `MemTotal` of /proc/meminfo); `None` where it cannot be read.
 fn total_memory_bytes() -> Option<u64> {
     let info = std::fs::read_to_string("/proc/meminfo").ok()?;
@@ -871,4 +910,28 @@ fn load_optimizer(opt: &mut AdamW, params: &[(String, Var)], path: &Path) -> Res
         .as_u64()
         .ok_or_else(|| Error::invalid(path.with_file_name(STATE_FILE), "missing `optimizer_t`"))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn work_without_a_sensible_end_is_refused_or_named() {
+        let cfg = |toml: &str| -> TrainConfig { toml::from_str(toml).unwrap() };
+        let e = check_work(&cfg("gradient_accumulation_steps = 1000000000000"), 100).unwrap_err();
+        assert!(
+            e.to_string().contains("lower gradient_accumulation_steps"),
+            "{e}"
+        );
+        let e = check_work(
+            &cfg("init_lora_weights = \"eva\"\neva_batches = 1000000000"),
+            100,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("at most 25 batches of 4"), "{e}");
+        let note = check_work(&cfg("max_steps = 1000000000000000"), 100).unwrap();
+        assert!(note.unwrap().contains("4.000e13 times"));
+        assert_eq!(check_work(&cfg("max_steps = 100"), 100).unwrap(), None);
+    }
 }
