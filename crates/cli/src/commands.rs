@@ -385,8 +385,9 @@ pub fn eval(
     limit: usize,
 ) -> Result<()> {
     let (model, tok) = load(args)?;
+    let data = factune_eval::EvalData::read(data)?;
     let task = if task == "auto" {
-        factune_eval::detect_task(data)?
+        factune_eval::detect_task(&data)
     } else {
         task
     };

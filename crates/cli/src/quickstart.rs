@@ -39,6 +39,7 @@ pub fn run(output: &Path, assets: Option<PathBuf>, steps: usize) -> Result<()> {
     let model_dir = assets.join("default-model");
     let train = assets.join("data/quickstart-train.jsonl");
     let valid = assets.join("data/quickstart-valid.jsonl");
+    let valid_data = factune_eval::EvalData::read(&valid)?;
     let t0 = Instant::now();
     let tok = TextTokenizer::from_dir(&model_dir).with_context(|| {
         "the embedded model is missing: run from the repository root or pass --assets"
@@ -48,8 +49,8 @@ pub fn run(output: &Path, assets: Option<PathBuf>, steps: usize) -> Result<()> {
         "factune quickstart: LoRA on {} (embedded model), task: answer questions in the alpaca format",
         model_dir.display()
     );
-    let before_em = exact_match(&model, &tok, &valid, 8, 0)?;
-    let before_ppl = perplexity(&model, &tok, &valid, 256, 8)?;
+    let before_em = exact_match(&model, &tok, valid_data.clone(), 8, 0)?;
+    let before_ppl = perplexity(&model, &tok, valid_data.clone(), 256, 8)?;
     println!(
         "before: exact match {:.1}% on {} questions, validation perplexity {:.2}",
         100.0 * before_em.exact_match,
@@ -72,8 +73,8 @@ pub fn run(output: &Path, assets: Option<PathBuf>, steps: usize) -> Result<()> {
         output,
         (None, false),
     )?;
-    let after_em = exact_match(&model, &tok, &valid, 8, 0)?;
-    let after_ppl = perplexity(&model, &tok, &valid, 256, 8)?;
+    let after_em = exact_match(&model, &tok, valid_data.clone(), 8, 0)?;
+    let after_ppl = perplexity(&model, &tok, valid_data.clone(), 256, 8)?;
     println!(
         "after {} steps ({:.0}s): exact match {:.1}%, validation perplexity {:.2}",
         outcome.steps,

@@ -95,7 +95,17 @@ pub struct Dataset {
 
 impl Dataset {
     pub fn load(path: &Path, opts: &DataOptions, tok: &TextTokenizer) -> Result<Self> {
-        let records = match source::read(path, opts.format)? {
+        Self::from_contents(source::read(path, opts.format)?, path, opts, tok)
+    }
+
+    /// The examples of contents already read from `path` (named in errors).
+    pub fn from_contents(
+        contents: Contents,
+        path: &Path,
+        opts: &DataOptions,
+        tok: &TextTokenizer,
+    ) -> Result<Self> {
+        let records = match contents {
             // `read` returns text only for `auto` or `text`; the forced record formats refuse prose.
             Contents::Text(text) => {
                 return non_empty(

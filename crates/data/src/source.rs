@@ -44,11 +44,13 @@ impl fmt::Display for Locator {
     }
 }
 
+#[derive(Clone)]
 pub struct Record {
     pub at: Locator,
     pub fields: Map<String, Value>,
 }
 
+#[derive(Clone)]
 pub enum Contents {
     /// Documents separated by blank lines.
     Text(String),

@@ -25,12 +25,12 @@ pub struct Perplexity {
 pub fn perplexity(
     model: &Model,
     tok: &TextTokenizer,
-    file: &Path,
+    data: EvalData,
     seq_len: usize,
     batch: usize,
 ) -> Result<Perplexity> {
     let seq_len = seq_len.min(model.max_positions());
-    let ds = Dataset::load(file, &DataOptions::eval(seq_len), tok)?;
+    let ds = Dataset::from_contents(data.contents, &data.path, &DataOptions::eval(seq_len), tok)?;
     let (loss, tokens) = evaluate_loss(model, &ds.examples, batch, tok.eos_id().unwrap_or(0))?;
     Ok(Perplexity {
         loss,
@@ -74,9 +74,26 @@ fn log_softmax(x: &Tensor) -> candle_core::Result<Tensor> {
     s.broadcast_sub(&s.exp()?.sum_keepdim(D::Minus1)?.log()?)
 }
 
-/// The records of a data file (JSON lines, JSON array, CSV or Parquet), named in the error if it is text.
-fn records(file: &Path, task: &str) -> Result<Vec<Record>> {
-    match source::read(file, DataFormat::Auto)? {
+/// An evaluation file, read once: its contents and where they came from (named in errors).
+#[derive(Clone)]
+pub struct EvalData {
+    pub path: std::path::PathBuf,
+    pub contents: Contents,
+}
+
+impl EvalData {
+    pub fn read(path: &Path) -> Result<Self> {
+        Ok(EvalData {
+            path: path.to_path_buf(),
+            contents: source::read(path, DataFormat::Auto)?,
+        })
+    }
+}
+
+/// The records of an evaluation file (JSON lines, JSON array, CSV or Parquet), named in the error if it is text.
+fn records(data: EvalData, task: &str) -> Result<Vec<Record>> {
+    let file = &data.path;
+    match data.contents {
         Contents::Records(r) if !r.is_empty() => Ok(r),
         Contents::Records(_) => Err(Error::invalid(file, "no records")),
         Contents::Text(_) => Err(Error::invalid(
@@ -90,8 +107,8 @@ fn records(file: &Path, task: &str) -> Result<Vec<Record>> {
 
 /// The task a file's first record suggests: `choices` → multiple choice, a prompt with an answer →
 /// exact match, anything else (text included) → perplexity.
-pub fn detect_task(file: &Path) -> Result<&'static str> {
-    Ok(match source::read(file, DataFormat::Auto)? {
+pub fn detect_task(data: &EvalData) -> &'static str {
+    match &data.contents {
         Contents::Records(r) => match r.first() {
             Some(first) if first.fields.contains_key("choices") => "mc",
             Some(first)
@@ -105,7 +122,7 @@ pub fn detect_task(file: &Path) -> Result<&'static str> {
             _ => "perplexity",
         },
         Contents::Text(_) => "perplexity",
-    })
+    }
 }
 
 /// The index of the right choice: `answer` (or `label`) as an index, a letter (`"B"`, `"b"`), a digit string
@@ -140,10 +157,11 @@ fn answer_index(r: &Record, choices: &[&str]) -> std::result::Result<usize, Stri
 /// Multiple-choice records: `{"question": …, "choices": [...], "answer": …}` (answer as an index, a letter or
 /// the choice text). Each choice is scored as the continuation `" " + choice` of the question;
 /// `accuracy_norm` divides by the choice's byte length.
-pub fn multiple_choice(model: &Model, tok: &TextTokenizer, file: &Path) -> Result<Accuracy> {
+pub fn multiple_choice(model: &Model, tok: &TextTokenizer, data: EvalData) -> Result<Accuracy> {
     let (mut n, mut hit, mut hit_norm) = (0usize, 0usize, 0usize);
-    for r in records(file, "multiple choice")? {
-        let bad = |what: String| Error::invalid(file, format!("{}: {what}", r.at));
+    let file = data.path.clone();
+    for r in records(data, "multiple choice")? {
+        let bad = |what: String| Error::invalid(&file, format!("{}: {what}", r.at));
         let q = r
             .fields
             .get("question")
@@ -211,11 +229,13 @@ pub struct ExactMatch {
 pub fn exact_match(
     model: &Model,
     tok: &TextTokenizer,
-    file: &Path,
+    data: EvalData,
     max_new_tokens: usize,
     limit: usize,
 ) -> Result<ExactMatch> {
-    let records = records(file, "exact match")?;
+    let file = data.path.clone();
+    let file = &file;
+    let records = records(data, "exact match")?;
     let fields = Fields::default();
     let shape = Shape::detect(&records[0], &fields)
         .map_err(|e| Error::invalid(file, format!("{}: {e}", records[0].at)))?;
