@@ -6,8 +6,10 @@
 //! `glora_Au`, `glora_Ad`, `glora_Bu`, `glora_Bd`, `glora_C`, `glora_D`, `glora_E`.
 //!
 //! Forward without forming W': `x(W·A)ᵀ = ((x A_dᵀ) A_uᵀ) Wᵀ` goes through the frozen linear, `W·C` is the
-//! frozen linear of C. A layer without a bias (Llama's) has no `b⊙D` term (and no D), and merging a non-zero E or
-//! W·C into it is refused, since the architecture has no bias to hold them.
+//! frozen linear of C. A layer without a bias (Llama's) has no `b⊙D` term (and no D), and no bias to hold E or
+//! W·C when merged: the default `glora_parts = "auto"` trains all five parts where the layer has a bias and A, B
+//! where it has none, and a selection naming C or E is refused at training time on bias-free layers (the
+//! adapter could never be merged).
 
 use crate::config::AdapterConfig;
 use crate::kaiming_uniform;
@@ -22,13 +24,23 @@ use std::collections::HashMap;
 crate::keys::method_keys! {
     /// GLoRA's keys (factune's own `peft_type = "GLORA"`).
     pub struct GloraConfig {
-        /// GLoRA: the parts that train, a selection of `ABCDE` (W·A, B, W·C, b⊙D, E).
-        glora_parts: String = "ABCDE".into(),
+        /// GLoRA: the parts that train, a selection of `ABCDE` (W·A, B, W·C, b⊙D, E); auto: all five on layers
+        /// with a bias, A and B on layers without one (the parts that can be merged).
+        glora_parts: String = "auto".into(),
     }
 }
 
 const NAMES: [&str; 7] = [
     "glora_Au", "glora_Ad", "glora_Bu", "glora_Bd", "glora_C", "glora_D", "glora_E",
+];
+
+/// Each part's letter and its tensors.
+const PARTS: [(char, &[&str]); 5] = [
+    ('A', &["glora_Au", "glora_Ad"]),
+    ('B', &["glora_Bu", "glora_Bd"]),
+    ('C', &["glora_C"]),
+    ('D', &["glora_D"]),
+    ('E', &["glora_E"]),
 ];
 
 pub struct Glora {
@@ -132,15 +144,27 @@ impl LinearAdapter for Glora {
 
 pub struct GloraMethod;
 
+/// The selection as written (`auto` or letters), checked.
 fn parts(cfg: &AdapterConfig) -> Result<String> {
     let own: &GloraConfig = cfg.options()?;
     let p = own.glora_parts.clone();
-    if p.is_empty() || !p.chars().all(|c| "ABCDE".contains(c)) {
+    if p != "auto" && (p.is_empty() || !p.chars().all(|c| "ABCDE".contains(c))) {
         return Err(Error::config(format!(
-            "glora_parts `{p}`: expected a non-empty selection of the letters A, B, C, D, E"
+            "glora_parts `{p}`: expected auto or a non-empty selection of the letters A, B, C, D, E"
         )));
     }
     Ok(p)
+}
+
+/// The parts a layer has: `auto` resolved by whether it has a bias, D only with a bias.
+fn layer_parts(cfg: &AdapterConfig, layer: &AdaptableLinear) -> Result<String> {
+    let has_bias = layer.base.bias.is_some();
+    Ok(match parts(cfg)?.as_str() {
+        "auto" if has_bias => "ABCDE".into(),
+        "auto" => "AB".into(),
+        p if has_bias => p.into(),
+        p => p.replace('D', ""),
+    })
 }
 
 impl Method for GloraMethod {
@@ -154,20 +178,17 @@ impl Method for GloraMethod {
 }
 
 impl LinearMethod for GloraMethod {
+    /// The vector parts depend on the layer's bias (`load_tensors` checks each layer has its parts).
     fn optional_names(&self) -> &'static [&'static str] {
-        &["glora_D"]
+        &["glora_C", "glora_D", "glora_E"]
     }
 
     fn tensor_names(&self, cfg: &AdapterConfig) -> Vec<&'static str> {
-        let p = parts(cfg).unwrap_or_default();
+        let p = parts(cfg)
+            .map(|p| if p == "auto" { "ABCDE".into() } else { p })
+            .unwrap_or_default();
         let mut n = Vec::new();
-        for (letter, names) in [
-            ('A', &NAMES[0..2]),
-            ('B', &NAMES[2..4]),
-            ('C', &NAMES[4..5]),
-            ('D', &NAMES[5..6]),
-            ('E', &NAMES[6..7]),
-        ] {
+        for (letter, names) in PARTS {
             if p.contains(letter) {
                 n.extend_from_slice(names);
             }
@@ -185,7 +206,16 @@ impl LinearMethod for GloraMethod {
         _shared: &HashMap<String, Tensor>,
     ) -> Result<Box<dyn LinearAdapter>> {
         crate::lora::check_rank(layer, rank)?;
-        let p = parts(cfg)?;
+        let p = layer_parts(cfg, layer)?;
+        if layer.base.bias.is_none() && p.contains(['C', 'E']) {
+            return Err(Error::config(format!(
+                "glora_parts `{}`: C and E train a bias update, and `{}` has no bias, so the adapter could never \
+                 be merged into the model; use glora_parts = \"auto\" (A and B on bias-free layers) or a \
+                 selection of A, B",
+                parts(cfg)?,
+                layer.path
+            )));
+        }
         let (o, i) = (layer.out_features(), layer.in_features());
         let dev = layer.base.weight.device().clone();
         let zeros = |shape: &[usize]| Var::from_tensor(&Tensor::zeros(shape, DType::F32, &dev)?);
@@ -227,8 +257,21 @@ impl LinearMethod for GloraMethod {
         _alpha: f64,
         t: &HashMap<String, Tensor>,
     ) -> Result<Box<dyn LinearAdapter>> {
-        let p = parts(cfg)?;
+        let p = layer_parts(cfg, layer)?;
         let (o, i) = (layer.out_features(), layer.in_features());
+        // every part the layer has is in the file (a C or E beyond it loads: adapters trained before auto)
+        for (letter, names) in PARTS {
+            if let Some(n) = names
+                .iter()
+                .find(|n| p.contains(letter) && !t.contains_key(**n))
+            {
+                return Err(Error::config(format!(
+                    "`{}`: missing {n} (glora_parts `{}`)",
+                    layer.path,
+                    parts(cfg)?
+                )));
+            }
+        }
         let r = t
             .get("glora_Ad")
             .or(t.get("glora_Bd"))

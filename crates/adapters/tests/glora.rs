@@ -1,6 +1,6 @@
 //! GLoRA on the fixture GPT-2 (biased layers) and Llama (bias-free): unchanged at step 0, the factored forward
 //! equal in values and gradients to the dense `x(W + W·A + B)ᵀ + b + b⊙D + E + W·C`, save/load exact, merge
-//! exact where a bias exists and refused where the architecture has none.
+//! exact where a bias exists; bias parts refused at training time where the architecture has none.
 
 mod common;
 use common::*;
@@ -130,19 +130,28 @@ fn glora_matches_its_dense_definition_and_merges_where_a_bias_exists() {
 }
 
 #[test]
-fn glora_bias_terms_cannot_merge_into_a_bias_free_layer() {
+fn glora_bias_terms_are_refused_at_training_time_on_bias_free_layers() {
     let mut m = Model::load(&fixture("llama"), &Device::Cpu).unwrap();
-    attach(&mut m, &cfg("ABE"), 1).unwrap();
-    for (_, v) in trainable(&m) {
-        v.set(&(v.as_tensor() + 0.01).unwrap()).unwrap();
-    }
-    let l = &mut m.linears_mut()[0];
-    let e = l.merge().err().expect("E has nowhere to go").to_string();
-    assert!(e.contains("bias") && e.contains(&l.path), "{e}");
+    let e = attach(&mut m, &cfg("ABE"), 1).unwrap_err().to_string();
     assert!(
-        l.adapter.is_some(),
-        "a refused merge leaves the adapter attached"
+        e.contains("has no bias")
+            && e.contains("model.layers.0.self_attn.q_proj")
+            && e.contains("auto"),
+        "{e}"
     );
+    // auto: A and B where there is no bias, all five parts where there is one
+    let mut m = Model::load(&fixture("llama"), &Device::Cpu).unwrap();
+    attach(&mut m, &cfg("auto"), 1).unwrap();
+    assert!(trainable(&m)
+        .iter()
+        .all(|(k, _)| k.contains("glora_A") || k.contains("glora_B")));
+    let mut g = Model::load(&fixture("gpt2"), &Device::Cpu).unwrap();
+    attach(&mut g, &cfg("auto"), 1).unwrap();
+    for part in ["glora_C", "glora_D", "glora_E"] {
+        assert!(trainable(&g)
+            .iter()
+            .any(|(k, _)| k.ends_with(&format!("{part}.weight")) || k.contains(part)));
+    }
     // without the bias parts the merge goes through
     let mut m = Model::load(&fixture("llama"), &Device::Cpu).unwrap();
     attach(&mut m, &cfg("AB"), 1).unwrap();
