@@ -65,6 +65,9 @@ pub struct Truncation {
     /// Label tokens of every example before truncation, and how many of them were cut away.
     pub label_tokens: usize,
     pub label_tokens_dropped: usize,
+    /// Records so long that their text was cut before tokenising (memory stays O(seq_len), not O(record));
+    /// their label tokens past that cut are not in the counts above.
+    pub examples_cut_before_tokenizing: usize,
 }
 
 impl Truncation {
@@ -82,7 +85,15 @@ impl Truncation {
                 } else {
                     String::new()
                 }
-            )
+            ) + &if self.examples_cut_before_tokenizing > 0 {
+                format!(
+                    "; {} were so long that their text was cut before tokenising (their label tokens past \
+                     that cut are not counted)",
+                    self.examples_cut_before_tokenizing
+                )
+            } else {
+                String::new()
+            }
         })
     }
 }
@@ -134,6 +145,7 @@ impl Dataset {
             truncation: Truncation::default(),
         };
         let mut emptied: Vec<Locator> = Vec::new();
+        let token_bytes = tok.max_token_bytes();
         for r in &records {
             let bad = |e: String| Error::invalid(path, format!("{}: {e}", r.at));
             let found = Shape::detect(r, &opts.fields).map_err(bad)?;
@@ -146,12 +158,9 @@ impl Dataset {
                 )));
             }
             let sample = shape.sample(r, &opts.fields, tok).map_err(bad)?;
-            let mut ex = labelled(
-                tok,
-                &sample.full,
-                &sample.prompt_spans,
-                opts.train_on_prompt,
-            )?;
+            let (mut ex, cut_text) =
+                labelled_prefix(tok, &sample.full, &sample.prompt_spans, opts, token_bytes)?;
+            ds.truncation.examples_cut_before_tokenizing += usize::from(cut_text);
             let before = ex.learned();
             if before == 0 {
                 return Err(bad(
@@ -214,12 +223,44 @@ fn non_empty(path: &Path, ds: Dataset) -> Result<Dataset> {
     Ok(ds)
 }
 
+/// Documents longer than this are tokenised in pieces, so the tokenizer's working memory (~100 bytes per
+/// token) stays bounded whatever a document's length.
+const PIECE_BYTES: usize = 1 << 20;
+
+/// `doc` in pieces of at most about `max` bytes, each cut after a line break (or else before a whitespace),
+/// where tokenisation restarts as it would at that point of the whole text (for byte-level BPE tokenizers; a
+/// SentencePiece-style tokenizer may tokenise the first word of a piece differently).
+fn pieces(doc: &str, max: usize) -> Vec<&str> {
+    let mut out = Vec::new();
+    let mut rest = doc;
+    while rest.len() > max {
+        let mut end = max;
+        while !rest.is_char_boundary(end) {
+            end -= 1;
+        }
+        let head = &rest[..end];
+        let end = head
+            .rfind('\n')
+            .map(|i| i + 1)
+            .or_else(|| head.rfind(char::is_whitespace))
+            .filter(|&i| i > 0)
+            .unwrap_or(end);
+        out.push(&rest[..end]);
+        rest = &rest[end..];
+    }
+    out.push(rest);
+    out
+}
+
 /// Tokenises a text file as documents separated by blank lines, each followed by EOS, concatenated into one
 /// stream and cut into `seq_len` blocks.
 pub fn pack_text(text: &str, tok: &TextTokenizer, seq_len: usize) -> Result<Vec<Example>> {
     let mut ids = Vec::new();
     for doc in text.split("\n\n").map(str::trim).filter(|d| !d.is_empty()) {
-        ids.extend(tok.encode(doc, true)?);
+        for (i, piece) in pieces(doc, PIECE_BYTES).into_iter().enumerate() {
+            // the special tokens (BOS) of the document, once
+            ids.extend(tok.encode(piece, i == 0)?);
+        }
         if let Some(eos) = tok.eos_id() {
             ids.push(eos);
         }
@@ -232,6 +273,41 @@ pub fn pack_text(text: &str, tok: &TextTokenizer, seq_len: usize) -> Result<Vec<
             labels: c.iter().map(|&x| x as i64).collect(),
         })
         .collect())
+}
+
+/// [`labelled`] of as much of `full` as its first `seq_len` tokens can come from: a record far longer than
+/// that is cut first (after the last whitespace before `seq_len` × the longest token's bytes, so the words
+/// kept tokenise as in the whole text), and the cut moves further out while fewer than `seq_len` tokens come
+/// back (a normaliser that drops characters). Says whether the text was cut.
+fn labelled_prefix(
+    tok: &TextTokenizer,
+    full: &str,
+    prompt: &[(usize, usize)],
+    opts: &DataOptions,
+    token_bytes: usize,
+) -> Result<(Example, bool)> {
+    let mut cap = opts
+        .seq_len
+        .saturating_mul(token_bytes)
+        .saturating_add(4096);
+    loop {
+        if full.len() <= cap {
+            return Ok((labelled(tok, full, prompt, opts.train_on_prompt)?, false));
+        }
+        let mut end = cap;
+        while !full.is_char_boundary(end) {
+            end -= 1;
+        }
+        let end = full[..end]
+            .rfind(char::is_whitespace)
+            .filter(|&i| i > 0)
+            .unwrap_or(end);
+        let ex = labelled(tok, &full[..end], prompt, opts.train_on_prompt)?;
+        if ex.ids.len() > opts.seq_len {
+            return Ok((ex, true));
+        }
+        cap = cap.saturating_mul(2);
+    }
 }
 
 /// Token ids of `full` with labels: tokens starting inside a prompt span get -100.

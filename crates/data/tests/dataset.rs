@@ -346,3 +346,45 @@ fn truncated_labels_are_counted_and_refused_when_nothing_is_left() {
         "{line}"
     );
 }
+
+/// A record or document far longer than seq_len costs memory for seq_len tokens, not for the whole text, and
+/// gives the tokens the whole text gives: a 3 MB completion is cut before tokenising (and counted), a 3 MB
+/// text document is tokenised in pieces that join to the whole tokenisation.
+#[test]
+fn long_records_and_documents_tokenise_in_bounded_memory_with_the_same_tokens() {
+    let tok = tokenizer();
+    let words = ["alpha", "river", "stone", "light\n", "seven,", "blue"];
+    let long: String = (0..500_000)
+        .map(|i| words[i % 6])
+        .collect::<Vec<_>>()
+        .join(" ");
+    assert!(long.len() > 3_000_000);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("long.jsonl");
+    let record = serde_json::json!({"prompt": "Tell me:", "completion": format!(" {long}")});
+    std::fs::write(&file, format!("{record}\n")).unwrap();
+    let ds = Dataset::load(&file, &opts(DataFormat::Auto, 64, false), &tok).unwrap();
+    let whole = tok.encode(&format!("Tell me: {long}"), true).unwrap();
+    assert_eq!(ds.examples[0].ids, whole[..64].to_vec());
+    assert_eq!(ds.truncation.examples_cut_before_tokenizing, 1);
+    assert!(ds
+        .truncation
+        .summary(64)
+        .unwrap()
+        .contains("cut before tokenising"));
+    let text = dir.path().join("long.txt");
+    std::fs::write(&text, &long).unwrap();
+    let ds = Dataset::load(&text, &opts(DataFormat::Auto, 64, false), &tok).unwrap();
+    let ids: Vec<u32> = ds.examples.iter().flat_map(|e| e.ids.clone()).collect();
+    let mut want = tok.encode(&long, true).unwrap();
+    want.extend(tok.eos_id());
+    assert_eq!(
+        ids.len(),
+        want.len() / 64 * 64 + usize::from(want.len() % 64 >= 2) * (want.len() % 64)
+    );
+    assert_eq!(
+        ids,
+        want[..ids.len()].to_vec(),
+        "pieces join to the whole tokenisation"
+    );
+}

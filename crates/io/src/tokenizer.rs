@@ -115,6 +115,18 @@ impl TextTokenizer {
         Ok(tok)
     }
 
+    /// The longest token's text in bytes (its vocabulary form, at least the bytes it stands for): a bound on
+    /// how much text a number of tokens covers.
+    pub fn max_token_bytes(&self) -> usize {
+        self.inner
+            .get_vocab(true)
+            .keys()
+            .map(String::len)
+            .max()
+            .unwrap_or(1)
+            .max(1)
+    }
+
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
     }
