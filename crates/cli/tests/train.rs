@@ -306,13 +306,7 @@ fn resume_keeps_the_checkpoint_settings_and_logs_each_step_once() {
     // resumed into the same directory: the same adapter, and steps 3-4 logged once
     run(resume("checkpoint-2", &[]), true);
     assert_eq!(sha(&out.join("adapter_model.safetensors")), want);
-    let steps: Vec<u64> = std::fs::read_to_string(out.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-        .filter(|v| v.get("loss").is_some())
-        .map(|v| v["step"].as_u64().unwrap())
-        .collect();
+    let steps = loss_steps(&out);
     assert_eq!(steps, vec![1, 2, 3, 4]);
     // the data is compared by content: an edited copy is refused, an identical one elsewhere is the same run
     let text = std::fs::read_to_string(data("quickstart-train.jsonl")).unwrap();
@@ -342,10 +336,8 @@ fn resume_keeps_the_checkpoint_settings_and_logs_each_step_once() {
     let mut asked = faster.to_vec();
     asked.push("--override-schedule");
     run(resume("checkpoint-4", &asked), true);
-    let lr7 = std::fs::read_to_string(out.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+    let lr7 = metrics(&out)
+        .iter()
         .find(|v| v["step"] == 7 && v.get("lr").is_some())
         .map(|v| v["lr"].as_f64().unwrap())
         .unwrap();
@@ -528,15 +520,6 @@ fn num_train_epochs_sets_the_length_and_extends_on_resume() {
         assert!(o.status.success(), "{err}");
         (String::from_utf8_lossy(&o.stdout).into_owned(), err)
     };
-    let logged = |out: &std::path::Path| -> Vec<u64> {
-        std::fs::read_to_string(out.join("metrics.jsonl"))
-            .unwrap()
-            .lines()
-            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-            .filter(|v| v.get("loss").is_some())
-            .map(|v| v["step"].as_u64().unwrap())
-            .collect()
-    };
     // 1.5 × 10 examples / 4 per step = 3.75 → 4 steps
     let (stdout, err) = run(args(
         &out,
@@ -544,7 +527,7 @@ fn num_train_epochs_sets_the_length_and_extends_on_resume() {
     ));
     assert!(stdout.contains("trained 4 steps"), "{stdout}");
     assert!(err.contains("num_train_epochs 1.5: 4 steps"), "{err}");
-    assert_eq!(logged(&out), vec![1, 2, 3, 4]);
+    assert_eq!(loss_steps(&out), vec![1, 2, 3, 4]);
     // three epochs from checkpoint-2: 30 / 4 → 8 steps
     let ckpt = out.join("checkpoint-2");
     let (stdout, _) = run(args(
@@ -552,7 +535,7 @@ fn num_train_epochs_sets_the_length_and_extends_on_resume() {
         &["--resume", s(&ckpt), "--num-train-epochs", "3"],
     ));
     assert!(stdout.contains("trained 8 steps"), "{stdout}");
-    assert_eq!(logged(&out), (1..=8).collect::<Vec<_>>());
+    assert_eq!(loss_steps(&out), (1..=8).collect::<Vec<_>>());
     // a positive max_steps wins, as in transformers, and the run says so
     let other = dir.path().join("other");
     let (stdout, err) = run(args(
@@ -604,11 +587,7 @@ fn best_model_at_end_and_early_stopping() {
             "true",
         ],
     );
-    let metrics: Vec<serde_json::Value> = std::fs::read_to_string(out.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let metrics = metrics(&out);
     let vals: Vec<(u64, f64)> = metrics
         .iter()
         .filter_map(|v| Some((v["step"].as_u64()?, v.get("val_loss")?.as_f64()?)))

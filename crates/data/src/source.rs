@@ -285,7 +285,12 @@ fn csv_error(path: &Path, e: csv::Error) -> Error {
 }
 
 /// Rows of a Parquet file as JSON objects (lists of structs, such as `messages`, become arrays of objects).
+/// The `parquet` crate asserts on some malformed files (found by the fuzz harness): its reading is guarded.
 fn parquet_rows(path: &Path, dir: Option<&Path>) -> Result<Vec<Record>> {
+    factune_io::error::guarded(path, || parquet_rows_unguarded(path, dir))?
+}
+
+fn parquet_rows_unguarded(path: &Path, dir: Option<&Path>) -> Result<Vec<Record>> {
     use parquet::file::reader::{FileReader, SerializedFileReader};
     let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     let bad = |e: parquet::errors::ParquetError| {

@@ -388,3 +388,18 @@ fn long_records_and_documents_tokenise_in_bounded_memory_with_the_same_tokens() 
         "pieces join to the whole tokenisation"
     );
 }
+
+/// Parquet files on which the `parquet` crate asserts (found by the fuzz harness, kept in
+/// tests/fixtures/fuzz/) are errors naming the file, not panics.
+#[test]
+fn corrupt_parquet_files_are_errors() {
+    let tok = tokenizer();
+    for name in ["parquet-assert.parquet", "parquet-negative-column.parquet"] {
+        let p = assets().join("../tests/fixtures/fuzz").join(name);
+        let e = Dataset::load(&p, &opts(DataFormat::Auto, 64, false), &tok)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains(name) && e.contains("cannot be read"), "{e}");
+    }
+}

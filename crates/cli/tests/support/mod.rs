@@ -128,3 +128,21 @@ pub fn resume_into(fresh: &Path, ckpt: &Path) {
         &["--resume", s(ckpt)],
     ));
 }
+
+/// The entries of a run's `metrics.jsonl`.
+pub fn metrics(out: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// The steps `metrics.jsonl` logs a training loss for, in order.
+pub fn loss_steps(out: &Path) -> Vec<u64> {
+    metrics(out)
+        .iter()
+        .filter(|v| v.get("loss").is_some())
+        .map(|v| v["step"].as_u64().unwrap())
+        .collect()
+}
