@@ -11,17 +11,27 @@ use std::path::{Path, PathBuf};
 const SAMPLES: u64 = 64;
 const SAMPLE_BYTES: u64 = 64 * 1024;
 
-/// The files of `path`: itself, or a directory's files in name order.
-fn files(path: &Path) -> Result<Vec<PathBuf>> {
+/// The files of `path`: itself, or a directory's files — every one under it when `recursive` (a Hub
+/// dataset's `data/…parquet`) — in path order.
+fn files(path: &Path, recursive: bool) -> Result<Vec<PathBuf>> {
     if !path.is_dir() {
         return Ok(vec![path.to_path_buf()]);
     }
-    let mut out: Vec<PathBuf> = std::fs::read_dir(path)
-        .map_err(|e| Error::io(path, e))?
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.is_file())
-        .collect();
+    let mut out = Vec::new();
+    let mut stack = vec![path.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d)
+            .map_err(|e| Error::io(&d, e))?
+            .flatten()
+        {
+            let p = e.path();
+            if p.is_dir() && recursive {
+                stack.push(p);
+            } else if p.is_file() {
+                out.push(p);
+            }
+        }
+    }
     out.sort();
     Ok(out)
 }
@@ -33,7 +43,7 @@ fn hex(h: Sha256) -> String {
 /// SHA-256 over every byte of a file, or of a directory's files in name order (a Parquet dataset).
 pub fn data_sha256(path: &Path) -> Result<String> {
     let mut h = Sha256::new();
-    for f in files(path)? {
+    for f in files(path, true)? {
         let mut file = std::fs::File::open(&f).map_err(|e| Error::io(&f, e))?;
         std::io::copy(&mut file, &mut h).map_err(|e| Error::io(&f, e))?;
     }
@@ -44,7 +54,7 @@ pub fn data_sha256(path: &Path) -> Result<String> {
 /// header and sampled tensor bytes.
 pub fn model_fingerprint(dir: &Path) -> Result<String> {
     let mut h = Sha256::new();
-    for f in files(dir)? {
+    for f in files(dir, false)? {
         let name = f
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
@@ -104,5 +114,12 @@ mod tests {
         let before = data_sha256(&d).unwrap();
         std::fs::write(&d, "{\"a\":2}").unwrap();
         assert_ne!(before, data_sha256(&d).unwrap());
+        // a dataset directory: files in subdirectories count
+        let ds = dir.path().join("ds");
+        std::fs::create_dir_all(ds.join("data")).unwrap();
+        std::fs::write(ds.join("data/train.parquet"), "1").unwrap();
+        let before = data_sha256(&ds).unwrap();
+        std::fs::write(ds.join("data/train.parquet"), "2").unwrap();
+        assert_ne!(before, data_sha256(&ds).unwrap());
     }
 }
