@@ -92,28 +92,78 @@ fn relora_update_exceeds_the_adapter_rank_where_lora_stays_within_it() {
 #[test]
 fn resume_from_every_checkpoint_matches_the_straight_run() {
     let dir = tempfile::tempdir().unwrap();
-    let cases: [(&str, &[&str], usize); 2] = [
-        (
-            "lora-warmup",
-            &["--warmup-steps", "3", "--save-steps", "1"],
-            5,
-        ),
+    let every = ["--save-steps", "1"];
+    let with = |flags: &'static [&'static str]| -> Vec<&'static str> {
+        flags.iter().chain(&every).copied().collect()
+    };
+    let cases: Vec<(&str, Vec<&str>, usize)> = vec![
+        ("lora-warmup", with(&["--warmup-steps", "3"]), 5),
         (
             "relora",
-            &[
-                "--relora-steps",
-                "3",
-                "--restart-warmup-steps",
-                "1",
-                "--save-steps",
-                "1",
-            ],
+            with(&["--relora-steps", "3", "--restart-warmup-steps", "1"]),
             8,
+        ),
+        // every method, and the schedules and step settings a resume must restore
+        ("vera", with(&["--method", "vera"]), 4),
+        (
+            "rosa",
+            with(&["--method", "rosa", "--sparse-density", "0.01"]),
+            4,
+        ),
+        ("multilora", with(&["--method", "multilora"]), 4),
+        ("glora", with(&["--method", "glora"]), 4),
+        ("mpo", with(&["--method", "mpo", "--bond-dim", "4"]), 4),
+        ("dora", with(&["--use-dora", "true"]), 4),
+        (
+            "rslora-loraplus",
+            with(&["--use-rslora", "true", "--loraplus-lr-ratio", "16"]),
+            4,
+        ),
+        (
+            "linear-accumulation",
+            with(&[
+                "--lr-scheduler-type",
+                "linear",
+                "--warmup-ratio",
+                "0.5",
+                "--gradient-accumulation-steps",
+                "2",
+            ]),
+            4,
+        ),
+        (
+            "constant-checkpointing",
+            with(&[
+                "--lr-scheduler-type",
+                "constant",
+                "--gradient-checkpointing",
+                "true",
+                "--weight-decay",
+                "0.1",
+            ]),
+            4,
+        ),
+        (
+            "best-early-stop",
+            with(&[
+                "--eval-steps",
+                "1",
+                "--load-best-model-at-end",
+                "true",
+                "--early-stopping-patience",
+                "3",
+            ]),
+            4,
+        ),
+        (
+            "embeddings-norms",
+            with(&["--train-embeddings-and-norms", "true"]),
+            4,
         ),
     ];
     for (name, extra, steps) in cases {
         let straight = dir.path().join(name);
-        train(&straight, &steps.to_string(), extra);
+        train(&straight, &steps.to_string(), &extra);
         let result = ["adapter_model.safetensors", "model.safetensors"]
             .into_iter()
             .find(|f| straight.join(f).exists())
