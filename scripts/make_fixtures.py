@@ -138,6 +138,7 @@ def build(out):
     build_eva(out)
     build_untyped(out)
     build_prompt(out)
+    build_merges(out)
     versions["bitsandbytes"] = build_nf4(out)
     versions["tensorly"] = build_mpo(out)
     with open(os.path.join(out, "VERSIONS.json"), "w") as f:
@@ -363,6 +364,76 @@ def build_untyped(out):
     print(f"{name}-untyped: adapter with task_type null")
 
 
+MERGE_SOURCES = {
+    # name: LoRA settings on the fixture Llama (random non-zero B; "e" and "f" are DoRA)
+    "a": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+    "b": dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj"]),
+    "c": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj"]),
+    "d": dict(r=2, lora_alpha=6, target_modules=["q_proj", "v_proj"]),
+    "e": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_dora=True),
+    "f": dict(r=4, lora_alpha=8, target_modules=["v_proj", "down_proj"], use_dora=True),
+}
+
+MERGES = [
+    # (name, sources, combination_type, weights, keyword arguments of add_weighted_adapter)
+    ("linear", "ab", "linear", [0.7, 0.5], {}),
+    ("linear-negative", "ab", "linear", [0.8, -0.4], {}),
+    ("cat", "ab", "cat", [0.7, 0.5], {}),
+    ("ties", "ab", "ties", [0.7, 0.5], {"density": 0.5}),
+    ("ties-frequency", "ab", "ties", [0.7, -0.5], {"density": 0.6, "majority_sign_method": "frequency"}),
+    ("magnitude_prune", "ab", "magnitude_prune", [0.7, 0.5], {"density": 0.4}),
+    ("cat-ranks", "cd", "cat", [1.0, 0.6], {}),
+    ("svd", "cd", "svd", [1.0, 0.6], {}),
+    # no svd_clamp: clamping at a quantile of the entries depends on the SVD's sign choices (LAPACK's here)
+    ("svd-rank", "cd", "svd", [1.0, -0.6], {"svd_rank": 3}),
+    ("ties_svd", "cd", "ties_svd", [1.0, 0.6], {"density": 0.5}),
+    ("magnitude_prune_svd", "cd", "magnitude_prune_svd", [1.0, 0.6], {"density": 0.5}),
+    ("dora-linear", "ef", "linear", [0.7, 0.5], {}),
+    ("dora-cat", "ef", "cat", [0.7, 0.5], {}),
+]
+
+
+def build_merges(out):
+    """PEFT's add_weighted_adapter on saved LoRA/DoRA adapters of the fixture Llama, for every deterministic
+    combination_type: each source adapter as a directory, and per merge its tensors (`NAME/KEY`) and the loss
+    of the base with it. The sources' scalings differ from 1 (and from each other), so a scaling folded in
+    wrongly shows."""
+    from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
+    from transformers import AutoModelForCausalLM
+
+    mdir = os.path.join(out, "llama")
+    ids = input_ids()
+    labels = ids.clone()
+    labels[:, :3] = -100
+    for i, (name, lora) in enumerate(MERGE_SOURCES.items()):
+        set_seed(20 + i)
+        base = AutoModelForCausalLM.from_pretrained(mdir, dtype=torch.float32).eval()
+        cfg = LoraConfig(task_type="CAUSAL_LM", lora_dropout=0.0, init_lora_weights=False, **lora)
+        pm = get_peft_model(base, cfg)
+        with torch.no_grad():
+            for pname, p in pm.named_parameters():
+                if "lora_magnitude_vector" in pname:
+                    p.mul_(1.0 + 0.1 * torch.randn_like(p))
+        pm.peft_config["default"].init_lora_weights = True  # as a trained adapter's config says
+        pm.save_pretrained(os.path.join(out, f"llama-merge-{name}"))
+    ref = {"input_ids": ids.clone(), "labels": labels.clone()}
+    for name, sources, combination, weights, kwargs in MERGES:
+        base = AutoModelForCausalLM.from_pretrained(mdir, dtype=torch.float32).eval()
+        pm = PeftModel.from_pretrained(base, os.path.join(out, f"llama-merge-{sources[0]}"), adapter_name=sources[0])
+        for s in sources[1:]:
+            pm.load_adapter(os.path.join(out, f"llama-merge-{s}"), adapter_name=s)
+        pm.add_weighted_adapter(list(sources), weights, name, combination_type=combination, **kwargs)
+        pm.set_adapter(name)
+        pm.eval()
+        with torch.no_grad():
+            loss = pm(input_ids=ids, labels=labels).loss
+        ref[f"{name}/loss"] = loss.reshape(1).float()
+        for k, v in get_peft_model_state_dict(pm, adapter_name=name).items():
+            ref[f"{name}/{k}"] = v.detach().float().contiguous()
+        print(f"merge {name}: {combination} of {sources}, loss {loss.item():.6f}")
+    save_file({k: v.clone().contiguous() for k, v in ref.items()}, os.path.join(out, "llama-merge-reference.safetensors"))
+
+
 def build_nf4(out):
     """NF4 codes and scales from bitsandbytes, plain and double-quantised, for three matrices: whole blocks; an odd element count with a
     partial last block; and heavy tails spanning two double-quantisation groups. The dequantised references use
@@ -521,44 +592,28 @@ def verify(model_dir, adapter_dir, expect):
 def main():
     ap = argparse.ArgumentParser()
     sub = ap.add_subparsers(dest="cmd", required=True)
-    b = sub.add_parser("build")
-    b.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures"))
-    n = sub.add_parser("build-nf4", help="only the bitsandbytes NF4 fixture")
-    n.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures"))
-    e2 = sub.add_parser("build-eva", help="only the PEFT EVA fixture")
-    e2.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures"))
-    a2 = sub.add_parser("build-adalora", help="only the PEFT AdaLoRA fixture")
-    a2.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures"))
-    v2 = sub.add_parser("build-vera", help="only the PEFT VeRA fixtures")
-    v2.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures"))
-    u2 = sub.add_parser("build-untyped", help="only the PEFT adapter with task_type null")
-    u2.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures"))
-    p2 = sub.add_parser("build-prompt", help="only the PEFT prompt-family fixtures")
-    p2.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures"))
-    t = sub.add_parser("build-mpo", help="only the tensorly TT-SVD fixture")
-    t.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures"))
+    only = {
+        "build": (build, "every fixture"),
+        "build-nf4": (build_nf4, "only the bitsandbytes NF4 fixture"),
+        "build-eva": (build_eva, "only the PEFT EVA fixture"),
+        "build-adalora": (build_adalora, "only the PEFT AdaLoRA fixture"),
+        "build-vera": (build_vera, "only the PEFT VeRA fixtures"),
+        "build-untyped": (build_untyped, "only the PEFT adapter with task_type null"),
+        "build-prompt": (build_prompt, "only the PEFT prompt-family fixtures"),
+        "build-merges": (build_merges, "only the PEFT add_weighted_adapter fixtures"),
+        "build-mpo": (build_mpo, "only the tensorly TT-SVD fixture"),
+    }
+    for cmd, (_, help_) in only.items():
+        p = sub.add_parser(cmd, help=help_)
+        p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures"))
     v = sub.add_parser("verify")
     v.add_argument("--model", required=True)
     v.add_argument("--adapter")
     v.add_argument("--expect", required=True)
     a = ap.parse_args()
     torch.use_deterministic_algorithms(True)
-    if a.cmd == "build":
-        build(a.out)
-    elif a.cmd == "build-nf4":
-        build_nf4(a.out)
-    elif a.cmd == "build-mpo":
-        build_mpo(a.out)
-    elif a.cmd == "build-vera":
-        build_vera(a.out)
-    elif a.cmd == "build-adalora":
-        build_adalora(a.out)
-    elif a.cmd == "build-untyped":
-        build_untyped(a.out)
-    elif a.cmd == "build-prompt":
-        build_prompt(a.out)
-    elif a.cmd == "build-eva":
-        build_eva(a.out)
+    if a.cmd in only:
+        only[a.cmd][0](a.out)
     else:
         verify(a.model, a.adapter, a.expect)
 

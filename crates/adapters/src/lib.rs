@@ -24,6 +24,7 @@ pub mod registry;
 pub mod rosa;
 pub mod targets;
 pub mod vera;
+pub mod weighted;
 
 pub use config::{AdapterConfig, RankEntry, TargetModules};
 pub use method_config::MethodConfig;

@@ -16,7 +16,7 @@ use std::path::Path;
 
 pub const CONFIG_FILE: &str = "adapter_config.json";
 pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
-const KEY_PREFIX: &str = "base_model.model.";
+pub const KEY_PREFIX: &str = "base_model.model.";
 
 /// Wraps every targeted linear layer with a freshly initialised adapter, or gives the model a prompt adapter.
 /// The RNG is seeded here, before any adapter is created, so the same seed gives the same adapter. Returns the
@@ -189,7 +189,19 @@ pub fn write_tensors(
 /// killed in between leaves weights without a config (refused as incomplete), never new weights beside an
 /// old config.
 fn write(model: &Model, cfg: &AdapterConfig, bytes: &[u8], dir: &Path) -> Result<()> {
-    let config = saved_config(model, cfg).to_json()?;
+    write_pair(&saved_config(model, cfg).to_json()?, bytes, dir)
+}
+
+/// Writes an adapter built outside a model (a combination of adapters): `cfg` as given, then the tensors.
+pub fn write_built(
+    cfg: &AdapterConfig,
+    tensors: BTreeMap<String, Tensor>,
+    dir: &Path,
+) -> Result<()> {
+    write_pair(&cfg.to_json()?, &tensors_bytes(tensors)?, dir)
+}
+
+fn write_pair(config: &str, bytes: &[u8], dir: &Path) -> Result<()> {
     let old = dir.join(CONFIG_FILE);
     if old.exists() {
         std::fs::remove_file(&old).map_err(|e| Error::io(&old, e))?;
