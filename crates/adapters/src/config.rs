@@ -108,18 +108,15 @@ pub struct AdapterConfig {
     pub method: MethodConfig,
 }
 
-/// Keys PEFT writes that factune reads without acting on them when they hold their default (null, empty, false).
-const KNOWN_INERT: &[&str] = &[
-    "auto_mapping",
-    "peft_version",
+/// Keys of PEFT features factune does not implement: read when they hold their default (null, empty,
+/// false), refused otherwise (the adapter would not be what PEFT builds).
+const FEATURES_OFF: &[&str] = &[
     "megatron_config",
-    "megatron_core",
     "lora_bias",
     "eva_config",
     "corda_config",
     "layer_replication",
     "use_qalora",
-    "qalora_group_size",
     "trainable_token_indices",
     "target_parameters",
     "alora_invocation_tokens",
@@ -130,6 +127,15 @@ const KNOWN_INERT: &[&str] = &[
     "monteclora_config",
     "use_bdlora",
     "velora_config",
+];
+
+/// Keys PEFT writes that describe, not define, the adapter: the version that wrote it, the class mapping of a
+/// custom model, Megatron's module path and QALoRA's group size (used only with `use_qalora`).
+const METADATA: &[&str] = &[
+    "peft_version",
+    "auto_mapping",
+    "megatron_core",
+    "qalora_group_size",
 ];
 
 fn is_default(v: &Value) -> bool {
@@ -270,21 +276,16 @@ impl AdapterConfig {
             own.push(k.name.to_string());
             own.extend(k.aliases.iter().map(|a| a.to_string()));
         }
+        // skipped when unset, so not among the default's keys
+        own.push("exclude_modules".into());
         for (k, v) in map {
-            if own.contains(k) {
+            if own.contains(k) || METADATA.contains(&k.as_str()) {
                 continue;
             }
-            if KNOWN_INERT.contains(&k.as_str()) && is_default(v) {
-                continue;
-            }
-            if [
-                "eva_config",
-                "corda_config",
-                "layer_replication",
-                "lora_bias",
-            ]
-            .contains(&k.as_str())
-            {
+            if FEATURES_OFF.contains(&k.as_str()) {
+                if is_default(v) {
+                    continue;
+                }
                 return Err(Error::invalid(
                     path,
                     format!("`{k}: {v}` is not supported by factune yet"),
@@ -357,5 +358,35 @@ impl AdapterConfig {
             }
         }
         serde_json::to_string_pretty(&v).map_err(|e| Error::config(format!("adapter config: {e}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn read(json: &str) -> Result<AdapterConfig> {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("adapter_config.json");
+        std::fs::write(&p, json).unwrap();
+        AdapterConfig::from_file(&p)
+    }
+
+    #[test]
+    fn peft_metadata_reads_and_features_in_use_are_refused() {
+        let cfg = read(
+            r#"{"peft_type": "LORA", "r": 4, "peft_version": "0.21.2", "megatron_core": "megatron.core",
+                "qalora_group_size": 16, "exclude_modules": null, "use_qalora": false}"#,
+        )
+        .unwrap();
+        assert_eq!(cfg.r, 4);
+        let err = read(r#"{"peft_type": "LORA", "use_qalora": true}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("`use_qalora: true` is not supported"), "{err}");
+        let err = read(r#"{"peft_type": "LORA", "trainable_token_indices": [1, 2]}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("trainable_token_indices"), "{err}");
     }
 }

@@ -581,8 +581,8 @@ fn drop_random(t: &[f32], density: f64, rng: &mut ChaCha8Rng) -> Vec<f32> {
 }
 
 /// The first source's config with PEFT's changes (rank, `lora_alpha = r`, no patterns, rsLoRA off), and
-/// targets that select exactly the modules written: their names, under the first source's layer selection
-/// where that selects the same modules, else a regex of their paths.
+/// targets that select exactly the modules written: their names under the first source's layer selection,
+/// else their names on every layer, else a regex of their paths.
 fn combined_config(
     model: &Model,
     first: &AdapterConfig,
@@ -614,13 +614,22 @@ fn combined_config(
             .map(|l| l.path.clone())
             .collect())
     };
-    let got = selects(&cfg)?;
-    if got.iter().map(String::as_str).collect::<BTreeSet<_>>() != wanted {
-        let alternatives: Vec<String> = wanted.iter().map(|p| regex::escape(p)).collect();
-        cfg.target_modules = TargetModules::Pattern(alternatives.join("|"));
+    let exact = |cfg: &AdapterConfig| -> Result<bool> {
+        Ok(selects(cfg)?
+            .iter()
+            .map(String::as_str)
+            .collect::<BTreeSet<_>>()
+            == wanted)
+    };
+    if !exact(&cfg)? {
+        // the names on every layer, else the paths themselves
         cfg.layers_to_transform = None;
         cfg.layers_pattern = None;
         cfg.exclude_modules = None;
+        if !exact(&cfg)? {
+            let paths: Vec<String> = wanted.iter().map(|p| regex::escape(p)).collect();
+            cfg.target_modules = TargetModules::Pattern(paths.join("|"));
+        }
     }
     cfg.inference_mode = serde_json::Value::Bool(true);
     Ok(cfg)

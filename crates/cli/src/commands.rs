@@ -326,7 +326,7 @@ pub fn pretrain(
 
 /// An output directory that is not the model's and does not contain it: writing there would replace the base
 /// model's own files (a full fine-tune or a merge writes `model.safetensors`).
-fn outside_model(output: &Path, model: &Path) -> Result<()> {
+pub fn outside_model(output: &Path, model: &Path) -> Result<()> {
     // Where the output would be once created: its nearest existing ancestor, resolved, plus the rest.
     fn resolved(p: &Path) -> PathBuf {
         let mut missing = Vec::new();

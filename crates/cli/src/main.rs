@@ -2,6 +2,7 @@
 
 mod bench;
 mod commands;
+mod compose;
 mod flags;
 mod plot;
 mod progress;
@@ -158,6 +159,9 @@ enum Command {
         #[arg(long, value_parser = ["quantized", "original"], default_value = "quantized")]
         merge_into: String,
     },
+    /// Combine LoRA adapters into one PEFT-format adapter, as PEFT's add_weighted_adapter does (linear, cat,
+    /// svd, ties, dare_*, magnitude_prune*)
+    MergeAdapters(Box<compose::MergeAdaptersArgs>),
     /// Write a 4-bit NF4 copy of a model in bitsandbytes' layout (train, eval and generate load it directly)
     Quantize {
         /// A local Hugging Face model directory
@@ -379,6 +383,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             commands::merge(&model, &output, verify)
         }
+        Command::MergeAdapters(args) => compose::merge_adapters(&args),
         Command::Quantize {
             dir,
             output,

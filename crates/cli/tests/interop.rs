@@ -3,7 +3,8 @@
 //!     cargo test -p factune --test interop -- --ignored
 //!     python scripts/make_fixtures.py verify --model assets/default-model \
 //!         --adapter target/peft-interop/default/adapter --expect target/peft-interop/default/expect.safetensors
-//!     (and likewise for target/peft-interop/default-pissa, default-vera, default-prompt, default-ptuning, default-prefix, default-dora, default-patterns, default-layers, default-eva and default-adalora on assets/default-model, and tests/fixtures/llama and tests/fixtures/gpt2 with target/peft-interop/{llama,gpt2});
+//!     (and likewise for target/peft-interop/default-pissa, default-vera, default-prompt, default-ptuning, default-prefix, default-dora, default-patterns, default-layers, default-eva, default-adalora and default-merge-ties on assets/default-model,
+//!     llama-merge-dora-svd on tests/fixtures/llama, and tests/fixtures/llama and tests/fixtures/gpt2 with target/peft-interop/{llama,gpt2});
 //!     (and tests/fixtures/{llama,gpt2} with target/peft-interop/{llama,gpt2}-{prompt,prefix}_tuning);
 //!     python scripts/make_fixtures.py verify --model target/peft-interop/gpt2/merged \
 //!         --expect target/peft-interop/gpt2/expect.safetensors      (a merged checkpoint, transformers alone)
@@ -135,6 +136,54 @@ fn export_for_peft() {
         assert!(status.success());
         let mut model = Model::load(&repo().join("assets/default-model"), &Device::Cpu).unwrap();
         peft::load(&mut model, &adapter, false).unwrap();
+        write_expect(&model, &dir);
+    }
+
+    // 1b. Combinations by `factune merge-adapters`: two of the adapters above, one limited to layer 0 (so the
+    //     combined targets are written as a regex of the module paths), and PEFT's DoRA fixtures.
+    let fixtures = repo().join("tests/fixtures");
+    for (sub, base, sources, extra) in [
+        (
+            "default-merge-ties",
+            repo().join("assets/default-model"),
+            [
+                out.join("default-layers/adapter"),
+                out.join("default/adapter"),
+            ],
+            &[
+                "--combination",
+                "ties",
+                "--density",
+                "0.6",
+                "--weights",
+                "0.8,-0.5",
+            ][..],
+        ),
+        (
+            "llama-merge-dora-svd",
+            fixtures.join("llama"),
+            [
+                fixtures.join("llama-merge-e"),
+                fixtures.join("llama-merge-f"),
+            ],
+            &["--combination", "svd", "--weights", "0.7,0.5"][..],
+        ),
+    ] {
+        let dir = out.join(sub);
+        let _ = std::fs::remove_dir_all(&dir);
+        let adapters = format!("{},{}", sources[0].display(), sources[1].display());
+        let status = Command::new(env!("CARGO_BIN_EXE_factune"))
+            .args(["merge-adapters", "--model"])
+            .arg(&base)
+            .args(["--adapters", &adapters])
+            .arg("--output")
+            .arg(dir.join("adapter"))
+            .args(extra)
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let mut model = Model::load(&base, &Device::Cpu).unwrap();
+        peft::load(&mut model, &dir.join("adapter"), false).unwrap();
         write_expect(&model, &dir);
     }
 

@@ -1,0 +1,163 @@
+//! `factune merge-adapters` through the CLI: adapters trained on the embedded model combined, and bad input
+//! refused before any work.
+
+mod support;
+
+use std::path::Path;
+use support::*;
+
+fn perplexity(adapter: &Path) -> f64 {
+    let text = adapter.with_extension("txt");
+    let all = std::fs::read_to_string(data("pretrain.txt")).unwrap();
+    std::fs::write(&text, all.chars().take(2000).collect::<String>()).unwrap();
+    let j = ok_json(&eval_args(
+        &model(),
+        Some(adapter),
+        &text,
+        &["--json", "--seq-len", "64"],
+    ));
+    j["perplexity"].as_f64().unwrap()
+}
+
+fn merge(adapters: &str, weights: &str, out: &Path, extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "merge-adapters",
+        "--model",
+        s(&model()),
+        "--adapters",
+        adapters,
+        "--weights",
+        weights,
+        "--output",
+        s(out),
+    ]
+    .map(String::from)
+    .to_vec();
+    args.extend(extra.iter().map(|e| e.to_string()));
+    args
+}
+
+fn run(args: &[String]) -> String {
+    ok(&args.iter().map(String::as_str).collect::<Vec<_>>())
+}
+
+fn refused(args: &[String]) -> String {
+    fails(&args.iter().map(String::as_str).collect::<Vec<_>>())
+}
+
+#[test]
+fn combined_adapters_load_and_reduce_to_their_source() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    train(&a, "3", &[]);
+    train(&b, "3", &["--seed", "7"]);
+    let ab = format!("{},{}", s(&a), s(&b));
+    // cat with weights (1, 0) is adapter a itself; so is a single adapter at weight 1
+    let cat = dir.path().join("cat");
+    let said = run(&merge(&ab, "1,-0", &cat, &["--combination", "cat"]));
+    assert!(said.contains("by cat") && said.contains("r = 8"), "{said}");
+    let one = dir.path().join("one");
+    run(&merge(
+        s(&a),
+        "1",
+        &one,
+        &["--combination", "ties", "--density", "0.5"],
+    ));
+    let alone = perplexity(&a);
+    for p in [perplexity(&cat), perplexity(&one)] {
+        assert!((p - alone).abs() < 1e-4 * alone, "{p} against {alone}");
+    }
+    // an equal-weight mix differs from both sources; DARE with the same seed is reproducible
+    let mix = dir.path().join("mix");
+    run(&merge(
+        &ab,
+        "0.5,0.5",
+        &mix,
+        &[
+            "--combination",
+            "dare_ties",
+            "--density",
+            "0.7",
+            "--seed",
+            "3",
+        ],
+    ));
+    let again = dir.path().join("again");
+    run(&merge(
+        &ab,
+        "0.5,0.5",
+        &again,
+        &[
+            "--combination",
+            "dare_ties",
+            "--density",
+            "0.7",
+            "--seed",
+            "3",
+        ],
+    ));
+    let f = "adapter_model.safetensors";
+    assert_eq!(sha(&mix.join(f)), sha(&again.join(f)));
+    assert!((perplexity(&mix) - alone).abs() > 1e-6);
+    // the output is never written over
+    let err = refused(&merge(&ab, "0.5,0.5", &mix, &["--combination", "linear"]));
+    assert!(err.contains("already holds an adapter"), "{err}");
+    let err = refused(&merge(&ab, "0.5,0.5", &a, &["--combination", "linear"]));
+    assert!(err.contains("is the source adapter"), "{err}");
+
+    // bad input, each named
+    let out = dir.path().join("bad");
+    let cases: [(&str, &str, &[&str], &str); 6] = [
+        (&ab, "1", &[], "1 weights for 2 adapters"),
+        (
+            &ab,
+            "1,1",
+            &["--combination", "ties", "--density", "1.5"],
+            "density 1.5",
+        ),
+        (&ab, "1,1", &["--combination", "ties"], "needs `density`"),
+        (
+            &ab,
+            "1,1",
+            &["--combination", "cat", "--svd-rank", "4"],
+            "not by cat",
+        ),
+        (
+            &ab,
+            "1,1",
+            &["--combination", "average"],
+            "expected one of linear, cat, svd",
+        ),
+        (&ab, "1,nan", &[], "expected a finite number"),
+    ];
+    for (adapters, weights, extra, want) in cases {
+        let err = refused(&merge(adapters, weights, &out, extra));
+        assert!(err.contains(want), "{want}: {err}");
+    }
+    // an adapter of another base (by its config), and one of another method
+    let other = dir.path().join("other");
+    std::fs::create_dir_all(&other).unwrap();
+    for f in ["adapter_model.safetensors", "adapter_config.json"] {
+        std::fs::copy(b.join(f), other.join(f)).unwrap();
+    }
+    let cfg = other.join("adapter_config.json");
+    let mut j: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
+    j["base_model_name_or_path"] = "Qwen/Qwen2.5-0.5B".into();
+    std::fs::write(&cfg, j.to_string()).unwrap();
+    let err = refused(&merge(
+        &format!("{},{}", s(&a), s(&other)),
+        "1,1",
+        &out,
+        &[],
+    ));
+    assert!(
+        err.contains("was trained on") && err.contains("Qwen2.5-0.5B"),
+        "{err}"
+    );
+    let vera = dir.path().join("vera");
+    train(&vera, "2", &["--method", "vera"]);
+    let err = refused(&merge(&format!("{},{}", s(&a), s(&vera)), "1,1", &out, &[]));
+    assert!(err.contains("a VERA adapter: only LoRA adapters"), "{err}");
+    assert!(!out.exists(), "nothing written for refused input");
+}
