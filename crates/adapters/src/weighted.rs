@@ -369,6 +369,94 @@ pub fn combine(model: &Model, sources: &[Source], spec: &Weighting) -> Result<Co
     })
 }
 
+/// LoraHub's composition (Huang et al. 2023): `A = Σ wᵢAᵢ`, `B = Σ wᵢBᵢ` per module — the factors, not the
+/// products — for sources with the same modules, ranks and scalings (checked by [`check_composable`]).
+pub fn compose_factors(
+    sources: &[Source],
+    weights: &[f64],
+) -> Result<BTreeMap<String, (Tensor, Tensor)>> {
+    let mut out = BTreeMap::new();
+    for (path, f0) in &sources[0].layers {
+        let (mut a, mut b) = ((&f0.a * weights[0])?, (&f0.b * weights[0])?);
+        for (s, &w) in sources.iter().zip(weights).skip(1) {
+            let f = &s.layers[path];
+            a = (a + (&f.a * w)?)?;
+            b = (b + (&f.b * w)?)?;
+        }
+        out.insert(path.clone(), (a, b));
+    }
+    Ok(out)
+}
+
+/// Whether LoraHub can compose `sources`: plain LoRA (DoRA magnitudes do not compose), the same modules, and per
+/// module the same rank and scaling.
+pub fn check_composable(sources: &[Source]) -> Result<()> {
+    let first = &sources[0];
+    for s in sources {
+        if s.config.use_dora {
+            return Err(Error::config(format!(
+                "{}: a DoRA adapter; LoraHub composes plain LoRA factors (DoRA's magnitudes do not add up)",
+                s.dir.display()
+            )));
+        }
+        let (ours, theirs): (BTreeSet<&String>, BTreeSet<&String>) =
+            (first.layers.keys().collect(), s.layers.keys().collect());
+        if let Some(p) = ours.symmetric_difference(&theirs).next() {
+            return Err(Error::config(format!(
+                "{p} is adapted in only one of {} and {}: LoraHub needs adapters of the same modules",
+                first.dir.display(),
+                s.dir.display()
+            )));
+        }
+        for (p, f) in &s.layers {
+            let f0 = &first.layers[p];
+            if f.a.dims() != f0.a.dims() || (f.scaling - f0.scaling).abs() > 1e-12 {
+                return Err(Error::config(format!(
+                    "{p}: rank {} and scaling {} in {}, rank {} and scaling {} in {}: LoraHub needs one rank \
+                     and lora_alpha across the adapters",
+                    f0.a.dims()[0],
+                    f0.scaling,
+                    first.dir.display(),
+                    f.a.dims()[0],
+                    f.scaling,
+                    s.dir.display()
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Puts plain LoRA adapters with these factors on the model's modules (replacing any), scaled by each
+/// module's scaling in `like`; used to evaluate a composition without writing it.
+pub fn install(
+    model: &mut Model,
+    like: &Source,
+    factors: &BTreeMap<String, (Tensor, Tensor)>,
+) -> Result<()> {
+    for l in model.linears_mut() {
+        if let Some((a, b)) = factors.get(&l.path) {
+            l.adapter = Some(Box::new(Lora {
+                a: Var::from_tensor(a)?,
+                b: Var::from_tensor(b)?,
+                scale: like.layers[&l.path].scaling,
+                dropout: 0.0,
+            }));
+        }
+    }
+    Ok(())
+}
+
+/// The tensors (PEFT keys) of composed factors.
+pub fn factor_tensors(factors: BTreeMap<String, (Tensor, Tensor)>) -> BTreeMap<String, Tensor> {
+    let mut out = BTreeMap::new();
+    for (path, (a, b)) in factors {
+        out.insert(format!("{KEY_PREFIX}{path}.lora_A.weight"), a);
+        out.insert(format!("{KEY_PREFIX}{path}.lora_B.weight"), b);
+    }
+    out
+}
+
 /// `cat`: `[w₁s₁A₁; w₂s₂A₂; …]` and `[B₁ B₂ …]`, zero-padded to `rank` where a module lacks some sources.
 fn stack(present: &[(&Source, &Factors, f64)], rank: usize) -> Result<(Tensor, Tensor)> {
     let mut a = Vec::new();

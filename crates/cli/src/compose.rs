@@ -1,5 +1,6 @@
-//! `factune merge-adapters`: several LoRA adapters combined into one PEFT-format adapter
-//! (`factune_adapters::weighted`, PEFT's `add_weighted_adapter`).
+//! Several LoRA adapters made into one PEFT-format adapter: `factune merge-adapters` (PEFT's
+//! `add_weighted_adapter`, `factune_adapters::weighted`) and `factune lorahub` (weights searched on a few
+//! examples, `factune_eval::lorahub`).
 
 use crate::commands::outside_model;
 use anyhow::{bail, Result};
@@ -67,21 +68,7 @@ pub fn merge_adapters(args: &MergeAdaptersArgs) -> Result<()> {
         .map(|d| weighted::source_config(d))
         .collect::<factune_io::Result<Vec<_>>>()?;
     same_base(&args.adapters, &configs)?;
-    outside_model(&args.output, &args.model)?;
-    if let Some(a) = args.adapters.iter().find(|a| same_dir(a, &args.output)) {
-        bail!(
-            "--output {} is the source adapter {}: write the combination elsewhere",
-            args.output.display(),
-            a.display()
-        );
-    }
-    if args.output.join(peft::CONFIG_FILE).exists() || args.output.join(peft::WEIGHTS_FILE).exists()
-    {
-        bail!(
-            "--output {} already holds an adapter: choose another directory or remove it",
-            args.output.display()
-        );
-    }
+    fresh_output(&args.output, &args.model, &args.adapters)?;
     let c = spec.effective(args.adapters.len());
     if c != args.combination {
         eprintln!(
@@ -149,6 +136,147 @@ fn same_base(dirs: &[PathBuf], configs: &[factune_adapters::AdapterConfig]) -> R
             dirs[named[0].0].display(),
             named[0].1,
             dirs[*i].display()
+        );
+    }
+    Ok(())
+}
+
+#[derive(clap::Args)]
+pub struct LorahubArgs {
+    /// The base model the adapters were trained on
+    #[arg(long, value_parser = factune_io::hub::resolve_model)]
+    pub model: PathBuf,
+    /// The LoRA adapters to weigh (same modules, rank and lora_alpha), comma-separated
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub adapters: Vec<PathBuf>,
+    /// The new task's few examples (any training data format; the loss counts their answers)
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Directory for the composed adapter and lorahub.json
+    #[arg(long)]
+    pub output: PathBuf,
+    /// Objective evaluations (each one forward pass over the examples)
+    #[arg(long, default_value_t = 40)]
+    pub budget: usize,
+    /// Weight of the L1 penalty on the weights, l1 · mean|w|
+    #[arg(long, default_value_t = 0.05)]
+    pub l1: f64,
+    /// Weights stay within [-bound, bound]
+    #[arg(long, default_value_t = 1.5)]
+    pub bound: f64,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[arg(long, default_value_t = 512)]
+    pub seq_len: usize,
+    #[arg(long, default_value_t = 4)]
+    pub batch_size: usize,
+}
+
+pub fn lorahub(args: &LorahubArgs) -> Result<()> {
+    use factune_eval::lorahub::{search, HubOptions};
+    let opts = HubOptions {
+        budget: args.budget,
+        l1: args.l1,
+        bound: args.bound,
+        seed: args.seed,
+        batch: args.batch_size,
+    };
+    if args.adapters.len() < 2 {
+        bail!("--adapters: LoraHub weighs at least two adapters");
+    }
+    let configs = args
+        .adapters
+        .iter()
+        .map(|d| weighted::source_config(d))
+        .collect::<factune_io::Result<Vec<_>>>()?;
+    same_base(&args.adapters, &configs)?;
+    fresh_output(&args.output, &args.model, &args.adapters)?;
+    let tok = factune_io::TextTokenizer::from_dir(&args.model)?;
+    let mut model = Model::load(&args.model, &Device::Cpu)?;
+    let data = factune_data::Dataset::load(
+        &args.data,
+        &factune_data::DataOptions::eval(args.seq_len.min(model.max_positions())),
+        &tok,
+    )?;
+    let mut sources = Vec::new();
+    for (dir, cfg) in args.adapters.iter().zip(configs) {
+        sources.push(weighted::read_source(&mut model, dir, cfg)?);
+    }
+    let bar = if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        indicatif::ProgressBar::new(args.budget as u64)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} evaluations [{elapsed_precise}<{eta_precise}] {msg}",
+        )
+        .expect("static template"),
+    );
+    let pad = factune_data::pad_id(&tok);
+    let (best, evals) = search(
+        &mut model,
+        &sources,
+        &data.examples,
+        pad,
+        &opts,
+        |i, e, b| {
+            let line = format!(
+                "loss {:.4} best {:.4} (objective {:.4})",
+                e.loss, b.loss, b.objective
+            );
+            if bar.is_hidden() {
+                eprintln!("evaluation {}/{}: {line}", i + 1, args.budget);
+            }
+            bar.set_message(line);
+            bar.inc(1);
+        },
+    )?;
+    bar.finish_and_clear();
+    let factors = weighted::compose_factors(&sources, &best.weights)?;
+    let mut cfg = sources[0].config.clone();
+    cfg.inference_mode = serde_json::Value::Bool(true);
+    std::fs::create_dir_all(&args.output).map_err(|e| factune_io::Error::io(&args.output, e))?;
+    peft::write_built(&cfg, weighted::factor_tensors(factors), &args.output)?;
+    let record = serde_json::json!({
+        "adapters": args.adapters,
+        "weights": best.weights,
+        "loss": best.loss,
+        "objective": best.objective,
+        "examples": data.examples.len(),
+        "budget": args.budget, "l1": args.l1, "bound": args.bound, "seed": args.seed,
+        "evaluations": evals,
+    });
+    factune_io::atomic::write_atomic(
+        &args.output.join("lorahub.json"),
+        serde_json::to_string_pretty(&record)?.as_bytes(),
+    )?;
+    println!(
+        "LoraHub over {} adapters, {} evaluations on {} examples: loss {:.4} with weights [{}]; composed adapter in {}",
+        sources.len(),
+        evals.len(),
+        data.examples.len(),
+        best.loss,
+        best.weights.iter().map(|w| format!("{w:.3}")).collect::<Vec<_>>().join(", "),
+        args.output.display()
+    );
+    Ok(())
+}
+
+/// The output may not be the model, a source, or a directory already holding an adapter.
+fn fresh_output(output: &Path, model: &Path, adapters: &[PathBuf]) -> Result<()> {
+    outside_model(output, model)?;
+    if let Some(a) = adapters.iter().find(|a| same_dir(a, output)) {
+        bail!(
+            "--output {} is the source adapter {}: write the result elsewhere",
+            output.display(),
+            a.display()
+        );
+    }
+    if output.join(peft::CONFIG_FILE).exists() || output.join(peft::WEIGHTS_FILE).exists() {
+        bail!(
+            "--output {} already holds an adapter: choose another directory or remove it",
+            output.display()
         );
     }
     Ok(())

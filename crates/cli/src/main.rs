@@ -162,6 +162,9 @@ enum Command {
     /// Combine LoRA adapters into one PEFT-format adapter, as PEFT's add_weighted_adapter does (linear, cat,
     /// svd, ties, dare_*, magnitude_prune*)
     MergeAdapters(Box<compose::MergeAdaptersArgs>),
+    /// Compose LoRA adapters for a new task from a few examples (LoraHub: weights found by CMA-ES on the
+    /// few-shot loss, no gradients)
+    Lorahub(Box<compose::LorahubArgs>),
     /// Write a 4-bit NF4 copy of a model in bitsandbytes' layout (train, eval and generate load it directly)
     Quantize {
         /// A local Hugging Face model directory
@@ -384,6 +387,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             commands::merge(&model, &output, verify)
         }
         Command::MergeAdapters(args) => compose::merge_adapters(&args),
+        Command::Lorahub(args) => compose::lorahub(&args),
         Command::Quantize {
             dir,
             output,

@@ -161,3 +161,103 @@ fn combined_adapters_load_and_reduce_to_their_source() {
     assert!(err.contains("a VERA adapter: only LoRA adapters"), "{err}");
     assert!(!out.exists(), "nothing written for refused input");
 }
+
+#[test]
+fn lorahub_weighs_the_adapter_of_the_task_and_writes_what_it_scored() {
+    let dir = tempfile::tempdir().unwrap();
+    let train_task = |task: &str| {
+        let out = dir.path().join(task);
+        ok(&train_args(
+            s(&model()),
+            s(&data(&format!("{task}-train.jsonl"))),
+            s(&out),
+            &[
+                "--max-steps",
+                "30",
+                "--r",
+                "4",
+                "--target-modules",
+                "q_proj,v_proj",
+                "--learning-rate",
+                "3e-3",
+            ],
+        ));
+        out
+    };
+    let (qs, rev) = (train_task("quickstart"), train_task("reverse"));
+    let few = dir.path().join("few.jsonl");
+    let valid = std::fs::read_to_string(data("reverse-valid.jsonl")).unwrap();
+    std::fs::write(&few, valid.lines().take(5).collect::<Vec<_>>().join("\n")).unwrap();
+    let hub = |out: &Path| {
+        ok(&[
+            "lorahub",
+            "--model",
+            s(&model()),
+            "--adapters",
+            &format!("{},{}", s(&qs), s(&rev)),
+            "--data",
+            s(&few),
+            "--output",
+            s(out),
+            "--budget",
+            "16",
+            "--seed",
+            "1",
+        ]);
+        let j: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("lorahub.json")).unwrap())
+                .unwrap();
+        j
+    };
+    let (out, again) = (dir.path().join("hub"), dir.path().join("again"));
+    let j = hub(&out);
+    let evals = j["evaluations"].as_array().unwrap();
+    assert_eq!(evals.len(), 16);
+    let best = j["objective"].as_f64().unwrap();
+    assert!(evals
+        .iter()
+        .all(|e| e["objective"].as_f64().unwrap() >= best));
+    let w: Vec<f64> = j["weights"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect();
+    assert!(w.iter().all(|x| x.abs() <= 1.5), "{w:?}");
+    assert!(
+        w[1] > w[0],
+        "the reversal adapter should weigh more on reversal examples: {w:?}"
+    );
+    // the written composition scores what the search scored, and beats the base
+    let ppl = |adapter: Option<&Path>| {
+        ok_json(&eval_args(
+            &model(),
+            adapter,
+            &few,
+            &["--json", "--task", "perplexity"],
+        ))["loss"]
+            .as_f64()
+            .unwrap()
+    };
+    let loss = j["loss"].as_f64().unwrap();
+    assert!(
+        (ppl(Some(&out)) - loss).abs() < 1e-4 * loss,
+        "{} vs {loss}",
+        ppl(Some(&out))
+    );
+    assert!(loss < ppl(None));
+    // the same seed finds the same weights
+    assert_eq!(hub(&again)["weights"], j["weights"]);
+    let err = fails(&[
+        "lorahub",
+        "--model",
+        s(&model()),
+        "--adapters",
+        s(&qs),
+        "--data",
+        s(&few),
+        "--output",
+        s(&dir.path().join("one")),
+    ]);
+    assert!(err.contains("at least two adapters"), "{err}");
+}

@@ -1,6 +1,7 @@
 //! Evaluation for factune models: perplexity, multiple-choice log-likelihood, exact match, generation.
 
 pub mod generate;
+pub mod lorahub;
 pub mod tasks;
 
 pub use generate::{generate, generate_focused, GenConfig};
