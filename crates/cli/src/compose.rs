@@ -1,6 +1,7 @@
 //! Several LoRA adapters made into one PEFT-format adapter: `factune merge-adapters` (PEFT's
 //! `add_weighted_adapter`, `factune_adapters::weighted`) and `factune lorahub` (weights searched on a few
-//! examples, `factune_eval::lorahub`).
+//! examples, `factune_eval::lorahub`) and `factune ziplora` (per-column coefficients learned on each adapter's
+//! data, `factune_train::ziplora`).
 
 use crate::commands::outside_model;
 use anyhow::{bail, Result};
@@ -202,17 +203,7 @@ pub fn lorahub(args: &LorahubArgs) -> Result<()> {
     for (dir, cfg) in args.adapters.iter().zip(configs) {
         sources.push(weighted::read_source(&mut model, dir, cfg)?);
     }
-    let bar = if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
-        indicatif::ProgressBar::new(args.budget as u64)
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{bar:30} {pos}/{len} evaluations [{elapsed_precise}<{eta_precise}] {msg}",
-        )
-        .expect("static template"),
-    );
+    let bar = evaluation_bar(args.budget, "evaluations");
     let pad = factune_data::pad_id(&tok);
     let (best, evals) = search(
         &mut model,
@@ -280,4 +271,139 @@ fn fresh_output(output: &Path, model: &Path, adapters: &[PathBuf]) -> Result<()>
         );
     }
     Ok(())
+}
+
+#[derive(clap::Args)]
+pub struct ZiploraArgs {
+    /// The base model the adapters were trained on
+    #[arg(long, value_parser = factune_io::hub::resolve_model)]
+    pub model: PathBuf,
+    /// The two LoRA adapters, comma-separated
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub adapters: Vec<PathBuf>,
+    /// Examples of the first adapter's task (any training data format)
+    #[arg(long)]
+    pub data_a: PathBuf,
+    /// Examples of the second adapter's task
+    #[arg(long)]
+    pub data_b: PathBuf,
+    /// Directory for the merged adapter and ziplora.json
+    #[arg(long)]
+    pub output: PathBuf,
+    /// Adam steps over the merge coefficients
+    #[arg(long, default_value_t = 100)]
+    pub steps: usize,
+    /// Weight λ of |cos(m₁, m₂)| per module
+    #[arg(long, default_value_t = 0.01)]
+    pub lambda: f64,
+    #[arg(long, default_value_t = 0.01)]
+    pub learning_rate: f64,
+    /// Input rows (tokens) kept per module and dataset
+    #[arg(long, default_value_t = 4096)]
+    pub max_rows: usize,
+    #[arg(long, default_value_t = 512)]
+    pub seq_len: usize,
+}
+
+pub fn ziplora(args: &ZiploraArgs) -> Result<()> {
+    use factune_train::ziplora::{scaled_sources, zip, ZipOptions};
+    let [a, b] = args.adapters.as_slice() else {
+        bail!(
+            "--adapters: ZipLoRA merges exactly two adapters, {} given",
+            args.adapters.len()
+        );
+    };
+    let configs = [weighted::source_config(a)?, weighted::source_config(b)?];
+    same_base(&args.adapters, &configs)?;
+    fresh_output(&args.output, &args.model, &args.adapters)?;
+    let tok = factune_io::TextTokenizer::from_dir(&args.model)?;
+    let mut model = Model::load(&args.model, &Device::Cpu)?;
+    let opts = factune_data::DataOptions::eval(args.seq_len.min(model.max_positions()));
+    let data_a = factune_data::Dataset::load(&args.data_a, &opts, &tok)?;
+    let data_b = factune_data::Dataset::load(&args.data_b, &opts, &tok)?;
+    let [ca, cb] = configs;
+    let sa = weighted::read_source(&mut model, a, ca)?;
+    let sb = weighted::read_source(&mut model, b, cb)?;
+    let zip_opts = ZipOptions {
+        steps: args.steps,
+        lambda: args.lambda,
+        learning_rate: args.learning_rate,
+        max_rows: args.max_rows,
+    };
+    let bar = evaluation_bar(args.steps + 1, "steps");
+    let zipped = zip(
+        &mut model,
+        [&sa, &sb],
+        [&data_a.examples, &data_b.examples],
+        &zip_opts,
+        |s| {
+            let line = format!("difference {:.3e} Σ|cos| {:.4}", s.difference, s.cosine);
+            if bar.is_hidden() && (s.step % 10 == 0 || s.step == args.steps) {
+                eprintln!("step {}/{}: {line}", s.step, args.steps);
+            }
+            bar.set_message(line);
+            bar.inc(1);
+        },
+    )?;
+    bar.finish_and_clear();
+    let scaled = scaled_sources([&sa, &sb], &zipped)?;
+    let cat = Weighting {
+        combination: Combination::Cat,
+        weights: vec![1.0, 1.0],
+        density: None,
+        majority_sign_method: None,
+        svd_rank: None,
+        svd_clamp: None,
+        seed: 0,
+    };
+    let combined = weighted::combine(&model, &scaled, &cat)?;
+    std::fs::create_dir_all(&args.output).map_err(|e| factune_io::Error::io(&args.output, e))?;
+    peft::write_built(&combined.config, combined.tensors, &args.output)?;
+    let (first, last) = (
+        &zipped.history[0],
+        zipped.history.last().expect("step 0 is recorded"),
+    );
+    let record = serde_json::json!({
+        "adapters": args.adapters,
+        "data": [args.data_a, args.data_b],
+        "steps": args.steps, "lambda": args.lambda, "learning_rate": args.learning_rate,
+        "max_rows": args.max_rows,
+        "history": zipped.history,
+        "coefficients": zipped.coefficients.iter().map(|(p, (m1, m2))| (p.clone(), serde_json::json!({
+            "m1_mean": m1.iter().map(|&x| x as f64).sum::<f64>() / m1.len() as f64,
+            "m2_mean": m2.iter().map(|&x| x as f64).sum::<f64>() / m2.len() as f64,
+        }))).collect::<serde_json::Map<_, _>>(),
+    });
+    factune_io::atomic::write_atomic(
+        &args.output.join("ziplora.json"),
+        serde_json::to_string_pretty(&record)?.as_bytes(),
+    )?;
+    println!(
+        "ZipLoRA over {} shared modules: output difference {:.3e} -> {:.3e}, Σ|cos(m1, m2)| {:.3} -> {:.3}; \
+         merged adapter (r = {}) in {}",
+        zipped.coefficients.len(),
+        first.difference,
+        last.difference,
+        first.cosine,
+        last.cosine,
+        combined.config.r,
+        args.output.display()
+    );
+    Ok(())
+}
+
+/// A bar on a terminal, hidden otherwise (the caller prints plain lines then).
+fn evaluation_bar(total: usize, unit: &str) -> indicatif::ProgressBar {
+    let bar = if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        indicatif::ProgressBar::new(total as u64)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(&format!(
+            "{{bar:30}} {{pos}}/{{len}} {unit} [{{elapsed_precise}}<{{eta_precise}}] {{msg}}"
+        ))
+        .expect("static template"),
+    );
+    bar
 }

@@ -165,6 +165,9 @@ enum Command {
     /// Compose LoRA adapters for a new task from a few examples (LoraHub: weights found by CMA-ES on the
     /// few-shot loss, no gradients)
     Lorahub(Box<compose::LorahubArgs>),
+    /// Merge two LoRA adapters with per-column coefficients learned so each keeps its behaviour on its own
+    /// data (ZipLoRA)
+    Ziplora(Box<compose::ZiploraArgs>),
     /// Write a 4-bit NF4 copy of a model in bitsandbytes' layout (train, eval and generate load it directly)
     Quantize {
         /// A local Hugging Face model directory
@@ -388,6 +391,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::MergeAdapters(args) => compose::merge_adapters(&args),
         Command::Lorahub(args) => compose::lorahub(&args),
+        Command::Ziplora(args) => compose::ziplora(&args),
         Command::Quantize {
             dir,
             output,

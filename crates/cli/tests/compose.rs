@@ -261,3 +261,100 @@ fn lorahub_weighs_the_adapter_of_the_task_and_writes_what_it_scored() {
     ]);
     assert!(err.contains("at least two adapters"), "{err}");
 }
+
+#[test]
+fn ziplora_keeps_each_adapter_closer_to_itself_than_their_sum() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut adapters = Vec::new();
+    let mut few = Vec::new();
+    for task in ["quickstart", "reverse"] {
+        let out = dir.path().join(task);
+        ok(&train_args(
+            s(&model()),
+            s(&data(&format!("{task}-train.jsonl"))),
+            s(&out),
+            &[
+                "--max-steps",
+                "30",
+                "--r",
+                "4",
+                "--target-modules",
+                "q_proj,v_proj",
+                "--learning-rate",
+                "3e-3",
+            ],
+        ));
+        let f = dir.path().join(format!("{task}.jsonl"));
+        let all = std::fs::read_to_string(data(&format!("{task}-train.jsonl"))).unwrap();
+        std::fs::write(&f, all.lines().take(12).collect::<Vec<_>>().join("\n")).unwrap();
+        adapters.push(out);
+        few.push(f);
+    }
+    let both = format!("{},{}", s(&adapters[0]), s(&adapters[1]));
+    let zip = dir.path().join("zip");
+    let said = ok(&[
+        "ziplora",
+        "--model",
+        s(&model()),
+        "--adapters",
+        &both,
+        "--data-a",
+        s(&few[0]),
+        "--data-b",
+        s(&few[1]),
+        "--output",
+        s(&zip),
+        "--steps",
+        "60",
+    ]);
+    assert!(said.contains("r = 8"), "{said}");
+    let j: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(zip.join("ziplora.json")).unwrap()).unwrap();
+    let h = j["history"].as_array().unwrap();
+    assert_eq!(h.len(), 61);
+    let diff = |i: usize| h[i]["difference"].as_f64().unwrap();
+    assert!(diff(60) < 0.5 * diff(0), "{} -> {}", diff(0), diff(60));
+    // the plain sum of the two (cat, weights 1, 1) is where ZipLoRA starts; on each task's data the merged
+    // adapter is closer to that task's adapter
+    let sum = dir.path().join("sum");
+    ok(&[
+        "merge-adapters",
+        "--model",
+        s(&model()),
+        "--adapters",
+        &both,
+        "--weights",
+        "1,1",
+        "--combination",
+        "cat",
+        "--output",
+        s(&sum),
+    ]);
+    let loss = |adapter: &Path, d: &Path| {
+        ok_json(&eval_args(
+            &model(),
+            Some(adapter),
+            d,
+            &["--json", "--task", "perplexity"],
+        ))["loss"]
+            .as_f64()
+            .unwrap()
+    };
+    for f in &few {
+        assert!(loss(&zip, f) < loss(&sum, f), "{}", f.display());
+    }
+    let err = fails(&[
+        "ziplora",
+        "--model",
+        s(&model()),
+        "--adapters",
+        s(&adapters[0]),
+        "--data-a",
+        s(&few[0]),
+        "--data-b",
+        s(&few[1]),
+        "--output",
+        s(&dir.path().join("one")),
+    ]);
+    assert!(err.contains("exactly two adapters"), "{err}");
+}

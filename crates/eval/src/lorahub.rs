@@ -47,7 +47,11 @@ pub fn search(
             "LoraHub needs at least two adapters to weigh",
         ));
     }
-    if opts.budget == 0 || !(opts.bound > 0.0 && opts.bound.is_finite()) || opts.l1.is_nan() || opts.l1 < 0.0 {
+    if opts.budget == 0
+        || !(opts.bound > 0.0 && opts.bound.is_finite())
+        || opts.l1.is_nan()
+        || opts.l1 < 0.0
+    {
         return Err(Error::config(format!(
             "budget {}, bound {}, l1 {}: expected a budget of at least 1, a finite bound > 0 and l1 >= 0",
             opts.budget, opts.bound, opts.l1

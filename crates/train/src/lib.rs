@@ -13,6 +13,7 @@ pub mod relora;
 pub mod resume;
 pub mod step;
 pub mod trainer;
+pub mod ziplora;
 
 pub use config::TrainConfig;
 pub use progress::{Progress, Silent};
