@@ -129,9 +129,8 @@ pub fn zip(
             "ZipLoRA needs at least one step and one input row",
         ));
     }
-    if !(opts.lambda >= 0.0 && opts.lambda.is_finite())
-        || !(opts.learning_rate > 0.0 && opts.learning_rate.is_finite())
-    {
+    let finite = opts.lambda.is_finite() && opts.learning_rate.is_finite();
+    if !finite || opts.lambda < 0.0 || opts.learning_rate <= 0.0 {
         return Err(Error::config(format!(
             "lambda {} and learning rate {}: expected lambda >= 0 and a learning rate > 0, both finite",
             opts.lambda, opts.learning_rate
