@@ -13,6 +13,7 @@ pub mod lora;
 pub mod lqlora;
 pub mod method_config;
 pub mod mpo;
+pub mod multi;
 pub mod multilora;
 pub mod p_tuning;
 pub mod peft;
