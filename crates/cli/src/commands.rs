@@ -36,8 +36,7 @@ pub fn device(name: &str) -> Result<Device> {
 /// a mixed-precision base, whose layout is planned again from the full-precision weights.
 fn base_quantization(args: &ModelArgs) -> Result<(Option<Nf4Options>, Option<f64>)> {
     let trained = args
-        .adapter
-        .as_ref()
+        .adapter()?
         .map(|a| a.join("run.json"))
         .filter(|p| p.exists())
         .map(|p| -> Result<TrainConfig> {
@@ -80,7 +79,7 @@ pub fn load_model(args: &ModelArgs) -> Result<Model> {
     let (quantize, mixed) = base_quantization(args)?;
     // As in training: an init built from the full-precision weights, and a mixed-precision plan, run before
     // the base is quantised.
-    let adapter_cfg = match &args.adapter {
+    let adapter_cfg = match args.adapter()? {
         Some(a) => Some(factune_adapters::AdapterConfig::from_file(
             &a.join(peft::CONFIG_FILE),
         )?),
@@ -97,7 +96,7 @@ pub fn load_model(args: &ModelArgs) -> Result<Model> {
     if let (Some(budget), Some(c), Some(o)) = (mixed, &adapter_cfg, quantize) {
         factune_adapters::lqlora::plan(&mut model, c, budget, o.double_quant)?;
     }
-    if let Some(a) = &args.adapter {
+    if let Some(a) = args.adapter()? {
         let (cfg, report) = peft::load(&mut model, a, args.allow_partial)?;
         if let Some(o) = quantize {
             model.quantize_linears(o)?;
@@ -384,6 +383,18 @@ pub fn eval(
     max_new_tokens: usize,
     limit: usize,
 ) -> Result<()> {
+    if let Some(named) = args.named_adapters()? {
+        let settings = crate::routed::EvalSettings {
+            data,
+            task,
+            as_json,
+            seq_len,
+            batch,
+            max_new_tokens,
+            limit,
+        };
+        return crate::routed::eval(args, &named, &settings);
+    }
     let (model, tok) = load(args)?;
     let data = factune_eval::EvalData::read(data)?;
     let task = if task == "auto" {
@@ -576,7 +587,7 @@ fn probe_ids(model: &Model) -> Result<Tensor> {
 }
 
 pub fn merge(args: &ModelArgs, output: &Path, verify: bool) -> Result<()> {
-    if args.adapter.is_none() {
+    if args.adapter()?.is_none() {
         bail!("merge needs --adapter");
     }
     outside_model(output, &args.model)?;

@@ -7,10 +7,11 @@ mod flags;
 mod plot;
 mod progress;
 mod quickstart;
+mod routed;
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use factune_eval::GenConfig;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 #[derive(Parser)]
 #[command(
@@ -29,9 +30,10 @@ pub struct ModelArgs {
     /// (`org/name`) already in the local Hugging Face cache
     #[arg(long, value_parser = factune_io::hub::resolve_model)]
     pub model: PathBuf,
-    /// A PEFT-format adapter directory to apply (adapter_config.json + adapter_model.safetensors)
-    #[arg(long)]
-    pub adapter: Option<PathBuf>,
+    /// A PEFT-format adapter directory to apply (adapter_config.json + adapter_model.safetensors); eval takes
+    /// several as NAME=DIR (repeated), each record scored by the one its `adapter` field names
+    #[arg(long = "adapter", value_parser = parse_adapter)]
+    pub adapters: Vec<AdapterArg>,
     /// Load an adapter even when some of its tensors match no module, or targeted modules lack tensors
     #[arg(long)]
     pub allow_partial: bool,
@@ -46,6 +48,66 @@ pub struct ModelArgs {
     /// stays f32)
     #[arg(long, value_parser = ["float32", "bfloat16"], default_value = "float32")]
     pub base_dtype: String,
+}
+
+/// One `--adapter`: a directory, or `NAME=DIR`.
+#[derive(Clone, Debug)]
+pub struct AdapterArg {
+    pub name: Option<String>,
+    pub dir: PathBuf,
+}
+
+fn parse_adapter(s: &str) -> Result<AdapterArg, String> {
+    match s.split_once('=') {
+        // a directory whose name holds `=` stays a directory
+        Some((name, dir)) if !name.is_empty() && !name.contains('/') && !Path::new(s).exists() => {
+            if dir.is_empty() {
+                return Err(format!("`{s}`: expected NAME=DIR"));
+            }
+            Ok(AdapterArg {
+                name: Some(name.to_string()),
+                dir: PathBuf::from(dir),
+            })
+        }
+        _ => Ok(AdapterArg {
+            name: None,
+            dir: PathBuf::from(s),
+        }),
+    }
+}
+
+impl ModelArgs {
+    /// The one adapter to apply; several, or named ones, are read by `eval` only.
+    pub fn adapter(&self) -> anyhow::Result<Option<&Path>> {
+        match self.adapters.as_slice() {
+            [] => Ok(None),
+            [AdapterArg { name: None, dir }] => Ok(Some(dir)),
+            _ => anyhow::bail!(
+                "several or named adapters (--adapter NAME=DIR) are read by eval only; give one --adapter DIR"
+            ),
+        }
+    }
+
+    /// The adapters by name, when they are given as NAME=DIR (every one must be).
+    pub fn named_adapters(&self) -> anyhow::Result<Option<Vec<(String, PathBuf)>>> {
+        if !self.adapters.iter().any(|a| a.name.is_some()) {
+            return Ok(None);
+        }
+        let mut out: Vec<(String, PathBuf)> = Vec::new();
+        for a in &self.adapters {
+            let Some(n) = &a.name else {
+                anyhow::bail!(
+                    "--adapter {}: name every adapter (NAME=DIR) when loading several",
+                    a.dir.display()
+                );
+            };
+            if out.iter().any(|(m, _)| m == n) {
+                anyhow::bail!("--adapter {n}=…: the name `{n}` is given twice");
+            }
+            out.push((n.clone(), a.dir.clone()));
+        }
+        Ok(Some(out))
+    }
 }
 
 #[derive(Subcommand)]

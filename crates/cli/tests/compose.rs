@@ -358,3 +358,156 @@ fn ziplora_keeps_each_adapter_closer_to_itself_than_their_sum() {
     ]);
     assert!(err.contains("exactly two adapters"), "{err}");
 }
+
+#[test]
+fn eval_with_several_adapters_scores_each_record_by_its_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut adapters = Vec::new();
+    let mut records: Vec<Vec<serde_json::Value>> = Vec::new();
+    for task in ["quickstart", "reverse"] {
+        let out = dir.path().join(task);
+        ok(&train_args(
+            s(&model()),
+            s(&data(&format!("{task}-train.jsonl"))),
+            s(&out),
+            &["--max-steps", "20", "--r", "4", "--learning-rate", "3e-3"],
+        ));
+        adapters.push(out);
+        let valid = std::fs::read_to_string(data(&format!("{task}-valid.jsonl"))).unwrap();
+        records.push(
+            valid
+                .lines()
+                .take(5)
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect(),
+        );
+    }
+    // one file, records interleaved: quickstart ones for `qs`, reverse ones for `rev`, some for the base
+    let write = |name: &str, rows: Vec<serde_json::Value>| {
+        let p = dir.path().join(name);
+        std::fs::write(
+            &p,
+            rows.iter()
+                .map(|r| r.to_string() + "\n")
+                .collect::<String>(),
+        )
+        .unwrap();
+        p
+    };
+    let tagged = |r: &serde_json::Value, a: serde_json::Value| {
+        let mut r = r.clone();
+        r["adapter"] = a;
+        r
+    };
+    let mut mixed = Vec::new();
+    for i in 0..5 {
+        mixed.push(tagged(&records[0][i], "qs".into()));
+        mixed.push(tagged(&records[1][i], "rev".into()));
+        if i < 2 {
+            mixed.push(tagged(&records[0][i], serde_json::Value::Null));
+        }
+    }
+    let mixed = write("mixed.jsonl", mixed);
+    let alone = [
+        write("qs.jsonl", records[0].clone()),
+        write("rev.jsonl", records[1].clone()),
+        write("base.jsonl", records[0][..2].to_vec()),
+    ];
+    let named = [
+        format!("qs={}", s(&adapters[0])),
+        format!("rev={}", s(&adapters[1])),
+    ];
+    let base = model();
+    let several = |file: &Path, extra: &[&str]| {
+        let mut args = vec![
+            "eval",
+            "--model",
+            s(&base),
+            "--adapter",
+            &named[0],
+            "--adapter",
+            &named[1],
+        ];
+        args.extend(["--data", s(file), "--json", "--batch-size", "4"]);
+        args.extend_from_slice(extra);
+        ok_json(&args)
+    };
+    let j = several(&mixed, &["--task", "perplexity"]);
+    let single = |adapter: Option<&Path>, file: &Path| {
+        ok_json(&eval_args(
+            &model(),
+            adapter,
+            file,
+            &["--json", "--task", "perplexity"],
+        ))
+    };
+    for (name, adapter, file) in [
+        ("qs", Some(adapters[0].as_path()), &alone[0]),
+        ("rev", Some(adapters[1].as_path()), &alone[1]),
+        ("base", None, &alone[2]),
+    ] {
+        let want = single(adapter, file);
+        let got = &j["by_adapter"][name];
+        assert_eq!(got["tokens"], want["tokens"], "{name}");
+        let (g, w) = (
+            got["loss"].as_f64().unwrap(),
+            want["loss"].as_f64().unwrap(),
+        );
+        assert!(
+            (g - w).abs() < 1e-5 * w,
+            "{name}: {g} in the mixed batches, {w} alone"
+        );
+    }
+    // exact match: the records of one adapter score as that adapter alone scores them
+    let qs_only = write(
+        "qs-tagged.jsonl",
+        records[0].iter().map(|r| tagged(r, "qs".into())).collect(),
+    );
+    let em = several(&qs_only, &["--task", "exact-match"]);
+    let want = ok_json(&eval_args(
+        &model(),
+        Some(&adapters[0]),
+        &alone[0],
+        &["--json", "--task", "exact-match"],
+    ));
+    assert_eq!(em, want);
+    // names that are not loaded, unnamed adapters among named ones, and other commands
+    let bad = write("bad.jsonl", vec![tagged(&records[0][0], "other".into())]);
+    let err = fails(&[
+        "eval",
+        "--model",
+        s(&model()),
+        "--adapter",
+        &named[0],
+        "--data",
+        s(&bad),
+        "--task",
+        "perplexity",
+    ]);
+    assert!(
+        err.contains("`adapter: other` is not among the loaded adapters (qs)"),
+        "{err}"
+    );
+    let err = fails(&[
+        "eval",
+        "--model",
+        s(&model()),
+        "--adapter",
+        &named[0],
+        "--adapter",
+        s(&adapters[1]),
+        "--data",
+        s(&mixed),
+    ]);
+    assert!(err.contains("name every adapter"), "{err}");
+    let err = fails(&[
+        "merge",
+        "--model",
+        s(&model()),
+        "--adapter",
+        &named[0],
+        "--output",
+        s(&dir.path().join("m")),
+    ]);
+    assert!(err.contains("read by eval only"), "{err}");
+}

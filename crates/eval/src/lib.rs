@@ -2,6 +2,7 @@
 
 pub mod generate;
 pub mod lorahub;
+pub mod routed;
 pub mod tasks;
 
 pub use generate::{generate, generate_focused, GenConfig};

@@ -91,7 +91,7 @@ impl EvalData {
 }
 
 /// The records of an evaluation file (JSON lines, JSON array, CSV or Parquet), named in the error if it is text.
-fn records(data: EvalData, task: &str) -> Result<Vec<Record>> {
+pub(crate) fn records(data: EvalData, task: &str) -> Result<Vec<Record>> {
     let file = &data.path;
     match data.contents {
         Contents::Records(r) if !r.is_empty() => Ok(r),
@@ -234,8 +234,29 @@ pub fn exact_match(
     limit: usize,
 ) -> Result<ExactMatch> {
     let file = data.path.clone();
-    let file = &file;
     let records = records(data, "exact match")?;
+    exact_match_with(
+        model,
+        tok,
+        records,
+        &file,
+        max_new_tokens,
+        limit,
+        |_| Ok(()),
+    )
+}
+
+/// [`exact_match`] over records already read, `before(i)` run before record `i` is answered (to choose its
+/// adapter).
+pub(crate) fn exact_match_with(
+    model: &Model,
+    tok: &TextTokenizer,
+    records: Vec<Record>,
+    file: &Path,
+    max_new_tokens: usize,
+    limit: usize,
+    mut before: impl FnMut(usize) -> Result<()>,
+) -> Result<ExactMatch> {
     let fields = Fields::default();
     let shape = Shape::detect(&records[0], &fields)
         .map_err(|e| Error::invalid(file, format!("{}: {e}", records[0].at)))?;
@@ -247,10 +268,12 @@ pub fn exact_match(
         ..GenConfig::default()
     };
     let (mut n, mut hit, mut samples) = (0usize, 0usize, Vec::new());
-    for r in records
+    for (i, r) in records
         .iter()
+        .enumerate()
         .take(if limit > 0 { limit } else { usize::MAX })
     {
+        before(i)?;
         let bad = |what: String| Error::invalid(file, format!("{}: {what}", r.at));
         let (prompt, want) = shape.question(r, &fields, tok).map_err(bad)?;
         let want = want.trim().to_string();
