@@ -400,11 +400,11 @@ fn eval_with_several_adapters_scores_each_record_by_its_own() {
         r
     };
     let mut mixed = Vec::new();
-    for i in 0..5 {
-        mixed.push(tagged(&records[0][i], "qs".into()));
-        mixed.push(tagged(&records[1][i], "rev".into()));
+    for (i, (q, r)) in records[0].iter().zip(&records[1]).enumerate() {
+        mixed.push(tagged(q, "qs".into()));
+        mixed.push(tagged(r, "rev".into()));
         if i < 2 {
-            mixed.push(tagged(&records[0][i], serde_json::Value::Null));
+            mixed.push(tagged(q, serde_json::Value::Null));
         }
     }
     let mixed = write("mixed.jsonl", mixed);
