@@ -474,19 +474,14 @@ fn non_finite_cause(model: &Model) -> Result<String> {
     ))
 }
 
-pub fn generate(
-    args: &ModelArgs,
+/// The prompt's token ids (wrapped as a user message with the chat template when `chat`), refused when empty
+/// or when it leaves no room in the context.
+pub fn prompt_ids(
+    model: &Model,
+    tok: &TextTokenizer,
     prompt: &str,
     chat: bool,
-    settings: GenConfig,
-    contrast: Option<(PathBuf, f64)>,
-) -> Result<()> {
-    let max_new_tokens = settings.max_new_tokens;
-    let (mut model, tok) = load(args)?;
-    let mut general = match &contrast {
-        Some((dir, weight)) => Some(general_prefix(&mut model, dir, *weight)?),
-        None => None,
-    };
+) -> Result<Vec<u32>> {
     let text = if chat {
         tok.apply_chat_template(
             &[ChatMessage {
@@ -510,9 +505,14 @@ pub fn generate(
             ids.len()
         );
     }
+    Ok(ids)
+}
+
+/// The tokens that end a generation: the model's and tokenizer's EOS, and the extra end-of-turn tokens chat
+/// models list in generation_config.json.
+pub fn stop_ids(args: &ModelArgs, model: &Model, tok: &TextTokenizer) -> Result<Vec<u32>> {
     let mut stop: Vec<u32> = model.cfg.eos_token_ids.clone();
     stop.extend(tok.eos_id());
-    // Chat models often list extra end-of-turn tokens in generation_config.json.
     let gen_cfg = args.model.join("generation_config.json");
     if gen_cfg.exists() {
         let v: serde_json::Value = factune_io::error::read_json(&gen_cfg)?;
@@ -524,6 +524,25 @@ pub fn generate(
             _ => {}
         }
     }
+    Ok(stop)
+}
+
+pub fn generate(
+    args: &ModelArgs,
+    prompt: &str,
+    chat: bool,
+    settings: GenConfig,
+    contrast: Option<(PathBuf, f64)>,
+) -> Result<()> {
+    let max_new_tokens = settings.max_new_tokens;
+    let (mut model, tok) = load(args)?;
+    let mut general = match &contrast {
+        Some((dir, weight)) => Some(general_prefix(&mut model, dir, *weight)?),
+        None => None,
+    };
+    let ids = prompt_ids(&model, &tok, prompt, chat)?;
+    let context = model.max_positions();
+    let stop = stop_ids(args, &model, &tok)?;
     let gen_cfg = GenConfig {
         stop_ids: stop.clone(),
         ..settings

@@ -185,8 +185,12 @@ enum Command {
     Generate {
         #[command(flatten)]
         model: ModelArgs,
+        #[arg(long, required_unless_present = "prompts", conflicts_with = "prompts")]
+        prompt: Option<String>,
+        /// JSON lines of `prompt` and `adapter` (a name given as --adapter NAME=DIR, or null for the base): each
+        /// prompt answered by its adapter, one JSON line out per prompt
         #[arg(long)]
-        prompt: String,
+        prompts: Option<PathBuf>,
         /// Wrap the prompt as a user message with the tokenizer's chat template
         #[arg(long)]
         chat: bool,
@@ -420,6 +424,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Generate {
             model,
             prompt,
+            prompts,
             chat,
             max_new_tokens,
             temperature,
@@ -427,19 +432,40 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             seed,
             contrast_adapter,
             contrast_weight,
-        } => commands::generate(
-            &model,
-            &prompt,
-            chat,
-            GenConfig {
+        } => {
+            let settings = GenConfig {
                 max_new_tokens,
                 temperature,
                 top_p,
                 seed,
                 stop_ids: Vec::new(),
-            },
-            contrast_adapter.map(|a| (a, contrast_weight)),
-        ),
+            };
+            match (prompt, prompts, model.named_adapters()) {
+                (_, _, Err(e)) => Err(e),
+                (_, Some(_), Ok(None)) if !model.adapters.is_empty() => Err(anyhow::anyhow!(
+                    "--prompts chooses adapters by name: give them as --adapter NAME=DIR and name one in each \
+                     line's `adapter` field (null for the base)"
+                )),
+                (_, Some(_), _) if contrast_adapter.is_some() => Err(anyhow::anyhow!(
+                    "--contrast-adapter (focused prefix tuning) takes one --prompt, not --prompts"
+                )),
+                (_, Some(file), Ok(named)) => {
+                    routed::generate(&model, &named.unwrap_or_default(), &file, chat, settings)
+                }
+                (Some(_), None, Ok(Some(_))) => Err(anyhow::anyhow!(
+                    "named adapters answer prompts from --prompts FILE (each line's `adapter` picks one); \
+                     for one prompt give one --adapter DIR"
+                )),
+                (Some(p), None, Ok(None)) => commands::generate(
+                    &model,
+                    &p,
+                    chat,
+                    settings,
+                    contrast_adapter.map(|a| (a, contrast_weight)),
+                ),
+                (None, None, _) => Err(anyhow::anyhow!("give --prompt TEXT or --prompts FILE")),
+            }
+        }
         Command::Merge {
             mut model,
             output,

@@ -1,5 +1,5 @@
-//! `factune eval --adapter NAME=DIR …`: several adapters on one base, each record scored by the adapter its
-//! `adapter` field names (`factune_eval::routed`).
+//! `factune eval` and `factune generate` with `--adapter NAME=DIR …`: several adapters on one base, each record
+//! or prompt served by the adapter its `adapter` field names (`factune_eval::routed`).
 
 use crate::commands::load;
 use crate::ModelArgs;
@@ -20,21 +20,7 @@ pub struct EvalSettings<'a> {
 }
 
 pub fn eval(args: &ModelArgs, named: &[(String, PathBuf)], s: &EvalSettings) -> Result<()> {
-    let base = ModelArgs {
-        adapters: Vec::new(),
-        ..args.clone()
-    };
-    let (mut model, tok) = load(&base)?;
-    let mut set = AdapterSet::default();
-    for (name, dir) in named {
-        let (cfg, report) = set.load_adapter(&mut model, name, dir)?;
-        eprintln!(
-            "adapter {name} = {} ({}, r={}): {report}",
-            dir.display(),
-            cfg.peft_type(),
-            cfg.r
-        );
-    }
+    let (model, tok, set) = with_adapters(args, named)?;
     let data = factune_eval::EvalData::read(s.data)?;
     let task = if s.task == "auto" {
         factune_eval::detect_task(&data)
@@ -79,4 +65,83 @@ pub fn eval(args: &ModelArgs, named: &[(String, PathBuf)], s: &EvalSettings) -> 
         ),
     }
     Ok(())
+}
+
+/// `generate --adapter NAME=DIR … --prompts FILE`: one JSON object per line (`prompt`, and `adapter` naming a
+/// loaded adapter or null for the base); one JSON line out per prompt (`prompt`, `adapter`, `completion`).
+/// The adapters stay loaded; each prompt switches to its own.
+pub fn generate(
+    args: &ModelArgs,
+    named: &[(String, PathBuf)],
+    prompts: &Path,
+    chat: bool,
+    settings: factune_eval::GenConfig,
+) -> Result<()> {
+    let (model, tok, set) = with_adapters(args, named)?;
+    let stop = crate::commands::stop_ids(args, &model, &tok)?;
+    let cfg = factune_eval::GenConfig {
+        stop_ids: stop,
+        ..settings
+    };
+    let text = factune_io::error::read_to_string(prompts)?;
+    let mut asks = Vec::new();
+    for (i, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
+        let at = || format!("{}:{}", prompts.display(), i + 1);
+        let v: serde_json::Value =
+            serde_json::from_str(line).map_err(|e| anyhow::anyhow!("{}: {e}", at()))?;
+        let Some(prompt) = v.get("prompt").and_then(|p| p.as_str()) else {
+            bail!("{}: expected a string `prompt`", at());
+        };
+        let adapter = match v.get(routed::FIELD) {
+            None | Some(serde_json::Value::Null) => None,
+            Some(serde_json::Value::String(n)) if set.names().contains(n) => Some(n.clone()),
+            Some(other) => bail!(
+                "{}: `adapter: {other}` is not among the loaded adapters ({})",
+                at(),
+                set.names().join(", ")
+            ),
+        };
+        asks.push((prompt.to_string(), adapter));
+    }
+    if asks.is_empty() {
+        bail!("{}: no prompts", prompts.display());
+    }
+    for (prompt, adapter) in asks {
+        set.set_adapter(adapter.as_deref())?;
+        let ids = crate::commands::prompt_ids(&model, &tok, &prompt, chat)?;
+        let out = factune_eval::generate(&model, &ids, &cfg)?;
+        println!(
+            "{}",
+            json!({"prompt": prompt, "adapter": adapter, "completion": tok.decode(&out)?})
+        );
+    }
+    set.set_adapter(None)?;
+    Ok(())
+}
+
+/// The base (no adapter) with every named adapter loaded into one set.
+fn with_adapters(
+    args: &ModelArgs,
+    named: &[(String, PathBuf)],
+) -> Result<(factune_model::Model, factune_io::TextTokenizer, AdapterSet)> {
+    let base = ModelArgs {
+        adapters: Vec::new(),
+        ..args.clone()
+    };
+    let (mut model, tok) = load(&base)?;
+    let mut set = AdapterSet::default();
+    for (name, dir) in named {
+        let (cfg, report) = set.load_adapter(&mut model, name, dir)?;
+        eprintln!(
+            "adapter {name} = {} ({}, r={}): {report}",
+            dir.display(),
+            cfg.peft_type(),
+            cfg.r
+        );
+    }
+    Ok((model, tok, set))
 }

@@ -511,3 +511,88 @@ fn eval_with_several_adapters_scores_each_record_by_its_own() {
     ]);
     assert!(err.contains("read by eval only"), "{err}");
 }
+
+#[test]
+fn generate_answers_each_prompt_with_its_adapter() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = dir.path().join("a");
+    ok(&train_args(
+        s(&model()),
+        s(&data("quickstart-train.jsonl")),
+        s(&a),
+        &["--max-steps", "30", "--r", "4", "--learning-rate", "3e-3"],
+    ));
+    let ask = "### Instruction:\nAnswer the question.\n\n### Input:\nWhat is a cup used for?\n\n### Response:\n";
+    let prompts = [
+        (ask, serde_json::json!("a")),
+        ("The cat is", serde_json::Value::Null),
+        ("Mia has a red", serde_json::json!("a")),
+    ];
+    let file = dir.path().join("prompts.jsonl");
+    let lines: String = prompts
+        .iter()
+        .map(|(p, a)| serde_json::json!({"prompt": p, "adapter": a}).to_string() + "\n")
+        .collect();
+    std::fs::write(&file, lines).unwrap();
+    let named = format!("a={}", s(&a));
+    let out = ok(&[
+        "generate",
+        "--model",
+        s(&model()),
+        "--adapter",
+        &named,
+        "--prompts",
+        s(&file),
+        "--max-new-tokens",
+        "8",
+    ]);
+    let got: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(got.len(), 3);
+    let base = model();
+    for ((p, adapter), g) in prompts.iter().zip(&got) {
+        let mut args = vec![
+            "generate",
+            "--model",
+            s(&base),
+            "--prompt",
+            p,
+            "--max-new-tokens",
+            "8",
+        ];
+        if !adapter.is_null() {
+            args.extend(["--adapter", s(&a)]);
+        }
+        let alone = ok(&args);
+        assert_eq!(
+            format!("{p}{}", g["completion"].as_str().unwrap()),
+            alone.trim_end_matches('\n')
+        );
+        assert_eq!(&g["adapter"], adapter);
+    }
+    // with and without the adapter the answers differ, so the choice mattered
+    let with_base = ok(&[
+        "generate",
+        "--model",
+        s(&model()),
+        "--prompt",
+        ask,
+        "--max-new-tokens",
+        "8",
+    ]);
+    let with_adapter = format!("{ask}{}", got[0]["completion"].as_str().unwrap());
+    assert_ne!(with_adapter.trim_end(), with_base.trim_end());
+    std::fs::write(&file, "{\"prompt\": \"x\", \"adapter\": \"b\"}\n").unwrap();
+    let err = fails(&[
+        "generate",
+        "--model",
+        s(&model()),
+        "--adapter",
+        &named,
+        "--prompts",
+        s(&file),
+    ]);
+    assert!(err.contains("not among the loaded adapters (a)"), "{err}");
+}
