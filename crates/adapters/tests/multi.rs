@@ -1,18 +1,16 @@
 //! Several adapters on one base: a batch whose rows use different adapters (and the base alone) gives each row
 //! what its adapter alone gives; adapters switch and unload without reloading the base.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use factune_adapters::load;
 use factune_adapters::multi::AdapterSet;
 use factune_model::{Ctx, Model};
-use std::path::PathBuf;
 
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
+mod common;
+use common::{fixture, max_diff};
 
 fn base() -> Model {
-    Model::load(&fixtures().join("llama"), &Device::Cpu).unwrap()
+    Model::load(&fixture("llama"), &Device::Cpu).unwrap()
 }
 
 fn ids() -> Tensor {
@@ -28,25 +26,10 @@ fn logits(model: &Model, ids: &Tensor) -> Tensor {
 fn alone(adapter: Option<&str>, ids: &Tensor, i: usize) -> Tensor {
     let mut m = base();
     if let Some(a) = adapter {
-        load(&mut m, &fixtures().join(a), false).unwrap();
+        load(&mut m, &fixture(a), false).unwrap();
     }
     logits(&m, &ids.narrow(0, i, 1).unwrap())
         .squeeze(0)
-        .unwrap()
-}
-
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_dtype(DType::F32)
-        .unwrap()
-        .to_scalar::<f32>()
         .unwrap()
 }
 
@@ -60,8 +43,7 @@ fn a_mixed_batch_matches_each_adapter_alone() {
         ("b", "llama-merge-b"),
         ("e", "llama-merge-f"),
     ] {
-        set.load_adapter(&mut model, name, &fixtures().join(dir))
-            .unwrap();
+        set.load_adapter(&mut model, name, &fixture(dir)).unwrap();
     }
     let ids = ids();
     let plan = [Some("b"), None, Some("a"), Some("e")];
@@ -91,9 +73,9 @@ fn adapters_switch_and_unload_on_one_base() {
     let ids = ids();
     let plain = logits(&model, &ids);
     let mut set = AdapterSet::default();
-    set.load_adapter(&mut model, "a", &fixtures().join("llama-merge-a"))
+    set.load_adapter(&mut model, "a", &fixture("llama-merge-a"))
         .unwrap();
-    set.load_adapter(&mut model, "b", &fixtures().join("llama-merge-b"))
+    set.load_adapter(&mut model, "b", &fixture("llama-merge-b"))
         .unwrap();
     // loaded but not chosen: the base
     assert!(max_diff(&logits(&model, &ids), &plain) == 0.0);
@@ -110,12 +92,12 @@ fn adapters_switch_and_unload_on_one_base() {
         "{err}"
     );
     let err = set
-        .load_adapter(&mut model, "b", &fixtures().join("llama-merge-a"))
+        .load_adapter(&mut model, "b", &fixture("llama-merge-a"))
         .unwrap_err()
         .to_string();
     assert!(err.contains("already loaded"), "{err}");
     let err = set
-        .load_adapter(&mut model, "p", &fixtures().join("llama-prompt"))
+        .load_adapter(&mut model, "p", &fixture("llama-prompt"))
         .unwrap_err()
         .to_string();
     assert!(err.contains("prompt-family"), "{err}");

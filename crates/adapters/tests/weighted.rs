@@ -8,11 +8,9 @@ use factune_adapters::{load, peft};
 use factune_model::loss::causal_lm_loss;
 use factune_model::{Ctx, Model};
 use std::collections::HashMap;
-use std::path::PathBuf;
 
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
+mod common;
+use common::{fixture, max_abs};
 
 struct Case {
     name: &'static str,
@@ -80,23 +78,12 @@ fn cases() -> Vec<Case> {
     ]
 }
 
-fn max_abs(t: &Tensor) -> f32 {
-    t.abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
-
 fn combined(model: &mut Model, c: &Case) -> weighted::Combined {
     let sources: Vec<_> = c
         .sources
         .chars()
         .map(|s| {
-            let dir = fixtures().join(format!("llama-merge-{s}"));
+            let dir = fixture(&format!("llama-merge-{s}"));
             let cfg = weighted::source_config(&dir).unwrap();
             weighted::read_source(model, &dir, cfg).unwrap()
         })
@@ -115,14 +102,12 @@ fn combined(model: &mut Model, c: &Case) -> weighted::Combined {
 
 #[test]
 fn every_deterministic_combination_matches_peft() {
-    let r: HashMap<String, Tensor> = candle_core::safetensors::load(
-        fixtures().join("llama-merge-reference.safetensors"),
-        &Device::Cpu,
-    )
-    .unwrap();
+    let r: HashMap<String, Tensor> =
+        candle_core::safetensors::load(fixture("llama-merge-reference.safetensors"), &Device::Cpu)
+            .unwrap();
     let ids = r["input_ids"].to_dtype(DType::U32).unwrap();
     let labels = r["labels"].to_vec2::<i64>().unwrap();
-    let mut model = Model::load(&fixtures().join("llama"), &Device::Cpu).unwrap();
+    let mut model = Model::load(&fixture("llama"), &Device::Cpu).unwrap();
     let dir = tempfile::tempdir().unwrap();
     for c in cases() {
         let got = combined(&mut model, &c);
@@ -192,9 +177,9 @@ fn every_deterministic_combination_matches_peft() {
 
 #[test]
 fn sources_that_do_not_combine_are_refused_naming_them() {
-    let mut model = Model::load(&fixtures().join("llama"), &Device::Cpu).unwrap();
+    let mut model = Model::load(&fixture("llama"), &Device::Cpu).unwrap();
     let read = |model: &mut Model, s: &str| {
-        let dir = fixtures().join(s);
+        let dir = fixture(s);
         let cfg = weighted::source_config(&dir).unwrap();
         weighted::read_source(model, &dir, cfg).unwrap()
     };
@@ -246,7 +231,7 @@ fn sources_that_do_not_combine_are_refused_naming_them() {
         .to_string();
     assert!(err.contains("svd_rank 65 exceeds"), "{err}");
     // a method that is not LoRA
-    let err = weighted::source_config(&fixtures().join("llama-vera"))
+    let err = weighted::source_config(&fixture("llama-vera"))
         .unwrap_err()
         .to_string();
     assert!(err.contains("VERA adapter: only LoRA adapters"), "{err}");

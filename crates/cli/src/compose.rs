@@ -8,6 +8,7 @@ use anyhow::{bail, Result};
 use candle_core::Device;
 use factune_adapters::peft;
 use factune_adapters::weighted::{self, Combination, MajoritySign, Weighting};
+use factune_adapters::AdapterConfig;
 use factune_model::Model;
 use std::path::{Path, PathBuf};
 
@@ -62,14 +63,7 @@ pub fn merge_adapters(args: &MergeAdaptersArgs) -> Result<()> {
         seed: args.seed,
     };
     spec.check(args.adapters.len())?;
-    // everything checkable from the configs, before any weight is read
-    let configs = args
-        .adapters
-        .iter()
-        .map(|d| weighted::source_config(d))
-        .collect::<factune_io::Result<Vec<_>>>()?;
-    same_base(&args.adapters, &configs)?;
-    fresh_output(&args.output, &args.model, &args.adapters)?;
+    let configs = checked_sources(&args.adapters, &args.model, &args.output)?;
     let c = spec.effective(args.adapters.len());
     if c != args.combination {
         eprintln!(
@@ -117,8 +111,8 @@ fn same_dir(a: &Path, b: &Path) -> bool {
 
 /// Adapters whose configs name different base models (by the last path component, so moved copies of one
 /// base agree) are refused: their updates were learned against different weights.
-fn same_base(dirs: &[PathBuf], configs: &[factune_adapters::AdapterConfig]) -> Result<()> {
-    let name = |c: &factune_adapters::AdapterConfig| {
+fn same_base(dirs: &[PathBuf], configs: &[AdapterConfig]) -> Result<()> {
+    let name = |c: &AdapterConfig| {
         c.base_model_name_or_path.as_deref().and_then(|p| {
             Path::new(p.trim_end_matches('/'))
                 .file_name()
@@ -185,13 +179,7 @@ pub fn lorahub(args: &LorahubArgs) -> Result<()> {
     if args.adapters.len() < 2 {
         bail!("--adapters: LoraHub weighs at least two adapters");
     }
-    let configs = args
-        .adapters
-        .iter()
-        .map(|d| weighted::source_config(d))
-        .collect::<factune_io::Result<Vec<_>>>()?;
-    same_base(&args.adapters, &configs)?;
-    fresh_output(&args.output, &args.model, &args.adapters)?;
+    let configs = checked_sources(&args.adapters, &args.model, &args.output)?;
     let tok = factune_io::TextTokenizer::from_dir(&args.model)?;
     let mut model = Model::load(&args.model, &Device::Cpu)?;
     let data = factune_data::Dataset::load(
@@ -254,6 +242,22 @@ pub fn lorahub(args: &LorahubArgs) -> Result<()> {
     Ok(())
 }
 
+/// The sources' configs, and the output, checked before any weight is read: each source combines, they name
+/// one base, and the output is fresh.
+fn checked_sources(
+    adapters: &[PathBuf],
+    model: &Path,
+    output: &Path,
+) -> Result<Vec<AdapterConfig>> {
+    let configs = adapters
+        .iter()
+        .map(|d| weighted::source_config(d))
+        .collect::<factune_io::Result<Vec<_>>>()?;
+    same_base(adapters, &configs)?;
+    fresh_output(output, model, adapters)?;
+    Ok(configs)
+}
+
 /// The output may not be the model, a source, or a directory already holding an adapter.
 fn fresh_output(output: &Path, model: &Path, adapters: &[PathBuf]) -> Result<()> {
     outside_model(output, model)?;
@@ -313,15 +317,14 @@ pub fn ziplora(args: &ZiploraArgs) -> Result<()> {
             args.adapters.len()
         );
     };
-    let configs = [weighted::source_config(a)?, weighted::source_config(b)?];
-    same_base(&args.adapters, &configs)?;
-    fresh_output(&args.output, &args.model, &args.adapters)?;
+    let [ca, cb]: [AdapterConfig; 2] = checked_sources(&args.adapters, &args.model, &args.output)?
+        .try_into()
+        .map_err(|_| anyhow::anyhow!("two adapters"))?;
     let tok = factune_io::TextTokenizer::from_dir(&args.model)?;
     let mut model = Model::load(&args.model, &Device::Cpu)?;
     let opts = factune_data::DataOptions::eval(args.seq_len.min(model.max_positions()));
     let data_a = factune_data::Dataset::load(&args.data_a, &opts, &tok)?;
     let data_b = factune_data::Dataset::load(&args.data_b, &opts, &tok)?;
-    let [ca, cb] = configs;
     let sa = weighted::read_source(&mut model, a, ca)?;
     let sb = weighted::read_source(&mut model, b, cb)?;
     let zip_opts = ZipOptions {

@@ -19,6 +19,20 @@ fn perplexity(adapter: &Path) -> f64 {
     j["perplexity"].as_f64().unwrap()
 }
 
+/// A LoRA (r = 4) trained for `steps` on an embedded task's training file (`quickstart`, `reverse`).
+fn task_adapter(dir: &Path, task: &str, steps: &str, extra: &[&str]) -> std::path::PathBuf {
+    let out = dir.join(task);
+    let mut args = vec!["--max-steps", steps, "--r", "4", "--learning-rate", "3e-3"];
+    args.extend_from_slice(extra);
+    ok(&train_args(
+        s(&model()),
+        s(&data(&format!("{task}-train.jsonl"))),
+        s(&out),
+        &args,
+    ));
+    out
+}
+
 fn merge(adapters: &str, weights: &str, out: &Path, extra: &[&str]) -> Vec<String> {
     let mut args: Vec<String> = [
         "merge-adapters",
@@ -165,26 +179,11 @@ fn combined_adapters_load_and_reduce_to_their_source() {
 #[test]
 fn lorahub_weighs_the_adapter_of_the_task_and_writes_what_it_scored() {
     let dir = tempfile::tempdir().unwrap();
-    let train_task = |task: &str| {
-        let out = dir.path().join(task);
-        ok(&train_args(
-            s(&model()),
-            s(&data(&format!("{task}-train.jsonl"))),
-            s(&out),
-            &[
-                "--max-steps",
-                "30",
-                "--r",
-                "4",
-                "--target-modules",
-                "q_proj,v_proj",
-                "--learning-rate",
-                "3e-3",
-            ],
-        ));
-        out
-    };
-    let (qs, rev) = (train_task("quickstart"), train_task("reverse"));
+    let qv = ["--target-modules", "q_proj,v_proj"];
+    let (qs, rev) = (
+        task_adapter(dir.path(), "quickstart", "30", &qv),
+        task_adapter(dir.path(), "reverse", "30", &qv),
+    );
     let few = dir.path().join("few.jsonl");
     let valid = std::fs::read_to_string(data("reverse-valid.jsonl")).unwrap();
     std::fs::write(&few, valid.lines().take(5).collect::<Vec<_>>().join("\n")).unwrap();
@@ -268,22 +267,12 @@ fn ziplora_keeps_each_adapter_closer_to_itself_than_their_sum() {
     let mut adapters = Vec::new();
     let mut few = Vec::new();
     for task in ["quickstart", "reverse"] {
-        let out = dir.path().join(task);
-        ok(&train_args(
-            s(&model()),
-            s(&data(&format!("{task}-train.jsonl"))),
-            s(&out),
-            &[
-                "--max-steps",
-                "30",
-                "--r",
-                "4",
-                "--target-modules",
-                "q_proj,v_proj",
-                "--learning-rate",
-                "3e-3",
-            ],
-        ));
+        let out = task_adapter(
+            dir.path(),
+            task,
+            "30",
+            &["--target-modules", "q_proj,v_proj"],
+        );
         let f = dir.path().join(format!("{task}.jsonl"));
         let all = std::fs::read_to_string(data(&format!("{task}-train.jsonl"))).unwrap();
         std::fs::write(&f, all.lines().take(12).collect::<Vec<_>>().join("\n")).unwrap();
@@ -365,13 +354,7 @@ fn eval_with_several_adapters_scores_each_record_by_its_own() {
     let mut adapters = Vec::new();
     let mut records: Vec<Vec<serde_json::Value>> = Vec::new();
     for task in ["quickstart", "reverse"] {
-        let out = dir.path().join(task);
-        ok(&train_args(
-            s(&model()),
-            s(&data(&format!("{task}-train.jsonl"))),
-            s(&out),
-            &["--max-steps", "20", "--r", "4", "--learning-rate", "3e-3"],
-        ));
+        let out = task_adapter(dir.path(), task, "20", &[]);
         adapters.push(out);
         let valid = std::fs::read_to_string(data(&format!("{task}-valid.jsonl"))).unwrap();
         records.push(
@@ -515,13 +498,7 @@ fn eval_with_several_adapters_scores_each_record_by_its_own() {
 #[test]
 fn generate_answers_each_prompt_with_its_adapter() {
     let dir = tempfile::tempdir().unwrap();
-    let a = dir.path().join("a");
-    ok(&train_args(
-        s(&model()),
-        s(&data("quickstart-train.jsonl")),
-        s(&a),
-        &["--max-steps", "30", "--r", "4", "--learning-rate", "3e-3"],
-    ));
+    let a = task_adapter(dir.path(), "quickstart", "30", &[]);
     let ask = "### Instruction:\nAnswer the question.\n\n### Input:\nWhat is a cup used for?\n\n### Response:\n";
     let prompts = [
         (ask, serde_json::json!("a")),
