@@ -495,3 +495,49 @@ fn an_impossible_micro_batch_is_refused_and_os_errors_print_once() {
     let e = fails(&["train", "--print-config", "--config", s(&missing)]);
     assert_eq!(e.matches("No such file or directory").count(), 1, "{e}");
 }
+
+#[test]
+fn weights_larger_than_this_machine_are_refused_before_loading() {
+    // a checkpoint claiming one 10¹²-element tensor: a sparse file, so nothing of it is on disk
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        repo().join("tests/fixtures/llama/config.json"),
+        dir.path().join("config.json"),
+    )
+    .unwrap();
+    let n: u64 = 1_000_000;
+    let mut header = serde_json::json!({"model.embed_tokens.weight":
+        {"dtype": "F32", "shape": [n, n], "data_offsets": [0, 4 * n * n]}})
+    .to_string()
+    .into_bytes();
+    header.resize(header.len().div_ceil(8) * 8, b' ');
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend(&header);
+    let file = dir.path().join("model.safetensors");
+    std::fs::write(&file, &bytes).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&file)
+        .unwrap()
+        .set_len(bytes.len() as u64 + 4 * n * n)
+        .unwrap();
+    let text = dir.path().join("t.txt");
+    std::fs::write(&text, "hello").unwrap();
+    for (extra, held, instead) in [
+        (
+            &[][..],
+            "in f32 take at least 4000.0 GB",
+            "--base-dtype bfloat16",
+        ),
+        (
+            &["--base-dtype", "bfloat16"][..],
+            "in bf16 take at least 2000.0 GB",
+            "--quantize nf4",
+        ),
+    ] {
+        let mut args = vec!["eval", "--model", s(dir.path()), "--data", s(&text)];
+        args.extend_from_slice(extra);
+        let err = fails(&args);
+        assert!(err.contains(held) && err.contains(instead), "{err}");
+    }
+}

@@ -7,6 +7,7 @@ pub mod config;
 pub mod error;
 pub mod fingerprint;
 pub mod hub;
+pub mod memory;
 pub mod tokenizer;
 pub mod weights;
 

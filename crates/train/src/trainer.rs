@@ -825,7 +825,7 @@ fn check_activation_memory(
     model: &factune_io::ModelConfig,
     train: &[Example],
 ) -> Result<()> {
-    let Some(total) = total_memory_bytes() else {
+    let Some(total) = factune_io::memory::physical_bytes() else {
         return Ok(());
     };
     let longest = train.iter().map(|e| e.ids.len()).max().unwrap_or(0);
@@ -884,14 +884,6 @@ fn check_work(cfg: &TrainConfig, examples: usize) -> Result<Option<String>> {
             cfg.total_steps()
         )
     }))
-}
-
-/// Physical memory (Linux: `MemTotal` of /proc/meminfo); `None` where it cannot be read.
-fn total_memory_bytes() -> Option<u64> {
-    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
 }
 
 fn load_optimizer(opt: &mut AdamW, params: &[(String, Var)], path: &Path) -> Result<()> {

@@ -257,6 +257,7 @@ impl Model {
                 opts.base_dtype
             )));
         }
+        check_fits(weights, dir, &opts)?;
         let c = cfg.clone();
         let (h, i, v) = (c.hidden_size, c.intermediate_size, c.vocab_size);
         let mut model = match c.arch {
@@ -383,4 +384,46 @@ impl Model {
         model.cfg = cfg;
         Ok(model)
     }
+}
+
+/// Refuses a checkpoint whose weights, as they would be held, exceed this machine's physical memory, before
+/// any is read. A floor, so nothing that fits is refused: every floating-point tensor at the smallest width
+/// the options allow (4 bytes, 2 with bf16, half a byte with NF4), stored 4-bit tensors as stored.
+fn check_fits(weights: &Weights, dir: &Path, opts: &LoadOptions) -> Result<()> {
+    let Some(total) = factune_io::memory::physical_bytes() else {
+        return Ok(());
+    };
+    let (per, held) = match (opts.quantize, opts.base_dtype) {
+        (Some(_), _) => (0.5, "quantised to NF4"),
+        (None, DType::BF16) => (2.0, "in bf16"),
+        _ => (4.0, "in f32"),
+    };
+    let need: f64 = weights
+        .names()
+        .filter_map(|n| weights.info(n))
+        .map(|(shape, dt)| {
+            let n = shape.iter().map(|&d| d as f64).product::<f64>();
+            match dt {
+                safetensors::Dtype::U8 | safetensors::Dtype::I8 => n,
+                _ => n * per,
+            }
+        })
+        .sum();
+    if need > total as f64 {
+        let instead = match (opts.quantize, opts.base_dtype) {
+            (Some(_), _) => "a machine with more memory",
+            (None, DType::BF16) => "--quantize nf4 (about a quarter of bf16)",
+            _ => "--base-dtype bfloat16 (half) or --quantize nf4 (about an eighth)",
+        };
+        return Err(Error::invalid(
+            dir,
+            format!(
+                "its weights held {held} take at least {:.1} GB, more than this machine's {:.1} GB of memory: \
+                 use {instead}",
+                need / 1e9,
+                total as f64 / 1e9
+            ),
+        ));
+    }
+    Ok(())
 }
