@@ -372,28 +372,38 @@ fn readable_data(path: &Path) -> Result<()> {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-pub fn eval(
-    args: &ModelArgs,
-    data: &Path,
-    task: &str,
-    as_json: bool,
-    seq_len: usize,
-    batch: usize,
-    max_new_tokens: usize,
-    limit: usize,
-) -> Result<()> {
+/// What `factune eval` was asked for, beside the model.
+pub struct EvalSettings<'a> {
+    pub data: &'a Path,
+    pub task: &'a str,
+    pub as_json: bool,
+    pub seq_len: usize,
+    pub batch: usize,
+    pub max_new_tokens: usize,
+    pub limit: usize,
+    /// Focused prefix tuning: the general prefix and α.
+    pub contrast: Option<(PathBuf, f64)>,
+}
+
+pub fn eval(args: &ModelArgs, settings: &EvalSettings) -> Result<()> {
+    let EvalSettings {
+        data,
+        task,
+        as_json,
+        seq_len,
+        batch,
+        max_new_tokens,
+        limit,
+        ..
+    } = *settings;
     if let Some(named) = args.named_adapters()? {
-        let settings = crate::routed::EvalSettings {
-            data,
-            task,
-            as_json,
-            seq_len,
-            batch,
-            max_new_tokens,
-            limit,
-        };
-        return crate::routed::eval(args, &named, &settings);
+        if settings.contrast.is_some() {
+            bail!("--contrast-adapter takes one --adapter DIR (the specific prefix), not named adapters");
+        }
+        return crate::routed::eval(args, &named, settings);
+    }
+    if let Some((general, weight)) = &settings.contrast {
+        return eval_focused(args, settings, general, *weight);
     }
     let (model, tok) = load(args)?;
     let data = factune_eval::EvalData::read(data)?;
@@ -451,6 +461,41 @@ pub fn eval(
             }
         }
         other => bail!("unknown task `{other}`: expected auto, perplexity, mc or exact-match"),
+    }
+    Ok(())
+}
+
+/// `eval --contrast-adapter`: perplexity or exact match under focused prefix tuning's contrast.
+fn eval_focused(args: &ModelArgs, s: &EvalSettings, general: &Path, weight: f64) -> Result<()> {
+    let (mut model, tok) = load(args)?;
+    let mut general = general_prefix(&mut model, general, weight)?;
+    let data = factune_eval::EvalData::read(s.data)?;
+    let task = if s.task == "auto" {
+        factune_eval::detect_task(&data)
+    } else {
+        s.task
+    };
+    match task {
+        "perplexity" => {
+            let p = factune_eval::focused::perplexity(&mut model, &mut general, weight, &tok, data, s.seq_len)?;
+            if !p.loss.is_finite() {
+                bail!("the contrasted loss is {} over {} tokens", p.loss, p.tokens);
+            }
+            if s.as_json {
+                println!("{}", json!({"loss": p.loss, "perplexity": p.perplexity, "tokens": p.tokens, "contrast_weight": weight}));
+            } else {
+                println!("loss {:.4}  perplexity {:.3}  over {} tokens (contrast α = {weight})", p.loss, p.perplexity, p.tokens);
+            }
+        }
+        "exact-match" => {
+            let e = factune_eval::focused::exact_match(&mut model, &mut general, weight, &tok, data, s.max_new_tokens, s.limit)?;
+            if s.as_json {
+                println!("{}", json!({"exact_match": e.exact_match, "n": e.n, "contrast_weight": weight}));
+            } else {
+                println!("exact match {:.4} over {} records (contrast α = {weight})", e.exact_match, e.n);
+            }
+        }
+        other => bail!("task `{other}` with --contrast-adapter: perplexity and exact-match score under the contrast"),
     }
     Ok(())
 }

@@ -180,6 +180,13 @@ enum Command {
         /// Evaluate at most N records (0: all)
         #[arg(long, default_value_t = 0)]
         limit: usize,
+        /// Focused prefix tuning: score under log p_specific − α · log p_general, with --adapter the specific
+        /// prefix and this the general one (perplexity and exact match)
+        #[arg(long)]
+        contrast_adapter: Option<PathBuf>,
+        /// Focused prefix tuning's α
+        #[arg(long, default_value_t = 1.0)]
+        contrast_weight: f64,
     },
     /// Generate text (KV-cached; greedy unless --temperature > 0)
     Generate {
@@ -411,15 +418,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             batch_size,
             max_new_tokens,
             limit,
+            contrast_adapter,
+            contrast_weight,
         } => commands::eval(
             &model,
-            &data,
-            &task,
-            json,
-            seq_len,
-            batch_size,
-            max_new_tokens,
-            limit,
+            &commands::EvalSettings {
+                data: &data,
+                task: &task,
+                as_json: json,
+                seq_len,
+                batch: batch_size,
+                max_new_tokens,
+                limit,
+                contrast: contrast_adapter.map(|a| (a, contrast_weight)),
+            },
         ),
         Command::Generate {
             model,

@@ -1,23 +1,13 @@
 //! `factune eval` and `factune generate` with `--adapter NAME=DIR …`: several adapters on one base, each record
 //! or prompt served by the adapter its `adapter` field names (`factune_eval::routed`).
 
-use crate::commands::load;
+use crate::commands::{load, EvalSettings};
 use crate::ModelArgs;
 use anyhow::{bail, Result};
 use factune_adapters::multi::AdapterSet;
 use factune_eval::routed;
 use serde_json::json;
 use std::path::{Path, PathBuf};
-
-pub struct EvalSettings<'a> {
-    pub data: &'a Path,
-    pub task: &'a str,
-    pub as_json: bool,
-    pub seq_len: usize,
-    pub batch: usize,
-    pub max_new_tokens: usize,
-    pub limit: usize,
-}
 
 pub fn eval(args: &ModelArgs, named: &[(String, PathBuf)], s: &EvalSettings) -> Result<()> {
     let (model, tok, set) = with_adapters(args, named)?;

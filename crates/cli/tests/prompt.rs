@@ -249,6 +249,48 @@ fn focused_prefix_tuning_contrasts_a_specific_prefix_with_a_general_one() {
         focused.starts_with("Once upon a time") && focused != plain,
         "{focused} / {plain}"
     );
+    // eval under the contrast: weight 0 scores as the specific prefix alone, a positive weight otherwise
+    let valid = data("reverse-valid.jsonl");
+    let score = |task: &str, extra: &[&str]| {
+        let mut a = vec![
+            "eval",
+            "--model",
+            s(&m),
+            "--adapter",
+            s(&specific),
+            "--data",
+            s(&valid),
+            "--task",
+            task,
+            "--json",
+            "--limit",
+            "4",
+            "--max-new-tokens",
+            "8",
+        ];
+        a.extend_from_slice(extra);
+        ok_json(&a)
+    };
+    let loss = |j: serde_json::Value| j["loss"].as_f64().unwrap();
+    let alone = loss(score("perplexity", &[]));
+    let at0 = loss(score(
+        "perplexity",
+        &["--contrast-adapter", g, "--contrast-weight", "0"],
+    ));
+    let at1 = loss(score(
+        "perplexity",
+        &["--contrast-adapter", g, "--contrast-weight", "1"],
+    ));
+    assert!((at0 - alone).abs() < 1e-4 * alone, "{at0} vs {alone}");
+    assert!(
+        at1.is_finite() && (at1 - alone).abs() > 1e-3,
+        "{at1} vs {alone}"
+    );
+    let em = |extra: &[&str]| score("exact-match", extra)["exact_match"].as_f64().unwrap();
+    assert_eq!(
+        em(&["--contrast-adapter", g, "--contrast-weight", "0"]),
+        em(&[])
+    );
     let e = fails(&[
         "generate",
         "--model",

@@ -1,5 +1,6 @@
 //! Evaluation for factune models: perplexity, multiple-choice log-likelihood, exact match, generation.
 
+pub mod focused;
 pub mod generate;
 pub mod lorahub;
 pub mod routed;

@@ -3,7 +3,7 @@
 //! the routed path of `factune_adapters::multi`; exact match switches adapters record by record (generation
 //! runs one sequence at a time anyway).
 
-use crate::tasks::{exact_match_with, records, EvalData, ExactMatch};
+use crate::tasks::{records, Answerer, EvalData, ExactMatch};
 use factune_adapters::multi::AdapterSet;
 use factune_data::source::Contents;
 use factune_data::{collate, to_tensor, DataOptions, Dataset, Example, Record};
@@ -162,9 +162,18 @@ pub fn exact_match(
         .iter_mut()
         .map(|r| take_choice(r, set, &file))
         .collect::<Result<Vec<_>>>()?;
-    let out = exact_match_with(model, tok, recs, &file, max_new_tokens, limit, |i| {
-        set.set_adapter(choices[i].as_deref())
-    });
+    let answer = Answerer {
+        tok,
+        eos: &model.cfg.eos_token_ids,
+        max_new_tokens,
+        limit,
+    };
+    let out = answer.score(
+        recs,
+        &file,
+        |i, _| set.set_adapter(choices[i].as_deref()),
+        |ids, cfg| crate::generate(model, ids, cfg),
+    );
     set.set_adapter(None)?;
     out
 }

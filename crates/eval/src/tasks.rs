@@ -235,61 +235,73 @@ pub fn exact_match(
 ) -> Result<ExactMatch> {
     let file = data.path.clone();
     let records = records(data, "exact match")?;
-    exact_match_with(
-        model,
+    let answer = Answerer {
         tok,
-        records,
-        &file,
+        eos: &model.cfg.eos_token_ids,
         max_new_tokens,
         limit,
-        |_| Ok(()),
+    };
+    answer.score(
+        records,
+        &file,
+        |_, _| Ok(()),
+        |ids, cfg| generate(model, ids, cfg),
     )
 }
 
-/// [`exact_match`] over records already read, `before(i)` run before record `i` is answered (to choose its
-/// adapter).
-pub(crate) fn exact_match_with(
-    model: &Model,
-    tok: &TextTokenizer,
-    records: Vec<Record>,
-    file: &Path,
-    max_new_tokens: usize,
-    limit: usize,
-    mut before: impl FnMut(usize) -> Result<()>,
-) -> Result<ExactMatch> {
-    let fields = Fields::default();
-    let shape = Shape::detect(&records[0], &fields)
-        .map_err(|e| Error::invalid(file, format!("{}: {e}", records[0].at)))?;
-    let mut stop = tok.eos_id().into_iter().collect::<Vec<_>>();
-    stop.extend(model.cfg.eos_token_ids.iter().copied());
-    let cfg = GenConfig {
-        max_new_tokens,
-        stop_ids: stop,
-        ..GenConfig::default()
-    };
-    let (mut n, mut hit, mut samples) = (0usize, 0usize, Vec::new());
-    for (i, r) in records
-        .iter()
-        .enumerate()
-        .take(if limit > 0 { limit } else { usize::MAX })
-    {
-        before(i)?;
-        let bad = |what: String| Error::invalid(file, format!("{}: {what}", r.at));
-        let (prompt, want) = shape.question(r, &fields, tok).map_err(bad)?;
-        let want = want.trim().to_string();
-        let ids = tok.encode(&prompt, true)?;
-        let out = generate(model, &ids, &cfg)?;
-        let got_full = tok.decode(&out)?;
-        let got = got_full.lines().next().unwrap_or("").trim().to_string();
-        n += 1;
-        hit += (got == want) as usize;
-        if samples.len() < 3 {
-            samples.push((prompt, want, got_full));
+/// How [`exact_match`] answers: greedy generation up to `max_new_tokens`, stopping at an EOS.
+pub(crate) struct Answerer<'a> {
+    pub tok: &'a TextTokenizer,
+    pub eos: &'a [u32],
+    pub max_new_tokens: usize,
+    pub limit: usize,
+}
+
+impl Answerer<'_> {
+    /// Exact match over records already read: `before(i, record)` runs before record `i` is answered (to choose
+    /// its adapter), `generate(prompt, cfg)` answers it.
+    pub(crate) fn score(
+        &self,
+        records: Vec<Record>,
+        file: &Path,
+        mut before: impl FnMut(usize, &Record) -> Result<()>,
+        mut generate: impl FnMut(&[u32], &GenConfig) -> Result<Vec<u32>>,
+    ) -> Result<ExactMatch> {
+        let (tok, max_new_tokens, limit) = (self.tok, self.max_new_tokens, self.limit);
+        let fields = Fields::default();
+        let shape = Shape::detect(&records[0], &fields)
+            .map_err(|e| Error::invalid(file, format!("{}: {e}", records[0].at)))?;
+        let mut stop = tok.eos_id().into_iter().collect::<Vec<_>>();
+        stop.extend(self.eos.iter().copied());
+        let cfg = GenConfig {
+            max_new_tokens,
+            stop_ids: stop,
+            ..GenConfig::default()
+        };
+        let (mut n, mut hit, mut samples) = (0usize, 0usize, Vec::new());
+        for (i, r) in records
+            .iter()
+            .enumerate()
+            .take(if limit > 0 { limit } else { usize::MAX })
+        {
+            before(i, r)?;
+            let bad = |what: String| Error::invalid(file, format!("{}: {what}", r.at));
+            let (prompt, want) = shape.question(r, &fields, tok).map_err(bad)?;
+            let want = want.trim().to_string();
+            let ids = tok.encode(&prompt, true)?;
+            let out = generate(&ids, &cfg)?;
+            let got_full = tok.decode(&out)?;
+            let got = got_full.lines().next().unwrap_or("").trim().to_string();
+            n += 1;
+            hit += (got == want) as usize;
+            if samples.len() < 3 {
+                samples.push((prompt, want, got_full));
+            }
         }
+        Ok(ExactMatch {
+            exact_match: hit as f64 / n as f64,
+            n,
+            samples,
+        })
     }
-    Ok(ExactMatch {
-        exact_match: hit as f64 / n as f64,
-        n,
-        samples,
-    })
 }
