@@ -138,6 +138,7 @@ def build(out):
     build_eva(out)
     build_untyped(out)
     build_prompt(out)
+    build_prompt_first_label(out)
     build_merges(out)
     versions["bitsandbytes"] = build_nf4(out)
     versions["tensorly"] = build_mpo(out)
@@ -566,6 +567,24 @@ def build_prompt(out):
             print(f"{name}-{mname}: loss {o.loss.item():.6f}, greedy {ref['greedy_tokens'].tolist()}")
 
 
+
+def build_prompt_first_label(out):
+    """The loss PEFT gives the saved prompt-tuning and P-tuning adapters when every label is kept: the last
+    virtual token's logits then predict the first real token, and PEFT counts that prediction."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    for name in ["llama", "gpt2"]:
+        for mname in ["prompt", "ptuning"]:
+            model = AutoModelForCausalLM.from_pretrained(os.path.join(out, name), dtype=torch.float32).eval()
+            pm = PeftModel.from_pretrained(model, os.path.join(out, f"{name}-{mname}")).eval()
+            ids = input_ids()
+            with torch.no_grad():
+                loss = pm(input_ids=ids, labels=ids.clone()).loss
+            save_file({"input_ids": ids.clone(), "labels": ids.clone(), "loss": loss.reshape(1).float()},
+                      os.path.join(out, f"{name}-{mname}-unmasked-reference.safetensors"))
+            print(f"{name}-{mname}: loss with every label {loss.item():.6f}")
+
 def verify(model_dir, adapter_dir, expect):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -600,6 +619,7 @@ def main():
         "build-vera": (build_vera, "only the PEFT VeRA fixtures"),
         "build-untyped": (build_untyped, "only the PEFT adapter with task_type null"),
         "build-prompt": (build_prompt, "only the PEFT prompt-family fixtures"),
+        "build-prompt-first-label": (build_prompt_first_label, "only the prompt-tuning losses with every label"),
         "build-merges": (build_merges, "only the PEFT add_weighted_adapter fixtures"),
         "build-mpo": (build_mpo, "only the tensorly TT-SVD fixture"),
     }

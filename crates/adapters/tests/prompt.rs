@@ -65,6 +65,29 @@ fn peft_prompt_adapters_load_with_peft_logits_and_loss() {
 }
 
 #[test]
+fn every_label_kept_the_last_virtual_token_predicts_the_first_real_one_as_in_peft() {
+    for base in ["llama", "gpt2"] {
+        for case in ["prompt", "ptuning"] {
+            let name = format!("{base}-{case}");
+            let r = reference(&format!("{name}-unmasked"));
+            let mut m = Model::load(&fixture(base), &Device::Cpu).unwrap();
+            load(&mut m, &fixture(&name), false).unwrap();
+            let (loss, n) = m
+                .loss(&ids(&r, "input_ids"), &labels(&r), &Ctx::default())
+                .unwrap();
+            let d = max_diff(&loss.reshape(1).unwrap(), &r["loss"]);
+            assert!(
+                d < 1e-5,
+                "{name}: loss with every label differs from PEFT's by {d}"
+            );
+            // the first label of each row is counted too: T per row, not T − 1
+            let (b, t) = r["input_ids"].dims2().unwrap();
+            assert_eq!(n, b * t, "{name}");
+        }
+    }
+}
+
+#[test]
 fn prompt_gradients_match_peft_with_and_without_checkpointing() {
     for base in ["llama", "gpt2"] {
         for case in CASES {

@@ -27,9 +27,7 @@ pub fn evaluate_loss(
     for chunk in examples.chunks(batch.max(1)) {
         let refs: Vec<&Example> = chunk.iter().collect();
         let (ids, labels) = collate(&refs, pad);
-        let hidden =
-            model.forward_hidden(&to_tensor(&ids, &model.device)?, None, &Ctx::default())?;
-        let (loss, n) = model.lm_loss(&hidden.detach(), &labels)?;
+        let (loss, n) = model.loss(&to_tensor(&ids, &model.device)?, &labels, &Ctx::default())?;
         sum += loss.to_scalar::<f32>()? as f64 * n as f64;
         count += n;
     }

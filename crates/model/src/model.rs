@@ -132,6 +132,27 @@ impl Prepared {
             n => x.narrow(1, n, x.dim(1)? - n),
         }
     }
+
+    /// The rows the loss scores, with `labels` to match: the real tokens', and before them the last virtual
+    /// token's, whose prediction is the first real token (PEFT counts it: its labels lead with ignored
+    /// positions for the virtual tokens, and the causal shift pairs the last of them with the first label).
+    fn loss_rows(
+        &self,
+        x: &Tensor,
+        labels: &[Vec<i64>],
+    ) -> candle_core::Result<(Tensor, Vec<Vec<i64>>)> {
+        match self.lead {
+            0 => Ok((x.clone(), labels.to_vec())),
+            n => {
+                let rows = x.narrow(1, n - 1, x.dim(1)? - n + 1)?;
+                let labels = labels
+                    .iter()
+                    .map(|l| std::iter::once(-100).chain(l.iter().copied()).collect())
+                    .collect();
+                Ok((rows, labels))
+            }
+        }
+    }
 }
 
 impl Model {
@@ -170,6 +191,18 @@ impl Model {
             x = self.block_forward(blk, &x, layer_cache, &p, n, ctx)?;
         }
         Ok(self.final_norm.forward(&p.real_rows(&x)?)?)
+    }
+
+    /// The mean next-token loss over `labels` for ids `[B, T]` and the count of labelled tokens; with virtual
+    /// tokens, the last of them predicts the first real token as in PEFT.
+    pub fn loss(&self, ids: &Tensor, labels: &[Vec<i64>], ctx: &Ctx) -> Result<(Tensor, usize)> {
+        let p = self.prepare(ids, 0, ctx)?;
+        let mut x = p.x.clone();
+        for (n, blk) in self.blocks.iter().enumerate() {
+            x = self.block_forward(blk, &x, None, &p, n, ctx)?;
+        }
+        let (rows, labels) = p.loss_rows(&x, labels)?;
+        self.lm_loss(&self.final_norm.forward(&rows)?, &labels)
     }
 
     /// Embeds ids `[B, T]` after `cached` positions, with a prompt adapter's virtual inputs when the sequence
@@ -316,8 +349,7 @@ impl Model {
     ) -> Result<(Tensor, usize, Vec<Option<Tensor>>)> {
         let mut out = vec![None; wanted.len()];
         if !checkpoint {
-            let hidden = self.forward_hidden(ids, None, ctx)?;
-            let (loss, n) = self.lm_loss(&hidden, labels)?;
+            let (loss, n) = self.loss(ids, labels, ctx)?;
             take_grads(loss.backward()?, wanted, &mut out)?;
             return Ok((loss.detach(), n, out));
         }
@@ -332,8 +364,8 @@ impl Model {
         // The head and the loss, differentiated with respect to the last block's output.
         let top = Var::from_tensor(&x)?;
         drop(x);
-        let hidden = self.final_norm.forward(&p.real_rows(top.as_tensor())?)?;
-        let (loss, n) = self.lm_loss(&hidden, labels)?;
+        let (rows, labels) = p.loss_rows(top.as_tensor(), labels)?;
+        let (loss, n) = self.lm_loss(&self.final_norm.forward(&rows)?, &labels)?;
         let mut g = take_grads(loss.backward()?, wanted, &mut out)?
             .remove(top.as_tensor())
             .map(|t| t.detach());
