@@ -80,6 +80,10 @@ PAIR="$OUT/src-copy,$OUT/src-reverse"
 rm -rf "$OUT/zip" "$OUT/sum" "$OUT/average"
 "$F" ziplora --model $M --adapters "$PAIR" --data-a "$D/copy-20.jsonl" --data-b "$D/reverse-20.jsonl" \
   --output "$OUT/zip" --steps 100 > "$OUT/zip.log" 2>&1
+python3 -c "import json,sys; j=json.load(open(sys.argv[1])); f=open(sys.argv[2],'w'); \
+[f.write(json.dumps(h) + '\n') for h in j['history']]" "$OUT/zip/ziplora.json" "$OUT/zip/metrics.jsonl"
+"$F" plot "copy+reverse=$OUT/zip" --key difference --title "ZipLoRA: output difference over steps (copy + reverse)" \
+  --output "$OUT/ziplora.png"
 "$F" merge-adapters --model $M --adapters "$PAIR" --weights 1,1 --combination cat --output "$OUT/sum" > /dev/null
 "$F" merge-adapters --model $M --adapters "$PAIR" --weights 0.5,0.5 --combination cat --output "$OUT/average" > /dev/null
 for task in copy reverse; do

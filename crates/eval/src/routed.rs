@@ -110,7 +110,6 @@ pub fn perplexity(
             .forward_hidden(&to_tensor(&ids, &model.device)?, None, &Ctx::default())?
             .detach();
         let mut seen: Vec<Option<&str>> = names.clone();
-        seen.dedup();
         seen.sort();
         seen.dedup();
         for who in seen {
