@@ -205,6 +205,14 @@ impl LinearMethod for LoraMethod {
             )));
         }
         check_rank(layer, r)?;
+        let want = cfg.rank_for(&layer.path);
+        if r != want {
+            return Err(Error::config(format!(
+                "`{}`: lora_A has rank {r} but the config gives this module rank {want} (`r`, or its \
+                 `rank_pattern` entry): the config does not describe these tensors (PEFT refuses such an adapter)",
+                layer.path
+            )));
+        }
         let scale = cfg.scaling(r, alpha);
         if let Some(svd) = pissa::variant(&cfg.init_lora_weights)? {
             // The saved factors were trained against the residual W − s·B₀A₀: rebuild it.

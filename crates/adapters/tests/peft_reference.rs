@@ -512,3 +512,25 @@ fn peft_config_with_null_fields_loads() {
     let d = max_abs(&(logits - &r["logits"]).unwrap());
     assert!(d < 1e-4, "max |logits - PEFT| = {d}");
 }
+
+#[test]
+fn a_rank_pattern_that_does_not_match_the_tensors_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    for f in ["adapter_config.json", "adapter_model.safetensors"] {
+        std::fs::copy(fixtures().join("llama-lora").join(f), dir.path().join(f)).unwrap();
+    }
+    let p = dir.path().join("adapter_config.json");
+    let mut j: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    j["rank_pattern"] = serde_json::json!({"v_proj": 2});
+    std::fs::write(&p, j.to_string()).unwrap();
+    let mut model = Model::load(&fixtures().join("llama"), &Device::Cpu).unwrap();
+    let err = load(&mut model, dir.path(), false)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("v_proj`: lora_A has rank 4 but the config gives this module rank 2"),
+        "{err}"
+    );
+}
