@@ -1,11 +1,15 @@
 //! P-tuning (Liu et al. 2021; `peft_type = "P_TUNING"`): prompt tuning's virtual embeddings, produced by a
 //! prompt encoder each forward, PEFT's MLP: `Linear(hidden, h) → ReLU → Linear(h, h) → ReLU → Linear(h,
 //! hidden)` over a `[num_virtual_tokens, hidden]` table (h = `encoder_hidden_size`, default the hidden size).
-//! Saved as PEFT does, the encoder's output as `prompt_embeddings`. Training through PEFT's LSTM encoder is not
-//! implemented; adapters PEFT trained with it load (their file holds the output).
+//! With `encoder_reparameterization_type = "LSTM"`, PEFT's other encoder: a bidirectional LSTM of
+//! `encoder_num_layers` layers (hidden size h, dropout `encoder_dropout` between layers) followed by
+//! `Linear(2h, 2h) → ReLU → Linear(2h, hidden)`. Saved as PEFT does, the encoder's output as
+//! `prompt_embeddings`.
 
 use crate::config::AdapterConfig;
-use crate::prompt_learning::{check_shape, random_table, Activation, Layer, Output, Prompt};
+use crate::prompt_learning::{
+    check_shape, random_table, Activation, Layer, Lstm, LstmSpec, Output, Prompt,
+};
 use crate::registry::{Attachment, Method, PromptMethod};
 use candle_core::Tensor;
 use factune_io::{Error, Result};
@@ -24,7 +28,7 @@ factune_io::choice! {
 crate::prompt_learning::prompt_method_keys! {
     /// P-tuning's keys, PEFT's `PromptEncoderConfig` names.
     pub struct PTuningConfig {
-        /// P-tuning: the prompt encoder, MLP (LSTM is not implemented).
+        /// P-tuning: the prompt encoder, MLP or LSTM.
         encoder_reparameterization_type: EncoderType = EncoderType::Mlp,
         /// P-tuning / prefix projection: the encoder's hidden size (default: the model's, as PEFT).
         encoder_hidden_size: Option<usize> = None,
@@ -47,8 +51,13 @@ impl Method for PTuningMethod {
     }
 }
 
-/// The config, checked against the model, and the encoder's layers (name, `[out, in]`, activation).
-type Plan = (usize, Vec<(String, (usize, usize), Option<Activation>)>);
+/// The config, checked against the model: virtual tokens, the LSTM (if that is the encoder) and the linear
+/// layers after it (name, `[out, in]`, activation).
+type Plan = (
+    usize,
+    Option<LstmSpec>,
+    Vec<(String, (usize, usize), Option<Activation>)>,
+);
 
 fn plan(cfg: &AdapterConfig, model: &Model) -> Result<Plan> {
     let c: &PTuningConfig = cfg.options()?;
@@ -68,10 +77,6 @@ fn plan(cfg: &AdapterConfig, model: &Model) -> Result<Plan> {
             ("num_layers", c.num_layers, model.cfg.num_layers),
         ],
     )?;
-    if c.encoder_reparameterization_type == EncoderType::Lstm {
-        // PEFT saves the encoder's output, so an LSTM-trained adapter loads as its table; training one does not
-        return Ok((c.num_virtual_tokens, Vec::new()));
-    }
     let h = c.encoder_hidden_size.unwrap_or(hs);
     if h == 0 {
         return Err(Error::config(
@@ -79,12 +84,40 @@ fn plan(cfg: &AdapterConfig, model: &Model) -> Result<Plan> {
         ));
     }
     let relu = Some(Activation::Relu);
-    let layers = vec![
-        ("mlp_head.0".to_string(), (h, hs), relu),
-        ("mlp_head.2".to_string(), (h, h), relu),
-        ("mlp_head.4".to_string(), (hs, h), None),
-    ];
-    Ok((c.num_virtual_tokens, layers))
+    Ok(match c.encoder_reparameterization_type {
+        EncoderType::Mlp => (
+            c.num_virtual_tokens,
+            None,
+            vec![
+                ("mlp_head.0".to_string(), (h, hs), relu),
+                ("mlp_head.2".to_string(), (h, h), relu),
+                ("mlp_head.4".to_string(), (hs, h), None),
+            ],
+        ),
+        EncoderType::Lstm => {
+            if c.encoder_num_layers == 0 || !(0.0..1.0).contains(&c.encoder_dropout) {
+                return Err(Error::config(format!(
+                    "P_TUNING: encoder_num_layers {} and encoder_dropout {}: expected at least one layer and a \
+                     dropout in [0, 1)",
+                    c.encoder_num_layers, c.encoder_dropout
+                )));
+            }
+            let lstm = LstmSpec {
+                input: hs,
+                hidden: h,
+                layers: c.encoder_num_layers,
+                dropout: c.encoder_dropout,
+            };
+            (
+                c.num_virtual_tokens,
+                Some(lstm),
+                vec![
+                    ("mlp_head.0".to_string(), (2 * h, 2 * h), relu),
+                    ("mlp_head.2".to_string(), (hs, 2 * h), None),
+                ],
+            )
+        }
+    })
 }
 
 impl PromptMethod for PTuningMethod {
@@ -94,14 +127,9 @@ impl PromptMethod for PTuningMethod {
         model: &Model,
         rng: &mut ChaCha8Rng,
     ) -> Result<Box<dyn PromptAdapter>> {
-        let (n, layers) = plan(cfg, model)?;
-        if layers.is_empty() {
-            return Err(Error::config(
-                "P_TUNING: training with encoder_reparameterization_type = LSTM is not implemented yet; use MLP \
-                 (PEFT's recommended encoder); LSTM-trained PEFT adapters do load",
-            ));
-        }
+        let (n, lstm, layers) = plan(cfg, model)?;
         let table = random_table(n, model.cfg.hidden_size, rng, model)?;
+        let lstm = lstm.map(|spec| Lstm::new(spec, rng, model)).transpose()?;
         let encoder = layers
             .into_iter()
             .map(|(name, shape, act)| Layer::new(name, shape, act, rng, model))
@@ -110,6 +138,7 @@ impl PromptMethod for PTuningMethod {
             method: "P_TUNING",
             output: Output::Embeddings,
             table,
+            lstm,
             encoder,
         }))
     }
@@ -120,13 +149,13 @@ impl PromptMethod for PTuningMethod {
         model: &Model,
         t: &HashMap<String, Tensor>,
     ) -> Result<Box<dyn PromptAdapter>> {
-        let (n, layers) = plan(cfg, model)?;
-        Ok(Box::new(Prompt::from_tensors(
+        let (n, lstm, layers) = plan(cfg, model)?;
+        Ok(Box::new(Prompt::from_tensors_with(
             "P_TUNING",
             Output::Embeddings,
             n,
             model,
-            &layers,
+            (lstm, &layers),
             model.cfg.hidden_size,
             t,
         )?))

@@ -112,6 +112,7 @@ impl PromptMethod for PrefixTuningMethod {
             }
         }
         Ok(Box::new(Prompt {
+            lstm: None,
             method: "PREFIX_TUNING",
             output: Output::kv_prefix(model),
             table,

@@ -120,26 +120,153 @@ impl Layer {
     }
 }
 
+/// The shape of P-tuning's LSTM encoder (PEFT's `lstm_head`, bidirectional).
+#[derive(Debug, Clone, Copy)]
+pub struct LstmSpec {
+    pub input: usize,
+    pub hidden: usize,
+    pub layers: usize,
+    /// Between layers, while training (PyTorch's `dropout`).
+    pub dropout: f64,
+}
+
+impl LstmSpec {
+    /// PyTorch's parameter names and shapes, layer by layer, forward then reverse: weight_ih, weight_hh,
+    /// bias_ih, bias_hh (gates stacked i, f, g, o).
+    fn params(&self) -> Vec<(String, Vec<usize>)> {
+        let h = self.hidden;
+        let mut out = Vec::new();
+        for k in 0..self.layers {
+            let inp = if k == 0 { self.input } else { 2 * h };
+            for dir in ["", "_reverse"] {
+                out.push((format!("weight_ih_l{k}{dir}"), vec![4 * h, inp]));
+                out.push((format!("weight_hh_l{k}{dir}"), vec![4 * h, h]));
+                out.push((format!("bias_ih_l{k}{dir}"), vec![4 * h]));
+                out.push((format!("bias_hh_l{k}{dir}"), vec![4 * h]));
+            }
+        }
+        out
+    }
+}
+
+/// P-tuning's LSTM over the table's rows as one sequence, zero initial state, PyTorch's equations; its output
+/// at each row is the forward and reverse hidden states side by side.
+pub struct Lstm {
+    pub spec: LstmSpec,
+    /// In [`LstmSpec::params`]' order.
+    pub params: Vec<Var>,
+}
+
+fn sigmoid(x: &Tensor) -> candle_core::Result<Tensor> {
+    (x.neg()?.exp()? + 1.0)?.recip()
+}
+
+impl Lstm {
+    /// PyTorch's init: every weight and bias U(−1/√hidden, 1/√hidden).
+    pub fn new(spec: LstmSpec, rng: &mut ChaCha8Rng, model: &Model) -> Result<Self> {
+        let params = spec
+            .params()
+            .iter()
+            .map(|(_, shape)| {
+                Ok(Var::from_tensor(&kaiming_uniform(
+                    shape,
+                    spec.hidden,
+                    rng,
+                    &model.device,
+                )?)?)
+            })
+            .collect::<Result<_>>()?;
+        Ok(Lstm { spec, params })
+    }
+
+    fn named(&self) -> Vec<(String, Var)> {
+        self.spec
+            .params()
+            .into_iter()
+            .zip(&self.params)
+            .map(|((n, _), v)| (format!("{ENCODER}lstm_head.{n}"), v.clone()))
+            .collect()
+    }
+
+    fn forward(&self, x: &Tensor, ctx: &Ctx) -> candle_core::Result<Tensor> {
+        let mut x = x.clone();
+        for k in 0..self.spec.layers {
+            if k > 0 {
+                x = crate::adapter_input(&x, self.spec.dropout, ctx)?;
+            }
+            let p = &self.params[8 * k..8 * k + 8];
+            let fwd = self.direction(&x, &p[..4], false)?;
+            let rev = self.direction(&x, &p[4..], true)?;
+            x = Tensor::cat(&[fwd, rev], 1)?;
+        }
+        Ok(x)
+    }
+
+    /// One direction of one layer: `[n, in]` → `[n, hidden]`.
+    fn direction(&self, x: &Tensor, p: &[Var], reverse: bool) -> candle_core::Result<Tensor> {
+        let (n, h) = (x.dims()[0], self.spec.hidden);
+        let (wih, whh, bih, bhh) = (
+            p[0].as_tensor(),
+            p[1].as_tensor(),
+            p[2].as_tensor(),
+            p[3].as_tensor(),
+        );
+        let xw = x
+            .matmul(&wih.t()?)?
+            .broadcast_add(bih)?
+            .broadcast_add(bhh)?;
+        let whh_t = whh.t()?;
+        let mut hidden = Tensor::zeros((1, h), x.dtype(), x.device())?;
+        let mut cell = hidden.clone();
+        let mut out: Vec<Option<Tensor>> = vec![None; n];
+        let steps: Vec<usize> = if reverse {
+            (0..n).rev().collect()
+        } else {
+            (0..n).collect()
+        };
+        for t in steps {
+            let g = (xw.narrow(0, t, 1)? + hidden.matmul(&whh_t)?)?;
+            let i = sigmoid(&g.narrow(1, 0, h)?)?;
+            let f = sigmoid(&g.narrow(1, h, h)?)?;
+            let c = g.narrow(1, 2 * h, h)?.tanh()?;
+            let o = sigmoid(&g.narrow(1, 3 * h, h)?)?;
+            cell = ((f * cell)? + (i * c)?)?;
+            hidden = (o * cell.tanh()?)?;
+            out[t] = Some(hidden.clone());
+        }
+        let rows: Vec<Tensor> = out
+            .into_iter()
+            .map(|r| r.expect("every step ran"))
+            .collect();
+        Tensor::cat(&rows, 0)
+    }
+}
+
 /// A prompt-learning adapter: the table, and the encoder it is trained through (none once loaded from
 /// PEFT's saved output).
 pub struct Prompt {
     pub method: &'static str,
     pub output: Output,
     pub table: Var,
+    /// P-tuning's LSTM, before the layers.
+    pub lstm: Option<Lstm>,
     pub encoder: Vec<Layer>,
 }
 
 impl Prompt {
     fn table_name(&self) -> &'static str {
-        if self.encoder.is_empty() {
+        if self.encoder.is_empty() && self.lstm.is_none() {
             PROMPT_EMBEDDINGS
         } else {
             "prompt_encoder.embedding.weight"
         }
     }
 
-    fn output(&self) -> candle_core::Result<Tensor> {
+    fn output(&self, ctx: &Ctx) -> candle_core::Result<Tensor> {
         let mut x = self.table.as_tensor().clone();
+        if let Some(lstm) = &self.lstm {
+            x = lstm.forward(&x, ctx)?;
+        }
         for l in &self.encoder {
             x = l.forward(&x)?;
         }
@@ -158,6 +285,23 @@ impl Prompt {
         table_width: usize,
         t: &HashMap<String, Tensor>,
     ) -> Result<Self> {
+        Self::from_tensors_with(method, output, n, model, (None, encoder), table_width, t)
+    }
+
+    /// [`Prompt::from_tensors`] with P-tuning's LSTM before the layers, where `encoder.0` is given.
+    pub fn from_tensors_with(
+        method: &'static str,
+        output: Output,
+        n: usize,
+        model: &Model,
+        encoder: (
+            Option<LstmSpec>,
+            &[(String, (usize, usize), Option<Activation>)],
+        ),
+        table_width: usize,
+        t: &HashMap<String, Tensor>,
+    ) -> Result<Self> {
+        let (lstm_spec, encoder) = encoder;
         let width = output.width(model);
         let shaped = |name: &str, shape: &[usize]| -> Result<Var> {
             let v = t
@@ -186,16 +330,29 @@ impl Prompt {
                 method,
                 output,
                 table: shaped(PROMPT_EMBEDDINGS, &[n, width])?,
+                lstm: None,
                 encoder: Vec::new(),
             });
         }
-        if encoder.is_empty() {
+        if encoder.is_empty() && lstm_spec.is_none() {
             return Err(Error::config(format!(
                 "missing tensor `{PROMPT_EMBEDDINGS}` (the {method} adapter's [{n}, {width}] table)"
             )));
         }
         let table_key = format!("{ENCODER}embedding.weight");
         let mut known = vec![table_key.clone()];
+        let lstm = match lstm_spec {
+            Some(spec) => {
+                let mut params = Vec::new();
+                for (name, shape) in spec.params() {
+                    let key = format!("{ENCODER}lstm_head.{name}");
+                    params.push(shaped(&key, &shape)?);
+                    known.push(key);
+                }
+                Some(Lstm { spec, params })
+            }
+            None => None,
+        };
         let mut layers = Vec::new();
         for (name, (out, inp), act) in encoder {
             let (w, b) = (
@@ -215,6 +372,7 @@ impl Prompt {
             method,
             output,
             table: shaped(&table_key, &[n, table_width])?,
+            lstm,
             encoder: layers,
         })
     }
@@ -229,8 +387,8 @@ impl PromptAdapter for Prompt {
         self.table.dims()[0]
     }
 
-    fn virtual_inputs(&self, _ctx: &Ctx) -> candle_core::Result<VirtualInputs> {
-        let y = self.output()?;
+    fn virtual_inputs(&self, ctx: &Ctx) -> candle_core::Result<VirtualInputs> {
+        let y = self.output(ctx)?;
         match self.output {
             Output::Embeddings => Ok(VirtualInputs::Embeddings(y)),
             Output::KvPrefix {
@@ -255,6 +413,7 @@ impl PromptAdapter for Prompt {
 
     fn parameters(&self) -> Vec<(String, Var)> {
         let mut out = vec![(self.table_name().to_string(), self.table.clone())];
+        out.extend(self.lstm.iter().flat_map(Lstm::named));
         for l in &self.encoder {
             out.push((format!("{ENCODER}{}.weight", l.name), l.weight.clone()));
             out.push((format!("{ENCODER}{}.bias", l.name), l.bias.clone()));
@@ -265,7 +424,7 @@ impl PromptAdapter for Prompt {
     fn portable(&self) -> candle_core::Result<Vec<(String, Tensor)>> {
         Ok(vec![(
             PROMPT_EMBEDDINGS.to_string(),
-            self.output()?.detach(),
+            self.output(&Ctx::default())?.detach(),
         )])
     }
 }

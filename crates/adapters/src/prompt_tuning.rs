@@ -90,6 +90,7 @@ impl PromptMethod for PromptTuningMethod {
             }
         };
         Ok(Box::new(Prompt {
+            lstm: None,
             method: "PROMPT_TUNING",
             output: Output::Embeddings,
             table,

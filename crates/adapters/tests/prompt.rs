@@ -13,7 +13,7 @@ use factune_model::loss::causal_lm_loss;
 use factune_model::{Ctx, KvCache, Model};
 use std::collections::HashMap;
 
-const CASES: &[&str] = &["prompt", "ptuning", "prefix", "prefix-proj"];
+const CASES: &[&str] = &["prompt", "ptuning", "ptuning-lstm", "prefix", "prefix-proj"];
 /// Adapters PEFT saved that factune loads (an LSTM-trained P-tuning adapter is its output table).
 const LOADABLE: &[&str] = &["prompt", "ptuning", "ptuning-lstm", "prefix", "prefix-proj"];
 

@@ -3,7 +3,7 @@
 //!     cargo test -p factune --test interop -- --ignored
 //!     python scripts/make_fixtures.py verify --model assets/default-model \
 //!         --adapter target/peft-interop/default/adapter --expect target/peft-interop/default/expect.safetensors
-//!     (and likewise for target/peft-interop/default-pissa, default-vera, default-prompt, default-ptuning, default-prefix, default-dora, default-patterns, default-layers, default-eva, default-adalora and default-merge-ties on assets/default-model,
+//!     (and likewise for target/peft-interop/default-pissa, default-vera, default-prompt, default-ptuning, default-ptuning-lstm, default-prefix, default-dora, default-patterns, default-layers, default-eva, default-adalora and default-merge-ties on assets/default-model,
 //!     llama-merge-dora-svd on tests/fixtures/llama, and tests/fixtures/llama and tests/fixtures/gpt2 with target/peft-interop/{llama,gpt2});
 //!     (and tests/fixtures/{llama,gpt2} with target/peft-interop/{llama,gpt2}-{prompt,prefix}_tuning);
 //!     python scripts/make_fixtures.py verify --model target/peft-interop/gpt2/merged \
@@ -65,6 +65,17 @@ fn export_for_peft() {
         (
             "default-ptuning",
             &["--peft-type", "P_TUNING", "--num-virtual-tokens", "8"][..],
+        ),
+        (
+            "default-ptuning-lstm",
+            &[
+                "--peft-type",
+                "P_TUNING",
+                "--num-virtual-tokens",
+                "8",
+                "--encoder-reparameterization-type",
+                "LSTM",
+            ][..],
         ),
         (
             "default-prefix",

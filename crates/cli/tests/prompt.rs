@@ -40,6 +40,16 @@ fn each_prompt_method_trains_resumes_bit_identically_evaluates_and_generates() {
         &["--peft-type", "P_TUNING", "--encoder-hidden-size", "24"][..],
         &[
             "--peft-type",
+            "P_TUNING",
+            "--encoder-reparameterization-type",
+            "LSTM",
+            "--encoder-hidden-size",
+            "16",
+            "--encoder-dropout",
+            "0.1",
+        ][..],
+        &[
+            "--peft-type",
             "PREFIX_TUNING",
             "--prefix-projection",
             "true",
@@ -183,8 +193,10 @@ fn text_init_and_bad_prompt_settings() {
                 "P_TUNING",
                 "--encoder-reparameterization-type",
                 "LSTM",
+                "--encoder-num-layers",
+                "0",
             ][..],
-            "LSTM is not implemented",
+            "expected at least one layer",
         ),
         (
             &[
