@@ -8,7 +8,7 @@
 
 use crate::config::AdapterConfig;
 use crate::prompt_learning::{
-    check_shape, random_table, Activation, Layer, Lstm, LstmSpec, Output, Prompt,
+    check_shape, random_table, Activation, Layer, LayerSpec, Lstm, LstmSpec, Output, Prompt,
 };
 use crate::registry::{Attachment, Method, PromptMethod};
 use candle_core::Tensor;
@@ -53,11 +53,7 @@ impl Method for PTuningMethod {
 
 /// The config, checked against the model: virtual tokens, the LSTM (if that is the encoder) and the linear
 /// layers after it (name, `[out, in]`, activation).
-type Plan = (
-    usize,
-    Option<LstmSpec>,
-    Vec<(String, (usize, usize), Option<Activation>)>,
-);
+type Plan = (usize, Option<LstmSpec>, Vec<LayerSpec>);
 
 fn plan(cfg: &AdapterConfig, model: &Model) -> Result<Plan> {
     let c: &PTuningConfig = cfg.options()?;

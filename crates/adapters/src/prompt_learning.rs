@@ -82,6 +82,9 @@ pub enum Activation {
     Tanh,
 }
 
+/// An encoder layer's name, `[out, in]` and activation.
+pub type LayerSpec = (String, (usize, usize), Option<Activation>);
+
 /// One `nn.Linear` of an encoder and the activation after it, if any.
 pub struct Layer {
     pub name: String,
@@ -281,7 +284,7 @@ impl Prompt {
         output: Output,
         n: usize,
         model: &Model,
-        encoder: &[(String, (usize, usize), Option<Activation>)],
+        encoder: &[LayerSpec],
         table_width: usize,
         t: &HashMap<String, Tensor>,
     ) -> Result<Self> {
@@ -294,10 +297,7 @@ impl Prompt {
         output: Output,
         n: usize,
         model: &Model,
-        encoder: (
-            Option<LstmSpec>,
-            &[(String, (usize, usize), Option<Activation>)],
-        ),
+        encoder: (Option<LstmSpec>, &[LayerSpec]),
         table_width: usize,
         t: &HashMap<String, Tensor>,
     ) -> Result<Self> {
