@@ -180,9 +180,20 @@ impl Model {
     pub fn forward_hidden(
         &self,
         ids: &Tensor,
-        mut cache: Option<&mut KvCache>,
+        cache: Option<&mut KvCache>,
         ctx: &Ctx,
     ) -> Result<Tensor> {
+        let (p, x) = self.run_blocks(ids, cache, ctx)?;
+        Ok(self.final_norm.forward(&p.real_rows(&x)?)?)
+    }
+
+    /// The prepared sequence and the last block's output `[B, lead + T, H]` (virtual rows included).
+    fn run_blocks(
+        &self,
+        ids: &Tensor,
+        mut cache: Option<&mut KvCache>,
+        ctx: &Ctx,
+    ) -> Result<(Prepared, Tensor)> {
         let cached = cache.as_ref().map_or(0, |c| c.len());
         let p = self.prepare(ids, cached, ctx)?;
         let mut x = p.x.clone();
@@ -190,17 +201,13 @@ impl Model {
             let layer_cache = cache.as_deref_mut().map(|c| (c, n));
             x = self.block_forward(blk, &x, layer_cache, &p, n, ctx)?;
         }
-        Ok(self.final_norm.forward(&p.real_rows(&x)?)?)
+        Ok((p, x))
     }
 
     /// The mean next-token loss over `labels` for ids `[B, T]` and the count of labelled tokens; with virtual
     /// tokens, the last of them predicts the first real token as in PEFT.
     pub fn loss(&self, ids: &Tensor, labels: &[Vec<i64>], ctx: &Ctx) -> Result<(Tensor, usize)> {
-        let p = self.prepare(ids, 0, ctx)?;
-        let mut x = p.x.clone();
-        for (n, blk) in self.blocks.iter().enumerate() {
-            x = self.block_forward(blk, &x, None, &p, n, ctx)?;
-        }
+        let (p, x) = self.run_blocks(ids, None, ctx)?;
         let (rows, labels) = p.loss_rows(&x, labels)?;
         self.lm_loss(&self.final_norm.forward(&rows)?, &labels)
     }
