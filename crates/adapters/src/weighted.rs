@@ -307,19 +307,15 @@ pub fn combine(model: &Model, sources: &[Source], spec: &Weighting) -> Result<Co
     let rank = combined_rank(sources, c, spec.svd_rank)?;
     let dora = sources[0].config.use_dora;
     if let Some(s) = sources.iter().find(|s| s.config.use_dora != dora) {
+        let (with, without) = if dora {
+            (&sources[0], s)
+        } else {
+            (s, &sources[0])
+        };
         return Err(Error::config(format!(
-            "{} is {} and {} is not: combine DoRA adapters with DoRA adapters only",
-            if dora {
-                sources[0].dir.display()
-            } else {
-                s.dir.display()
-            },
-            "a DoRA adapter",
-            if dora {
-                s.dir.display()
-            } else {
-                sources[0].dir.display()
-            },
+            "{} is a DoRA adapter and {} is not: combine DoRA adapters with DoRA adapters only",
+            with.dir.display(),
+            without.dir.display()
         )));
     }
     let paths: BTreeSet<&String> = sources.iter().flat_map(|s| s.layers.keys()).collect();

@@ -407,11 +407,7 @@ pub fn eval(args: &ModelArgs, settings: &EvalSettings) -> Result<()> {
     }
     let (model, tok) = load(args)?;
     let data = factune_eval::EvalData::read(data)?;
-    let task = if task == "auto" {
-        factune_eval::detect_task(&data)
-    } else {
-        task
-    };
+    let task = factune_eval::task_for(task, &data);
     match task {
         "perplexity" => {
             let p = perplexity(&model, &tok, data, seq_len, batch)?;
@@ -470,11 +466,7 @@ fn eval_focused(args: &ModelArgs, s: &EvalSettings, general: &Path, weight: f64)
     let (mut model, tok) = load(args)?;
     let mut general = general_prefix(&mut model, general, weight)?;
     let data = factune_eval::EvalData::read(s.data)?;
-    let task = if s.task == "auto" {
-        factune_eval::detect_task(&data)
-    } else {
-        s.task
-    };
+    let task = factune_eval::task_for(s.task, &data);
     match task {
         "perplexity" => {
             let p = factune_eval::focused::perplexity(&mut model, &mut general, weight, &tok, data, s.seq_len)?;

@@ -193,7 +193,7 @@ pub fn lorahub(args: &LorahubArgs) -> Result<()> {
     }
     let bar = evaluation_bar(args.budget, "evaluations");
     let pad = factune_data::pad_id(&tok);
-    let (best, evals) = search(
+    let (best, evals, factors) = search(
         &mut model,
         &sources,
         &data.examples,
@@ -212,7 +212,6 @@ pub fn lorahub(args: &LorahubArgs) -> Result<()> {
         },
     )?;
     bar.finish_and_clear();
-    let factors = weighted::compose_factors(&sources, &best.weights)?;
     let mut cfg = sources[0].config.clone();
     cfg.inference_mode = serde_json::Value::Bool(true);
     std::fs::create_dir_all(&args.output).map_err(|e| factune_io::Error::io(&args.output, e))?;

@@ -12,11 +12,7 @@ use std::path::{Path, PathBuf};
 pub fn eval(args: &ModelArgs, named: &[(String, PathBuf)], s: &EvalSettings) -> Result<()> {
     let (model, tok, set) = with_adapters(args, named)?;
     let data = factune_eval::EvalData::read(s.data)?;
-    let task = if s.task == "auto" {
-        factune_eval::detect_task(&data)
-    } else {
-        s.task
-    };
+    let task = factune_eval::task_for(s.task, &data);
     match task {
         "perplexity" => {
             let p = routed::perplexity(&model, &set, &tok, data, s.seq_len, s.batch)?;
@@ -86,15 +82,8 @@ pub fn generate(
         let Some(prompt) = v.get("prompt").and_then(|p| p.as_str()) else {
             bail!("{}: expected a string `prompt`", at());
         };
-        let adapter = match v.get(routed::FIELD) {
-            None | Some(serde_json::Value::Null) => None,
-            Some(serde_json::Value::String(n)) if set.names().contains(n) => Some(n.clone()),
-            Some(other) => bail!(
-                "{}: `adapter: {other}` is not among the loaded adapters ({})",
-                at(),
-                set.names().join(", ")
-            ),
-        };
+        let adapter = routed::choice(v.get(routed::FIELD).cloned(), &set)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", at()))?;
         asks.push((prompt.to_string(), adapter));
     }
     if asks.is_empty() {

@@ -4,7 +4,7 @@
 //! so it is a proper distribution and its perplexity comparable with a plain adapter's); exact match decodes
 //! greedily from it.
 
-use crate::generate::{focus, generate_focused};
+use crate::generate::{contrast_room, focus, generate_focused};
 use crate::tasks::{records, Answerer, EvalData, ExactMatch, Perplexity};
 use factune_data::{collate, to_tensor, DataOptions, Dataset};
 use factune_io::{Result, TextTokenizer};
@@ -22,13 +22,7 @@ pub fn perplexity(
     seq_len: usize,
 ) -> Result<Perplexity> {
     // the sequence must fit after either prefix
-    let room = model.max_positions().min(
-        model
-            .cfg
-            .max_position_embeddings
-            .saturating_sub(general.as_ref().map_or(0, |g| g.num_virtual_tokens())),
-    );
-    let seq_len = seq_len.min(room);
+    let seq_len = seq_len.min(contrast_room(model, general));
     let ds = Dataset::from_contents(data.contents, &data.path, &DataOptions::eval(seq_len), tok)?;
     let pad = tok.eos_id().unwrap_or(0);
     let (mut sum, mut count) = (0f64, 0usize);

@@ -53,12 +53,8 @@ pub fn generate_focused(
     cfg: &GenConfig,
 ) -> Result<Vec<u32>> {
     // the context must hold the prompt after either prefix
-    let general_room = model
-        .cfg
-        .max_position_embeddings
-        .saturating_sub(general.as_ref().map_or(0, |g| g.num_virtual_tokens()))
-        .saturating_sub(prompt.len());
-    let budget = budget(model, prompt, cfg).min(general_room);
+    let budget =
+        budget(model, prompt, cfg).min(contrast_room(model, general).saturating_sub(prompt.len()));
     let (mut specific_cache, mut general_cache) = (model.new_cache(), model.new_cache());
     decode(prompt, budget, cfg, |input| {
         let ls = next_logits(model, &mut specific_cache, input)?;
@@ -72,6 +68,16 @@ pub fn generate_focused(
         }
         focus(&ls, &lg?, weight)
     })
+}
+
+/// Positions left for real tokens after either prefix: the model's own (specific) one and `general`.
+pub fn contrast_room(model: &Model, general: &Option<Box<dyn PromptAdapter>>) -> usize {
+    model.max_positions().min(
+        model
+            .cfg
+            .max_position_embeddings
+            .saturating_sub(general.as_ref().map_or(0, |g| g.num_virtual_tokens())),
+    )
 }
 
 /// `log_softmax(log_softmax(specific) − weight · log_softmax(general))`: FPT's contrast, re-normalised.

@@ -8,6 +8,6 @@ pub mod tasks;
 
 pub use generate::{generate, generate_focused, GenConfig};
 pub use tasks::{
-    detect_task, exact_match, multiple_choice, perplexity, Accuracy, EvalData, ExactMatch,
-    Perplexity,
+    detect_task, exact_match, multiple_choice, perplexity, task_for, Accuracy, EvalData,
+    ExactMatch, Perplexity,
 };

@@ -11,6 +11,10 @@ use factune_data::{evaluate_loss, Example};
 use factune_io::{Error, Result};
 use factune_model::Model;
 use serde::Serialize;
+use std::collections::BTreeMap;
+
+/// Composed factors `(A, B)` by module path.
+pub type Composition = BTreeMap<String, (candle_core::Tensor, candle_core::Tensor)>;
 
 #[derive(Debug, Clone)]
 pub struct HubOptions {
@@ -32,8 +36,9 @@ pub struct HubEval {
     pub objective: f64,
 }
 
-/// Searches the weights; `on_eval(index, this, best)` follows every evaluation (progress). The model ends with
-/// the best composition installed.
+/// Searches the weights; `on_eval(index, this, best)` follows every evaluation (progress). Returns the best
+/// evaluation, every evaluation, and the best composition's factors by module (the model is left with the last
+/// candidate evaluated installed).
 pub fn search(
     model: &mut Model,
     sources: &[Source],
@@ -41,7 +46,7 @@ pub fn search(
     pad: u32,
     opts: &HubOptions,
     mut on_eval: impl FnMut(usize, &HubEval, &HubEval),
-) -> Result<(HubEval, Vec<HubEval>)> {
+) -> Result<(HubEval, Vec<HubEval>, Composition)> {
     if sources.len() < 2 {
         return Err(Error::config(
             "LoraHub needs at least two adapters to weigh",
@@ -115,6 +120,5 @@ pub fn search(
     }
     let best = best.ok_or_else(|| Error::config("LoraHub evaluated no composition"))?;
     let factors = weighted::compose_factors(sources, &best.weights)?;
-    weighted::install(model, &sources[0], &factors)?;
-    Ok((best, evals))
+    Ok((best, evals, factors))
 }

@@ -17,28 +17,28 @@ use std::path::Path;
 /// The field naming a record's adapter.
 pub const FIELD: &str = "adapter";
 
-/// Takes a record's adapter choice out of it (so the record's shape is read without it), checked against the
-/// loaded names.
-pub(crate) fn take_choice(r: &mut Record, set: &AdapterSet, file: &Path) -> Result<Option<String>> {
-    match r.fields.remove(FIELD) {
+/// The adapter a record's or prompt's `adapter` value names, checked against the loaded names (absent or
+/// null: the base alone); the error says what was found.
+pub fn choice(
+    value: Option<Value>,
+    set: &AdapterSet,
+) -> std::result::Result<Option<String>, String> {
+    match value {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(name)) if set.names().contains(&name) => Ok(Some(name)),
-        Some(Value::String(name)) => Err(Error::invalid(
-            file,
-            format!(
-                "{}: `{FIELD}: {name}` is not among the loaded adapters ({})",
-                r.at,
-                set.names().join(", ")
-            ),
+        Some(Value::String(name)) => Err(format!(
+            "`{FIELD}: {name}` is not among the loaded adapters ({})",
+            set.names().join(", ")
         )),
-        Some(other) => Err(Error::invalid(
-            file,
-            format!(
-                "{}: `{FIELD}` is {other}, expected an adapter name or null",
-                r.at
-            ),
+        Some(other) => Err(format!(
+            "`{FIELD}` is {other}, expected an adapter name or null"
         )),
     }
+}
+
+/// Takes a record's adapter choice out of it (so the record's shape is read without it).
+pub(crate) fn take_choice(r: &mut Record, set: &AdapterSet, file: &Path) -> Result<Option<String>> {
+    choice(r.fields.remove(FIELD), set).map_err(|e| Error::invalid(file, format!("{}: {e}", r.at)))
 }
 
 #[derive(Debug, Clone, Serialize)]

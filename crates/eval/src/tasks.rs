@@ -105,6 +105,15 @@ pub(crate) fn records(data: EvalData, task: &str) -> Result<Vec<Record>> {
     }
 }
 
+/// The task asked for: `task` itself, or for `auto` the one the data suggests ([`detect_task`]).
+pub fn task_for<'a>(task: &'a str, data: &EvalData) -> &'a str {
+    if task == "auto" {
+        detect_task(data)
+    } else {
+        task
+    }
+}
+
 /// The task a file's first record suggests: `choices` → multiple choice, a prompt with an answer →
 /// exact match, anything else (text included) → perplexity.
 pub fn detect_task(data: &EvalData) -> &'static str {
