@@ -8,7 +8,8 @@
 
 use crate::config::AdapterConfig;
 use crate::prompt_learning::{
-    check_shape, random_table, Activation, Layer, LayerSpec, Lstm, LstmSpec, Output, Prompt,
+    check_encoder_memory, check_shape, random_table, Activation, Layer, LayerSpec, Lstm, LstmSpec,
+    Output, Prompt,
 };
 use crate::registry::{Attachment, Method, PromptMethod};
 use candle_core::Tensor;
@@ -80,7 +81,7 @@ fn plan(cfg: &AdapterConfig, model: &Model) -> Result<Plan> {
         ));
     }
     let relu = Some(Activation::Relu);
-    Ok(match c.encoder_reparameterization_type {
+    let plan = match c.encoder_reparameterization_type {
         EncoderType::Mlp => (
             c.num_virtual_tokens,
             None,
@@ -113,7 +114,9 @@ fn plan(cfg: &AdapterConfig, model: &Model) -> Result<Plan> {
                 ],
             )
         }
-    })
+    };
+    check_encoder_memory(cfg, &plan.2, plan.1.as_ref())?;
+    Ok(plan)
 }
 
 impl PromptMethod for PTuningMethod {

@@ -84,6 +84,7 @@ fn plan(cfg: &AdapterConfig, model: &Model) -> Result<Plan> {
         ("transform.0".to_string(), (h, d), Some(Activation::Tanh)),
         ("transform.2".to_string(), (width, h), None),
     ];
+    crate::prompt_learning::check_encoder_memory(cfg, &layers, None)?;
     Ok((c.num_virtual_tokens, d, layers, zero))
 }
 

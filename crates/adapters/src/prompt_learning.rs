@@ -469,6 +469,40 @@ pub fn check_shape(
     Ok(())
 }
 
+/// Refuses an encoder whose parameters, with their gradients and two optimizer moments (four f32 copies), exceed
+/// this machine's memory, before any is allocated. `layers` are the linear layers; `lstm` adds P-tuning's LSTM
+/// (counted without listing its tensors, so a huge layer count allocates nothing).
+pub fn check_encoder_memory(
+    cfg: &AdapterConfig,
+    layers: &[LayerSpec],
+    lstm: Option<&LstmSpec>,
+) -> Result<()> {
+    let Some(total) = factune_io::memory::physical_bytes() else {
+        return Ok(());
+    };
+    let mut params: f64 = layers
+        .iter()
+        .map(|(_, (out, inp), _)| *out as f64 * (*inp as f64 + 1.0))
+        .sum();
+    if let Some(l) = lstm {
+        let h = l.hidden as f64;
+        let per_direction = |inp: f64| 4.0 * h * (inp + h + 2.0);
+        params += 2.0 * per_direction(l.input as f64)
+            + 2.0 * (l.layers as f64 - 1.0).max(0.0) * per_direction(2.0 * h);
+    }
+    let need = params * 4.0 * 4.0;
+    if need > total as f64 {
+        return Err(Error::config(format!(
+            "{}: the encoder (encoder_hidden_size, encoder_num_layers) has {params:.3e} parameters, {:.1} GB \
+             with gradients and optimizer state, more than this machine's {:.1} GB",
+            cfg.peft_type(),
+            need / 1e9,
+            total as f64 / 1e9
+        )));
+    }
+    Ok(())
+}
+
 /// `num_transformer_submodules`: decoder-only models have one stack (PEFT's 2 is for encoder-decoders).
 pub fn check_submodules(cfg: &AdapterConfig, given: Option<usize>) -> Result<()> {
     match given {

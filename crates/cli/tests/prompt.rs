@@ -201,6 +201,28 @@ fn text_init_and_bad_prompt_settings() {
         (
             &[
                 "--peft-type",
+                "P_TUNING",
+                "--encoder-reparameterization-type",
+                "LSTM",
+                "--encoder-num-layers",
+                "1000000000",
+            ][..],
+            "with gradients and optimizer state, more than this machine's",
+        ),
+        (
+            &[
+                "--peft-type",
+                "PREFIX_TUNING",
+                "--prefix-projection",
+                "true",
+                "--encoder-hidden-size",
+                "100000000000",
+            ][..],
+            "with gradients and optimizer state, more than this machine's",
+        ),
+        (
+            &[
+                "--peft-type",
                 "PREFIX_TUNING",
                 "--prompt-tuning-init",
                 "TEXT",
