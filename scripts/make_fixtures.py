@@ -140,6 +140,7 @@ def build(out):
     build_prompt(out)
     build_prompt_first_label(out)
     build_merges(out)
+    build_intruders(out)
     versions["bitsandbytes"] = build_nf4(out)
     versions["tensorly"] = build_mpo(out)
     with open(os.path.join(out, "VERSIONS.json"), "w") as f:
@@ -435,6 +436,52 @@ def build_merges(out):
     save_file({k: v.clone().contiguous() for k, v in ref.items()}, os.path.join(out, "llama-merge-reference.safetensors"))
 
 
+INTRUDER_SETTINGS = dict(top_k=6, threshold_epsilon=0.5, mitigation_lambda=0.3)
+
+
+def build_intruders(out):
+    """PEFT's reduce_intruder_dimension on the merge source `a` (LoRA r=4 on q/v), its B scaled per layer (from
+    ×0.02 to ×40) so the update brings new directions into the top singular vectors of some layers, not all.
+    The adapter as analysed is saved (`llama-intruders`); the reference holds, per layer, the |cos| of each of
+    the tuned weight's top-k left singular vectors with the base's (`MODULE/similarity`), the intruder count
+    PEFT reported, the singular values of ΔW (`MODULE/delta_singular_values`), and the reduced adapter's tensors (`reduced/KEY`)."""
+    from peft import PeftModel, get_peft_model_state_dict
+    from peft.tuners.lora import LoraLayer
+    from peft.tuners.lora.intruders import reduce_intruder_dimension
+    from transformers import AutoModelForCausalLM
+
+    mdir = os.path.join(out, "llama")
+    base = AutoModelForCausalLM.from_pretrained(mdir, dtype=torch.float32).eval()
+    pm = PeftModel.from_pretrained(base, os.path.join(out, "llama-merge-a"))
+    with torch.no_grad():
+        for i, (name, p) in enumerate(n for n in pm.named_parameters() if "lora_B" in n[0]):
+            p.mul_([40.0, 0.02, 3.0, 0.5][i])
+    adir = os.path.join(out, "llama-intruders")
+    pm.save_pretrained(adir)
+    ref = {}
+    s = INTRUDER_SETTINGS
+    for name, layer in pm.named_modules():
+        if isinstance(layer, LoraLayer):
+            w = layer.get_base_layer().weight.data
+            u0 = torch.linalg.svd(w, full_matrices=False)[0]
+            u1 = torch.linalg.svd(w + layer.get_delta_weight("default"), full_matrices=False)[0]
+            sim = (u1.T @ u0).abs().max(dim=1).values[: s["top_k"]]
+            module = name.removeprefix("base_model.model.")
+            ref[f"{module}/similarity"] = sim.float().contiguous()
+            ref[f"{module}/delta_singular_values"] = torch.linalg.svdvals(layer.get_delta_weight("default")).float()
+    lines = []
+    reduce_intruder_dimension(pm, **s, logging_sink=lines.append)
+    for line in lines:
+        if ": Intruders: " in line:
+            module, n = line.split(": Intruders: ")
+            ref[f"{module.removeprefix('base_model.model.')}/intruders"] = torch.tensor([int(n)])
+    for k, v in get_peft_model_state_dict(pm, adapter_name="intruder_reduced").items():
+        ref[f"reduced/{k}"] = v.detach().float().contiguous()
+    counts = {k: int(v) for k, v in ref.items() if k.endswith("/intruders")}
+    print(f"intruders: {len(counts)} layers with intruders: {counts}")
+    save_file(ref, os.path.join(out, "llama-intruders-reference.safetensors"))
+
+
 def build_nf4(out):
     """NF4 codes and scales from bitsandbytes, plain and double-quantised, for three matrices: whole blocks; an odd element count with a
     partial last block; and heavy tails spanning two double-quantisation groups. The dequantised references use
@@ -621,6 +668,7 @@ def main():
         "build-prompt": (build_prompt, "only the PEFT prompt-family fixtures"),
         "build-prompt-first-label": (build_prompt_first_label, "only the prompt-tuning losses with every label"),
         "build-merges": (build_merges, "only the PEFT add_weighted_adapter fixtures"),
+        "build-intruders": (build_intruders, "only the PEFT reduce_intruder_dimension fixture"),
         "build-mpo": (build_mpo, "only the tensorly TT-SVD fixture"),
     }
     for cmd, (_, help_) in only.items():

@@ -2,6 +2,7 @@
 //! (config, init, forward, merge), a registry by `peft_type`, and the PEFT on-disk format.
 
 pub mod adalora;
+pub mod analysis;
 pub mod config;
 pub mod dora;
 pub mod eva;

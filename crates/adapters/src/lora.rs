@@ -75,6 +75,14 @@ impl LinearAdapter for Lora {
         ]
     }
 
+    fn low_rank_factors(&self) -> Option<(Tensor, Tensor, f64)> {
+        Some((
+            self.b.as_tensor().clone(),
+            self.a.as_tensor().clone(),
+            self.scale,
+        ))
+    }
+
     fn delta_weight(&self, _base: &FrozenParts) -> candle_core::Result<Tensor> {
         self.b.matmul(self.a.as_tensor())? * self.scale
     }

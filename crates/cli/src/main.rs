@@ -1,5 +1,6 @@
 //! `factune`: fine-tune Hugging Face language models with factorized adapters, on a laptop CPU or a GPU.
 
+mod analyze;
 mod bench;
 mod commands;
 mod compose;
@@ -241,6 +242,9 @@ enum Command {
     /// Merge two LoRA adapters with per-column coefficients learned so each keeps its behaviour on its own
     /// data (ZipLoRA)
     Ziplora(Box<compose::ZiploraArgs>),
+    /// What fine-tuning did to the weights: update spectra, intruder dimensions
+    #[command(subcommand)]
+    Analyze(analyze::AnalyzeCommand),
     /// Write a 4-bit NF4 copy of a model in bitsandbytes' layout (train, eval and generate load it directly)
     Quantize {
         /// A local Hugging Face model directory
@@ -492,6 +496,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::MergeAdapters(args) => compose::merge_adapters(&args),
         Command::Lorahub(args) => compose::lorahub(&args),
         Command::Ziplora(args) => compose::ziplora(&args),
+        Command::Analyze(cmd) => analyze::run(&cmd),
         Command::Quantize {
             dir,
             output,

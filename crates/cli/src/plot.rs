@@ -23,13 +23,18 @@ pub fn run_plots(out: &Path) -> Result<()> {
     )?;
     let spectrum = out.join("update_spectrum.json");
     if spectrum.exists() {
-        update_spectrum(&spectrum, &out.join("update_spectrum.png"))?;
+        spectrum_plot(
+            &spectrum,
+            &out.join("update_spectrum.png"),
+            "spectrum of W - W0, mean over layers",
+        )?;
     }
     Ok(())
 }
 
-/// σᵢ/σ₁ on a log scale, averaged over layers per module kind (`q_proj`, `down_proj`, …).
-fn update_spectrum(json: &Path, png: &Path) -> Result<()> {
+/// σᵢ/σ₁ on a log scale, averaged over layers per module kind (`q_proj`, `down_proj`, …), from a spectra file
+/// (`factune_model::spectrum::spectra_json`).
+pub fn spectrum_plot(json: &Path, png: &Path, title: &str) -> Result<()> {
     let doc: Value = factune_io::error::read_json(json)?;
     let mut by_kind: BTreeMap<String, Vec<Vec<f64>>> = BTreeMap::new();
     for m in doc["modules"].as_array().into_iter().flatten() {
@@ -67,7 +72,7 @@ fn update_spectrum(json: &Path, png: &Path) -> Result<()> {
         .collect();
     plot_curves(
         png,
-        "spectrum of W - W0, mean over layers",
+        title,
         &Axes {
             x: "singular value index i",
             y: "log10(s_i / s_1)",

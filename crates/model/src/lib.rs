@@ -2,6 +2,7 @@
 //! receives a gradient (see `kernels`).
 
 pub mod attention;
+pub mod intruders;
 pub mod kernels;
 pub mod linalg;
 pub mod linear;

@@ -54,6 +54,11 @@ pub trait LinearAdapter: Send + Sync {
     }
     /// The dense update ΔW `[out, in]` this adapter adds to the weight.
     fn delta_weight(&self, base: &FrozenParts) -> Result<Tensor>;
+    /// `(B [out, r], A [r, in], s)` when the update is exactly `s·B·A` (plain LoRA), so its spectrum comes from
+    /// the factors without forming ΔW.
+    fn low_rank_factors(&self) -> Option<(Tensor, Tensor, f64)> {
+        None
+    }
     /// The update this adapter adds to the bias `[out]`, where it has one (GLoRA).
     fn delta_bias(&self, _base: &FrozenParts) -> Result<Option<Tensor>> {
         Ok(None)

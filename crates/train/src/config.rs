@@ -924,9 +924,13 @@ impl TrainConfig {
     }
 
     /// The adapter part: the shared PEFT keys and the method's own config (its keys as given, defaults for
-    /// the rest), from this run's settings.
+    /// the rest), from this run's settings. A full run (`peft_type = "full"`) attaches no adapter; it gets
+    /// LoRA's config, which the trainer only reads to attach adapters and their hooks, never for a full run.
     pub fn adapter_config(&self) -> Result<AdapterConfig> {
-        let peft_type = self.peft_type.to_uppercase();
+        let peft_type = match self.is_full() {
+            true => "LORA".to_string(),
+            false => self.peft_type.to_uppercase(),
+        };
         let defaults = MethodConfig::named(&peft_type)?;
         let mut own = serde_json::Map::new();
         own.insert("peft_type".into(), peft_type.clone().into());

@@ -2,15 +2,13 @@
 //! rank shows whether a run of low-rank updates (ReLoRA) built a higher-rank change.
 
 use factune_io::{atomic, Error, Result};
-use factune_model::spectrum::Spectrum;
-use serde_json::json;
+use factune_model::spectrum::{spectra_json, Spectrum};
 use std::path::Path;
 
 /// Relative tolerance of the reported rank: f32 rounding of `W − W₀` sits near 1e-7 · σ₁.
 pub const RANK_TOL: f64 = 1e-4;
 
-/// Writes `update_spectrum.json` (per module: rank, effective rank, energy in the top `r` directions, all
-/// singular values) and returns a one-line summary (none when no layer changed).
+/// Writes `update_spectrum.json` ([`spectra_json`]) and returns a one-line summary (none when no layer changed).
 pub fn write_update_spectra(
     out: &Path,
     spectra: &[(String, Spectrum)],
@@ -19,19 +17,7 @@ pub fn write_update_spectra(
     if spectra.is_empty() {
         return Ok(None);
     }
-    let rows: Vec<_> = spectra
-        .iter()
-        .map(|(module, s)| {
-            json!({
-                "module": module,
-                "rank": s.rank(RANK_TOL),
-                "effective_rank": s.effective_rank(),
-                "energy_in_top_r": s.energy_in_top(r),
-                "singular_values": s.singular_values,
-            })
-        })
-        .collect();
-    let doc = json!({"rank_rel_tol": RANK_TOL, "adapter_r": r, "modules": rows});
+    let doc = spectra_json(spectra, r, RANK_TOL);
     let text = serde_json::to_string_pretty(&doc).map_err(|e| Error::config(e.to_string()))?;
     atomic::write_atomic(&out.join("update_spectrum.json"), text.as_bytes())?;
 
