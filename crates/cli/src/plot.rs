@@ -21,6 +21,10 @@ pub fn run_plots(out: &Path) -> Result<()> {
             ("validation loss", series(&metrics, "val_loss")?),
         ],
     )?;
+    let stream = out.join(factune_train::trainer::STREAM_FILE);
+    if stream.exists() {
+        stream_plot(&stream, &out.join("stream.png"))?;
+    }
     let spectrum = out.join("update_spectrum.json");
     if spectrum.exists() {
         spectrum_plot(
@@ -30,6 +34,53 @@ pub fn run_plots(out: &Path) -> Result<()> {
         )?;
     }
     Ok(())
+}
+
+/// An Online-LoRA run's held-out accuracy of every stream segment, each time a segment ended.
+fn stream_plot(json: &Path, png: &Path) -> Result<()> {
+    let doc: Value = factune_io::error::read_json(json)?;
+    let names: Vec<String> = doc["segments"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|n| {
+            let n = n.as_str().unwrap_or_default();
+            Path::new(n)
+                .file_name()
+                .map_or(n.to_string(), |f| f.to_string_lossy().into_owned())
+        })
+        .collect();
+    let rows = doc["matrix"].as_array().cloned().unwrap_or_default();
+    let curves: Vec<(String, Vec<(f64, f64)>)> = names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            let pts = rows
+                .iter()
+                .filter_map(|r| Some((r["step"].as_f64()?, r["accuracy"][i].as_f64()?)))
+                .collect();
+            (format!("segment {}: {n}", i + 1), pts)
+        })
+        .collect();
+    let curves: Vec<(&str, Vec<(f64, f64)>)> = curves
+        .iter()
+        .map(|(n, c)| (n.as_str(), c.clone()))
+        .collect();
+    plot_curves(
+        png,
+        &format!(
+            "held-out accuracy along the stream (average {:.3}, forgetting {})",
+            doc["average_accuracy"].as_f64().unwrap_or(f64::NAN),
+            doc["forgetting"]
+                .as_f64()
+                .map_or("n/a".into(), |f| format!("{f:.3}"))
+        ),
+        &Axes {
+            x: "step (a segment ended)",
+            y: "next-token accuracy",
+        },
+        &curves,
+    )
 }
 
 /// σᵢ/σ₁ on a log scale, averaged over layers per module kind (`q_proj`, `down_proj`, …), from a spectra file

@@ -149,6 +149,7 @@ macro_rules! with_train_keys {
     ($callback:ident) => {
         $callback! {
         /// Adapter method (PEFT's peft_type), or full for full-parameter training; also accepted as `method`
+        /// online_lora for Online-LoRA's task-free continual learning over the data as a stream
         peft_type | "method": String = "LORA".into(),
         /// Adapter rank
         r: usize = 8,
@@ -286,6 +287,19 @@ macro_rules! with_train_keys {
         eva_rho: f64 = 2.0,
         /// EVA: divide each direction by the square root of its singular value.
         eva_whiten: bool = false,
+        /// Online-LoRA: further data files after --data, comma-separated, read after it in order as one
+        /// stream; each file is a segment whose held-out examples (validation_split of it) measure forgetting
+        stream_data: String = String::new(),
+        /// Online-LoRA: steps in the loss window whose mean and variance detect a plateau
+        loss_window_length: usize = 5,
+        /// Online-LoRA: a plateau's window mean is below this
+        loss_window_mean_threshold: f64 = 6.0,
+        /// Online-LoRA: a plateau's window variance is below this
+        loss_window_variance_threshold: f64 = 0.1,
+        /// Online-LoRA: the hardest (highest-loss) recent examples replayed with every step
+        hard_buffer_size: usize = 4,
+        /// Online-LoRA: weight of the importance-weighted penalty (mas_weight / 2) Σ Ω (θ − θ₀)²
+        mas_weight: f64 = 2000.0,
         }
     };
 }
@@ -454,6 +468,109 @@ impl TrainConfig {
             .map_err(|e| Error::config(format!("cannot write the config as TOML: {e}")))
     }
 
+    /// The adapter method's `peft_type`, upper-case (Online-LoRA trains LoRA pairs).
+    pub fn method_type(&self) -> String {
+        match self.is_online() {
+            true => "LORA".into(),
+            false => self.peft_type.to_uppercase(),
+        }
+    }
+
+    /// `peft_type = "online_lora"`: Online-LoRA's task-free continual learning over the data as a stream.
+    pub fn is_online(&self) -> bool {
+        self.peft_type.eq_ignore_ascii_case("online_lora")
+    }
+
+    /// Online-LoRA's settings.
+    pub fn online_settings(&self) -> crate::online::OnlineSettings {
+        crate::online::OnlineSettings {
+            loss_window_length: self.loss_window_length,
+            loss_window_mean_threshold: self.loss_window_mean_threshold,
+            loss_window_variance_threshold: self.loss_window_variance_threshold,
+            hard_buffer_size: self.hard_buffer_size,
+            mas_weight: self.mas_weight,
+            micro_batch_size: self.micro_batch_size,
+            seed: self.seed,
+        }
+    }
+
+    /// Online-LoRA's keys: in range, and only with `peft_type = "online_lora"`, which trains plain LoRA pairs
+    /// one micro-batch of the stream at a time and merges them into dense weights.
+    fn check_online(&self) -> Result<()> {
+        let bad = |k: &str, why: &str| Err(Error::config(format!("`{k}`: {why}")));
+        let d = TrainConfig::default();
+        let keys = [
+            ("stream_data", self.stream_data != d.stream_data),
+            (
+                "loss_window_length",
+                self.loss_window_length != d.loss_window_length,
+            ),
+            (
+                "loss_window_mean_threshold",
+                self.loss_window_mean_threshold != d.loss_window_mean_threshold,
+            ),
+            (
+                "loss_window_variance_threshold",
+                self.loss_window_variance_threshold != d.loss_window_variance_threshold,
+            ),
+            (
+                "hard_buffer_size",
+                self.hard_buffer_size != d.hard_buffer_size,
+            ),
+            ("mas_weight", self.mas_weight != d.mas_weight),
+        ];
+        if !self.is_online() {
+            return match keys.iter().find(|(_, given)| *given) {
+                Some((k, _)) => bad(
+                    k,
+                    &format!(
+                        "a setting of Online-LoRA (peft_type = \"online_lora\"), not of \"{}\"",
+                        self.peft_type
+                    ),
+                ),
+                None => Ok(()),
+            };
+        }
+        if self.loss_window_length == 0 {
+            return bad("loss_window_length", "must be at least 1");
+        }
+        for (k, x) in [
+            (
+                "loss_window_mean_threshold",
+                self.loss_window_mean_threshold,
+            ),
+            (
+                "loss_window_variance_threshold",
+                self.loss_window_variance_threshold,
+            ),
+            ("mas_weight", self.mas_weight),
+        ] {
+            if !(x.is_finite() && x >= 0.0) {
+                return bad(
+                    k,
+                    &format!("{x} is out of range: must be a finite number >= 0"),
+                );
+            }
+        }
+        let conflicts = [
+            ("gradient_accumulation_steps", self.gradient_accumulation_steps != 1, "the stream updates after every micro-batch; must be 1"),
+            ("eval_data", !self.eval_data.is_empty(), "each stream file holds out its own validation examples (validation_split); give no eval_data"),
+            ("use_dora", self.use_dora, "Online-LoRA merges plain LoRA pairs into the weights; DoRA's magnitude has no such merge"),
+            ("relora_steps", self.relora_steps > 0, "Online-LoRA merges at loss plateaus, not on a schedule"),
+            ("warm_start_steps", self.warm_start_steps > 0, "Online-LoRA starts with LoRA pairs on the stream"),
+            ("train_embeddings_and_norms", self.train_embeddings_and_norms, "Online-LoRA trains LoRA pairs only"),
+            ("quantize", self.quantize != Quantize::None, "the pairs are merged into dense weights; a 4-bit base would be re-quantised at every plateau"),
+            ("rank_pattern", !self.rank_pattern.0.is_empty(), "the final adapter stacks every pair at one rank; give r only"),
+            ("alpha_pattern", !self.alpha_pattern.0.is_empty(), "the final adapter stacks every pair at one alpha; give lora_alpha only"),
+            ("init_lora_weights", matches!(self.init_lora_weights, InitWeights::Named(_)), "each new pair starts as plain LoRA (true or false); a data- or SVD-based init would rebuild the base"),
+            ("validation_split", self.validation_split == 0.0, "every stream file needs held-out examples to measure forgetting; must be > 0"),
+        ];
+        match conflicts.iter().find(|(_, c, _)| *c) {
+            Some((k, _, why)) => bad(k, why),
+            None => Ok(()),
+        }
+    }
+
     /// `peft_type = "full"`: every weight is trained (pre-training, baselines).
     pub fn is_full(&self) -> bool {
         self.peft_type.eq_ignore_ascii_case("full")
@@ -462,6 +579,7 @@ impl TrainConfig {
     /// Whether training changes the base model's own tensors, so the result is a full model, not an adapter.
     pub fn changes_base(&self) -> bool {
         self.is_full()
+            || self.is_online()
             || self.relora_steps > 0
             || self.warm_start_steps > 0
             || self.train_embeddings_and_norms
@@ -497,7 +615,7 @@ impl TrainConfig {
     /// Keeps only the keys of the run's own method: configs saved before the methods' configs were typed
     /// (checkpoints, run.json) hold every method's keys at their defaults.
     pub fn retain_own_method_keys(&mut self) {
-        if let Ok(method) = MethodConfig::named(&self.peft_type.to_uppercase()) {
+        if let Ok(method) = MethodConfig::named(&self.method_type()) {
             let own = method.keys();
             self.method_keys.0.retain(|key, _| {
                 own.iter()
@@ -531,7 +649,7 @@ impl TrainConfig {
             ("rank_pattern", self.rank_pattern.0.keys().collect()),
             ("alpha_pattern", self.alpha_pattern.0.keys().collect()),
         ];
-        let plain_lora = self.peft_type.eq_ignore_ascii_case("LORA")
+        let plain_lora = (self.method_type() == "LORA")
             && matches!(self.init_lora_weights, InitWeights::Flag(_))
             && self.relora_steps == 0;
         for (key, patterns) in given {
@@ -630,11 +748,41 @@ impl TrainConfig {
         if has("num_train_epochs") && !has("max_steps") {
             self.max_steps = -1;
         }
+        // a stream is read once: its length sets the run's unless max_steps cuts it short
+        if self.is_online() && !has("max_steps") {
+            self.max_steps = -1;
+            if !has("num_train_epochs") {
+                self.num_train_epochs = 1.0;
+            }
+        }
     }
 
     /// Fixes `max_steps` from `num_train_epochs` once the training examples are counted; returns what the run
     /// then does, or why the length cannot be met.
     pub fn resolve_length(&mut self, train_examples: usize) -> Result<Option<String>> {
+        if self.is_online() {
+            let pass = train_examples.div_ceil(self.micro_batch_size.max(1));
+            if self.max_steps == -1 && self.num_train_epochs != 1.0 {
+                return Err(Error::config(format!(
+                    "`num_train_epochs`: {}: Online-LoRA reads the stream once (1)",
+                    self.num_train_epochs
+                )));
+            }
+            if self.max_steps > pass as i64 {
+                return Err(Error::config(format!(
+                    "`max_steps`: {} is more than the stream's single pass of {pass} steps ({train_examples} examples, \
+                     micro_batch_size {}); Online-LoRA reads the stream once",
+                    self.max_steps, self.micro_batch_size
+                )));
+            }
+            if self.max_steps == -1 {
+                self.max_steps = pass as i64;
+            }
+            return Ok(Some(format!(
+                "Online-LoRA: {} steps over a stream of {train_examples} examples, in order",
+                self.max_steps
+            )));
+        }
         if self.max_steps != -1 {
             return Ok((self.num_train_epochs > 0.0).then(|| {
                 format!(
@@ -742,7 +890,7 @@ impl TrainConfig {
         }
         if !self.is_full() {
             self.adapter_config()?;
-            let method = MethodConfig::named(&self.peft_type.to_uppercase())?;
+            let method = MethodConfig::named(&self.method_type())?;
             for key in self.method_keys.0.keys() {
                 if !method
                     .keys()
@@ -791,8 +939,9 @@ impl TrainConfig {
                 "applies to LoRA-shaped adapters, not to full-parameter training",
             );
         }
+        self.check_online()?;
         if self.relora_steps > 0 {
-            if self.is_full() || !self.peft_type.eq_ignore_ascii_case("LORA") {
+            if self.is_full() || self.is_online() || self.method_type() != "LORA" {
                 return bad(
                     "relora_steps",
                     &format!("ReLoRA merges and re-initialises LoRA factors; it needs peft_type = \"LORA\", not \"{}\"", self.peft_type),
@@ -852,7 +1001,7 @@ impl TrainConfig {
                 "\"loftq\" initialises the adapter against a quantised base; set quantize = \"nf4\" or \"mixed\"",
             );
         }
-        if self.use_dora && !self.peft_type.eq_ignore_ascii_case("LORA") {
+        if self.use_dora && self.method_type() != "LORA" {
             return bad(
                 "use_dora",
                 &format!(
@@ -865,7 +1014,7 @@ impl TrainConfig {
             && (self.eva_batches == 0
                 || self.eva_rho.is_nan()
                 || self.eva_rho < 1.0
-                || !self.peft_type.eq_ignore_ascii_case("LORA"))
+                || self.method_type() != "LORA")
         {
             return bad(
                 "init_lora_weights",
@@ -925,11 +1074,11 @@ impl TrainConfig {
 
     /// The adapter part: the shared PEFT keys and the method's own config (its keys as given, defaults for
     /// the rest), from this run's settings. A full run (`peft_type = "full"`) attaches no adapter; it gets
-    /// LoRA's config, which the trainer only reads to attach adapters and their hooks, never for a full run.
+    /// LoRA's config, which the trainer reads only to attach adapters and their hooks, never for a full run.
     pub fn adapter_config(&self) -> Result<AdapterConfig> {
         let peft_type = match self.is_full() {
             true => "LORA".to_string(),
-            false => self.peft_type.to_uppercase(),
+            false => self.method_type(),
         };
         let defaults = MethodConfig::named(&peft_type)?;
         let mut own = serde_json::Map::new();

@@ -6,6 +6,7 @@ pub mod config;
 pub mod diagnostics;
 pub mod foreign;
 pub mod metrics;
+pub mod online;
 pub mod optim;
 pub mod pretrain;
 pub mod progress;

@@ -4,6 +4,7 @@
 use crate::best::Best;
 use crate::config::TrainConfig;
 use crate::metrics::MetricsLog;
+use crate::online::{stream_files, Consolidation, Replay, Stream, StreamReport};
 use crate::optim::AdamW;
 use crate::progress::Progress;
 use crate::relora;
@@ -22,12 +23,16 @@ use factune_model::{Ctx, Model};
 use serde_json::json;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 use std::time::Instant;
 
 const STATE_FILE: &str = "trainer_state.json";
 const OPTIM_FILE: &str = "optimizer.safetensors";
 /// Every model tensor, for runs that change the base (full, ReLoRA, warm start, trained embeddings).
 const MODEL_STATE_FILE: &str = "model.safetensors";
+
+/// An Online-LoRA run's accuracy matrix, average accuracy and forgetting over its stream's segments.
+pub const STREAM_FILE: &str = "stream.json";
 
 /// The state name of the best evaluation (`best_state.safetensors`).
 const BEST: &str = "best";
@@ -48,8 +53,19 @@ fn same_inputs(ckpt: &Path, now: &serde_json::Value) -> Result<()> {
         .into_iter()
         .filter(|k| {
             let id = |v: &serde_json::Value| {
-                v.get(*k)
-                    .map(|x| (x.get("sha256").cloned(), x.get("fingerprint").cloned()))
+                v.get(*k).map(|x| {
+                    let stream: Vec<_> = x["stream"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(|s| s["sha256"].clone())
+                        .collect();
+                    (
+                        x.get("sha256").cloned(),
+                        x.get("fingerprint").cloned(),
+                        stream,
+                    )
+                })
             };
             id(then) != id(now)
         })
@@ -86,6 +102,15 @@ fn read_state(ckpt: &Path, name: &str) -> Result<(HashMap<String, Tensor>, serde
         .collect::<Result<_>>()?;
     let meta: serde_json::Value = factune_io::error::read_json(&ckpt.join(STATE_FILE))?;
     Ok((tensors, meta[name].clone()))
+}
+
+/// The JSON lines of a metrics file.
+fn metric_lines(path: &Path) -> Result<Vec<serde_json::Value>> {
+    let text = factune_io::error::read_to_string(path)?;
+    Ok(text
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect())
 }
 
 fn sizes(params: &[(String, Var)]) -> Vec<usize> {
@@ -152,6 +177,8 @@ fn run_files(out: &Path) -> Vec<PathBuf> {
         peft::WEIGHTS_FILE,
         "update_spectrum.json",
         "update_spectrum.png",
+        STREAM_FILE,
+        "stream.png",
         "quant_layout.json",
         "loftq_errors.json",
         peft::LOFTQ_BASE_DIR,
@@ -222,18 +249,45 @@ impl TrainJob<'_> {
                 self.model.max_positions()
             )));
         }
-        let ds = Dataset::load(&self.data, &cfg.data_options(), self.tokenizer)?;
-        let (shape, truncation) = (ds.shape, ds.truncation.clone());
-        let (train, val) = if cfg.eval_data.is_empty() {
-            ds.split(cfg.validation_split, cfg.data_seed)
-        } else {
-            let eval = Dataset::load(
-                Path::new(&cfg.eval_data),
+        let stream = match cfg.is_online() {
+            true => Some(Stream::load(
+                &stream_files(&self.data, &cfg.stream_data),
                 &cfg.data_options(),
                 self.tokenizer,
-            )?;
-            (ds.examples, eval.examples)
+                cfg.validation_split,
+                cfg.data_seed,
+            )?),
+            false => None,
         };
+        let ds = match &stream {
+            Some(_) => None,
+            None => Some(Dataset::load(
+                &self.data,
+                &cfg.data_options(),
+                self.tokenizer,
+            )?),
+        };
+        let (shape, truncation) = match (&stream, &ds) {
+            (Some(st), _) => (st.shape, st.truncation.clone()),
+            (None, Some(d)) => (d.shape, d.truncation.clone()),
+            (None, None) => unreachable!("a stream or a dataset is loaded"),
+        };
+        let (train, val) = match (&stream, ds) {
+            (Some(st), _) => (st.examples.clone(), st.held_out()),
+            (None, Some(ds)) if cfg.eval_data.is_empty() => {
+                ds.split(cfg.validation_split, cfg.data_seed)
+            }
+            (None, Some(ds)) => {
+                let eval = Dataset::load(
+                    Path::new(&cfg.eval_data),
+                    &cfg.data_options(),
+                    self.tokenizer,
+                )?;
+                (ds.examples, eval.examples)
+            }
+            (None, None) => unreachable!("a stream or a dataset is loaded"),
+        };
+        let train = Rc::new(train);
         let length_note = self.config.resolve_length(train.len())?;
         self.config.validate()?; // what depends on the length (warm start, AdaLoRA's schedule)
         let cfg = self.config.clone();
@@ -320,6 +374,16 @@ impl TrainJob<'_> {
         if cfg.relora_steps > 0 {
             hooks.push(Box::new(relora::Restarts::new(&cfg)));
         }
+        let pad = pad_id(self.tokenizer);
+        let replay: Replay = Rc::default();
+        if cfg.is_online() {
+            hooks.push(Box::new(Consolidation::new(
+                cfg.online_settings(),
+                train.clone(),
+                pad,
+                replay.clone(),
+            )));
+        }
         if let Some(ckpt) = &self.resume {
             for h in hooks.iter_mut() {
                 if h.state()?.is_some() {
@@ -335,12 +399,23 @@ impl TrainJob<'_> {
             None => MetricsLog::open(&metrics_path, true)?,
         };
         self.write_run_metadata(&train, &val, &truncation, &inputs)?;
+        let mut stream_report = match (&stream, &self.resume) {
+            (Some(_), Some(_)) => StreamReport::from_metrics(&metric_lines(&metrics_path)?),
+            _ => StreamReport::default(),
+        };
 
         let batches = Batches::new(train.len(), cfg.data_seed, cfg.micro_batch_size);
-        let pad = pad_id(self.tokenizer);
         let dev = self.model.device.clone();
         let mut micro_batch = |j: usize| -> Result<MicroBatch> {
-            let exs: Vec<&Example> = batches.indices(j).into_iter().map(|i| &train[i]).collect();
+            // a stream in order, with the hard buffer replayed (one micro-batch per step); else shuffled
+            let picked: Vec<usize> = match &stream {
+                Some(st) => st
+                    .step_range(j, cfg.micro_batch_size)
+                    .chain(replay.borrow().iter().copied())
+                    .collect(),
+                None => batches.indices(j),
+            };
+            let exs: Vec<&Example> = picked.into_iter().map(|i| &train[i]).collect();
             let (ids, labels) = collate(&exs, pad);
             Ok((to_tensor(&ids, &dev)?, labels))
         };
@@ -394,6 +469,36 @@ impl TrainJob<'_> {
             }
             log.write(&entry)?;
             self.progress.step(step + 1, last_loss, lr, tps);
+            if let Some(st) = &stream {
+                let mut ended = st.ending_in(step, cfg.micro_batch_size);
+                if ended.is_empty() && step + 1 == cfg.total_steps() {
+                    // max_steps cut the stream short: score where it stopped
+                    let last = st.step_range(step, cfg.micro_batch_size).end;
+                    ended = st
+                        .segments
+                        .iter()
+                        .position(|g| g.end >= last)
+                        .into_iter()
+                        .collect();
+                }
+                for seg in ended {
+                    let line = stream_report.record(
+                        self.model,
+                        st,
+                        (step + 1, seg),
+                        cfg.micro_batch_size,
+                        pad,
+                    )?;
+                    log.write(&line)?;
+                    self.progress.note(&format!(
+                        "step {}: stream segment {} ({}) done; held-out accuracy per segment {}",
+                        step + 1,
+                        seg + 1,
+                        st.segments[seg].name,
+                        stream_report.last_accuracies()
+                    ));
+                }
+            }
             let done = step + 1 == cfg.total_steps();
             let mut stop = false;
             if !val.is_empty() && ((cfg.eval_steps > 0 && (step + 1) % cfg.eval_steps == 0) || done)
@@ -439,16 +544,31 @@ impl TrainJob<'_> {
                 last_val = b.val_loss;
             }
         }
+        if let Some(st) = &stream {
+            let summary = stream_report.summary(st);
+            let text =
+                serde_json::to_string_pretty(&summary).map_err(|e| Error::config(e.to_string()))?;
+            atomic::write_atomic(&self.out.join(STREAM_FILE), text.as_bytes())?;
+            self.progress.note(&format!(
+                "stream of {} segments: average held-out accuracy {:.4}, forgetting {} ({STREAM_FILE})",
+                st.segments.len(),
+                summary["average_accuracy"].as_f64().unwrap_or(f64::NAN),
+                summary["forgetting"]
+                    .as_f64()
+                    .map_or("n/a (one segment)".into(), |f| format!("{f:.4}"))
+            ));
+        }
         let mut last = None;
         for h in &hooks {
             if last.is_none() {
                 last = h.final_adapter(self.model, &adapter_cfg)?;
             }
         }
+        let full_model = last.is_none() && cfg.changes_base();
         if let Some((tensors, c, note)) = last {
             peft::write_tensors(self.model, &c, tensors, &self.out)?;
             self.progress.note(&note);
-        } else if cfg.changes_base() {
+        } else if full_model {
             self.save_full_model()?;
         } else {
             let written = peft::save_portable(self.model, &adapter_cfg, &self.out)?;
@@ -471,7 +591,7 @@ impl TrainJob<'_> {
             seconds: started.elapsed().as_secs_f64(),
             tokens: total_tokens,
             trainable_summary: summary,
-            full_model: cfg.changes_base(),
+            full_model,
         })
     }
 
@@ -720,6 +840,15 @@ impl TrainJob<'_> {
         if !self.config.eval_data.is_empty() {
             let p = Path::new(&self.config.eval_data);
             v["eval_data"] = json!({"path": p.display().to_string(), "sha256": data_sha256(p)?});
+        }
+        if self.config.is_online() {
+            // the rest of the stream is the run's data as much as --data is
+            let more = stream_files(&self.data, &self.config.stream_data);
+            let ids = more[1..]
+                .iter()
+                .map(|p| Ok(json!({"path": p.display().to_string(), "sha256": data_sha256(p)?})))
+                .collect::<Result<Vec<_>>>()?;
+            v["data"]["stream"] = ids.into();
         }
         Ok(v)
     }
