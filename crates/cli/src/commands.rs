@@ -423,13 +423,13 @@ pub fn eval(args: &ModelArgs, settings: &EvalSettings) -> Result<()> {
                 eprintln!("note: {line}");
             }
             if as_json {
-                println!(
-                    "{}",
-                    json!({"loss": p.loss, "perplexity": p.perplexity, "tokens": p.tokens, "truncation": p.truncation})
-                );
+                println!("{}", serde_json::to_string(&p)?);
             } else {
+                let acc = p
+                    .token_accuracy
+                    .map_or(String::new(), |a| format!("  next-token accuracy {a:.4}"));
                 println!(
-                    "loss {:.4}  perplexity {:.3}  over {} tokens",
+                    "loss {:.4}  perplexity {:.3}  over {} tokens{acc}",
                     p.loss, p.perplexity, p.tokens
                 );
             }

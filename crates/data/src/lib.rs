@@ -8,6 +8,6 @@ pub mod shape;
 pub mod source;
 
 pub use dataset::{collate, pack_text, Batches, DataOptions, Dataset, Example, Truncation};
-pub use loss::{evaluate_loss, pad_id, to_tensor};
+pub use loss::{evaluate_loss, evaluate_loss_and_accuracy, pad_id, to_tensor};
 pub use shape::{alpaca_prompt, Fields, Shape};
 pub use source::{DataFormat, Locator, Record};

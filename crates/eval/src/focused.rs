@@ -44,6 +44,7 @@ pub fn perplexity(
         loss,
         perplexity: loss.exp(),
         tokens: count,
+        token_accuracy: None,
         truncation: ds.truncation,
     })
 }

@@ -4,7 +4,10 @@
 use crate::generate::{generate, GenConfig};
 use candle_core::{Tensor, D};
 use factune_data::source::{self, Contents, Record};
-use factune_data::{evaluate_loss, DataFormat, DataOptions, Dataset, Fields, Shape, Truncation};
+use factune_data::{
+    evaluate_loss, evaluate_loss_and_accuracy, DataFormat, DataOptions, Dataset, Fields, Shape,
+    Truncation,
+};
 use factune_io::{Error, Result, TextTokenizer};
 use factune_model::{Ctx, Model};
 use serde::Serialize;
@@ -16,6 +19,10 @@ pub struct Perplexity {
     pub loss: f64,
     pub perplexity: f64,
     pub tokens: usize,
+    /// Next-token accuracy over the learned tokens, for records (instruction and chat data); text is scored
+    /// by its loss only (its logits over a long packed block would be large).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_accuracy: Option<f64>,
     /// What cutting examples to the context removed (examples left with no label token are not scored).
     pub truncation: Truncation,
 }
@@ -31,11 +38,22 @@ pub fn perplexity(
 ) -> Result<Perplexity> {
     let seq_len = seq_len.min(model.max_positions());
     let ds = Dataset::from_contents(data.contents, &data.path, &DataOptions::eval(seq_len), tok)?;
-    let (loss, tokens) = evaluate_loss(model, &ds.examples, batch, tok.eos_id().unwrap_or(0))?;
+    let pad = tok.eos_id().unwrap_or(0);
+    let (loss, tokens, token_accuracy) = match ds.shape {
+        Shape::Text => {
+            let (loss, tokens) = evaluate_loss(model, &ds.examples, batch, pad)?;
+            (loss, tokens, None)
+        }
+        _ => {
+            let (loss, acc, tokens) = evaluate_loss_and_accuracy(model, &ds.examples, batch, pad)?;
+            (loss, tokens, Some(acc))
+        }
+    };
     Ok(Perplexity {
         loss,
         perplexity: loss.exp(),
         tokens,
+        token_accuracy,
         truncation: ds.truncation,
     })
 }

@@ -13,7 +13,9 @@
 use candle_core::{DType, Tensor};
 use factune_adapters::hooks::{FinalAdapter, HookState, Moments, StepHook};
 use factune_adapters::{lora, peft, AdapterConfig};
-use factune_data::{collate, to_tensor, DataOptions, Dataset, Example, Truncation};
+use factune_data::{
+    collate, evaluate_loss_and_accuracy, to_tensor, DataOptions, Dataset, Example, Truncation,
+};
 use factune_io::{Error, Result, TextTokenizer};
 use factune_model::{Ctx, Model, ParamRole};
 use rand::seq::SliceRandom;
@@ -145,30 +147,15 @@ impl Stream {
     }
 }
 
-/// Mean loss and next-token accuracy (argmax = label, over labelled tokens) of `examples`; no dropout.
-pub fn score(model: &Model, examples: &[Example], batch: usize, pad: u32) -> Result<(f64, f64)> {
-    let (mut loss_sum, mut right, mut count) = (0f64, 0usize, 0usize);
-    for chunk in examples.chunks(batch.max(1)) {
-        let refs: Vec<&Example> = chunk.iter().collect();
-        let (ids, labels) = collate(&refs, pad);
-        let ids_t = to_tensor(&ids, &model.device)?;
-        let logits = model.forward(&ids_t, None, &Ctx::default())?;
-        let (loss, n) = model.loss(&ids_t, &labels, &Ctx::default())?;
-        loss_sum += loss.to_scalar::<f32>()? as f64 * n as f64;
-        count += n;
-        let pred: Vec<Vec<u32>> = logits.argmax(candle_core::D::Minus1)?.to_vec2()?;
-        for (p, l) in pred.iter().zip(&labels) {
-            for t in 1..l.len() {
-                right += usize::from(l[t] >= 0 && p[t - 1] as i64 == l[t]);
-            }
-        }
-    }
+/// Mean loss and next-token accuracy of a segment's held-out examples.
+fn score(model: &Model, examples: &[Example], batch: usize, pad: u32) -> Result<(f64, f64)> {
+    let (loss, acc, count) = evaluate_loss_and_accuracy(model, examples, batch, pad)?;
     if count == 0 {
         return Err(Error::config(
             "a stream segment's held-out examples have no labelled tokens to score",
         ));
     }
-    Ok((loss_sum / count as f64, right as f64 / count as f64))
+    Ok((loss, acc))
 }
 
 /// A row of the accuracy matrix: the step, the segment that ended there, and every segment's held-out
