@@ -34,7 +34,7 @@ done
 REST="$D/s-first.jsonl,$D/s-drop-first.jsonl,$D/s-last.jsonl"
 LORA=(--r 4 --target-modules all-linear --learning-rate 2e-3 --micro-batch-size 4)
 ONLINE=(--method online_lora --data "$D/s-quickstart.jsonl" --stream-data "$REST"
-        --loss-window-mean-threshold 1.0 --loss-window-variance-threshold 0.05)
+        --loss-window-variance-threshold 0.05)
 
 score() { # model adapter-or-"" held-file → one JSON line
   local a=()
@@ -46,8 +46,8 @@ for seed in $SEEDS; do
   R=$OUT/seed$seed
   mkdir -p "$R"
   for cfg in online online-w100 seq-lora; do
-    extra=()
-    [ $cfg = online-w100 ] && extra=(--mas-weight 100)
+    extra=(--loss-window-mean-threshold 1.0)
+    [ $cfg = online-w100 ] && extra+=(--mas-weight 100)
     [ $cfg = seq-lora ] && extra=(--hard-buffer-size 0 --mas-weight 0 --loss-window-mean-threshold 0)
     [ -e "$R/$cfg/stream.json" ] || "$F" train --model $M --output "$R/$cfg" "${ONLINE[@]}" "${LORA[@]}" \
       --seed "$seed" --data-seed "$seed" "${extra[@]}" >"$R/$cfg.log" 2>&1

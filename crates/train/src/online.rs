@@ -376,10 +376,19 @@ impl Consolidation {
         }
     }
 
-    fn loss_of(&self, model: &Model, i: usize) -> Result<f64> {
-        let (ids, labels) = collate(&[&self.stream[i]], self.pad);
-        let (l, _) = model.loss(&to_tensor(&ids, &model.device)?, &labels, &Ctx::default())?;
-        Ok(l.to_scalar::<f32>()? as f64)
+    /// Each example's mean loss, from one batched forward (rows are padded at the end, which a causal model
+    /// never attends to, and each row's loss is taken apart from the final hidden states).
+    fn losses_of(&self, model: &Model, picked: &[usize]) -> Result<Vec<f64>> {
+        let exs: Vec<&Example> = picked.iter().map(|&i| &self.stream[i]).collect();
+        let (ids, labels) = collate(&exs, self.pad);
+        let hidden =
+            model.forward_hidden(&to_tensor(&ids, &model.device)?, None, &Ctx::default())?;
+        (0..exs.len())
+            .map(|r| {
+                let (l, _) = model.lm_loss(&hidden.narrow(0, r, 1)?, &labels[r..r + 1])?;
+                Ok(l.to_scalar::<f32>()? as f64)
+            })
+            .collect()
     }
 
     /// Σ over the buffer of the squared gradients of the LoRA tensors, each example's loss taken against
@@ -473,10 +482,7 @@ impl StepHook for Consolidation {
         let per = self.s.micro_batch_size;
         let fresh = (step * per).min(self.stream.len())..((step + 1) * per).min(self.stream.len());
         let seen: Vec<usize> = fresh.chain(self.buffer.iter().copied()).collect();
-        let losses = seen
-            .iter()
-            .map(|&i| self.loss_of(model, i))
-            .collect::<Result<Vec<_>>>()?;
+        let losses = self.losses_of(model, &seen)?;
         let mean = losses.iter().sum::<f64>() / losses.len().max(1) as f64;
         let mut event = None;
         if self.plateaus.observe(mean, &self.s) {
