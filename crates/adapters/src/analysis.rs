@@ -140,6 +140,18 @@ pub fn intruders(pairs: &[LayerPair], top_k: usize) -> Result<Vec<LayerIntruders
         .collect()
 }
 
+/// The layers with intruders at `epsilon`, each with its comparison.
+fn intruded<'a>(
+    pairs: &'a [LayerPair],
+    found: &'a [LayerIntruders],
+    epsilon: f64,
+) -> impl Iterator<Item = (&'a LayerPair, &'a LayerIntruders)> {
+    pairs
+        .iter()
+        .zip(found)
+        .filter(move |(_, li)| !li.intruders(epsilon).is_empty())
+}
+
 /// PEFT's `reduce_intruder_dimension` on a loaded LoRA adapter: per layer, the intruders of `W₀ + ΔW` (at
 /// `epsilon`) scaled by `lambda`, and the factors re-fitted to the result at the layer's rank, `B = U√S`,
 /// `A = √S Vᵀ` of the reduced `ΔW / s`. Layers without intruders keep their factors. Returns how many
@@ -152,10 +164,7 @@ pub fn reduce_lora(
     lambda: f64,
 ) -> Result<usize> {
     let mut changed = 0;
-    for (p, li) in pairs.iter().zip(found) {
-        if li.intruders(epsilon).is_empty() {
-            continue;
-        }
+    for (p, li) in intruded(pairs, found, epsilon) {
         let Some((b, _, scale)) = &p.factors else {
             return Err(Error::config(format!(
                 "`{}`: intruder reduction rewrites plain LoRA factors; merge this adapter (factune merge) and \
@@ -198,10 +207,7 @@ pub fn reduce_model(
     lambda: f64,
 ) -> Result<usize> {
     let mut changed = 0;
-    for (p, li) in pairs.iter().zip(found) {
-        if li.intruders(epsilon).is_empty() {
-            continue;
-        }
+    for (p, li) in intruded(pairs, found, epsilon) {
         let w = li.reduced(epsilon, lambda)?;
         let l = tuned
             .linears_mut()

@@ -10,20 +10,30 @@ fn read(p: &Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
 }
 
-fn analyze(what: &str, tuned: &Path, out: &Path, extra: &[&str]) -> String {
-    let m = model();
+fn analyze_args<'a>(
+    what: &'a str,
+    m: &'a Path,
+    tuned: &'a Path,
+    out: &'a Path,
+    extra: &[&'a str],
+) -> Vec<&'a str> {
     let mut args = vec![
         "analyze",
         what,
         "--model",
-        s(&m),
+        s(m),
         "--tuned",
         s(tuned),
         "--output",
         s(out),
     ];
     args.extend_from_slice(extra);
-    ok(&args)
+    args
+}
+
+/// `analyze WHAT` of `tuned` against the embedded model, which must succeed; its output.
+fn analyze(what: &str, tuned: &Path, out: &Path, extra: &[&str]) -> String {
+    ok(&analyze_args(what, &model(), tuned, out, extra))
 }
 
 #[test]
@@ -91,78 +101,44 @@ fn lora_and_full_fine_tuning_analysed_and_reduced() {
     ok(&eval_args(&i_full, None, &text, &["--json"]));
 }
 
+/// `analyze WHAT`, which must fail; its message.
+fn refused(what: &str, m: &Path, tuned: &Path, out: &Path, extra: &[&str]) -> String {
+    fails(&analyze_args(what, m, tuned, out, extra))
+}
+
 #[test]
 fn bad_input_is_refused_with_its_name() {
     let dir = tempfile::tempdir().unwrap();
     let fx = repo().join("tests/fixtures");
+    let o = dir.path().join("o");
     // another architecture as the tuned model
-    let e = fails(&[
-        "analyze",
-        "intruders",
-        "--model",
-        s(&model()),
-        "--tuned",
-        s(&fx.join("gpt2")),
-        "--output",
-        s(&dir.path().join("o")),
-    ]);
+    let e = refused("intruders", &model(), &fx.join("gpt2"), &o, &[]);
     assert!(
         e.contains("not the base's architecture") || e.contains("shape"),
         "{e}"
     );
     // a prompt-tuning adapter has no weight update
-    let e = fails(&[
-        "analyze",
+    let e = refused(
         "spectrum",
-        "--model",
-        s(&fx.join("llama")),
-        "--tuned",
-        s(&fx.join("llama-prompt")),
-        "--output",
-        s(&dir.path().join("o")),
-    ]);
+        &fx.join("llama"),
+        &fx.join("llama-prompt"),
+        &o,
+        &[],
+    );
     assert!(e.contains("virtual tokens"), "{e}");
     // neither an adapter nor a model
-    let e = fails(&[
-        "analyze",
-        "spectrum",
-        "--model",
-        s(&model()),
-        "--tuned",
-        s(dir.path()),
-        "--output",
-        s(&dir.path().join("o")),
-    ]);
+    let e = refused("spectrum", &model(), dir.path(), &o, &[]);
     assert!(e.contains("neither an adapter"), "{e}");
     // the base itself: nothing changed
-    let e = fails(&[
-        "analyze",
-        "intruders",
-        "--model",
-        s(&model()),
-        "--tuned",
-        s(&model()),
-        "--output",
-        s(&dir.path().join("o")),
-    ]);
+    let e = refused("intruders", &model(), &model(), &o, &[]);
     assert!(e.contains("no update"), "{e}");
     for (flag, v, says) in [
         ("--epsilon", "1.5", "outside (0, 1]"),
         ("--reduce", "2", "outside [0, 1]"),
         ("--top-k", "0", "at least 1"),
     ] {
-        let e = fails(&[
-            "analyze",
-            "intruders",
-            "--model",
-            s(&fx.join("llama")),
-            "--tuned",
-            s(&fx.join("llama-intruders")),
-            "--output",
-            s(&dir.path().join("o")),
-            flag,
-            v,
-        ]);
+        let lora = fx.join("llama-intruders");
+        let e = refused("intruders", &fx.join("llama"), &lora, &o, &[flag, v]);
         assert!(e.contains(says), "{flag} {v}: {e}");
     }
 }
