@@ -30,8 +30,13 @@ def summary(matrix):
 
 rows = {c: [] for c in CONFIGS}
 checks = []
+COMPLETE = 4 * 4 + 4 + 4 + 3 * 4  # seq-full after each task; per-task; joint; the stream adapters' finals
 for seed_dir in sorted(glob.glob(os.path.join(out, "seed*"))):
-    scores = [json.loads(l) for l in open(os.path.join(seed_dir, "scores.jsonl"))]
+    path = os.path.join(seed_dir, "scores.jsonl")
+    if not os.path.exists(path) or sum(1 for _ in open(path)) < COMPLETE:
+        print(f"{seed_dir}: incomplete, left out")
+        continue
+    scores = [json.loads(l) for l in open(path)]
     by = {}
     for s in scores:
         by.setdefault(s["config"], {}).setdefault(s["after"], {})[s["task"]] = s["score"]
