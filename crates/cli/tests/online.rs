@@ -184,3 +184,40 @@ fn bad_streams_and_settings_are_refused() {
     ));
     assert!(e.contains("stream_data"), "{e}");
 }
+
+#[test]
+fn a_stream_of_text_files_is_packed_and_scored_per_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = std::fs::read_to_string(data("pretrain.txt")).unwrap();
+    let (a, b) = (dir.path().join("a.txt"), dir.path().join("b.txt"));
+    let cut = |from: usize| {
+        let from = (from..).find(|&i| corpus.is_char_boundary(i)).unwrap();
+        let s = &corpus[from..];
+        let end = s.char_indices().nth(30_000).map_or(s.len(), |(i, _)| i);
+        s[..end].to_string()
+    };
+    std::fs::write(&a, cut(0)).unwrap();
+    std::fs::write(&b, cut(corpus.len() / 2)).unwrap();
+    let out = dir.path().join("run");
+    ok(&online_args(&a, s(&b), &out, &["--seq-len", "128"]));
+    let report = read(&out.join("stream.json"));
+    let matrix = report["matrix"].as_array().unwrap();
+    assert_eq!(matrix.len(), 2, "{report}");
+    for (i, held) in report["held_out_examples"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .enumerate()
+    {
+        assert!(
+            !held.as_array().unwrap().is_empty(),
+            "segment {i} holds out blocks"
+        );
+    }
+    // the last row is the end of the stream: every step ran
+    let steps = metrics(&out)
+        .iter()
+        .filter(|l| l.get("loss").is_some())
+        .count() as u64;
+    assert_eq!(matrix[1]["step"].as_u64().unwrap(), steps);
+}
