@@ -71,6 +71,16 @@ pub struct Truncation {
 }
 
 impl Truncation {
+    /// Both counts together: what cutting removed from two datasets read as one (a stream of files).
+    pub fn add(&mut self, o: &Truncation) {
+        self.examples_cut += o.examples_cut;
+        self.examples_losing_labels += o.examples_losing_labels;
+        self.examples_skipped += o.examples_skipped;
+        self.label_tokens += o.label_tokens;
+        self.label_tokens_dropped += o.label_tokens_dropped;
+        self.examples_cut_before_tokenizing += o.examples_cut_before_tokenizing;
+    }
+
     /// One line for the run summary, if anything was cut.
     pub fn summary(&self, seq_len: usize) -> Option<String> {
         (self.examples_cut > 0).then(|| {

@@ -48,37 +48,35 @@ pub struct Segment {
     pub held_out_positions: Vec<usize>,
 }
 
-/// The training stream in order, and its segments.
+/// Where the training stream's files begin and end, and what each holds out.
 pub struct Stream {
-    pub examples: Vec<Example>,
+    /// Training examples in the stream (they live in the run's dataset, in stream order).
+    pub len: usize,
     pub segments: Vec<Segment>,
-    /// The first file's record shape, and what truncation removed over all files.
-    pub shape: factune_data::shape::Shape,
-    pub truncation: Truncation,
+}
+
+/// Stream positions of step `step`'s examples in a stream of `len` read `per_step` at a time.
+pub fn step_range(len: usize, step: usize, per_step: usize) -> std::ops::Range<usize> {
+    (step * per_step).min(len)..((step + 1) * per_step).min(len)
 }
 
 impl Stream {
     /// Reads `files` in order; from each, a `validation_split` fraction of examples (drawn with `seed`) is
-    /// held out and the rest keeps its order in the stream.
+    /// held out and the rest keeps its order in the stream. The dataset returned holds the stream's
+    /// training examples in order, the first file's record shape and what truncation removed over all files.
     pub fn load(
         files: &[PathBuf],
         opts: &DataOptions,
         tok: &TextTokenizer,
         validation_split: f64,
         seed: u64,
-    ) -> Result<Stream> {
+    ) -> Result<(Stream, Dataset)> {
         let (mut examples, mut segments) = (Vec::new(), Vec::new());
         let (mut shape, mut truncation) = (None, Truncation::default());
         for (i, f) in files.iter().enumerate() {
             let ds = Dataset::load(f, opts, tok)?;
             shape.get_or_insert(ds.shape);
-            let t = &ds.truncation;
-            truncation.examples_cut += t.examples_cut;
-            truncation.examples_losing_labels += t.examples_losing_labels;
-            truncation.examples_skipped += t.examples_skipped;
-            truncation.label_tokens += t.label_tokens;
-            truncation.label_tokens_dropped += t.label_tokens_dropped;
-            truncation.examples_cut_before_tokenizing += t.examples_cut_before_tokenizing;
+            truncation.add(&ds.truncation);
             let n = ds.examples.len();
             let n_val = ((n as f64 * validation_split).round() as usize).min(n.saturating_sub(1));
             if validation_split > 0.0 && n_val == 0 {
@@ -109,23 +107,26 @@ impl Stream {
                 held_out_positions: held,
             });
         }
-        Ok(Stream {
-            examples,
+        let stream = Stream {
+            len: examples.len(),
             segments,
+        };
+        let ds = Dataset {
             shape: shape.expect("at least one file"),
+            examples,
             truncation,
-        })
+        };
+        Ok((stream, ds))
     }
 
     /// The steps a single pass takes at `per_step` examples each.
     pub fn steps(&self, per_step: usize) -> usize {
-        self.examples.len().div_ceil(per_step.max(1))
+        self.len.div_ceil(per_step.max(1))
     }
 
     /// Stream positions of step `step`'s examples.
     pub fn step_range(&self, step: usize, per_step: usize) -> std::ops::Range<usize> {
-        let start = (step * per_step).min(self.examples.len());
-        start..((step + 1) * per_step).min(self.examples.len())
+        step_range(self.len, step, per_step)
     }
 
     /// The segments whose last training example is in step `step`.
@@ -480,7 +481,7 @@ impl StepHook for Consolidation {
         m: Moments<'_>,
     ) -> Result<Option<serde_json::Value>> {
         let per = self.s.micro_batch_size;
-        let fresh = (step * per).min(self.stream.len())..((step + 1) * per).min(self.stream.len());
+        let fresh = step_range(self.stream.len(), step, per);
         let seen: Vec<usize> = fresh.chain(self.buffer.iter().copied()).collect();
         let losses = self.losses_of(model, &seen)?;
         let mean = losses.iter().sum::<f64>() / losses.len().max(1) as f64;
@@ -702,10 +703,8 @@ mod tests {
             held_out_positions: positions,
         };
         let stream = Stream {
-            examples: vec![],
+            len: 0,
             segments: vec![seg("a", vec![1, 4]), seg("b", vec![0])],
-            shape: factune_data::Shape::Text,
-            truncation: Truncation::default(),
         };
         let s = r.summary(&stream);
         assert_eq!(s["held_out_examples"], json!([[1, 4], [0]]));

@@ -249,35 +249,28 @@ impl TrainJob<'_> {
                 self.model.max_positions()
             )));
         }
-        let stream = match cfg.is_online() {
-            true => Some(Stream::load(
-                &stream_files(&self.data, &cfg.stream_data),
-                &cfg.data_options(),
-                self.tokenizer,
-                cfg.validation_split,
-                cfg.data_seed,
-            )?),
-            false => None,
-        };
-        let ds = match &stream {
-            Some(_) => None,
-            None => Some(Dataset::load(
-                &self.data,
-                &cfg.data_options(),
-                self.tokenizer,
-            )?),
-        };
-        let (shape, truncation) = match (&stream, &ds) {
-            (Some(st), _) => (st.shape, st.truncation.clone()),
-            (None, Some(d)) => (d.shape, d.truncation.clone()),
-            (None, None) => unreachable!("a stream or a dataset is loaded"),
-        };
-        let (train, val) = match (&stream, ds) {
-            (Some(st), _) => (st.examples.clone(), st.held_out()),
-            (None, Some(ds)) if cfg.eval_data.is_empty() => {
-                ds.split(cfg.validation_split, cfg.data_seed)
+        let (stream, ds) = match cfg.is_online() {
+            true => {
+                let files = stream_files(&self.data, &cfg.stream_data);
+                let (st, ds) = Stream::load(
+                    &files,
+                    &cfg.data_options(),
+                    self.tokenizer,
+                    cfg.validation_split,
+                    cfg.data_seed,
+                )?;
+                (Some(st), ds)
             }
-            (None, Some(ds)) => {
+            false => (
+                None,
+                Dataset::load(&self.data, &cfg.data_options(), self.tokenizer)?,
+            ),
+        };
+        let (shape, truncation) = (ds.shape, ds.truncation.clone());
+        let (train, val) = match &stream {
+            Some(st) => (ds.examples, st.held_out()),
+            None if cfg.eval_data.is_empty() => ds.split(cfg.validation_split, cfg.data_seed),
+            None => {
                 let eval = Dataset::load(
                     Path::new(&cfg.eval_data),
                     &cfg.data_options(),
@@ -285,7 +278,6 @@ impl TrainJob<'_> {
                 )?;
                 (ds.examples, eval.examples)
             }
-            (None, None) => unreachable!("a stream or a dataset is loaded"),
         };
         let train = Rc::new(train);
         let length_note = self.config.resolve_length(train.len())?;
