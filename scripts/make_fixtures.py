@@ -143,6 +143,7 @@ def build(out):
     build_intruders(out)
     versions["bitsandbytes"] = build_nf4(out)
     versions["tensorly"] = build_mpo(out)
+    build_fastfood(out)
     with open(os.path.join(out, "VERSIONS.json"), "w") as f:
         json.dump(versions, f, indent=2)
         f.write("\n")
@@ -539,6 +540,41 @@ def dense_from_4bit(model_dir):
     return m.eval()
 
 
+def build_fastfood(out):
+    """SAID's Fastfood projection (Aghajanyan et al. 2021) written from its definition in torch, float64:
+    P theta = S H G Pi H B theta / (sqrt(L sum G^2) sqrt(D / L)), theta zero-padded to L = 2^ceil(log2 max(d, D)).
+    The random parts are drawn by torch and saved with the result, and torch autograd gives P^T g (the
+    gradient of <P theta, g>), so factune's transform, handed the same parts, is checked both ways."""
+    set_seed(5)
+
+    def hadamard(x):
+        n, h = x.shape[0], 1
+        while h < n:
+            y = x.reshape(-1, 2, h)
+            x = torch.stack((y[:, 0] + y[:, 1], y[:, 0] - y[:, 1]), dim=1).reshape(n)
+            h *= 2
+        return x
+
+    ref = {}
+    for name, (d, dd) in {"narrow": (10, 300), "wide": (700, 5000), "square": (64, 64)}.items():
+        ll = 1 << (max(d, dd) - 1).bit_length()
+        signs = torch.randint(0, 2, (d,), dtype=torch.float64) * 2 - 1
+        perm = torch.randperm(ll)
+        gauss = torch.randn(ll, dtype=torch.float64)
+        theta = torch.randn(d, dtype=torch.float64, requires_grad=True)
+        g = torch.randn(dd, dtype=torch.float64)
+        x = torch.nn.functional.pad(theta * signs, (0, ll - d))
+        x = hadamard(hadamard(x)[perm] * gauss)
+        y = x[:dd] / (torch.sqrt(ll * torch.sum(gauss ** 2)) * (dd / ll) ** 0.5)
+        (y * g).sum().backward()
+        for k, v in {"signs": signs, "gauss": gauss, "theta": theta.detach(), "g": g, "out": y.detach(),
+                     "grad": theta.grad}.items():
+            ref[f"{name}.{k}"] = v.float().contiguous()
+        ref[f"{name}.perm"] = perm.to(torch.int64).contiguous()
+    save_file(ref, os.path.join(out, "fastfood-reference.safetensors"))
+    print(f"fastfood: torch {torch.__version__}")
+
+
 def build_mpo(out):
     """TT-SVD references from tensorly: a [24, 36] matrix split into modes (4, 3, 2) x (4, 3, 3), reordered to
     M[(j1 i1), (j2 i2), (j3 i3)], decomposed by `tensorly.decomposition.tensor_train` with every bond capped at
@@ -670,6 +706,7 @@ def main():
         "build-merges": (build_merges, "only the PEFT add_weighted_adapter fixtures"),
         "build-intruders": (build_intruders, "only the PEFT reduce_intruder_dimension fixture"),
         "build-mpo": (build_mpo, "only the tensorly TT-SVD fixture"),
+        "build-fastfood": (build_fastfood, "only the torch Fastfood (SAID) fixture"),
     }
     for cmd, (_, help_) in only.items():
         p = sub.add_parser(cmd, help=help_)

@@ -24,6 +24,7 @@ pub mod prompt_learning;
 pub mod prompt_tuning;
 pub mod registry;
 pub mod rosa;
+pub mod said;
 pub mod targets;
 pub mod vera;
 pub mod weighted;

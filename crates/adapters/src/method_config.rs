@@ -83,6 +83,8 @@ methods! {
     MultiLora(crate::multilora::MultiLoraConfig) = "MULTILORA" => crate::multilora::MultiLoraMethod,
     Glora(crate::glora::GloraConfig) = "GLORA" => crate::glora::GloraMethod,
     AdaLora(crate::adalora::AdaLoraConfig) = "ADALORA" => crate::adalora::AdaLoraMethod,
+    /// Structure-aware intrinsic dimension: one θ projected into every layer (Fastfood).
+    Said(crate::said::SaidConfig) = "SAID" => crate::said::SaidMethod,
     /// Virtual input embeddings (the prompt family).
     PromptTuning(crate::prompt_tuning::PromptTuningConfig) = "PROMPT_TUNING" => crate::prompt_tuning::PromptTuningMethod,
     /// Virtual input embeddings from an MLP prompt encoder.

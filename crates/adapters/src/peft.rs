@@ -33,6 +33,17 @@ pub fn attach(model: &mut Model, cfg: &AdapterConfig, seed: u64) -> Result<Vec<S
     }
 }
 
+/// `[out, in]` of every linear layer `cfg` targets, in module order.
+pub fn targeted_shapes(model: &Model, cfg: &AdapterConfig) -> Result<Vec<(usize, usize)>> {
+    let matcher = TargetMatcher::for_config(cfg)?;
+    Ok(model
+        .linears()
+        .iter()
+        .filter(|l| matcher.matches(&l.path))
+        .map(|l| (l.out_features(), l.in_features()))
+        .collect())
+}
+
 fn attach_linear(
     model: &mut Model,
     cfg: &AdapterConfig,
@@ -42,14 +53,7 @@ fn attach_linear(
     let matcher = TargetMatcher::for_config(cfg)?;
     let paths: Vec<String> = model.linears().iter().map(|l| l.path.clone()).collect();
     matcher.check_all_used(&paths.iter().map(String::as_str).collect::<Vec<_>>())?;
-    let (max_out, max_in) = model
-        .linears()
-        .iter()
-        .filter(|l| matcher.matches(&l.path))
-        .fold((0, 0), |(o, i), l| {
-            (o.max(l.out_features()), i.max(l.in_features()))
-        });
-    let shared = m.init_shared(cfg, max_out, max_in, &model.device.clone())?;
+    let shared = m.init_shared(cfg, &targeted_shapes(model, cfg)?, &model.device.clone())?;
     let mut wrapped = Vec::new();
     for layer in model.linears_mut() {
         if !matcher.matches(&layer.path) {
@@ -81,8 +85,14 @@ pub fn roles(model: &Model) -> HashMap<String, ParamRole> {
 
 fn named_parameters(model: &Model) -> Vec<(String, Var, ParamRole)> {
     let mut out = Vec::new();
+    let mut shared = BTreeSet::new();
     for l in model.linears() {
         if let Some(a) = &l.adapter {
+            for (name, v) in a.shared_parameters() {
+                if shared.insert(name.clone()) {
+                    out.push((format!("base_model.{name}"), v, ParamRole::Other));
+                }
+            }
             for (name, v) in a.parameters() {
                 let role = a.role(&name);
                 out.push((format!("{KEY_PREFIX}{}.{name}", l.path), v, role));
@@ -386,7 +396,13 @@ fn load_linear(
                 ),
             ));
         }
-        shared.insert(name.to_string(), weights.get(&key, DType::F32, &dev)?);
+        let t = weights.get(&key, DType::F32, &dev)?;
+        // one variable for every layer, so the layers keep sharing it when it is trained further
+        let t = match m.trains_shared() {
+            true => Var::from_tensor(&t)?.as_tensor().clone(),
+            false => t,
+        };
+        shared.insert(name.to_string(), t);
     }
     for key in weights.names() {
         if m.shared_names()

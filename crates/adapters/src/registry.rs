@@ -62,15 +62,19 @@ pub trait LinearMethod: Sync {
     fn shared_names(&self) -> &'static [&'static str] {
         &[]
     }
-    /// The shared tensors for a model whose adapted layers are at most `[max_out, max_in]`.
+    /// The shared tensors for a model whose adapted layers have the shapes `[out, in]` given.
     fn init_shared(
         &self,
         _cfg: &AdapterConfig,
-        _max_out: usize,
-        _max_in: usize,
+        _shapes: &[(usize, usize)],
         _dev: &candle_core::Device,
     ) -> Result<HashMap<String, Tensor>> {
         Ok(HashMap::new())
+    }
+    /// Whether the shared tensors are trained (SAID's θ) rather than fixed (VeRA's projections): a loaded one
+    /// is then one variable handed to every layer.
+    fn trains_shared(&self) -> bool {
+        false
     }
     /// An adapter rebuilt from saved tensors (every name of `tensor_names` is present).
     fn load_tensors(

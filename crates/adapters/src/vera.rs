@@ -150,10 +150,12 @@ impl LinearMethod for VeraMethod {
     fn init_shared(
         &self,
         cfg: &AdapterConfig,
-        max_out: usize,
-        max_in: usize,
+        shapes: &[(usize, usize)],
         dev: &Device,
     ) -> Result<HashMap<String, Tensor>> {
+        let (max_out, max_in) = shapes
+            .iter()
+            .fold((0, 0), |(mo, mi), &(o, i)| (mo.max(o), mi.max(i)));
         let own: &VeraConfig = cfg.options()?;
         let mut rng = ChaCha8Rng::seed_from_u64(own.projection_prng_key);
         let r = cfg.r;

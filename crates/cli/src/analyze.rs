@@ -1,6 +1,6 @@
 //! `factune analyze`: what fine-tuning did to the weights — the spectrum of every update ΔW and the tuned
 //! weights' intruder dimensions (with PEFT's reduction of them), for an adapter on its base or a fully tuned
-//! model beside its base (`factune_adapters::analysis`).
+//! model beside its base (`factune_adapters::analysis`); and a task's intrinsic dimension (`said`).
 
 use crate::commands::outside_model;
 use crate::plot::{plot_curves, spectrum_plot, Axes};
@@ -22,6 +22,9 @@ pub enum AnalyzeCommand {
     /// Intruder dimensions (Shuttleworth et al. 2024): top singular vectors of the tuned weights unlike any
     /// pre-trained one; with --reduce λ, a copy with them scaled down (PEFT's reduce_intruder_dimension)
     Intruders(Box<IntrudersArgs>),
+    /// SAID intrinsic dimension (Aghajanyan et al. 2021): a full fine-tune, then only a d-dimensional θ
+    /// projected into the weights for each d; d90 is the smallest reaching 90% of the full accuracy
+    Said(Box<crate::said::SaidArgs>),
 }
 
 /// What was tuned: an adapter for `--model`, or a fully tuned model of the same architecture.
@@ -113,6 +116,7 @@ pub fn run(cmd: &AnalyzeCommand) -> Result<()> {
     match cmd {
         AnalyzeCommand::Spectrum(a) => spectrum(a),
         AnalyzeCommand::Intruders(a) => intruders(a),
+        AnalyzeCommand::Said(a) => crate::said::said(a),
     }
 }
 

@@ -146,7 +146,7 @@ pub fn run_training(
 }
 
 /// The TOML file and flags over the defaults, and the keys they name.
-fn resolve_config(
+pub(crate) fn resolve_config(
     config: Option<&Path>,
     overrides: &TrainOverrides,
 ) -> Result<(TrainConfig, Vec<String>)> {
@@ -361,7 +361,7 @@ pub fn outside_model(output: &Path, model: &Path) -> Result<()> {
 
 /// The training keys a TOML file sets (aliases as the keys they stand for).
 /// Training data that exists: a file, or a directory of Parquet files; named in the error otherwise.
-fn readable_data(path: &Path) -> Result<()> {
+pub(crate) fn readable_data(path: &Path) -> Result<()> {
     match std::fs::metadata(path) {
         Ok(m) if m.is_file() || m.is_dir() => Ok(()),
         Ok(_) => bail!(

@@ -9,6 +9,7 @@ mod plot;
 mod progress;
 mod quickstart;
 mod routed;
+mod said;
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use factune_eval::GenConfig;

@@ -71,6 +71,11 @@ pub trait LinearAdapter: Send + Sync {
     fn shared(&self) -> Vec<(String, Tensor)> {
         Vec::new()
     }
+    /// Trainable tensors shared by every layer's adapter (SAID's θ), by name: one variable, trained and saved
+    /// once (as `base_model.<name>`).
+    fn shared_parameters(&self) -> Vec<(String, Var)> {
+        Vec::new()
+    }
     /// The whole adapted layer as one fused op over a frozen base, where the method has one (fewer autograd
     /// nodes); `None` falls back to the frozen output followed by [`LinearAdapter::forward`].
     fn forward_fused(

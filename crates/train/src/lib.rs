@@ -19,4 +19,6 @@ pub mod ziplora;
 pub use config::TrainConfig;
 pub use progress::{Progress, Silent};
 pub use step::{StepSettings, Trainer};
-pub use trainer::{checkpoint_state, clear_run, holds_run, TrainJob, TrainOutcome};
+pub use trainer::{
+    checkpoint_state, clear_run, holds_run, load_run_data, RunData, TrainJob, TrainOutcome,
+};

@@ -217,6 +217,52 @@ pub fn clear_run(out: &Path) -> Result<usize> {
     Ok(files.len())
 }
 
+/// What a run trains on and is validated with, as `train` reads it.
+pub struct RunData {
+    /// The (first) file's record shape, and what cutting to `seq_len` removed.
+    pub shape: factune_data::Shape,
+    pub truncation: Truncation,
+    pub train: Vec<Example>,
+    pub val: Vec<Example>,
+    /// An Online-LoRA run's stream (its training examples are `train`, in order).
+    pub stream: Option<Stream>,
+}
+
+/// `data` split by `validation_split` (drawn with `data_seed`) unless `eval_data` is given; an Online-LoRA
+/// run's stream of files, each holding out its own share.
+pub fn load_run_data(cfg: &TrainConfig, data: &Path, tok: &TextTokenizer) -> Result<RunData> {
+    let (stream, ds) = match cfg.is_online() {
+        true => {
+            let files = stream_files(data, &cfg.stream_data);
+            let (st, ds) = Stream::load(
+                &files,
+                &cfg.data_options(),
+                tok,
+                cfg.validation_split,
+                cfg.data_seed,
+            )?;
+            (Some(st), ds)
+        }
+        false => (None, Dataset::load(data, &cfg.data_options(), tok)?),
+    };
+    let (shape, truncation) = (ds.shape, ds.truncation.clone());
+    let (train, val) = match &stream {
+        Some(st) => (ds.examples, st.held_out()),
+        None if cfg.eval_data.is_empty() => ds.split(cfg.validation_split, cfg.data_seed),
+        None => {
+            let eval = Dataset::load(Path::new(&cfg.eval_data), &cfg.data_options(), tok)?;
+            (ds.examples, eval.examples)
+        }
+    };
+    Ok(RunData {
+        shape,
+        truncation,
+        train,
+        val,
+        stream,
+    })
+}
+
 impl TrainJob<'_> {
     pub fn run(mut self) -> Result<TrainOutcome> {
         let started = Instant::now();
@@ -249,36 +295,13 @@ impl TrainJob<'_> {
                 self.model.max_positions()
             )));
         }
-        let (stream, ds) = match cfg.is_online() {
-            true => {
-                let files = stream_files(&self.data, &cfg.stream_data);
-                let (st, ds) = Stream::load(
-                    &files,
-                    &cfg.data_options(),
-                    self.tokenizer,
-                    cfg.validation_split,
-                    cfg.data_seed,
-                )?;
-                (Some(st), ds)
-            }
-            false => (
-                None,
-                Dataset::load(&self.data, &cfg.data_options(), self.tokenizer)?,
-            ),
-        };
-        let (shape, truncation) = (ds.shape, ds.truncation.clone());
-        let (train, val) = match &stream {
-            Some(st) => (ds.examples, st.held_out()),
-            None if cfg.eval_data.is_empty() => ds.split(cfg.validation_split, cfg.data_seed),
-            None => {
-                let eval = Dataset::load(
-                    Path::new(&cfg.eval_data),
-                    &cfg.data_options(),
-                    self.tokenizer,
-                )?;
-                (ds.examples, eval.examples)
-            }
-        };
+        let RunData {
+            shape,
+            truncation,
+            train,
+            val,
+            stream,
+        } = load_run_data(&cfg, &self.data, self.tokenizer)?;
         let train = Rc::new(train);
         let length_note = self.config.resolve_length(train.len())?;
         self.config.validate()?; // what depends on the length (warm start, AdaLoRA's schedule)

@@ -9,6 +9,7 @@
 pub mod attention;
 mod cross_entropy;
 mod dropout;
+pub mod fastfood;
 mod frozen_linear;
 mod layer_norm;
 mod linear_cross_entropy;
@@ -26,6 +27,7 @@ mod vmath;
 
 pub use cross_entropy::{cross_entropy, cross_entropy_reference};
 pub use dropout::{dropout_mask, Dropout};
+pub use fastfood::{said_weight, Fastfood};
 pub use frozen_linear::frozen_linear;
 pub use layer_norm::{layer_norm, layer_norm_reference};
 pub use linear_cross_entropy::linear_cross_entropy;
