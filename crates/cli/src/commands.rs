@@ -101,9 +101,12 @@ pub fn load_model(args: &ModelArgs) -> Result<Model> {
         if let Some(o) = quantize {
             model.quantize_linears(o)?;
         }
-        let shape = match &model.prompt {
-            Some(p) => format!("{} virtual tokens", p.num_virtual_tokens()),
-            None => format!("r={}", cfg.r),
+        let shape = match (&model.prompt, &cfg.method) {
+            (Some(p), _) => format!("{} virtual tokens", p.num_virtual_tokens()),
+            (None, factune_adapters::MethodConfig::Said(s)) => {
+                format!("d={}", s.intrinsic_dimension)
+            }
+            (None, _) => format!("r={}", cfg.r),
         };
         eprintln!(
             "adapter {} ({}, {shape}): {report}",

@@ -115,6 +115,10 @@ fn every_method_trains_saves_and_evaluates_through_the_cli() {
         ("multilora", &["--method", "multilora"][..]),
         ("glora", &["--method", "glora"][..]),
         ("mpo", &["--method", "mpo", "--bond-dim", "4"][..]),
+        (
+            "said",
+            &["--method", "said", "--intrinsic-dimension", "100"][..],
+        ),
         ("dora", &["--use-dora", "true"][..]),
         (
             "rslora",
@@ -138,7 +142,15 @@ fn every_method_trains_saves_and_evaluates_through_the_cli() {
 /// method's benchmark measures what its training runs.
 #[test]
 fn bench_train_runs_every_method_through_the_trainer_step() {
-    for method in ["VERA", "ADALORA", "ROSA", "MULTILORA", "GLORA", "MPO"] {
+    for method in [
+        "VERA",
+        "ADALORA",
+        "ROSA",
+        "MULTILORA",
+        "GLORA",
+        "MPO",
+        "SAID",
+    ] {
         let j = ok_json(&[
             "bench",
             "train",

@@ -209,10 +209,16 @@ impl Fastfood {
             source,
             scale: 1.0,
         };
-        let g2: f64 = (0..ll)
+        let part = (ll / PARTS).max(1);
+        let sums: Vec<f64> = (0..ll.div_ceil(part))
             .into_par_iter()
-            .map(|i| (ff.gauss(i) as f64).powi(2))
-            .sum();
+            .map(|c| {
+                (c * part..((c + 1) * part).min(ll))
+                    .map(|i| (ff.gauss(i) as f64).powi(2))
+                    .sum()
+            })
+            .collect();
+        let g2: f64 = sums.iter().sum();
         ff.scale = (1.0 / ((ll as f64 * g2).sqrt() * (dd as f64 / ll as f64).sqrt())) as f32;
         Ok(ff)
     }
@@ -277,26 +283,24 @@ impl Fastfood {
         // the first d entries of H Πᵀ G u: with v = Πᵀ G u, (H v)[c] for c < p is H_p of v folded to length p,
         // s[c] = Σ_j v[j] over j ≡ c (mod p), i.e. s[Π(i) mod p] += G[i] u[i]
         let p = self.d.next_power_of_two();
-        let mut s = u
-            .par_chunks(CHUNK)
+        // per-part sums added in order, so the result does not depend on how threads split the work
+        let part = (self.ll / PARTS).max(1);
+        let parts: Vec<Vec<f32>> = u
+            .par_chunks(part)
             .enumerate()
-            .fold(
-                || vec![0f32; p],
-                |mut s, (c, chunk)| {
-                    for (k, &uk) in chunk.iter().enumerate() {
-                        let i = c * CHUNK + k;
-                        s[self.perm(i) & (p - 1)] += self.gauss(i) * uk;
-                    }
-                    s
-                },
-            )
-            .reduce(
-                || vec![0f32; p],
-                |mut a, b| {
-                    a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
-                    a
-                },
-            );
+            .map(|(c, chunk)| {
+                let mut s = vec![0f32; p];
+                for (k, &uk) in chunk.iter().enumerate() {
+                    let i = c * part + k;
+                    s[self.perm(i) & (p - 1)] += self.gauss(i) * uk;
+                }
+                s
+            })
+            .collect();
+        let mut s = vec![0f32; p];
+        for q in &parts {
+            s.iter_mut().zip(q).for_each(|(x, y)| *x += y);
+        }
         fwht(&mut s);
         s.truncate(self.d);
         for (j, x) in s.iter_mut().enumerate() {
@@ -308,6 +312,8 @@ impl Fastfood {
 
 /// Entries per parallel task of the permutation passes.
 const CHUNK: usize = 1 << 14;
+/// Fixed parts of the transposed pass's sum (its threads' split must not change the result).
+const PARTS: usize = 16;
 
 /// The unnormalised Walsh–Hadamard transform in place (length a power of two): the stages within blocks that
 /// fit in L1 first, then the wider ones one pass each, in parallel.
@@ -499,5 +505,48 @@ mod tests {
             "{mean} {var}"
         );
         assert!((inverse_normal_cdf(0.975) - 1.959_963_985).abs() < 1e-8);
+    }
+
+    #[test]
+    fn said_weight_gradients_match_finite_differences() {
+        use candle_core::{Device, Var};
+        let (d, o, i) = (6, 5, 7);
+        let ff = Arc::new(Fastfood::new(d, o * i, 3).unwrap());
+        let th: Vec<f32> = (0..d).map(|k| 0.3 * k as f32 - 0.7).collect();
+        let w0 = super::super::testing::rand(&[o, i], 1);
+        let c = super::super::testing::rand(&[o, i], 2);
+        let loss = |th: &[f32], l: f32| -> f64 {
+            let t = Tensor::new(th, &Device::Cpu).unwrap();
+            let l = Tensor::new(&[l], &Device::Cpu).unwrap();
+            let w = said_weight(&t, &l, &w0, &ff).unwrap();
+            (w * &c)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap() as f64
+        };
+        let (theta, lambda) = (
+            Var::new(th.as_slice(), &Device::Cpu).unwrap(),
+            Var::new(&[1.3f32], &Device::Cpu).unwrap(),
+        );
+        let w = said_weight(theta.as_tensor(), lambda.as_tensor(), &w0, &ff).unwrap();
+        let grads = (w * &c).unwrap().sum_all().unwrap().backward().unwrap();
+        let gt = grads.get(&theta).unwrap().to_vec1::<f32>().unwrap();
+        let gl = grads.get(&lambda).unwrap().to_vec1::<f32>().unwrap()[0];
+        let eps = 1e-2;
+        for j in 0..d {
+            let (mut up, mut dn) = (th.clone(), th.clone());
+            up[j] += eps;
+            dn[j] -= eps;
+            let num = (loss(&up, 1.3) - loss(&dn, 1.3)) / (2.0 * eps as f64);
+            assert!(
+                (num - gt[j] as f64).abs() < 1e-3,
+                "dθ[{j}]: {num} vs {}",
+                gt[j]
+            );
+        }
+        let num = (loss(&th, 1.3 + eps) - loss(&th, 1.3 - eps)) / (2.0 * eps as f64);
+        assert!((num - gl as f64).abs() < 1e-3, "dλ: {num} vs {gl}");
     }
 }
