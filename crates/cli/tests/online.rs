@@ -91,6 +91,26 @@ fn a_stream_of_two_tasks_consolidates_and_reports_forgetting() {
     let avg = report["average_accuracy"].as_f64().unwrap();
     assert!((avg - (acc(1, 0) + acc(1, 1)) / 2.0).abs() < 1e-12);
     assert!(out.join("stream.png").exists());
+    // every checkpoint scores every segment too: at 20 only the QA segment was reached, at 40 both
+    let at: Vec<&serde_json::Value> = lines
+        .iter()
+        .filter(|l| l.get("stream_checkpoint_eval").is_some())
+        .collect();
+    assert_eq!(at.len(), 2, "{at:?}");
+    assert_eq!(
+        (at[0]["step"].clone(), at[1]["step"].clone()),
+        (20.into(), 40.into())
+    );
+    let e = &at[1]["stream_checkpoint_eval"];
+    assert_eq!(e["segments_reached"], 2);
+    let a: Vec<f64> = e["segment_accuracy"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect();
+    assert!((e["average_accuracy"].as_f64().unwrap() - (a[0] + a[1]) / 2.0).abs() < 1e-12);
+    assert_eq!(at[0]["stream_checkpoint_eval"]["segments_reached"], 1);
 
     // the adapter holds every pair side by side: rank 4 × (plateaus + 1), on the original base
     let cfg = read(&out.join("adapter_config.json"));

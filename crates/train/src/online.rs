@@ -159,6 +159,19 @@ fn score(model: &Model, examples: &[Example], batch: usize, pad: u32) -> Result<
     Ok((loss, acc))
 }
 
+fn score_segments(
+    model: &Model,
+    stream: &Stream,
+    batch: usize,
+    pad: u32,
+) -> Result<Vec<(f64, f64)>> {
+    stream
+        .segments
+        .iter()
+        .map(|s| score(model, &s.held_out, batch, pad))
+        .collect()
+}
+
 /// A row of the accuracy matrix: the step, the segment that ended there, and every segment's held-out
 /// (loss, accuracy).
 pub type StreamRow = (usize, usize, Vec<(f64, f64)>);
@@ -180,11 +193,7 @@ impl StreamReport {
         batch: usize,
         pad: u32,
     ) -> Result<serde_json::Value> {
-        let scores = stream
-            .segments
-            .iter()
-            .map(|s| score(model, &s.held_out, batch, pad))
-            .collect::<Result<Vec<_>>>()?;
+        let scores = score_segments(model, stream, batch, pad)?;
         // a metric of step `step` (kept by a resume from it), not an event before it
         let line = json!({"step": step, "stream_eval": {
             "after_segment": ended,
@@ -193,6 +202,34 @@ impl StreamReport {
         }});
         self.rows.push((step, ended, scores));
         Ok(line)
+    }
+
+    /// Every segment's held-out loss and accuracy at a checkpoint after `step` steps of `per_step` examples,
+    /// with the average accuracy over the segments the stream has reached: a metrics line of its own, not a
+    /// row of the matrix (which holds the scores where segments end, and which forgetting is measured on).
+    pub fn checkpoint_line(
+        model: &Model,
+        stream: &Stream,
+        (step, per_step): (usize, usize),
+        batch: usize,
+        pad: u32,
+    ) -> Result<serde_json::Value> {
+        let scores = score_segments(model, stream, batch, pad)?;
+        let reached = step_range(stream.len, step.saturating_sub(1), per_step).start;
+        let mut start = 0;
+        let mut seen = Vec::new();
+        for (g, sc) in stream.segments.iter().zip(&scores) {
+            if start <= reached {
+                seen.push(sc.1);
+            }
+            start = g.end;
+        }
+        Ok(json!({"step": step, "stream_checkpoint_eval": {
+            "segment_loss": scores.iter().map(|s| s.0).collect::<Vec<_>>(),
+            "segment_accuracy": scores.iter().map(|s| s.1).collect::<Vec<_>>(),
+            "segments_reached": seen.len(),
+            "average_accuracy": seen.iter().sum::<f64>() / seen.len().max(1) as f64,
+        }}))
     }
 
     /// The latest row's accuracies, for a progress line.

@@ -528,6 +528,15 @@ impl TrainJob<'_> {
                 }
             }
             if cfg.save_steps > 0 && (step + 1) % cfg.save_steps == 0 {
+                if let Some(st) = &stream {
+                    log.write(&StreamReport::checkpoint_line(
+                        self.model,
+                        st,
+                        (step + 1, cfg.micro_batch_size),
+                        cfg.micro_batch_size,
+                        pad,
+                    )?)?;
+                }
                 self.save_checkpoint(
                     step + 1,
                     &trainer.opt,
