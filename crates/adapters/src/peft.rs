@@ -404,6 +404,10 @@ fn load_linear(
         };
         shared.insert(name.to_string(), t);
     }
+    if !shared.is_empty() {
+        m.check_shared(cfg, &targeted_shapes(model, cfg)?, &shared)
+            .map_err(|e| Error::invalid(wpath, e.to_string()))?;
+    }
     for key in weights.names() {
         if m.shared_names()
             .iter()

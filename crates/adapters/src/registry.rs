@@ -71,6 +71,16 @@ pub trait LinearMethod: Sync {
     ) -> Result<HashMap<String, Tensor>> {
         Ok(HashMap::new())
     }
+    /// Checks shared tensors read from a file against the layers they are loaded onto (`[out, in]` of each
+    /// targeted layer), before any layer is built.
+    fn check_shared(
+        &self,
+        _cfg: &AdapterConfig,
+        _shapes: &[(usize, usize)],
+        _shared: &HashMap<String, Tensor>,
+    ) -> Result<()> {
+        Ok(())
+    }
     /// Whether the shared tensors are trained (SAID's θ) rather than fixed (VeRA's projections): a loaded one
     /// is then one variable handed to every layer.
     fn trains_shared(&self) -> bool {

@@ -209,6 +209,26 @@ impl LinearMethod for SaidMethod {
         true
     }
 
+    /// θ's length is d less one scale per targeted layer: a file whose θ does not match its own config (or
+    /// that is loaded onto other layers) is refused.
+    fn check_shared(
+        &self,
+        cfg: &AdapterConfig,
+        shapes: &[(usize, usize)],
+        shared: &HashMap<String, Tensor>,
+    ) -> Result<()> {
+        let want = theta_len(cfg.options()?, shapes)?;
+        let got = shared[THETA].dims();
+        if got != [want] {
+            return Err(Error::config(format!(
+                "base_model.{THETA} has shape {got:?}; intrinsic_dimension {} over {} targeted layers needs [{want}]",
+                cfg.options::<SaidConfig>()?.intrinsic_dimension,
+                shapes.len()
+            )));
+        }
+        Ok(())
+    }
+
     /// θ at zero, as one variable; d checked against the layers it projects into.
     fn init_shared(
         &self,

@@ -784,6 +784,10 @@ pub fn inspect(dir: &Path) -> Result<()> {
                         "  bond_dim: {}  mpo_modes: {}  init_weights: {}  dropout: {}",
                         m.bond_dim, m.mpo_modes, m.init_weights, cfg.lora_dropout
                     ),
+                    factune_adapters::MethodConfig::Said(m) => println!(
+                        "  intrinsic_dimension: {}  structure_aware: {}  fastfood_seed: {}",
+                        m.intrinsic_dimension, m.structure_aware, m.fastfood_seed
+                    ),
                     _ => println!(
                         "  r: {}  lora_alpha: {}  lora_dropout: {}",
                         cfg.r, cfg.lora_alpha, cfg.lora_dropout

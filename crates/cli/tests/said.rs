@@ -93,6 +93,21 @@ fn said_trains_one_shared_theta_resumes_and_merges() {
     ]);
     assert!(said.contains("merged 12 modules"), "{said}");
     assert!((eval_loss(None, &merged) - tuned).abs() < 1e-3);
+
+    // a config that does not match the file's θ (d edited) is refused, naming the tensor
+    let cfg_path = a.join("adapter_config.json");
+    let text = std::fs::read_to_string(&cfg_path).unwrap();
+    std::fs::write(
+        &cfg_path,
+        text.replace("\"intrinsic_dimension\": 50", "\"intrinsic_dimension\": 60"),
+    )
+    .unwrap();
+    let valid = data("quickstart-valid.jsonl");
+    let e = fails(&eval_args(&model(), Some(&a), &valid, &[]));
+    assert!(
+        e.contains("base_model.said_theta") && e.contains("[48]"),
+        "{e}"
+    );
 }
 
 #[test]
