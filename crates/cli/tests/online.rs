@@ -111,6 +111,10 @@ fn a_stream_of_two_tasks_consolidates_and_reports_forgetting() {
         .collect();
     assert!((e["average_accuracy"].as_f64().unwrap() - (a[0] + a[1]) / 2.0).abs() < 1e-12);
     assert_eq!(at[0]["stream_checkpoint_eval"]["segments_reached"], 1);
+    // forgetting at 40: the QA segment's best score at its end (step 27) less its score now
+    let f = e["forgetting"].as_f64().unwrap();
+    assert!((f - (acc(0, 0) - a[0])).abs() < 1e-12, "{e}");
+    assert!(at[0]["stream_checkpoint_eval"]["forgetting"].is_null());
 
     // the adapter holds every pair side by side: rank 4 × (plateaus + 1), on the original base
     let cfg = read(&out.join("adapter_config.json"));

@@ -172,6 +172,30 @@ fn score_segments(
         .collect()
 }
 
+/// Mean over the segments scored in an `earlier` row at or after their end of the best earlier accuracy
+/// less the accuracy `now` (with `acc` false: the loss now less the best earlier loss); `None` before any
+/// segment has ended.
+fn forgetting(earlier: &[StreamRow], now: &[(f64, f64)], acc: bool) -> Option<f64> {
+    let per: Vec<f64> = (0..now.len())
+        .filter_map(|i| {
+            let seen: Vec<f64> = earlier
+                .iter()
+                .filter(|r| r.1 >= i)
+                .map(|r| if acc { r.2[i].1 } else { r.2[i].0 })
+                .collect();
+            if seen.is_empty() {
+                return None;
+            }
+            Some(if acc {
+                seen.iter().cloned().fold(f64::MIN, f64::max) - now[i].1
+            } else {
+                now[i].0 - seen.iter().cloned().fold(f64::MAX, f64::min)
+            })
+        })
+        .collect();
+    (!per.is_empty()).then(|| per.iter().sum::<f64>() / per.len() as f64)
+}
+
 /// A row of the accuracy matrix: the step, the segment that ended there, and every segment's held-out
 /// (loss, accuracy).
 pub type StreamRow = (usize, usize, Vec<(f64, f64)>);
@@ -205,9 +229,10 @@ impl StreamReport {
     }
 
     /// Every segment's held-out loss and accuracy at a checkpoint after `step` steps of `per_step` examples,
-    /// with the average accuracy over the segments the stream has reached: a metrics line of its own, not a
-    /// row of the matrix (which holds the scores where segments end, and which forgetting is measured on).
+    /// with the average accuracy over the segments the stream has reached and the forgetting since their
+    /// ends: a metrics line of its own, not a row of the matrix (which holds the scores where segments end).
     pub fn checkpoint_line(
+        &self,
         model: &Model,
         stream: &Stream,
         (step, per_step): (usize, usize),
@@ -229,6 +254,7 @@ impl StreamReport {
             "segment_accuracy": scores.iter().map(|s| s.1).collect::<Vec<_>>(),
             "segments_reached": seen.len(),
             "average_accuracy": seen.iter().sum::<f64>() / seen.len().max(1) as f64,
+            "forgetting": forgetting(&self.rows, &scores, true),
         }}))
     }
 
@@ -279,26 +305,7 @@ impl StreamReport {
         let n = last.len();
         let avg = |f: &dyn Fn(&(f64, f64)) -> f64| last.iter().map(f).sum::<f64>() / n as f64;
         let earlier = &self.rows[..self.rows.len() - 1];
-        let forget = |acc: bool| -> Option<f64> {
-            let per: Vec<f64> = (0..n)
-                .filter_map(|i| {
-                    let seen: Vec<f64> = earlier
-                        .iter()
-                        .filter(|r| r.1 >= i)
-                        .map(|r| if acc { r.2[i].1 } else { r.2[i].0 })
-                        .collect();
-                    if seen.is_empty() {
-                        return None;
-                    }
-                    Some(if acc {
-                        seen.iter().cloned().fold(f64::MIN, f64::max) - last[i].1
-                    } else {
-                        last[i].0 - seen.iter().cloned().fold(f64::MAX, f64::min)
-                    })
-                })
-                .collect();
-            (!per.is_empty()).then(|| per.iter().sum::<f64>() / per.len() as f64)
-        };
+        let forget = |acc: bool| forgetting(earlier, last, acc);
         json!({
             "segments": names,
             "held_out_examples": stream.segments.iter().map(|g| &g.held_out_positions).collect::<Vec<_>>(),

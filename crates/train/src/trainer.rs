@@ -529,7 +529,7 @@ impl TrainJob<'_> {
             }
             if cfg.save_steps > 0 && (step + 1) % cfg.save_steps == 0 {
                 if let Some(st) = &stream {
-                    log.write(&StreamReport::checkpoint_line(
+                    log.write(&stream_report.checkpoint_line(
                         self.model,
                         st,
                         (step + 1, cfg.micro_batch_size),
