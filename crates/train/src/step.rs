@@ -79,15 +79,11 @@ impl Trainer {
         self.params.iter().map(|(k, _)| k.as_str()).collect()
     }
 
-    pub fn sizes(&self) -> Vec<usize> {
-        self.params.iter().map(|(_, v)| v.elem_count()).collect()
-    }
-
     /// New trainable tensors (a phase change: warm start over): optimizer moments follow their names, and
     /// the gradient checks start again.
     pub fn replace_params(&mut self, next: Params, roles: &HashMap<String, ParamRole>) {
         self.roles = roles_of(&next, roles);
-        let sizes: Vec<usize> = next.iter().map(|(_, v)| v.elem_count()).collect();
+        let sizes = sizes(&next);
         let names: Vec<&str> = next.iter().map(|(k, _)| k.as_str()).collect();
         self.opt = self.opt.remapped(&self.names(), &names, &sizes);
         self.params = next;
@@ -120,7 +116,7 @@ impl Trainer {
             }
         }
         let dev = model.device.clone();
-        let mut acc: Vec<Vec<f32>> = self.sizes().iter().map(|&n| vec![0.0; n]).collect();
+        let mut acc: Vec<Vec<f32>> = sizes(&self.params).iter().map(|&n| vec![0.0; n]).collect();
         let mut got = vec![false; self.params.len()];
         let (mut loss_sum, mut tokens) = (0f64, 0usize);
         for micro in 0..s.gradient_accumulation_steps {
@@ -160,8 +156,7 @@ impl Trainer {
         let k = s.gradient_accumulation_steps as f32;
         acc.iter_mut()
             .for_each(|g| g.iter_mut().for_each(|x| *x /= k));
-        let names: Vec<String> = self.params.iter().map(|(k, _)| k.clone()).collect();
-        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        let names: Vec<&str> = self.params.iter().map(|(k, _)| k.as_str()).collect();
         let check_zero = self.updated_with_lr && !self.checked_grads;
         if let Some(problem) = gradient_problem(&names, &got, &acc, check_zero) {
             return Err(Error::config(problem));
@@ -191,6 +186,11 @@ impl Trainer {
             events,
         })
     }
+}
+
+/// Each tensor's element count, in order (the optimizer's moment sizes).
+pub fn sizes(params: &[(String, Var)]) -> Vec<usize> {
+    params.iter().map(|(_, v)| v.elem_count()).collect()
 }
 
 fn roles_of(params: &Params, roles: &HashMap<String, ParamRole>) -> Vec<ParamRole> {

@@ -8,7 +8,7 @@ use crate::online::{stream_files, Consolidation, Replay, Stream, StreamReport};
 use crate::optim::AdamW;
 use crate::progress::Progress;
 use crate::relora;
-use crate::step::{MicroBatch, Params, Trainer};
+use crate::step::{sizes, MicroBatch, Params, Trainer};
 use candle_core::{Device, Tensor, Var};
 use factune_adapters::hooks::StepHook;
 use factune_adapters::peft::thousands;
@@ -111,10 +111,6 @@ fn metric_lines(path: &Path) -> Result<Vec<serde_json::Value>> {
         .lines()
         .filter_map(|l| serde_json::from_str(l).ok())
         .collect())
-}
-
-fn sizes(params: &[(String, Var)]) -> Vec<usize> {
-    params.iter().map(|(_, v)| v.elem_count()).collect()
 }
 
 #[derive(Debug, Clone)]
