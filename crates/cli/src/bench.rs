@@ -2,7 +2,7 @@
 //! timed training steps on random tokens through the trainer's own step), printing one JSON line for
 //! bench/run.sh to compare.
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 use candle_core::{Device, Tensor};
 use factune_adapters::hooks::StepHook;
 use factune_adapters::{attach, trainable, AdapterConfig, TargetModules};
@@ -10,7 +10,7 @@ use factune_model::{Ctx, Model};
 use factune_train::config::Targets;
 use factune_train::optim::AdamW;
 use factune_train::pretrain::{init_model, ArchSpec};
-use factune_train::TrainConfig;
+use factune_train::{PeftType, TrainConfig};
 use factune_train::{StepSettings, Trainer};
 use rand::{Rng, SeedableRng};
 use std::path::Path;
@@ -133,8 +133,13 @@ pub fn train(model_dir: &Path, o: &TrainOpts) -> Result<()> {
     };
     let mut model = Model::load_with(model_dir, &Device::Cpu, opts)?;
     // The adapter a training run with these settings would attach (each method's own keys at their defaults).
-    let peft_type = o.method.to_uppercase();
-    let prompt = factune_adapters::MethodConfig::named(&peft_type)?
+    let peft_type: PeftType = o.method.parse().map_err(anyhow::Error::msg)?;
+    if !matches!(peft_type, PeftType::Adapter(_)) {
+        bail!(
+            "bench train --method {peft_type}: an adapter method is benchmarked, not `{peft_type}`"
+        );
+    }
+    let prompt = factune_adapters::MethodConfig::named(peft_type.adapter())?
         .method()
         .attachment()
         .is_prompt();

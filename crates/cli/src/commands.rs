@@ -283,7 +283,7 @@ pub fn pretrain(
         .map(|t| t.keys().cloned().collect())
         .unwrap_or_default();
     if !given.iter().any(|k| k == "peft_type") {
-        file.training.peft_type = "full".into();
+        file.training.peft_type = factune_train::PeftType::Full;
     }
     overrides.apply(&mut file.training);
     given.extend(overrides.given());

@@ -11,7 +11,7 @@ use factune_adapters::{peft, said::SaidConfig, MethodConfig};
 use factune_data::{evaluate_loss_and_accuracy, pad_id, Example};
 use factune_io::{atomic, TextTokenizer};
 use factune_model::Model;
-use factune_train::TrainConfig;
+use factune_train::{PeftType, TrainConfig};
 use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -66,13 +66,13 @@ fn run_config(base: &TrainConfig, d: Option<usize>, full_lr: Option<f64>) -> Tra
     let mut c = base.clone();
     match d {
         Some(d) => {
-            c.peft_type = "SAID".into();
+            c.peft_type = PeftType::Adapter("SAID");
             c.method_keys
                 .0
                 .insert("intrinsic_dimension".into(), json!(d));
         }
         None => {
-            c.peft_type = "full".into();
+            c.peft_type = PeftType::Full;
             c.learning_rate = full_lr.unwrap_or(c.learning_rate);
         }
     }
@@ -102,13 +102,13 @@ pub fn said(a: &SaidArgs) -> Result<()> {
     dims.sort_unstable();
     dims.dedup();
     let (mut cfg, _) = resolve_config(a.config.as_deref(), &a.overrides)?;
-    if !cfg.peft_type.eq_ignore_ascii_case("LORA") {
+    if cfg.peft_type != PeftType::LORA {
         bail!(
             "peft_type `{}`: analyze said trains SAID and a full fine-tune itself; leave peft_type unset",
             cfg.peft_type
         );
     }
-    cfg.peft_type = "SAID".into();
+    cfg.peft_type = PeftType::Adapter("SAID");
     // every run's settings are checked before any weight loads
     let runs: Vec<Option<usize>> = std::iter::once(None)
         .chain(dims.iter().map(|&d| Some(d)))

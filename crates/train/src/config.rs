@@ -1,6 +1,7 @@
 //! The training configuration: a flat TOML file whose keys are PEFT's and transformers' names, and the same
 //! keys as CLI flags (`--learning-rate 1e-4`), generated from one list so the two never drift apart.
 
+use crate::peft_type::PeftType;
 use factune_adapters::{AdapterConfig, MethodConfig, TargetModules};
 pub use factune_data::DataFormat;
 use factune_io::{Error, Result};
@@ -150,7 +151,7 @@ macro_rules! with_train_keys {
         $callback! {
         /// Adapter method (PEFT's peft_type), or full for full-parameter training; also accepted as `method`
         /// online_lora for Online-LoRA's task-free continual learning over the data as a stream
-        peft_type | "method": String = "LORA".into(),
+        peft_type | "method": $crate::peft_type::PeftType = $crate::peft_type::PeftType::LORA,
         /// Adapter rank
         r: usize = 8,
         /// LoRA alpha (scale = alpha / r)
@@ -468,17 +469,14 @@ impl TrainConfig {
             .map_err(|e| Error::config(format!("cannot write the config as TOML: {e}")))
     }
 
-    /// The adapter method's `peft_type`, upper-case (Online-LoRA trains LoRA pairs).
-    pub fn method_type(&self) -> String {
-        match self.is_online() {
-            true => "LORA".into(),
-            false => self.peft_type.to_uppercase(),
-        }
+    /// The adapter method's `peft_type` (Online-LoRA trains LoRA pairs; a full run has LoRA's config).
+    pub fn method_type(&self) -> &'static str {
+        self.peft_type.adapter()
     }
 
     /// `peft_type = "online_lora"`: Online-LoRA's task-free continual learning over the data as a stream.
     pub fn is_online(&self) -> bool {
-        self.peft_type.eq_ignore_ascii_case("online_lora")
+        self.peft_type == PeftType::OnlineLora
     }
 
     /// Online-LoRA's settings.
@@ -573,7 +571,7 @@ impl TrainConfig {
 
     /// `peft_type = "full"`: every weight is trained (pre-training, baselines).
     pub fn is_full(&self) -> bool {
-        self.peft_type.eq_ignore_ascii_case("full")
+        self.peft_type == PeftType::Full
     }
 
     /// Whether training changes the base model's own tensors, so the result is a full model, not an adapter.
@@ -615,7 +613,7 @@ impl TrainConfig {
     /// Keeps only the keys of the run's own method: configs saved before the methods' configs were typed
     /// (checkpoints, run.json) hold every method's keys at their defaults.
     pub fn retain_own_method_keys(&mut self) {
-        if let Ok(method) = MethodConfig::named(&self.method_type()) {
+        if let Ok(method) = MethodConfig::named(self.method_type()) {
             let own = method.keys();
             self.method_keys.0.retain(|key, _| {
                 own.iter()
@@ -731,7 +729,7 @@ impl TrainConfig {
         } else if self.load_best_model_at_end
             && (self.relora_steps > 0
                 || self.warm_start_steps > 0
-                || self.peft_type.eq_ignore_ascii_case("ADALORA"))
+                || self.peft_type == PeftType::Adapter("ADALORA"))
         {
             "cannot go back to an earlier step's values when ReLoRA merges, a warm start switches or AdaLoRA \
              prunes ranks during the run"
@@ -890,7 +888,7 @@ impl TrainConfig {
         }
         if !self.is_full() {
             self.adapter_config()?;
-            let method = MethodConfig::named(&self.method_type())?;
+            let method = MethodConfig::named(self.method_type())?;
             for key in self.method_keys.0.keys() {
                 if !method
                     .keys()
@@ -1076,13 +1074,10 @@ impl TrainConfig {
     /// the rest), from this run's settings. A full run (`peft_type = "full"`) attaches no adapter; it gets
     /// LoRA's config, which the trainer reads only to attach adapters and their hooks, never for a full run.
     pub fn adapter_config(&self) -> Result<AdapterConfig> {
-        let peft_type = match self.is_full() {
-            true => "LORA".to_string(),
-            false => self.method_type(),
-        };
-        let defaults = MethodConfig::named(&peft_type)?;
+        let peft_type = self.method_type();
+        let defaults = MethodConfig::named(peft_type)?;
         let mut own = serde_json::Map::new();
-        own.insert("peft_type".into(), peft_type.clone().into());
+        own.insert("peft_type".into(), peft_type.into());
         for k in defaults.keys() {
             for name in std::iter::once(&k.name).chain(k.aliases) {
                 if let Some(v) = self.method_keys.0.get(*name) {

@@ -8,6 +8,7 @@ pub mod foreign;
 pub mod metrics;
 pub mod online;
 pub mod optim;
+pub mod peft_type;
 pub mod pretrain;
 pub mod progress;
 pub mod relora;
@@ -17,6 +18,7 @@ pub mod trainer;
 pub mod ziplora;
 
 pub use config::TrainConfig;
+pub use peft_type::PeftType;
 pub use progress::{Progress, Silent};
 pub use step::{StepSettings, Trainer};
 pub use trainer::{
