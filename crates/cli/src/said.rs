@@ -109,6 +109,11 @@ pub fn said(a: &SaidArgs) -> Result<()> {
         );
     }
     cfg.peft_type = PeftType::Adapter("SAID");
+    if cfg.load_options(false).quantize.is_some() || cfg.mixed_budget().is_some() {
+        bail!(
+            "quantize: SAID projects into dense weights (W₀ + λ·Pθ); a 4-bit base cannot hold them"
+        );
+    }
     // every run's settings are checked before any weight loads
     let runs: Vec<Option<usize>> = std::iter::once(None)
         .chain(dims.iter().map(|&d| Some(d)))

@@ -216,6 +216,8 @@ fn dimensions_that_do_not_fit_are_refused_before_training() {
     let e = fails(&strs(&analyze_args(&out, "100000000", &[])));
     assert!(e.contains("exceeds the") && e.contains("parameters"), "{e}");
     assert!(!out.join("full").exists(), "a run started before the check");
+    let e = fails(&strs(&analyze_args(&out, "100", &["--quantize", "nf4"])));
+    assert!(e.contains("4-bit"), "{e}");
     let e = fails(&strs(&analyze_args(&out, "0", &[])));
     assert!(e.contains("positive"), "{e}");
     let e = fails(&strs(&analyze_args(&out, "100", &["--peft-type", "VERA"])));
