@@ -4,7 +4,10 @@ mod analyze;
 mod bench;
 mod commands;
 mod compose;
+mod evaluate;
+mod export;
 mod flags;
+mod inspect;
 mod plot;
 mod progress;
 mod quickstart;
@@ -425,9 +428,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             limit,
             contrast_adapter,
             contrast_weight,
-        } => commands::eval(
+        } => evaluate::eval(
             &model,
-            &commands::EvalSettings {
+            &evaluate::EvalSettings {
                 data: &data,
                 task: &task,
                 as_json: json,
@@ -473,7 +476,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     "named adapters answer prompts from --prompts FILE (each line's `adapter` picks one); \
                      for one prompt give one --adapter DIR"
                 )),
-                (Some(p), None, Ok(None)) => commands::generate(
+                (Some(p), None, Ok(None)) => evaluate::generate(
                     &model,
                     &p,
                     chat,
@@ -492,7 +495,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if merge_into == "original" {
                 model.quantize = Some("none".into());
             }
-            commands::merge(&model, &output, verify)
+            export::merge(&model, &output, verify)
         }
         Command::MergeAdapters(args) => compose::merge_adapters(&args),
         Command::Lorahub(args) => compose::lorahub(&args),
@@ -502,15 +505,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             dir,
             output,
             no_double_quant,
-        } => commands::quantize(&dir, &output, !no_double_quant),
-        Command::Inspect { dir } => commands::inspect(&dir),
+        } => export::quantize(&dir, &output, !no_double_quant),
+        Command::Inspect { dir } => inspect::inspect(&dir),
         Command::Plot {
             runs,
             key,
             exp,
             title,
             output,
-        } => commands::plot(&runs, &key, exp, &title, &output),
+        } => plot::plot(&runs, &key, exp, &title, &output),
         Command::Bench(BenchCommand::Init { output }) => bench::init(&output),
         Command::Bench(BenchCommand::Train { model, opts }) => bench::train(&model, &opts),
         Command::Bench(BenchCommand::Matmul { tokens, reps }) => bench::matmul(tokens, reps),

@@ -206,3 +206,49 @@ pub fn plot_curves(
     };
     draw().map_err(|e| Error::invalid(path, format!("cannot draw plot: {e}")))
 }
+
+/// One PNG comparing a metric across runs: each `LABEL=RUN_DIR` (or a bare directory, labelled by its name)
+/// contributes the `key` series of its metrics.jsonl; `exp` plots e^value (perplexity from a loss).
+pub fn plot(
+    runs: &[String],
+    key: &str,
+    exp: bool,
+    title: &str,
+    output: &Path,
+) -> anyhow::Result<()> {
+    let mut curves = Vec::new();
+    for spec in runs {
+        let (label, dir) = match spec.split_once('=') {
+            Some((l, d)) => (l.to_string(), std::path::PathBuf::from(d)),
+            None => {
+                let d = std::path::PathBuf::from(spec);
+                let name = d
+                    .file_name()
+                    .map_or(spec.clone(), |n| n.to_string_lossy().into_owned());
+                (name, d)
+            }
+        };
+        let path = dir.join("metrics.jsonl");
+        let mut pts = series(&path, key)?;
+        if pts.is_empty() {
+            anyhow::bail!("{}: no `{key}` values", path.display());
+        }
+        if exp {
+            pts.iter_mut().for_each(|p| p.1 = p.1.exp());
+        }
+        curves.push((label, pts));
+    }
+    let refs: Vec<(&str, Vec<(f64, f64)>)> = curves
+        .iter()
+        .map(|(l, c)| (l.as_str(), c.clone()))
+        .collect();
+    let y = if exp {
+        format!("exp({key})")
+    } else {
+        key.to_string()
+    };
+    let axes = Axes { x: "step", y: &y };
+    plot_curves(output, title, &axes, &refs)?;
+    println!("wrote {}", output.display());
+    Ok(())
+}

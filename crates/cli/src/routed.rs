@@ -1,7 +1,8 @@
 //! `factune eval` and `factune generate` with `--adapter NAME=DIR …`: several adapters on one base, each record
 //! or prompt served by the adapter its `adapter` field names (`factune_eval::routed`).
 
-use crate::commands::{load, EvalSettings};
+use crate::commands::load;
+use crate::evaluate::EvalSettings;
 use crate::ModelArgs;
 use anyhow::{bail, Result};
 use factune_adapters::multi::AdapterSet;
@@ -64,7 +65,7 @@ pub fn generate(
     settings: factune_eval::GenConfig,
 ) -> Result<()> {
     let (model, tok, set) = with_adapters(args, named)?;
-    let stop = crate::commands::stop_ids(args, &model, &tok)?;
+    let stop = crate::evaluate::stop_ids(args, &model, &tok)?;
     let cfg = factune_eval::GenConfig {
         stop_ids: stop,
         ..settings
@@ -91,7 +92,7 @@ pub fn generate(
     }
     for (prompt, adapter) in asks {
         set.set_adapter(adapter.as_deref())?;
-        let ids = crate::commands::prompt_ids(&model, &tok, &prompt, chat)?;
+        let ids = crate::evaluate::prompt_ids(&model, &tok, &prompt, chat)?;
         let out = factune_eval::generate(&model, &ids, &cfg)?;
         println!(
             "{}",
