@@ -40,3 +40,10 @@ print("|---|" + "---|" * len(unseen))
 for c in CONFIGS:
     if any(r["config"] == c for r in rows):
         print(f"| {c} | " + " | ".join(ms(per_seed(c, "accuracy", lambda r, t=t: r["task"] == t)) for t in unseen) + " |")
+print()
+seen = [t for t in dict.fromkeys(r["task"] for r in rows if r["seen"])]
+print("| run | " + " | ".join(f"{t}: exact match" for t in seen) + " |")
+print("|---|" + "---|" * len(seen))
+for c in CONFIGS:
+    if any(r["config"] == c for r in rows):
+        print(f"| {c} | " + " | ".join(ms(per_seed(c, "exact_match", lambda r, t=t: r["task"] == t)) for t in seen) + " |")
