@@ -297,6 +297,9 @@ impl LinearMethod for GloraMethod {
                 }
             }
         }
+        if t.contains_key("glora_Ad") || t.contains_key("glora_Bd") {
+            crate::lora::check_config_rank(cfg, layer, r, "glora_Ad / glora_Bd")?;
+        }
         let var = |n: &str| t.get(n).map(Var::from_tensor).transpose();
         let pair = |x: &str, y: &str, letter: char| -> candle_core::Result<Option<(Var, Var)>> {
             if !p.contains(letter) {

@@ -122,6 +122,25 @@ fn with_dora(
     Ok(Box::new(d))
 }
 
+/// A loaded module's rank `r` (of its tensor `what`) is the one its config gives it (`r`, or its
+/// `rank_pattern` entry): a config that does not describe the tensors is refused, as PEFT refuses it.
+pub(crate) fn check_config_rank(
+    cfg: &AdapterConfig,
+    layer: &AdaptableLinear,
+    r: usize,
+    what: &str,
+) -> Result<()> {
+    let want = cfg.rank_for(&layer.path);
+    if r != want {
+        return Err(Error::config(format!(
+            "`{}`: {what} has rank {r} but the config gives this module rank {want} (`r`, or its \
+             `rank_pattern` entry): the config does not describe these tensors (PEFT refuses such an adapter)",
+            layer.path
+        )));
+    }
+    Ok(())
+}
+
 pub(crate) fn check_rank(layer: &AdaptableLinear, r: usize) -> Result<()> {
     let (o, i) = (layer.out_features(), layer.in_features());
     if r == 0 || r > o.min(i) {
@@ -213,14 +232,7 @@ impl LinearMethod for LoraMethod {
             )));
         }
         check_rank(layer, r)?;
-        let want = cfg.rank_for(&layer.path);
-        if r != want {
-            return Err(Error::config(format!(
-                "`{}`: lora_A has rank {r} but the config gives this module rank {want} (`r`, or its \
-                 `rank_pattern` entry): the config does not describe these tensors (PEFT refuses such an adapter)",
-                layer.path
-            )));
-        }
+        check_config_rank(cfg, layer, r, "lora_A")?;
         let scale = cfg.scaling(r, alpha);
         if let Some(svd) = pissa::variant(&cfg.init_lora_weights)? {
             // The saved factors were trained against the residual W − s·B₀A₀: rebuild it.

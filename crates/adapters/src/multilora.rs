@@ -248,6 +248,7 @@ impl LinearMethod for MultiLoraMethod {
                 )));
             }
         }
+        crate::lora::check_config_rank(cfg, layer, r, "lora_A")?;
         let vars = |names: &[&str]| -> candle_core::Result<Vec<Var>> {
             names[..n]
                 .iter()

@@ -213,6 +213,7 @@ impl LinearMethod for RosaMethod {
                 b.dims()
             )));
         }
+        crate::lora::check_config_rank(cfg, layer, r, "lora_A")?;
         let idx: Vec<i64> = t["sparse_indices"]
             .to_dtype(DType::I64)?
             .flatten_all()?

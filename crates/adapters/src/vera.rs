@@ -111,6 +111,13 @@ fn build(
             layer.path
         )));
     }
+    if r != cfg.r {
+        return Err(Error::config(format!(
+            "`{}`: vera_lambda_d has {r} entries but the config's r is {}: the config does not describe these \
+             tensors",
+            layer.path, cfg.r
+        )));
+    }
     if lambdas.0.dims1()? != o {
         return Err(Error::config(format!(
             "`{}`: vera_lambda_b has {} entries, the layer has {o} outputs",

@@ -541,3 +541,36 @@ fn weights_larger_than_this_machine_are_refused_before_loading() {
         assert!(err.contains(held) && err.contains(instead), "{err}");
     }
 }
+
+/// Every rank-carrying method's adapter is checked against its config's `r` when loaded, as LoRA's is: an
+/// edited rank is refused, not run at the scale the tensors happen to imply.
+#[test]
+fn adapters_whose_config_rank_does_not_match_their_tensors_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, extra) in [
+        ("vera", &["--method", "vera"][..]),
+        (
+            "rosa",
+            &["--method", "rosa", "--sparse-density", "0.01"][..],
+        ),
+        ("multilora", &["--method", "multilora"][..]),
+        ("glora", &["--method", "glora"][..]),
+    ] {
+        let out = dir.path().join(name);
+        train(&out, "1", extra);
+        let cfg_path = out.join("adapter_config.json");
+        let text = std::fs::read_to_string(&cfg_path).unwrap();
+        assert!(text.contains("\"r\": 4"), "{name}: {text}");
+        std::fs::write(&cfg_path, text.replace("\"r\": 4", "\"r\": 2")).unwrap();
+        let e = fails(&eval_args(
+            &model(),
+            Some(&out),
+            &data("quickstart-valid.jsonl"),
+            &[],
+        ));
+        assert!(
+            e.contains("the config does not describe these tensors"),
+            "{name}: {e}"
+        );
+    }
+}
