@@ -7,7 +7,7 @@ use crate::commands::{outside_model, readable_data, resolve_config, run_training
 use crate::flags::TrainOverrides;
 use crate::plot::{plot_curves, Axes};
 use anyhow::{bail, Context, Result};
-use factune_adapters::{peft, said::SaidConfig, MethodConfig};
+use factune_adapters::{peft, said::SaidConfig, AdapterConfig, MethodConfig};
 use factune_data::{evaluate_loss_and_accuracy, pad_id, Example};
 use factune_io::{atomic, TextTokenizer};
 use factune_model::Model;
@@ -153,11 +153,13 @@ pub fn said(a: &SaidArgs) -> Result<()> {
     };
     // the dimensions are checked against the targeted layers before anything trains
     let probe = load()?;
-    let shapes = peft::targeted_shapes(&probe, &cfg.adapter_config()?)?;
+    let adapter = cfg.adapter_config()?;
+    let said = said_options(&adapter)?;
+    let shapes = peft::targeted_shapes(&probe, &adapter)?;
     for &d in &dims {
         let own = SaidConfig {
             intrinsic_dimension: d,
-            ..said_options(&cfg)?
+            ..said.clone()
         };
         factune_adapters::said::theta_len(&own, &shapes).with_context(|| format!("--dims {d}"))?;
     }
@@ -215,7 +217,7 @@ pub fn said(a: &SaidArgs) -> Result<()> {
             "seconds": secs, "tokens_per_s": tps,
         })).collect::<Vec<_>>(),
         "learning_rate": cfg.learning_rate,
-        "structure_aware": said_options(&cfg)?.structure_aware,
+        "structure_aware": said.structure_aware,
     });
     std::fs::create_dir_all(&a.output)?;
     atomic::write_atomic(
@@ -244,10 +246,9 @@ pub fn said(a: &SaidArgs) -> Result<()> {
     Ok(())
 }
 
-fn said_options(cfg: &TrainConfig) -> Result<SaidConfig> {
-    let m = cfg.adapter_config()?.method;
-    match m {
-        MethodConfig::Said(s) => Ok(s),
+fn said_options(cfg: &AdapterConfig) -> Result<SaidConfig> {
+    match &cfg.method {
+        MethodConfig::Said(s) => Ok(s.clone()),
         other => bail!("expected SAID settings, got {}", other.peft_type()),
     }
 }
